@@ -1,0 +1,228 @@
+//! `relucompile in.onnx -o out.onnx`: run a pipeline, check the result against the original
+//! on real and random inputs, and write it only if it computes the same function.
+
+use crate::analysis::census::{census, Census};
+use crate::analysis::shapes::sample_shape;
+use crate::error::{CompileError, ExitCode};
+use crate::eval::compare::{compare_models, random_inputs, Comparison, LOSSLESS_REL_TOLERANCE};
+use crate::eval::data;
+use crate::frontend::{load_model, write_bytes_atomic};
+use crate::ir::Model;
+use crate::passes::{
+    run_pipeline, PassContext, PassRecord, Pipeline, VerifyOptions, DEFAULT_PIPELINE,
+};
+use crate::report::{table, thousands};
+use anyhow::{Context, Result};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+/// Passes that always close a pipeline: emitted graphs never hold Identity or dead nodes.
+const FINALIZE: &str = "identity-elim,dce";
+
+/// Real images used by the differential check: enough to cover every class several times.
+const CHECK_IMAGES: usize = 64;
+/// Random inputs: they reach activations real images never do.
+const CHECK_RANDOM: usize = 16;
+const CHECK_SEED: u64 = 0x5EED;
+
+#[derive(clap::Args, Debug)]
+pub struct CompileArgs {
+    /// The ONNX model to rewrite
+    #[arg(required = true)]
+    pub input: Option<PathBuf>,
+    /// Where to write the rewritten model
+    #[arg(short, long, required = true)]
+    pub output: Option<PathBuf>,
+    /// The pass pipeline, e.g. 'const-fold,fold-bn,dce' (see `relucompile passes`)
+    #[arg(long, default_value = DEFAULT_PIPELINE)]
+    pub passes: String,
+    /// Input shape with batch, e.g. 1x3x32x32 (default: the model's declared shape)
+    #[arg(long, value_parser = super::parse_shape)]
+    pub input_shape: Option<Vec<usize>>,
+    /// Verify the IR and compare outputs after every pass; names the first pass that breaks
+    #[arg(long)]
+    pub verify_each: bool,
+    /// Allow the output path to be the input file
+    #[arg(long)]
+    pub force: bool,
+    /// Real images for the output check: `fashion-mnist`, an IDX directory or a .npy file
+    #[arg(long, default_value = "fashion-mnist")]
+    pub check_data: String,
+    /// Write the report as JSON to this file
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Print the report as JSON on stdout instead of tables
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+struct CompileReport {
+    input: String,
+    output: String,
+    pipeline: String,
+    passes: Vec<PassRecord>,
+    before: CensusSummary,
+    after: CensusSummary,
+    /// Outputs compared on real images (absent when none fit the model).
+    check_real: Option<Comparison>,
+    check_random: Comparison,
+    check_tolerance: f32,
+}
+
+#[derive(Serialize)]
+struct CensusSummary {
+    total_relus: u64,
+    total_macs: u64,
+    nodes: usize,
+    stages: Vec<u64>,
+}
+
+fn summary(model: &Model, c: &Census) -> CensusSummary {
+    CensusSummary {
+        total_relus: c.total_relus,
+        total_macs: c.total_macs,
+        nodes: model.graph.nodes.len(),
+        stages: c.stages.iter().map(|s| s.relus).collect(),
+    }
+}
+
+pub fn run(args: &CompileArgs) -> Result<()> {
+    let input = args.input.as_deref().context("no input model given")?;
+    let output = args.output.as_deref().context("no output path given (-o out.onnx)")?;
+    check_output_path(input, output, args.force)?;
+    let original = load_model(input)?;
+    let sample = sample_shape(&original, args.input_shape.as_deref())?;
+    let pipeline = Pipeline::parse(&format!("{},{FINALIZE}", args.passes))?;
+    let before = census(&original, &sample)?;
+
+    let (real, real_note) = real_check_inputs(&original, &sample, &args.check_data);
+    let random = random_inputs(CHECK_RANDOM * sample.iter().product::<usize>(), CHECK_SEED);
+    let verify = VerifyOptions {
+        structure: args.verify_each,
+        outputs: args.verify_each.then(|| random.clone()),
+    };
+    let mut model = original.clone();
+    let ctx = PassContext { sample: sample.clone() };
+    let records = run_pipeline(&mut model, &pipeline, &ctx, &verify)?;
+    let after = census(&model, &sample)?;
+
+    let check_random = compare_models(&original, &model, &sample, &random)?;
+    let check_real = match &real {
+        Some(images) => Some(compare_models(&original, &model, &sample, images)?),
+        None => None,
+    };
+    let report = CompileReport {
+        input: input.display().to_string(),
+        output: output.display().to_string(),
+        pipeline: pipeline.text(),
+        passes: records,
+        before: summary(&original, &before),
+        after: summary(&model, &after),
+        check_real,
+        check_random,
+        check_tolerance: LOSSLESS_REL_TOLERANCE,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&report, &before, &after, &real_note);
+    }
+    if let Some(path) = &args.report {
+        write_bytes_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+    }
+    let checks = std::iter::once(&report.check_random).chain(report.check_real.as_ref());
+    if let Some(bad) = checks.into_iter().find(|c| !c.within(LOSSLESS_REL_TOLERANCE)) {
+        return Err(CompileError::new(
+            ExitCode::OutputMismatch,
+            format!(
+                "the rewritten graph's outputs differ from the original's by up to {:.3e} \
+                 (tolerance {:.0e} relative); {} was not written. Rerun with --verify-each \
+                 to find the pass at fault",
+                bad.max_abs_diff,
+                LOSSLESS_REL_TOLERANCE,
+                output.display()
+            ),
+        )
+        .into());
+    }
+    crate::frontend::write_model_atomic(output, &model)?;
+    if !args.json {
+        println!("wrote {}", output.display());
+    }
+    Ok(())
+}
+
+/// Refuse to overwrite the input (unless forced) or to write into a directory.
+fn check_output_path(input: &Path, output: &Path, force: bool) -> Result<()> {
+    if output.is_dir() {
+        return Err(CompileError::new(
+            ExitCode::Usage,
+            format!("output path {} is a directory; give a file name", output.display()),
+        )
+        .into());
+    }
+    let same = match (input.canonicalize(), output.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if same && !force {
+        return Err(CompileError::new(
+            ExitCode::Usage,
+            format!("refusing to overwrite the input {} (use --force)", input.display()),
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// Real images for the check when the data set is there and fits the model; otherwise `None`
+/// and a note saying why (random inputs are always used).
+fn real_check_inputs(model: &Model, sample: &[usize], spec: &str) -> (Option<Vec<f32>>, String) {
+    let norm = data::normalisation_for(model, None, None, None);
+    match data::load(spec, data::Split::Test, Some(CHECK_IMAGES), &norm) {
+        Ok(d) if d.sample_shape == sample => {
+            (Some(d.images), format!("{} real images from {spec}", d.len()))
+        }
+        Ok(d) => (
+            None,
+            format!("real images from {spec} are {:?}, the model takes {sample:?}: random only", d.sample_shape),
+        ),
+        Err(e) => (None, format!("no real images ({e:#}): random only")),
+    }
+}
+
+fn print_report(r: &CompileReport, before: &Census, after: &Census, real_note: &str) {
+    println!("{} -> {}", r.input, r.output);
+    println!("pipeline: {}\n", r.pipeline);
+    let rows: Vec<Vec<String>> =
+        r.passes.iter().map(|p| vec![p.pass.clone(), p.rewrites.to_string(), p.nodes_after.to_string()]).collect();
+    print!("{}", table(&["pass", "rewrites", "nodes after"], &rows));
+    let stages = before.stages.len().max(after.stages.len());
+    let mut rows: Vec<Vec<String>> = (0..stages)
+        .map(|i| {
+            let get = |c: &Census| c.stages.get(i).map(|s| thousands(s.relus)).unwrap_or_default();
+            vec![format!("stage {i}"), get(before), get(after)]
+        })
+        .collect();
+    rows.push(vec!["total ReLUs".into(), thousands(before.total_relus), thousands(after.total_relus)]);
+    rows.push(vec!["MACs".into(), thousands(before.total_macs), thousands(after.total_macs)]);
+    rows.push(vec!["nodes".into(), r.before.nodes.to_string(), r.after.nodes.to_string()]);
+    println!();
+    print!("{}", table(&["", "before", "after"], &rows));
+    println!();
+    let show = |what: &str, c: &Comparison| {
+        println!(
+            "check on {} {what}: max |diff| {:.3e} (largest output {:.3}), arg-max agreement {:.1}%",
+            c.samples,
+            c.max_abs_diff,
+            c.max_abs_output,
+            100.0 * c.argmax_agreement
+        )
+    };
+    match &r.check_real {
+        Some(c) => show("real images", c),
+        None => println!("check: {real_note}"),
+    }
+    show("random inputs", &r.check_random);
+}

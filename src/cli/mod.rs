@@ -1,0 +1,101 @@
+//! The command line: `relucompile in.onnx -o out.onnx`, plus `inspect`, `eval` and `passes`.
+
+mod compile;
+mod eval;
+mod inspect;
+mod run;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+pub const EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0  success
+  1  internal error or I/O failure
+  2  bad command-line usage
+  3  the input model is invalid (not ONNX, truncated, inconsistent graph)
+  4  the model uses a construct relucompile does not support (control flow, unknown op)
+  5  a lossless rewrite changed the outputs; nothing was written
+  6  the data set cannot be read or does not fit the model
+  7  the accuracy gate failed; nothing was written";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "relucompile",
+    version,
+    about = "A ReLU-reduction compiler for private inference",
+    long_about = "relucompile reads a trained network as ONNX, rewrites it to need fewer ReLUs \
+                  (each ReLU costs a comparison protocol in private inference), checks the \
+                  rewritten graph against the original under tract, and writes it as ONNX.\n\n\
+                  Without a subcommand it compiles: relucompile in.onnx -o out.onnx",
+    after_help = EXIT_CODES_HELP,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    compile: compile::CompileArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Rewrite a model (the same as giving no subcommand)
+    Compile(compile::CompileArgs),
+    /// Print the ReLU census: every ReLU layer with its stage, shape and count, and MACs
+    Inspect(inspect::InspectArgs),
+    /// Measure top-1 accuracy and throughput with the tract evaluator
+    Eval(eval::EvalArgs),
+    /// List every pass a pipeline (--passes) can name
+    Passes,
+    /// Run a model under tract on inputs from a .npy file and write its outputs as .npy
+    Run(run::RunArgs),
+}
+
+pub fn main() -> Result<()> {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            std::process::exit(code);
+        }
+    };
+    match cli.command {
+        Some(Command::Compile(args)) => compile::run(&args),
+        Some(Command::Inspect(args)) => inspect::run(&args),
+        Some(Command::Eval(args)) => eval::run(&args),
+        Some(Command::Run(args)) => run::run(&args),
+        Some(Command::Passes) => {
+            print_passes();
+            Ok(())
+        }
+        None => compile::run(&cli.compile),
+    }
+}
+
+fn print_passes() {
+    let rows: Vec<Vec<String>> = crate::passes::REGISTRY
+        .iter()
+        .map(|p| {
+            vec![
+                p.name.to_string(),
+                if p.lossless { "lossless" } else { "lossy" }.to_string(),
+                p.description.to_string(),
+            ]
+        })
+        .collect();
+    print!("{}", crate::report::table(&["pass", "kind", "what it does"], &rows));
+    println!("\ndefault pipeline: {}", crate::passes::DEFAULT_PIPELINE);
+}
+
+/// Parse `1x3x32x32` (also `1,3,32,32`).
+pub fn parse_shape(text: &str) -> Result<Vec<usize>, String> {
+    let dims: Result<Vec<usize>, _> =
+        text.split(['x', 'X', ',']).map(|d| d.trim().parse::<usize>()).collect();
+    match dims {
+        Ok(d) if !d.is_empty() && d.iter().all(|&v| v > 0) => Ok(d),
+        _ => Err(format!("'{text}' is not a shape like 1x3x32x32 (positive integers)")),
+    }
+}

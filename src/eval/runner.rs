@@ -1,0 +1,65 @@
+//! A compiled tract plan for one graph at a fixed batch size.
+
+use crate::error::CompileError;
+use crate::frontend::to_proto;
+use crate::ir::Model;
+use anyhow::Result;
+use std::sync::Arc;
+use tract_onnx::prelude::*;
+
+/// A runnable graph. Plans are immutable and shared, so one `Runner` serves every thread.
+#[derive(Clone)]
+pub struct Runner {
+    plan: Arc<TypedSimplePlan>,
+    batch: usize,
+    sample: Vec<usize>,
+}
+
+impl Runner {
+    /// Optimise `model` for inputs of shape `[batch] + sample`.
+    pub fn new(model: &Model, sample: &[usize], batch: usize) -> Result<Self> {
+        let proto = to_proto(model);
+        let mut full = vec![batch];
+        full.extend_from_slice(sample);
+        let plan = crate::eval::catch_tract(|| {
+            tract_onnx::onnx()
+                .parse(&proto, None)?
+                .model
+                .with_input_fact(0, f32::fact(&full).into())?
+                .into_optimized()?
+                .into_runnable()
+        })
+        .map_err(|e| {
+            CompileError::invalid_model(format!("tract cannot prepare the graph for {full:?}: {e:#}"))
+        })?;
+        Ok(Runner { plan, batch, sample: sample.to_vec() })
+    }
+
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    pub fn sample_len(&self) -> usize {
+        self.sample.iter().product()
+    }
+
+    /// Run up to `batch` samples (`input.len()` a multiple of the sample size); a short batch is
+    /// zero-padded and the padding's outputs dropped. Returns the first output, row-major, and
+    /// its per-sample length.
+    pub fn run(&self, input: &[f32]) -> Result<(Vec<f32>, usize)> {
+        let per = self.sample_len();
+        let n = input.len() / per;
+        anyhow::ensure!(n * per == input.len() && n <= self.batch, "bad batch of {n} samples");
+        let mut data = input.to_vec();
+        data.resize(self.batch * per, 0.0);
+        let mut shape = vec![self.batch];
+        shape.extend_from_slice(&self.sample);
+        let tensor = tract_ndarray::ArrayD::from_shape_vec(shape, data)?.into_tensor();
+        let outputs = crate::eval::catch_tract(|| self.plan.run(tvec!(tensor.into_tvalue())))
+            .map_err(|e| anyhow::anyhow!("tract failed running the graph: {e:#}"))?;
+        let out = outputs[0].cast_to::<f32>()?;
+        let all = out.as_slice::<f32>()?;
+        let width = all.len() / self.batch;
+        Ok((all[..n * width].to_vec(), width))
+    }
+}

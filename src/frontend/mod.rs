@@ -1,0 +1,7 @@
+//! ONNX in and out: the only place that knows the protobuf layout.
+
+mod emit;
+mod load;
+
+pub use emit::{to_bytes, to_proto, write_bytes_atomic, write_model_atomic};
+pub use load::{load_model, model_from_bytes, model_from_proto};

@@ -1,0 +1,19 @@
+//! relucompile: a ReLU-reduction compiler for private inference.
+//!
+//! The crate is laid out as a compiler:
+//! - [`frontend`]: ONNX in (decode, validate, external data) and out (emit, atomic write).
+//! - [`ir`]: the one graph representation every pass reads and writes, and its verifier.
+//! - [`analysis`]: shapes (from tract), stages, the ReLU census, value ranges.
+//! - [`passes`]: one file per pass, a registry and a textual pipeline.
+//! - [`eval`]: the tract evaluator, data sets, differential comparison of two graphs.
+//! - [`report`]: tables for people and JSON for machines.
+//! - [`cli`]: the command-line front end.
+
+pub mod analysis;
+pub mod cli;
+pub mod error;
+pub mod eval;
+pub mod frontend;
+pub mod ir;
+pub mod passes;
+pub mod report;

@@ -1,0 +1,261 @@
+//! Passes and the pass manager.
+//!
+//! Each pass lives in its own file, has a name a user can write in a pipeline
+//! (`--passes 'const-fold,fold-bn,dce'`) and says whether it is lossless. The manager runs the
+//! pipeline, verifies the IR after every pass in debug builds or with `--verify-each`, and
+//! with `--verify-each` also re-runs the graph to name the first pass that changes outputs.
+
+mod const_fold;
+mod dce;
+mod dedup_relu;
+mod fold_bn;
+mod identity_elim;
+mod nonneg_relu;
+mod relu_after_maxpool;
+
+use crate::error::{CompileError, ExitCode};
+use crate::eval::compare::{compare_models, Comparison, LOSSLESS_REL_TOLERANCE};
+use crate::ir::{verify, Model};
+use anyhow::Result;
+use serde::Serialize;
+
+/// One graph rewrite.
+pub trait Pass: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Whether outputs are unchanged (up to float rounding).
+    fn lossless(&self) -> bool {
+        true
+    }
+    /// Rewrite `model` in place; returns how many rewrites were made.
+    fn run(&self, model: &mut Model, ctx: &PassContext) -> Result<usize>;
+}
+
+/// What passes may need besides the graph: analyses such as stages depend on the input shape.
+#[derive(Debug, Clone)]
+pub struct PassContext {
+    /// Per-sample input shape (batch excluded).
+    pub sample: Vec<usize>,
+}
+
+/// A registry entry: how `relucompile passes` lists a pass and how a pipeline builds it.
+pub struct PassInfo {
+    pub name: &'static str,
+    pub lossless: bool,
+    pub description: &'static str,
+    pub make: fn(&[String]) -> Result<Box<dyn Pass>>,
+}
+
+fn no_args<P: Pass + Default + 'static>(args: &[String]) -> Result<Box<dyn Pass>> {
+    if !args.is_empty() {
+        return Err(usage(format!("this pass takes no arguments, got ({})", args.join(","))));
+    }
+    Ok(Box::new(P::default()))
+}
+
+fn usage(msg: String) -> anyhow::Error {
+    CompileError::new(ExitCode::Usage, msg).into()
+}
+
+/// Every pass relucompile knows, in the order of the default pipeline.
+pub const REGISTRY: &[PassInfo] = &[
+    PassInfo {
+        name: "const-fold",
+        lossless: true,
+        description: "evaluate weight subgraphs (Constant, ConstantOfShape, arithmetic on weights) into initializers",
+        make: no_args::<const_fold::ConstFold>,
+    },
+    PassInfo {
+        name: "identity-elim",
+        lossless: true,
+        description: "remove Identity nodes and inference-mode Dropout (PI engines refuse Identity)",
+        make: no_args::<identity_elim::IdentityElim>,
+    },
+    PassInfo {
+        name: "fold-bn",
+        lossless: true,
+        description: "fold BatchNormalization into the Conv or Gemm before it",
+        make: no_args::<fold_bn::FoldBatchNorm>,
+    },
+    PassInfo {
+        name: "relu-after-maxpool",
+        lossless: true,
+        description: "move a ReLU (or ReLU6, LeakyRelu) after the MaxPool it feeds: same outputs, fewer ReLUs",
+        make: no_args::<relu_after_maxpool::ReluAfterMaxPool>,
+    },
+    PassInfo {
+        name: "nonneg-relu",
+        lossless: true,
+        description: "remove a ReLU whose input is provably non-negative",
+        make: no_args::<nonneg_relu::NonNegRelu>,
+    },
+    PassInfo {
+        name: "dedup-relu",
+        lossless: true,
+        description: "merge ReLU-like nodes that compute the same value from the same input",
+        make: no_args::<dedup_relu::DedupRelu>,
+    },
+    PassInfo {
+        name: "dce",
+        lossless: true,
+        description: "dead-node elimination: drop nodes and weights no output depends on",
+        make: no_args::<dce::DeadNodes>,
+    },
+];
+
+/// The pipeline `relucompile in.onnx -o out.onnx` runs when no `--passes` is given.
+pub const DEFAULT_PIPELINE: &str =
+    "const-fold,identity-elim,fold-bn,relu-after-maxpool,nonneg-relu,dedup-relu,dce";
+
+/// A parsed pipeline: passes with their arguments, printable back as text.
+pub struct Pipeline {
+    pub steps: Vec<(String, Vec<String>, Box<dyn Pass>)>,
+}
+
+impl Pipeline {
+    /// Parse `name,name(arg,arg),...`.
+    pub fn parse(text: &str) -> Result<Self> {
+        let mut steps = Vec::new();
+        for (name, args) in split_pipeline(text)? {
+            let info = REGISTRY.iter().find(|p| p.name == name).ok_or_else(|| {
+                let known: Vec<&str> = REGISTRY.iter().map(|p| p.name).collect();
+                usage(format!("unknown pass '{name}' in --passes; known passes: {}", known.join(", ")))
+            })?;
+            let pass = (info.make)(&args).map_err(|e| usage(format!("pass '{name}': {e}")))?;
+            steps.push((name, args, pass));
+        }
+        Ok(Pipeline { steps })
+    }
+
+    pub fn text(&self) -> String {
+        self.steps
+            .iter()
+            .map(|(n, a, _)| if a.is_empty() { n.clone() } else { format!("{n}({})", a.join(",")) })
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+fn split_pipeline(text: &str) -> Result<Vec<(String, Vec<String>)>> {
+    let mut out = Vec::new();
+    let mut rest = text.trim();
+    while !rest.is_empty() {
+        let end_name = rest.find([',', '(']).unwrap_or(rest.len());
+        let name = rest[..end_name].trim().to_string();
+        if name.is_empty() {
+            return Err(usage(format!("empty pass name in --passes '{text}'")));
+        }
+        rest = &rest[end_name..];
+        let mut args = Vec::new();
+        if let Some(after) = rest.strip_prefix('(') {
+            let close =
+                after.find(')').ok_or_else(|| usage(format!("missing ')' in --passes '{text}'")))?;
+            args = after[..close]
+                .split(',')
+                .map(|a| a.trim().to_string())
+                .filter(|a| !a.is_empty())
+                .collect();
+            rest = &after[close + 1..];
+        }
+        rest = rest.trim_start().strip_prefix(',').unwrap_or(rest).trim_start();
+        out.push((name, args));
+    }
+    if out.is_empty() {
+        return Err(usage("--passes is empty".into()));
+    }
+    Ok(out)
+}
+
+/// What one pass did.
+#[derive(Debug, Clone, Serialize)]
+pub struct PassRecord {
+    pub pass: String,
+    pub rewrites: usize,
+    pub nodes_after: usize,
+    /// With `--verify-each`: the outputs compared with the graph before this pass.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub check: Option<Comparison>,
+}
+
+/// How the manager checks between passes.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyOptions {
+    /// Verify the IR after every pass (always on in debug builds).
+    pub structure: bool,
+    /// Also compare outputs after every lossless pass on these inputs (whole samples).
+    pub outputs: Option<Vec<f32>>,
+}
+
+/// Run `pipeline` on `model`, verifying between passes as asked.
+pub fn run_pipeline(
+    model: &mut Model,
+    pipeline: &Pipeline,
+    ctx: &PassContext,
+    opts: &VerifyOptions,
+) -> Result<Vec<PassRecord>> {
+    let mut records = Vec::new();
+    for (name, _, pass) in &pipeline.steps {
+        let before = opts.outputs.as_ref().map(|_| model.clone());
+        let rewrites = pass.run(model, ctx).map_err(|e| e.context(format!("in pass '{name}'")))?;
+        if opts.structure || cfg!(debug_assertions) {
+            verify(model).map_err(|e| {
+                CompileError::new(
+                    ExitCode::Internal,
+                    format!("pass '{name}' produced an invalid graph: {e}"),
+                )
+            })?;
+        }
+        let mut check = None;
+        if let (Some(inputs), Some(before)) = (&opts.outputs, before) {
+            if pass.lossless() && rewrites > 0 {
+                let cmp = compare_models(&before, model, &ctx.sample, inputs)?;
+                if !cmp.within(LOSSLESS_REL_TOLERANCE) {
+                    return Err(CompileError::new(
+                        ExitCode::OutputMismatch,
+                        format!(
+                            "pass '{name}' changed the outputs (max abs difference {:.3e}): \
+                             it is the first pass that breaks the graph",
+                            cmp.max_abs_diff
+                        ),
+                    )
+                    .into());
+                }
+                check = Some(cmp);
+            }
+        }
+        records.push(PassRecord {
+            pass: name.clone(),
+            rewrites,
+            nodes_after: model.graph.nodes.len(),
+            check,
+        });
+    }
+    Ok(records)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pipeline_text_round_trips() {
+        let p = Pipeline::parse(" const-fold, fold-bn ,dce").unwrap();
+        assert_eq!(p.text(), "const-fold,fold-bn,dce");
+        assert_eq!(Pipeline::parse(DEFAULT_PIPELINE).unwrap().text(), DEFAULT_PIPELINE);
+    }
+
+    #[test]
+    fn pipeline_arguments_are_split() {
+        let parts = split_pipeline("a(1,2),b,c(x)").unwrap();
+        assert_eq!(parts[0], ("a".to_string(), vec!["1".to_string(), "2".to_string()]));
+        assert_eq!(parts[1], ("b".to_string(), vec![]));
+        assert_eq!(parts[2], ("c".to_string(), vec!["x".to_string()]));
+    }
+
+    #[test]
+    fn unknown_pass_is_named() {
+        let err = Pipeline::parse("fold-bn,frobnicate").err().unwrap();
+        assert!(format!("{err:#}").contains("frobnicate"));
+        assert!(Pipeline::parse("dce(3)").is_err());
+        assert!(Pipeline::parse("fold-bn(").is_err());
+    }
+}

@@ -1,0 +1,50 @@
+//! Move a ReLU after the MaxPool it feeds. Any non-decreasing elementwise function commutes
+//! with max, so `maxpool(relu(x)) = relu(maxpool(x))`, and after a k x k pool with stride k the
+//! ReLU runs on k^2 times fewer elements.
+
+use super::{Pass, PassContext};
+use crate::analysis::relu_kind;
+use crate::ir::Model;
+use anyhow::Result;
+
+#[derive(Default)]
+pub struct ReluAfterMaxPool;
+
+impl Pass for ReluAfterMaxPool {
+    fn name(&self) -> &'static str {
+        "relu-after-maxpool"
+    }
+    fn run(&self, model: &mut Model, _ctx: &PassContext) -> Result<usize> {
+        let mut moved = 0;
+        loop {
+            let graph = &model.graph;
+            let consumers = graph.consumers();
+            let found = graph.nodes.iter().enumerate().find_map(|(r, relu)| {
+                relu_kind(graph, relu)?;
+                let out = relu.outputs.first()?;
+                if graph.is_graph_output(out) {
+                    return None;
+                }
+                let [p] = consumers.get(out.as_str())?.as_slice() else { return None };
+                let pool = &graph.nodes[*p];
+                let single_output = pool.outputs.iter().skip(1).all(|o| o.is_empty());
+                let is_max = pool.op_type == "MaxPool" || pool.op_type == "GlobalMaxPool";
+                (is_max && single_output && pool.input(0) == Some(out)).then_some((r, *p))
+            });
+            let Some((r, p)) = found else { break };
+            let g = &mut model.graph;
+            let x = g.nodes[r].inputs[0].clone();
+            let pooled = g.fresh_name(&format!("{}_pooled", g.nodes[p].outputs[0]));
+            let final_out = g.nodes[p].outputs[0].clone();
+            g.nodes[p].inputs[0] = x;
+            g.nodes[p].outputs[0] = pooled.clone();
+            g.nodes[r].inputs[0] = pooled;
+            g.nodes[r].outputs[0] = final_out;
+            // The pool now reads what the ReLU read, so it moves to the ReLU's slot and the ReLU
+            // to the pool's: both stay in topological order.
+            g.nodes.swap(r, p);
+            moved += 1;
+        }
+        Ok(moved)
+    }
+}

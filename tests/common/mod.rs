@@ -1,0 +1,79 @@
+//! Shared helpers for the integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn path(rel: &str) -> PathBuf {
+    root().join(rel)
+}
+
+/// The models every lossless test runs on: the two shipped networks and the exporter variety.
+pub const MODELS: &[&str] = &[
+    "models/resnet18w16.onnx",
+    "models/vgg.onnx",
+    "fixtures/models/tiny_ts_opset9.onnx",
+    "fixtures/models/tiny_ts_opset13.onnx",
+    "fixtures/models/tiny_dynamo_opset18.onnx",
+    "fixtures/models/tiny_dynamo_opset21.onnx",
+    "fixtures/models/tiny_constant_nodes.onnx",
+];
+
+pub struct Output {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+pub fn relucompile(args: &[&str]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_relucompile"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .expect("the relucompile binary runs");
+    let o = Output {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    assert!(!o.stderr.contains("panicked"), "relucompile {args:?} panicked:\n{}", o.stderr);
+    o
+}
+
+/// The JSON a successful command printed.
+pub fn relucompile_json(args: &[&str]) -> serde_json::Value {
+    let o = relucompile(args);
+    assert_eq!(o.code, 0, "relucompile {args:?} failed:\n{}{}", o.stdout, o.stderr);
+    serde_json::from_str(&o.stdout).unwrap_or_else(|e| panic!("bad JSON from {args:?}: {e}\n{}", o.stdout))
+}
+
+/// Compare `actual` with the golden file, or rewrite it when UPDATE_GOLDEN=1.
+pub fn assert_golden(rel: &str, actual: &serde_json::Value) {
+    let file = path(rel);
+    let text = serde_json::to_string_pretty(actual).unwrap() + "\n";
+    if std::env::var("UPDATE_GOLDEN").as_deref() == Ok("1") {
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(&file, &text).unwrap();
+        return;
+    }
+    let expected = std::fs::read_to_string(&file)
+        .unwrap_or_else(|e| panic!("golden file {rel} missing ({e}); run with UPDATE_GOLDEN=1"));
+    let expected: serde_json::Value = serde_json::from_str(&expected).unwrap();
+    assert_eq!(
+        &expected, actual,
+        "{rel} differs from the golden file; if the change is intended, rerun with UPDATE_GOLDEN=1"
+    );
+}
+
+/// A file name for goldens: `models/vgg.onnx` -> `vgg`.
+pub fn stem(model: &str) -> String {
+    Path::new(model).file_stem().unwrap().to_string_lossy().into_owned()
+}
+
+pub fn tmpdir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("a temporary directory")
+}

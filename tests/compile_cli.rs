@@ -1,0 +1,142 @@
+//! `relucompile in.onnx -o out.onnx` end to end: goldens of the rewritten graph's summary,
+//! deterministic bytes, and the onnx.checker + onnxruntime cross-check of every output.
+
+mod common;
+use common::*;
+use npyz::WriterBuilder;
+use std::path::Path;
+use std::process::Command;
+
+fn compile(model: &str, out: &Path) -> serde_json::Value {
+    relucompile_json(&[model, "-o", out.to_str().unwrap(), "--json"])
+}
+
+/// The parts of a compile report that must not drift: what each pass did and both censuses.
+fn summary(report: &serde_json::Value) -> serde_json::Value {
+    let passes: Vec<serde_json::Value> = report["passes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| serde_json::json!({"pass": p["pass"], "rewrites": p["rewrites"], "nodes_after": p["nodes_after"]}))
+        .collect();
+    serde_json::json!({
+        "pipeline": report["pipeline"],
+        "passes": passes,
+        "before": report["before"],
+        "after": report["after"],
+    })
+}
+
+#[test]
+fn rewritten_graph_summaries_match_goldens() {
+    let dir = tmpdir();
+    for model in MODELS {
+        let out = dir.path().join(format!("{}.onnx", stem(model)));
+        let report = compile(model, &out);
+        assert!(out.exists());
+        let tol = report["check_tolerance"].as_f64().unwrap();
+        assert!(report["check_random"]["rel_diff"].as_f64().unwrap() <= tol);
+        assert_golden(&format!("fixtures/golden/{}.compile.json", stem(model)), &summary(&report));
+    }
+}
+
+#[test]
+fn shipped_models_are_checked_on_real_images() {
+    let dir = tmpdir();
+    for model in ["models/resnet18w16.onnx", "models/vgg.onnx"] {
+        let report = compile(model, &dir.path().join("o.onnx"));
+        let real = &report["check_real"];
+        assert_eq!(real["samples"], 64, "{model}: {report}");
+        assert_eq!(real["argmax_agreement"], 1.0);
+    }
+}
+
+#[test]
+fn moving_relus_after_pools_reduces_the_vgg_count() {
+    let dir = tmpdir();
+    let report = compile("models/vgg.onnx", &dir.path().join("o.onnx"));
+    let before = report["before"]["total_relus"].as_u64().unwrap();
+    let after = report["after"]["total_relus"].as_u64().unwrap();
+    assert!(after < before, "{before} -> {after}");
+}
+
+#[test]
+fn output_is_deterministic() {
+    let dir = tmpdir();
+    let (a, b) = (dir.path().join("a.onnx"), dir.path().join("b.onnx"));
+    compile("models/resnet18w16.onnx", &a);
+    compile("models/resnet18w16.onnx", &b);
+    assert_eq!(std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
+}
+
+#[test]
+fn verify_each_checks_every_pass() {
+    let dir = tmpdir();
+    let out = dir.path().join("o.onnx");
+    let report =
+        relucompile_json(&["models/vgg.onnx", "-o", out.to_str().unwrap(), "--json", "--verify-each"]);
+    for p in report["passes"].as_array().unwrap() {
+        if p["rewrites"].as_u64().unwrap() > 0 {
+            assert!(p["check"]["rel_diff"].as_f64().unwrap() <= 1e-4, "{p}");
+        }
+    }
+}
+
+fn write_npy(path: &Path, shape: &[u64], data: &[f32]) {
+    let mut w = npyz::WriteOptions::new()
+        .default_dtype()
+        .shape(shape)
+        .writer(std::io::BufWriter::new(std::fs::File::create(path).unwrap()))
+        .begin_nd()
+        .unwrap();
+    w.extend(data.iter().copied()).unwrap();
+    w.finish().unwrap();
+}
+
+/// onnx.checker (full check) and onnxruntime agree with tract on every emitted graph.
+#[test]
+fn onnxruntime_and_checker_accept_every_output() {
+    let python_ready = Command::new("python3")
+        .args(["-c", "import onnx, onnxruntime, numpy"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !python_ready {
+        assert!(std::env::var("CI").is_err(), "CI must install tests/py/requirements.txt");
+        eprintln!("SKIPPED: python3 with onnx and onnxruntime is not installed (see .ci/run)");
+        return;
+    }
+    let dir = tmpdir();
+    let mut cases = vec![];
+    for model in MODELS {
+        let name = stem(model);
+        let out = dir.path().join(format!("{name}.onnx"));
+        compile(model, &out);
+        let v = relucompile_json(&["inspect", model, "--json"]);
+        let sample: Vec<u64> = v["input_shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap()).collect();
+        let per: u64 = sample.iter().product();
+        let input = dir.path().join(format!("{name}_x.npy"));
+        let data = relucompile::eval::compare::random_inputs(8 * per as usize, 11);
+        let mut shape = vec![8];
+        shape.extend(&sample);
+        write_npy(&input, &shape, &data);
+        let y = dir.path().join(format!("{name}_y.npy"));
+        let o = relucompile(&["run", out.to_str().unwrap(), "--input", input.to_str().unwrap(), "--output", y.to_str().unwrap()]);
+        assert_eq!(o.code, 0, "{}", o.stderr);
+        cases.push(serde_json::json!({
+            "model": out, "input": input, "tract_output": y, "reference": path(model),
+        }));
+        if sample == [1, 28, 28] {
+            let real = path("fixtures/images/fmnist_test_64.npy");
+            let y = dir.path().join(format!("{name}_real_y.npy"));
+            let o = relucompile(&["run", out.to_str().unwrap(), "--input", real.to_str().unwrap(), "--output", y.to_str().unwrap()]);
+            assert_eq!(o.code, 0, "{}", o.stderr);
+            cases.push(serde_json::json!({"model": out, "input": real, "tract_output": y, "reference": path(model)}));
+        }
+    }
+    let manifest = dir.path().join("manifest.json");
+    std::fs::write(&manifest, serde_json::to_string(&cases).unwrap()).unwrap();
+    let o = Command::new("python3").arg(path("tests/py/check_onnx.py")).arg(&manifest).output().unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "cross-check failed:\n{stdout}{}", String::from_utf8_lossy(&o.stderr));
+    assert!(stdout.contains(&format!("{} passed, 0 failed", cases.len())), "{stdout}");
+}

@@ -1,0 +1,69 @@
+//! Differential tests: every lossless pass, alone and in the default pipeline, on every model,
+//! run against the original on real images and random inputs.
+
+mod common;
+use common::*;
+use relucompile::analysis::shapes::sample_shape;
+use relucompile::eval::compare::{compare_models, random_inputs, LOSSLESS_REL_TOLERANCE};
+use relucompile::frontend::load_model;
+use relucompile::passes::{
+    run_pipeline, PassContext, Pipeline, VerifyOptions, DEFAULT_PIPELINE, REGISTRY,
+};
+
+/// The first 64 Fashion-MNIST test images, normalised as the shipped models expect.
+fn real_images() -> Vec<f32> {
+    let file = std::fs::File::open(path("fixtures/images/fmnist_test_64.npy")).unwrap();
+    npyz::NpyFile::new(std::io::BufReader::new(file)).unwrap().into_vec().unwrap()
+}
+
+fn check_pipeline(model_path: &str, pipeline: &str) -> usize {
+    let original = load_model(&path(model_path)).unwrap();
+    let sample = sample_shape(&original, None).unwrap();
+    let mut model = original.clone();
+    let pipeline = Pipeline::parse(pipeline).unwrap();
+    let opts = VerifyOptions { structure: true, outputs: None };
+    let ctx = PassContext { sample: sample.clone() };
+    let records = run_pipeline(&mut model, &pipeline, &ctx, &opts).unwrap();
+    let per: usize = sample.iter().product();
+    let mut inputs = vec![random_inputs(8 * per, 7)];
+    if sample == [1, 28, 28] {
+        inputs.push(real_images());
+    }
+    for x in &inputs {
+        let cmp = compare_models(&original, &model, &sample, x).unwrap();
+        assert!(
+            cmp.within(LOSSLESS_REL_TOLERANCE),
+            "{pipeline} on {model_path}: outputs differ by {:.3e} (relative {:.3e})",
+            cmp.max_abs_diff,
+            cmp.rel_diff,
+            pipeline = pipeline.text()
+        );
+        assert_eq!(cmp.argmax_agreement, 1.0);
+    }
+    records.iter().map(|r| r.rewrites).sum()
+}
+
+#[test]
+fn every_lossless_pass_alone_keeps_outputs_on_every_model() {
+    for model in MODELS {
+        for pass in REGISTRY.iter().filter(|p| p.lossless) {
+            check_pipeline(model, pass.name);
+        }
+    }
+}
+
+#[test]
+fn default_pipeline_keeps_outputs_on_every_model() {
+    for model in MODELS {
+        check_pipeline(model, DEFAULT_PIPELINE);
+    }
+}
+
+#[test]
+fn passes_have_work_on_the_graphs_made_for_them() {
+    // Each of these graphs was built to contain what the pass removes.
+    assert!(check_pipeline("fixtures/models/tiny_constant_nodes.onnx", "const-fold") > 0);
+    assert!(check_pipeline("fixtures/models/tiny_constant_nodes.onnx", "identity-elim") > 0);
+    assert!(check_pipeline("fixtures/models/tiny_ts_opset9.onnx", "fold-bn") > 0);
+    assert!(check_pipeline("models/vgg.onnx", "relu-after-maxpool") > 0);
+}

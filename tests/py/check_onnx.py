@@ -1,0 +1,86 @@
+#!/usr/bin/env python3
+"""Cross-check harness for graphs relucompile emits (a checker, not part of the product).
+
+For each case of a JSON manifest it checks that the model
+  1. passes onnx.checker.check_model(full_check=True),
+  2. contains no Identity node and no dead node (every node output feeds a node or an output),
+  3. loads in onnxruntime and gives the same outputs as tract (tract's outputs are read
+     from the .npy file `relucompile run` wrote for the same inputs),
+  4. when a reference model is named, gives under onnxruntime the same outputs as it.
+
+Manifest: [{"model": "...", "input": "x.npy", "tract_output": "y.npy",
+            "reference": "orig.onnx" (optional)}, ...]
+Exits 1 if any check fails; prints one line per case and a closing "N passed, M failed".
+"""
+import json
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+# Relative to the largest output magnitude (at least 1): two float32 runtimes summing in
+# different orders differ by rounding only.
+REL_TOL = 1e-4
+
+
+def run_ort(path, x):
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return sess.run(None, {name: x})[0]
+
+
+def rel_diff(a, b):
+    a = np.asarray(a, dtype=np.float32).reshape(len(a), -1)
+    b = np.asarray(b, dtype=np.float32).reshape(len(b), -1)
+    if a.shape != b.shape:
+        raise AssertionError(f"output shapes differ: {a.shape} vs {b.shape}")
+    return float(np.max(np.abs(a - b)) / max(1.0, float(np.max(np.abs(a)))))
+
+
+def check_case(case):
+    path = case["model"]
+    model = onnx.load(path)
+    onnx.checker.check_model(model, full_check=True)
+    graph = model.graph
+    identities = [n.name for n in graph.node if n.op_type == "Identity"]
+    if identities:
+        raise AssertionError(f"Identity nodes left: {identities[:5]}")
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    dead = [n.name for n in graph.node if not any(o in used for o in n.output if o)]
+    if dead:
+        raise AssertionError(f"dead nodes: {dead[:5]}")
+    x = np.load(case["input"]).astype(np.float32)
+    y_ort = run_ort(path, x)
+    y_tract = np.load(case["tract_output"])
+    d_tract = rel_diff(y_ort, y_tract)
+    if not d_tract <= REL_TOL:
+        raise AssertionError(f"onnxruntime and tract differ: relative {d_tract:.3e}")
+    msg = f"ort-vs-tract {d_tract:.1e}"
+    if case.get("reference"):
+        d_ref = rel_diff(run_ort(case["reference"], x), y_ort)
+        if not d_ref <= REL_TOL:
+            raise AssertionError(f"differs from reference under onnxruntime: relative {d_ref:.3e}")
+        msg += f", vs-reference {d_ref:.1e}"
+    return msg
+
+
+def main():
+    cases = json.load(open(sys.argv[1]))
+    passed = failed = 0
+    for case in cases:
+        try:
+            msg = check_case(case)
+            print(f"ok   {case['model']}: {msg}")
+            passed += 1
+        except Exception as e:  # report every case, then fail once
+            print(f"FAIL {case['model']}: {e}")
+            failed += 1
+    print(f"{passed} passed, {failed} failed")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
