@@ -119,8 +119,15 @@ pub fn find_stages(graph: &Graph, shapes: &Shapes) -> Stages {
         resolution.push(stem_res.unwrap_or((0, 0)));
     }
     let first_body_stage = resolution.len();
+    // Only the data path has stages: weight subgraphs (a 4-D kernel computed by nodes) must
+    // not count as a resolution.
+    let mut dynamic: HashSet<&str> = graph.inputs.iter().map(|i| i.name.as_str()).collect();
     let mut of_node = vec![0usize; graph.nodes.len()];
     for (ix, node) in graph.nodes.iter().enumerate() {
+        if !node.inputs.iter().any(|i| dynamic.contains(i.as_str())) {
+            continue;
+        }
+        dynamic.extend(node.outputs.iter().map(|s| s.as_str()));
         if stem_nodes.contains(&ix) {
             of_node[ix] = 0;
             continue;
@@ -146,6 +153,16 @@ pub fn find_stages(graph: &Graph, shapes: &Shapes) -> Stages {
     }
     if resolution.is_empty() {
         resolution.push(input_res.unwrap_or((0, 0)));
+    }
+    // Trailing stages without ReLUs (global pooling to 1x1, the classifier) are part of the
+    // last stage that has some: there is nothing in them to cull.
+    let last_with_relus = (0..graph.nodes.len())
+        .filter(|&ix| super::relu_kind(graph, &graph.nodes[ix]).is_some())
+        .map(|ix| of_node[ix])
+        .max();
+    if let Some(last) = last_with_relus {
+        of_node.iter_mut().for_each(|s| *s = (*s).min(last));
+        resolution.truncate(last + 1);
     }
     Stages { of_node, resolution, residual }
 }

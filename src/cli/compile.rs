@@ -182,7 +182,7 @@ fn real_check_inputs(model: &Model, sample: &[usize], spec: &str) -> (Option<Vec
     let norm = data::normalisation_for(model, None, None, None);
     match data::load(spec, data::Split::Test, Some(CHECK_IMAGES), &norm) {
         Ok(d) if d.sample_shape == sample => {
-            (Some(d.images), format!("{} real images from {spec}", d.len()))
+            (Some(d.images.clone()), format!("{} real images from {spec}", d.len()))
         }
         Ok(d) => (
             None,

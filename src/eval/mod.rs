@@ -1,6 +1,8 @@
 //! Running graphs: the tract runner, data sets, the accuracy evaluator and differential checks.
 
 pub mod compare;
+pub mod data;
+pub mod evaluator;
 pub mod runner;
 
 pub use runner::Runner;

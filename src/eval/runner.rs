@@ -58,8 +58,8 @@ impl Runner {
         let outputs = crate::eval::catch_tract(|| self.plan.run(tvec!(tensor.into_tvalue())))
             .map_err(|e| anyhow::anyhow!("tract failed running the graph: {e:#}"))?;
         let out = outputs[0].cast_to::<f32>()?;
-        let all = out.as_slice::<f32>()?;
+        let all = out.to_plain_array_view::<f32>()?;
         let width = all.len() / self.batch;
-        Ok((all[..n * width].to_vec(), width))
+        Ok((all.iter().take(n * width).copied().collect(), width))
     }
 }

@@ -185,8 +185,8 @@ impl Graph {
     pub fn topo_sort(&mut self) -> Result<(), String> {
         let mut defined: HashSet<String> = self.inputs.iter().map(|i| i.name.clone()).collect();
         defined.extend(self.initializers.keys().cloned());
-        let produced: HashSet<&str> =
-            self.nodes.iter().flat_map(|n| n.outputs.iter().map(|s| s.as_str())).collect();
+        let produced: HashSet<String> =
+            self.nodes.iter().flat_map(|n| n.outputs.iter().cloned()).collect();
         let mut remaining: Vec<Option<Node>> = self.nodes.drain(..).map(Some).collect();
         let mut sorted = Vec::with_capacity(remaining.len());
         loop {
@@ -194,7 +194,7 @@ impl Graph {
             for slot in remaining.iter_mut() {
                 let ready = match slot {
                     Some(node) => node.inputs.iter().all(|i| {
-                        i.is_empty() || defined.contains(i) || !produced.contains(i.as_str())
+                        i.is_empty() || defined.contains(i) || !produced.contains(i)
                     }),
                     None => false,
                 };

@@ -187,7 +187,8 @@ impl Tensor {
             .filter(|n| n.saturating_mul(data_type.size()) <= MAX_TENSOR_BYTES)
             .ok_or_else(|| format!("dims {:?} are too large", proto.dims))?;
         let expected = numel * data_type.size();
-        let external = proto.data_location == pb::tensor_proto::DataLocation::External as i32;
+        let external =
+            proto.data_location == Some(pb::tensor_proto::DataLocation::External as i32);
         let raw = if external {
             read_external(proto, model_dir, expected)?
         } else if !proto.raw_data.is_empty() || numel == 0 {

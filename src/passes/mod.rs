@@ -6,12 +6,14 @@
 //! with `--verify-each` also re-runs the graph to name the first pass that changes outputs.
 
 mod const_fold;
+mod cull;
 mod dce;
 mod dedup_relu;
 mod fold_bn;
 mod identity_elim;
 mod nonneg_relu;
 mod relu_after_maxpool;
+mod thin;
 
 use crate::error::{CompileError, ExitCode};
 use crate::eval::compare::{compare_models, Comparison, LOSSLESS_REL_TOLERANCE};
@@ -99,6 +101,18 @@ pub const REGISTRY: &[PassInfo] = &[
         lossless: true,
         description: "dead-node elimination: drop nodes and weights no output depends on",
         make: no_args::<dce::DeadNodes>,
+    },
+    PassInfo {
+        name: "cull",
+        lossless: false,
+        description: "cull(1,2): remove every ReLU of the given stages (stage 0 is the stem), making them linear",
+        make: cull::Cull::from_args,
+    },
+    PassInfo {
+        name: "thin",
+        lossless: false,
+        description: "thin(bottom|top|alternate[,stages]): drop the ReLU after each residual add (bottom), after each block's first conv (top), or every other ReLU layer (alternate)",
+        make: thin::Thin::from_args,
     },
 ];
 

@@ -1,0 +1,283 @@
+//! `relucompile eval model.onnx --data fashion-mnist`: top-1 accuracy and throughput under
+//! tract, optionally against a reference model.
+
+use crate::analysis::shapes::sample_shape;
+use crate::error::{CompileError, ExitCode};
+use crate::eval::data::{self, Normalisation, Source, Split};
+use crate::eval::evaluator::{evaluate, EvalReport, DEFAULT_BATCH};
+use crate::frontend::load_model;
+use crate::ir::Model;
+use anyhow::{Context, Result};
+use std::path::{Path, PathBuf};
+
+const LONG_ABOUT: &str = "\
+Measure a model's top-1 accuracy and throughput under tract on a labelled image set, and \
+optionally compare it with a reference model (accuracy, arg-max agreement, largest output \
+difference). Batches run in parallel on every core; only inference is timed.
+
+Data (--data): `fashion-mnist` is Debian's dataset-fashion-mnist package at \
+/usr/share/datasets/fashion-mnist; a directory holds IDX files with the Fashion-MNIST names \
+(t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz], train-...); a .npy file holds \
+images (float32, float64 or uint8; [N,H,W] or [N,C,H,W]) with integer labels in \
+<stem>_labels.npy or labels.npy beside it. Nothing is ever downloaded.
+
+Pixel convention: the model is fed x = (pixel * scale - mean[c]) / std[c], where pixel is the \
+value as stored (0..255 in IDX and uint8 files) and c the channel. Each of scale, mean and std \
+comes from its flag, else from the model's ONNX metadata (relucompile.scale, relucompile.mean, \
+relucompile.std: comma-separated floats), else the default scale 1/255, mean 0, std 1. Float \
+.npy images are taken as already normalised and fed as stored, unless a normalisation flag is \
+given (then they are treated as pixels, with the same precedence).";
+
+#[derive(clap::Args, Debug)]
+#[command(long_about = LONG_ABOUT, after_help = super::EXIT_CODES_HELP)]
+pub struct EvalArgs {
+    /// The ONNX model to evaluate
+    pub model: PathBuf,
+    /// The data: `fashion-mnist`, a directory of IDX files, or a .npy file of images
+    #[arg(long, value_name = "SPEC", default_value = data::FASHION_MNIST_SPEC)]
+    pub data: String,
+    /// Which split of an IDX data set [default: test]
+    #[arg(long, value_enum)]
+    pub split: Option<Split>,
+    /// Evaluate the first N images only
+    #[arg(long, value_name = "N", value_parser = parse_positive)]
+    pub limit: Option<usize>,
+    /// Also run this model and compare: its accuracy, arg-max agreement, largest difference
+    #[arg(long, value_name = "MODEL")]
+    pub reference: Option<PathBuf>,
+    /// Images per tract run
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_BATCH, value_parser = parse_positive)]
+    pub batch: usize,
+    /// The model's input shape with the batch, e.g. 1x1x28x28 (default: the model's own)
+    #[arg(long, value_name = "SHAPE", value_parser = super::parse_shape)]
+    // `::std::vec::Vec`: one value parsed whole, not a list of values (clap's derive rule).
+    pub input_shape: Option<::std::vec::Vec<usize>>,
+    /// Pixel scale (x = (pixel * scale - mean) / std)
+    #[arg(long, value_name = "F", value_parser = parse_finite, allow_hyphen_values = true)]
+    pub scale: Option<f32>,
+    /// Mean subtracted after scaling: one value, or one per channel (a,b,c)
+    #[arg(long, value_name = "A[,B,C]", value_parser = data::parse_floats, allow_hyphen_values = true)]
+    pub mean: Option<::std::vec::Vec<f32>>,
+    /// Standard deviation divided by: one value, or one per channel (a,b,c)
+    #[arg(long, value_name = "A[,B,C]", value_parser = data::parse_floats)]
+    pub std: Option<::std::vec::Vec<f32>>,
+    /// Print one JSON object (the report) on stdout
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bar (it is also hidden when stderr is not a terminal)
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+fn parse_positive(text: &str) -> std::result::Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("'{text}' is not a positive integer")),
+    }
+}
+
+fn parse_finite(text: &str) -> std::result::Result<f32, String> {
+    match text.trim().parse::<f32>() {
+        Ok(v) if v.is_finite() => Ok(v),
+        _ => Err(format!("'{text}' is not a number")),
+    }
+}
+
+/// The normalisation for `model` on the data `args` names; see `LONG_ABOUT` for the rules.
+fn normalisation(args: &EvalArgs, model: &Model, model_path: &Path) -> Result<Normalisation> {
+    if let Some(std) = &args.std {
+        if std.contains(&0.0) {
+            return Err(CompileError::new(
+                ExitCode::Usage,
+                format!("--std {std:?}: a standard deviation of 0 divides by zero"),
+            )
+            .into());
+        }
+    }
+    let norm =
+        data::try_normalisation_for(model, args.scale, args.mean.as_deref(), args.std.as_deref())
+            .with_context(|| format!("reading the normalisation of {}", model_path.display()))?;
+    if !norm.explicit && data::stores_normalised_floats(&args.data)? {
+        return Ok(Normalisation::identity());
+    }
+    Ok(norm)
+}
+
+pub fn run(args: &EvalArgs) -> Result<()> {
+    let source = data::resolve_spec(&args.data).context("--data")?;
+    if let (Source::Npy(path), Some(split)) = (&source, args.split) {
+        return Err(CompileError::new(
+            ExitCode::Usage,
+            format!(
+                "--split {split} selects files in an IDX directory, but --data {} is one .npy file",
+                path.display()
+            ),
+        )
+        .into());
+    }
+    let split = args.split.unwrap_or(Split::Test);
+
+    let model_name = args.model.display().to_string();
+    let model = load_model(&args.model)?;
+    let sample = sample_shape(&model, args.input_shape.as_deref())
+        .with_context(|| format!("the input shape of {model_name}"))?;
+    let norm = normalisation(args, &model, &args.model)?;
+    let dataset = data::load(&args.data, split, args.limit, &norm)?;
+    data::check_fits_named(&dataset, &sample, &model_name)?;
+
+    // The reference is loaded once, and not at all when it is the model's own file.
+    let same_file = |p: &Path| match (p.canonicalize(), args.model.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    let reference = match &args.reference {
+        Some(p) if same_file(p) => None,
+        Some(p) => Some(load_model(p).context("--reference")?),
+        None => None,
+    };
+    let reference_name = args.reference.as_ref().map(|p| p.display().to_string());
+    let reference_pair = match (&reference_name, &reference) {
+        (Some(name), Some(m)) => Some((m, name.as_str())),
+        (Some(name), None) => Some((&model, name.as_str())),
+        _ => None,
+    };
+    if let (Some((m, name)), Some(path)) = (reference_pair, &args.reference) {
+        let ref_norm = data::try_normalisation_for(
+            m,
+            args.scale,
+            args.mean.as_deref(),
+            args.std.as_deref(),
+        )
+        .with_context(|| format!("reading the normalisation of {}", path.display()))?;
+        if !ref_norm.explicit && ref_norm != norm && !data::stores_normalised_floats(&args.data)? {
+            eprintln!(
+                "warning: the reference {name} declares the normalisation {ref_norm}, but both \
+                 models are fed {norm}"
+            );
+        }
+    }
+
+    let mut report = evaluate(
+        &model,
+        &model_name,
+        reference_pair,
+        &dataset,
+        args.batch,
+        !args.no_progress && !args.json,
+    )?;
+    report.split = match source {
+        Source::Idx(_) => split.name().to_string(),
+        Source::Npy(_) => "npy".to_string(),
+    };
+
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", human(&report, &norm));
+    }
+    Ok(())
+}
+
+/// The short aligned summary for people.
+fn human(r: &EvalReport, norm: &Normalisation) -> String {
+    let mut rows = vec![
+        ("model", r.model.clone()),
+        ("data", format!("{} ({}, {} images)", r.data, r.split, r.images)),
+        ("inputs", norm.to_string()),
+        ("accuracy", format!("{:.2}%  ({} of {})", 100.0 * r.accuracy, r.correct, r.images)),
+        (
+            "speed",
+            format!(
+                "{:.1} images/s  ({:.2} s, batch {}, {} threads)",
+                r.images_per_second, r.seconds, r.batch, r.threads
+            ),
+        ),
+    ];
+    if let Some(rf) = &r.reference {
+        rows.push(("reference", rf.model.clone()));
+        rows.push(("  accuracy", format!("{:.2}%", 100.0 * rf.accuracy)));
+        rows.push((
+            "  agreement",
+            format!("{:.2}%  (same arg-max), max |diff| {:.3e}", 100.0 * rf.agreement, rf.max_abs_diff),
+        ));
+    }
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    rows.iter().map(|(k, v)| format!("{k:<width$}  {v}\n")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser, Debug)]
+    struct Wrap {
+        #[command(flatten)]
+        args: EvalArgs,
+    }
+
+    #[test]
+    fn parses_options() {
+        let w = Wrap::try_parse_from([
+            "x",
+            "m.onnx",
+            "--input-shape",
+            "1x3x32x32",
+            "--mean",
+            "0.1,0.2,0.3",
+            "--std",
+            "0.5",
+            "--scale",
+            "0.00392",
+            "--split",
+            "train",
+            "--limit",
+            "10",
+        ])
+        .unwrap();
+        let a = w.args;
+        assert_eq!(a.input_shape, Some(vec![1, 3, 32, 32]));
+        assert_eq!(a.mean, Some(vec![0.1, 0.2, 0.3]));
+        assert_eq!(a.std, Some(vec![0.5]));
+        assert_eq!(a.split, Some(Split::Train));
+        assert_eq!((a.limit, a.batch, a.data.as_str()), (Some(10), DEFAULT_BATCH, "fashion-mnist"));
+        for bad in [
+            &["--input-shape", "1x3xq"][..],
+            &["--mean", "a,b"],
+            &["--limit", "0"],
+            &["--batch", "-1"],
+            &["--split", "val"],
+        ] {
+            let mut argv = vec!["x", "m.onnx"];
+            argv.extend_from_slice(bad);
+            assert!(Wrap::try_parse_from(argv).is_err(), "{bad:?} should be refused");
+        }
+        let w = Wrap::try_parse_from(["x", "m.onnx", "--mean", "-0.5"]).unwrap();
+        assert_eq!(w.args.mean, Some(vec![-0.5]));
+    }
+
+    #[test]
+    fn human_summary_is_aligned() {
+        let r = EvalReport {
+            model: "m.onnx".into(),
+            data: "d".into(),
+            split: "test".into(),
+            images: 10,
+            correct: 9,
+            accuracy: 0.9,
+            seconds: 0.5,
+            images_per_second: 20.0,
+            batch: 10,
+            threads: 2,
+            reference: Some(crate::eval::evaluator::ReferenceReport {
+                model: "r.onnx".into(),
+                accuracy: 0.8,
+                agreement: 0.85,
+                max_abs_diff: 0.25,
+            }),
+        };
+        let text = human(&r, &Normalisation::default());
+        assert!(text.contains("accuracy     90.00%  (9 of 10)"), "{text}");
+        assert!(text.contains("  agreement  85.00%"), "{text}");
+    }
+}

@@ -1,0 +1,315 @@
+//! Top-1 accuracy and throughput of a model under tract, optionally against a reference model.
+//!
+//! Inference is batched and spread over every core: the batches of a data set are independent,
+//! so rayon hands them to its threads and every thread runs the same shared [`Runner`] plan.
+//! Only inference is timed (not loading, normalising or preparing the plan).
+
+use super::compare::argmax;
+use super::data::{check_fits_named, Dataset};
+use super::Runner;
+use crate::analysis::shapes::declared_input_shape;
+use crate::error::CompileError;
+use crate::frontend::to_bytes;
+use crate::ir::Model;
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rayon::prelude::*;
+use serde::Serialize;
+use std::io::IsTerminal;
+use std::time::Instant;
+
+/// Images per tract run when the caller has no preference: large enough that per-run overhead
+/// vanishes, small enough that 10k images still make many batches for the threads to share.
+pub const DEFAULT_BATCH: usize = 64;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    pub model: String,
+    pub data: String,
+    /// `test` or `train` for IDX data; [`evaluate`] leaves it empty for the caller to fill.
+    pub split: String,
+    pub images: usize,
+    pub correct: usize,
+    /// Top-1 accuracy, 0..1.
+    pub accuracy: f64,
+    /// Wall-clock seconds of the model's inference (the reference's is not included).
+    pub seconds: f64,
+    pub images_per_second: f64,
+    pub batch: usize,
+    pub threads: usize,
+    pub reference: Option<ReferenceReport>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ReferenceReport {
+    pub model: String,
+    pub accuracy: f64,
+    /// Fraction of images where both arg-maxes agree.
+    pub agreement: f64,
+    /// Largest absolute difference between the two models' outputs over every image.
+    pub max_abs_diff: f32,
+}
+
+/// Run `runner` over every image of `data`, batches in parallel. Returns every image's outputs
+/// (row-major) and the number of outputs per image.
+pub fn predict(
+    runner: &Runner,
+    data: &Dataset,
+    progress: Option<&ProgressBar>,
+) -> Result<(Vec<f32>, usize)> {
+    let per = data.sample_len();
+    if runner.sample_len() != per {
+        return Err(CompileError::invalid_data(format!(
+            "images in {} hold {per} values each but the model runs on {} values per sample",
+            data.source,
+            runner.sample_len()
+        ))
+        .into());
+    }
+    let chunks: Vec<&[f32]> = data.images.chunks(runner.batch() * per).collect();
+    let outputs = chunks
+        .par_iter()
+        .map(|chunk| {
+            let out = runner.run(chunk);
+            if let Some(bar) = progress {
+                bar.inc((chunk.len() / per) as u64);
+            }
+            out
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let classes = outputs.first().map_or(0, |(_, w)| *w);
+    let mut logits = Vec::with_capacity(classes * data.len());
+    for (out, width) in outputs {
+        anyhow::ensure!(
+            width == classes,
+            "the model's output size changed between batches ({classes} then {width})"
+        );
+        logits.extend(out);
+    }
+    Ok((logits, classes))
+}
+
+/// Accuracy and throughput of `model` on `data`; with a reference, also the reference's
+/// accuracy and how far the two agree. Each model runs once over the data (a reference that
+/// is the very same graph is not run again). The data must already be normalised for the
+/// model and shaped as it expects (see [`super::data::check_fits`]).
+pub fn evaluate(
+    model: &Model,
+    model_name: &str,
+    reference: Option<(&Model, &str)>,
+    data: &Dataset,
+    batch: usize,
+    show_progress: bool,
+) -> Result<EvalReport> {
+    if data.is_empty() {
+        return Err(CompileError::invalid_data(format!("{} holds no images", data.source)).into());
+    }
+    anyhow::ensure!(batch > 0, "the batch size must be at least 1");
+    // A batch larger than the data would only run padding.
+    let batch = batch.min(data.len());
+    check_declared_shape(model, model_name, data)?;
+    let runner = Runner::new(model, &data.sample_shape, batch)
+        .with_context(|| format!("preparing {model_name} for tract"))?;
+    // A reference that serialises to the same bytes computes the same outputs.
+    let ref_runner = match reference {
+        Some((r, name)) if to_bytes(r) != to_bytes(model) => {
+            check_declared_shape(r, name, data)?;
+            Some(
+                Runner::new(r, &data.sample_shape, batch)
+                    .with_context(|| format!("preparing the reference {name} for tract"))?,
+            )
+        }
+        _ => None,
+    };
+
+    // The model and the reference run in two timed passes over the same loaded data, so that
+    // the throughput reported is the model's own.
+    let bar = progress_bar(data.len(), model_name, show_progress);
+    let start = Instant::now();
+    let result = predict(&runner, data, Some(&bar));
+    let seconds = start.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    let (logits, classes) = result.with_context(|| format!("running {model_name}"))?;
+    let predictions = check_labels_and_predict(&logits, classes, data, model_name)?;
+    let correct = predictions.iter().zip(&data.labels).filter(|(p, l)| **p == **l as usize).count();
+
+    let reference = match (reference, ref_runner) {
+        (Some((_, name)), Some(rr)) => {
+            let bar = progress_bar(data.len(), &format!("reference {name}"), show_progress);
+            let result = predict(&rr, data, Some(&bar));
+            bar.finish_and_clear();
+            let (ref_logits, ref_classes) =
+                result.with_context(|| format!("running the reference {name}"))?;
+            if ref_classes != classes {
+                return Err(CompileError::invalid_data(format!(
+                    "the reference {name} has {ref_classes} outputs per image but {model_name} \
+                     has {classes}: they cannot be compared"
+                ))
+                .into());
+            }
+            let ref_predictions = check_labels_and_predict(&ref_logits, classes, data, name)?;
+            let ref_correct =
+                ref_predictions.iter().zip(&data.labels).filter(|(p, l)| **p == **l as usize).count();
+            let agree = predictions.iter().zip(&ref_predictions).filter(|(a, b)| a == b).count();
+            let max_abs_diff = logits.iter().zip(&ref_logits).fold(0f32, |m, (a, b)| {
+                let d = (a - b).abs();
+                if d.is_nan() || m.is_nan() {
+                    f32::NAN
+                } else {
+                    m.max(d)
+                }
+            });
+            Some(ReferenceReport {
+                model: name.to_string(),
+                accuracy: ref_correct as f64 / data.len() as f64,
+                agreement: agree as f64 / data.len() as f64,
+                max_abs_diff,
+            })
+        }
+        (Some((_, name)), None) => Some(ReferenceReport {
+            model: name.to_string(),
+            accuracy: correct as f64 / data.len() as f64,
+            agreement: 1.0,
+            max_abs_diff: 0.0,
+        }),
+        _ => None,
+    };
+
+    Ok(EvalReport {
+        model: model_name.to_string(),
+        data: data.source.clone(),
+        split: String::new(),
+        images: data.len(),
+        correct,
+        accuracy: correct as f64 / data.len() as f64,
+        seconds,
+        images_per_second: data.len() as f64 / seconds.max(f64::MIN_POSITIVE),
+        batch,
+        threads: rayon::current_num_threads(),
+        reference,
+    })
+}
+
+/// When the model declares a concrete per-sample input shape, the data must have it.
+fn check_declared_shape(model: &Model, name: &str, data: &Dataset) -> Result<()> {
+    let Ok(declared) = declared_input_shape(model) else { return Ok(()) };
+    let sample: Option<Vec<usize>> = declared.iter().skip(1).copied().collect();
+    match sample {
+        Some(s) if !declared.is_empty() => check_fits_named(data, &s, name),
+        _ => Ok(()),
+    }
+}
+
+/// Arg-max of every image's outputs, after checking that every label names an output.
+fn check_labels_and_predict(
+    logits: &[f32],
+    classes: usize,
+    data: &Dataset,
+    name: &str,
+) -> Result<Vec<usize>> {
+    if classes == 0 {
+        return Err(CompileError::invalid_model(format!("{name} produces no outputs")).into());
+    }
+    if let Some((i, l)) = data.labels.iter().enumerate().find(|(_, &l)| l as usize >= classes) {
+        return Err(CompileError::invalid_data(format!(
+            "label {l} of image {i} in {} is not a class of {name}, which has {classes} outputs",
+            data.source
+        ))
+        .into());
+    }
+    Ok(logits.chunks(classes).map(argmax).collect())
+}
+
+/// A progress bar on stderr with images/s and ETA; hidden when stderr is not a terminal or
+/// progress is off.
+fn progress_bar(len: usize, label: &str, show: bool) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(
+        Some(len as u64),
+        if show && std::io::stderr().is_terminal() {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        },
+    );
+    if let Ok(style) = ProgressStyle::with_template(
+        "{msg} [{bar:30}] {pos}/{len} images  {per_sec}  ETA {eta}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(label.to_string());
+    bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::eval::data::{load, Normalisation, Split};
+    use crate::frontend::load_model;
+    use std::path::Path;
+
+    const TINY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/models/tiny_ts_opset13.onnx");
+
+    fn tiny_data(n: usize, sample: &[usize], labels: u32) -> Dataset {
+        let per: usize = sample.iter().product();
+        Dataset {
+            images: crate::eval::compare::random_inputs(n * per, 7),
+            labels: (0..n as u32).map(|i| i % labels).collect(),
+            sample_shape: sample.to_vec(),
+            source: "random".into(),
+        }
+    }
+
+    #[test]
+    fn batched_parallel_matches_one_by_one() {
+        let model = load_model(Path::new(TINY)).unwrap();
+        let sample = crate::analysis::shapes::sample_shape(&model, None).unwrap();
+        let data = tiny_data(37, &sample, 1);
+        let whole = Runner::new(&model, &sample, 8).unwrap();
+        let (logits, classes) = predict(&whole, &data, None).unwrap();
+        assert_eq!(logits.len(), 37 * classes);
+        let single = Runner::new(&model, &sample, 1).unwrap();
+        for i in [0, 8, 36] {
+            let (y, _) = single.run(data.sample(i)).unwrap();
+            for (a, b) in y.iter().zip(&logits[i * classes..(i + 1) * classes]) {
+                assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "{a} vs {b}");
+            }
+        }
+        let data = tiny_data(37, &sample, classes as u32);
+        let report = evaluate(&model, "tiny", Some((&model, "tiny")), &data, 8, false).unwrap();
+        assert_eq!(report.images, 37);
+        let preds: Vec<usize> = logits.chunks(classes).map(argmax).collect();
+        let want = preds.iter().zip(&data.labels).filter(|(p, l)| **p == **l as usize).count();
+        assert_eq!(report.correct, want);
+        let r = report.reference.unwrap();
+        assert_eq!((r.agreement, r.max_abs_diff, r.accuracy), (1.0, 0.0, report.accuracy));
+    }
+
+    #[test]
+    fn labels_out_of_range_and_wrong_shapes_are_data_errors() {
+        let model = load_model(Path::new(TINY)).unwrap();
+        let sample = crate::analysis::shapes::sample_shape(&model, None).unwrap();
+        let mut data = tiny_data(4, &sample, 1);
+        data.labels[2] = 10;
+        let e = evaluate(&model, "tiny", None, &data, 64, false).unwrap_err();
+        assert_eq!(crate::error::exit_code_of(&e), crate::error::ExitCode::InvalidData, "{e:#}");
+        assert!(format!("{e:#}").contains("label 10 of image 2"), "{e:#}");
+        let mut wrong = sample.clone();
+        *wrong.last_mut().unwrap() += 4;
+        let e = evaluate(&model, "tiny.onnx", None, &tiny_data(2, &wrong, 1), 64, false).unwrap_err();
+        assert_eq!(crate::error::exit_code_of(&e), crate::error::ExitCode::InvalidData, "{e:#}");
+        assert!(format!("{e:#}").contains("tiny.onnx expects"), "{e:#}");
+    }
+
+    #[test]
+    fn fashion_mnist_when_installed() {
+        if !Path::new(crate::eval::data::DEFAULT_FASHION_MNIST_DIR).is_dir() {
+            eprintln!("skipped: no Fashion-MNIST");
+            return;
+        }
+        let d = load("fashion-mnist", Split::Test, Some(100), &Normalisation::default()).unwrap();
+        assert_eq!(d.sample_shape, vec![1, 28, 28]);
+        assert_eq!(d.len(), 100);
+        assert!(d.labels.iter().all(|&l| l < 10));
+        assert!(d.images.iter().all(|&v| (0.0..=1.0).contains(&v)));
+    }
+}
