@@ -23,15 +23,22 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
             *w = (*w).max(cell.chars().count());
         }
     }
-    let numeric = |s: &str| s.chars().next().is_some_and(|c| c.is_ascii_digit() || c == '-' || c == '+');
+    let numeric =
+        |s: &str| s.chars().next().is_some_and(|c| c.is_ascii_digit() || c == '-' || c == '+');
     let fmt_row = |cells: Vec<&str>| {
         cells
             .iter()
             .zip(&widths)
             .enumerate()
-            .map(|(i, (c, &w))| {
-                if i > 0 && numeric(c) { format!("{c:>w$}") } else { format!("{c:<w$}") }
-            })
+            .map(
+                |(i, (c, &w))| {
+                    if i > 0 && numeric(c) {
+                        format!("{c:>w$}")
+                    } else {
+                        format!("{c:<w$}")
+                    }
+                },
+            )
             .collect::<Vec<_>>()
             .join("  ")
             .trim_end()
@@ -58,7 +65,13 @@ pub fn census_text(c: &Census) -> String {
         .nodes
         .iter()
         .map(|n| {
-            vec![n.name.clone(), n.op.clone(), n.stage.to_string(), shape_text(&n.shape), thousands(n.relus)]
+            vec![
+                n.name.clone(),
+                n.op.clone(),
+                n.stage.to_string(),
+                shape_text(&n.shape),
+                thousands(n.relus),
+            ]
         })
         .collect();
     let mut out = format!("ReLU layers (input {}):\n", shape_text(&c.input_shape));
@@ -67,7 +80,11 @@ pub fn census_text(c: &Census) -> String {
         .stages
         .iter()
         .map(|s| {
-            let name = if s.index == 0 && c.residual { "0 (stem)".to_string() } else { s.index.to_string() };
+            let name = if s.index == 0 && c.residual {
+                "0 (stem)".to_string()
+            } else {
+                s.index.to_string()
+            };
             vec![
                 name,
                 format!("{}x{}", s.resolution[0], s.resolution[1]),

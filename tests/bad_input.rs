@@ -26,7 +26,11 @@ fn empty_file() {
 
 #[test]
 fn truncated_file() {
-    compile_fails("fixtures/models/bad/truncated.onnx", 3, &["truncated.onnx", "truncated or corrupt"]);
+    compile_fails(
+        "fixtures/models/bad/truncated.onnx",
+        3,
+        &["truncated.onnx", "truncated or corrupt"],
+    );
 }
 
 #[test]
@@ -36,7 +40,11 @@ fn random_bytes() {
 
 #[test]
 fn dangling_input() {
-    compile_fails("fixtures/models/bad/dangling_input.onnx", 3, &["dangling_input.onnx", "which no node"]);
+    compile_fails(
+        "fixtures/models/bad/dangling_input.onnx",
+        3,
+        &["dangling_input.onnx", "which no node"],
+    );
 }
 
 #[test]
@@ -71,7 +79,8 @@ fn input_is_never_overwritten_without_force() {
 #[test]
 fn output_directory_is_refused() {
     let dir = tmpdir();
-    let o = relucompile(&["fixtures/models/tiny_ts_opset13.onnx", "-o", dir.path().to_str().unwrap()]);
+    let o =
+        relucompile(&["fixtures/models/tiny_ts_opset13.onnx", "-o", dir.path().to_str().unwrap()]);
     assert_eq!(o.code, 2, "{}", o.stderr);
     assert!(o.stderr.contains("is a directory"), "{}", o.stderr);
 }

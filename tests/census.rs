@@ -9,7 +9,8 @@ fn stage_relus(v: &serde_json::Value) -> Vec<u64> {
 
 #[test]
 fn cifar_resnet18_width64_has_557056_relus_in_stem_plus_four_stages() {
-    let v = relucompile_json(&["inspect", "fixtures/models/census_resnet18_cifar64.onnx", "--json"]);
+    let v =
+        relucompile_json(&["inspect", "fixtures/models/census_resnet18_cifar64.onnx", "--json"]);
     assert_eq!(v["total_relus"], 557_056);
     assert_eq!(stage_relus(&v), vec![65_536, 262_144, 131_072, 65_536, 32_768]);
     assert_eq!(v["nodes"].as_array().unwrap().len(), 17);
@@ -17,7 +18,11 @@ fn cifar_resnet18_width64_has_557056_relus_in_stem_plus_four_stages() {
 
 #[test]
 fn torchvision_resnet18_at_224_has_2308096_relus() {
-    let v = relucompile_json(&["inspect", "fixtures/models/census_resnet18_torchvision.onnx", "--json"]);
+    let v = relucompile_json(&[
+        "inspect",
+        "fixtures/models/census_resnet18_torchvision.onnx",
+        "--json",
+    ]);
     assert_eq!(v["total_relus"], 2_308_096);
     assert_eq!(stage_relus(&v), vec![802_816, 802_816, 401_408, 200_704, 100_352]);
     // 1.82 GMACs is torchvision's published figure for ResNet-18.
@@ -44,7 +49,8 @@ fn shipped_resnet_census_matches_deepreduce_layout() {
     assert_eq!(v["total_relus"], 108_544);
     assert_eq!(stage_relus(&v), vec![12_544, 50_176, 25_088, 12_544, 8_192]);
     for node in v["nodes"].as_array().unwrap() {
-        let shape: Vec<u64> = node["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap()).collect();
+        let shape: Vec<u64> =
+            node["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap()).collect();
         assert_eq!(node["relus"].as_u64().unwrap(), shape.iter().product::<u64>());
     }
 }

@@ -73,8 +73,13 @@ fn output_is_deterministic() {
 fn verify_each_checks_every_pass() {
     let dir = tmpdir();
     let out = dir.path().join("o.onnx");
-    let report =
-        relucompile_json(&["models/vgg.onnx", "-o", out.to_str().unwrap(), "--json", "--verify-each"]);
+    let report = relucompile_json(&[
+        "models/vgg.onnx",
+        "-o",
+        out.to_str().unwrap(),
+        "--json",
+        "--verify-each",
+    ]);
     for p in report["passes"].as_array().unwrap() {
         if p["rewrites"].as_u64().unwrap() > 0 {
             assert!(p["check"]["rel_diff"].as_f64().unwrap() <= 1e-4, "{p}");
@@ -112,7 +117,8 @@ fn onnxruntime_and_checker_accept_every_output() {
         let out = dir.path().join(format!("{name}.onnx"));
         compile(model, &out);
         let v = relucompile_json(&["inspect", model, "--json"]);
-        let sample: Vec<u64> = v["input_shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap()).collect();
+        let sample: Vec<u64> =
+            v["input_shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap()).collect();
         let per: u64 = sample.iter().product();
         let input = dir.path().join(format!("{name}_x.npy"));
         let data = relucompile::eval::compare::random_inputs(8 * per as usize, 11);
@@ -120,7 +126,14 @@ fn onnxruntime_and_checker_accept_every_output() {
         shape.extend(&sample);
         write_npy(&input, &shape, &data);
         let y = dir.path().join(format!("{name}_y.npy"));
-        let o = relucompile(&["run", out.to_str().unwrap(), "--input", input.to_str().unwrap(), "--output", y.to_str().unwrap()]);
+        let o = relucompile(&[
+            "run",
+            out.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            y.to_str().unwrap(),
+        ]);
         assert_eq!(o.code, 0, "{}", o.stderr);
         cases.push(serde_json::json!({
             "model": out, "input": input, "tract_output": y, "reference": path(model),
@@ -128,15 +141,30 @@ fn onnxruntime_and_checker_accept_every_output() {
         if sample == [1, 28, 28] {
             let real = path("fixtures/images/fmnist_test_64.npy");
             let y = dir.path().join(format!("{name}_real_y.npy"));
-            let o = relucompile(&["run", out.to_str().unwrap(), "--input", real.to_str().unwrap(), "--output", y.to_str().unwrap()]);
+            let o = relucompile(&[
+                "run",
+                out.to_str().unwrap(),
+                "--input",
+                real.to_str().unwrap(),
+                "--output",
+                y.to_str().unwrap(),
+            ]);
             assert_eq!(o.code, 0, "{}", o.stderr);
             cases.push(serde_json::json!({"model": out, "input": real, "tract_output": y, "reference": path(model)}));
         }
     }
     let manifest = dir.path().join("manifest.json");
     std::fs::write(&manifest, serde_json::to_string(&cases).unwrap()).unwrap();
-    let o = Command::new("python3").arg(path("tests/py/check_onnx.py")).arg(&manifest).output().unwrap();
+    let o = Command::new("python3")
+        .arg(path("tests/py/check_onnx.py"))
+        .arg(&manifest)
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "cross-check failed:\n{stdout}{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "cross-check failed:\n{stdout}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     assert!(stdout.contains(&format!("{} passed, 0 failed", cases.len())), "{stdout}");
 }

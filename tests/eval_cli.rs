@@ -173,7 +173,9 @@ fn images_of_the_wrong_size_exit_6_naming_both_shapes() {
     assert_eq!(out.status.code(), Some(6), "stderr:\n{}", text(&out.stderr));
     assert_no_panic(&out);
     let err = text(&out.stderr);
-    for needle in ["1x32x32", "1x28x28", "wrong_size_images", model.file_name().unwrap().to_str().unwrap()] {
+    for needle in
+        ["1x32x32", "1x28x28", "wrong_size_images", model.file_name().unwrap().to_str().unwrap()]
+    {
         assert!(err.contains(needle), "'{needle}' missing from:\n{err}");
     }
     assert!(out.stdout.is_empty(), "nothing on stdout on error");

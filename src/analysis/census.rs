@@ -87,7 +87,13 @@ pub fn census_with(model: &Model, sample: &[usize], shapes: &Shapes, stages: &St
                 .map(|w| w[1..].iter().product::<usize>()),
             "Gemm" => {
                 let trans_a = node.attr_int("transA").unwrap_or(0) != 0;
-                node.input(0).and_then(|a| shapes.get(a)).map(|a| if trans_a { a[0] } else { a[a.len() - 1] })
+                node.input(0).and_then(|a| shapes.get(a)).map(|a| {
+                    if trans_a {
+                        a[0]
+                    } else {
+                        a[a.len() - 1]
+                    }
+                })
             }
             "MatMul" => node.input(0).and_then(|a| shapes.get(a)).and_then(|a| a.last().copied()),
             _ => None,

@@ -13,9 +13,11 @@ pub type Shapes = HashMap<String, Vec<usize>>;
 
 /// The shape a model declares for its first input, with unknown (symbolic) dims as `None`.
 pub fn declared_input_shape(model: &Model) -> Result<Vec<Option<usize>>> {
-    let input = model.graph.inputs.first().ok_or_else(|| {
-        CompileError::invalid_model("the graph has no runtime input")
-    })?;
+    let input = model
+        .graph
+        .inputs
+        .first()
+        .ok_or_else(|| CompileError::invalid_model("the graph has no runtime input"))?;
     let Some(pb::type_proto::Value::TensorType(tt)) =
         input.r#type.as_ref().and_then(|t| t.value.as_ref())
     else {
@@ -76,7 +78,10 @@ pub fn sample_shape(model: &Model, user: Option<&[usize]>) -> Result<Vec<usize>>
 }
 
 fn format_declared(d: &[Option<usize>]) -> String {
-    d.iter().map(|d| d.map(|v| v.to_string()).unwrap_or_else(|| "?".into())).collect::<Vec<_>>().join("x")
+    d.iter()
+        .map(|d| d.map(|v| v.to_string()).unwrap_or_else(|| "?".into()))
+        .collect::<Vec<_>>()
+        .join("x")
 }
 
 /// Run tract's inference with the input fixed to `[batch] + sample` and read back every value's

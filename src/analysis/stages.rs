@@ -46,8 +46,11 @@ pub fn residual_adds(graph: &Graph, shapes: &Shapes) -> Vec<usize> {
         .enumerate()
         .filter(|(_, n)| n.op_type == "Add" || n.op_type == "Sum")
         .filter(|(_, n)| {
-            let computed: Vec<&String> =
-                n.inputs.iter().filter(|i| !i.is_empty() && !constants.contains(i.as_str())).collect();
+            let computed: Vec<&String> = n
+                .inputs
+                .iter()
+                .filter(|i| !i.is_empty() && !constants.contains(i.as_str()))
+                .collect();
             computed.len() >= 2
                 && computed.iter().all(|i| shapes.get(*i).map(|s| s.len()) == Some(4))
                 && computed.windows(2).all(|w| shapes.get(w[0]) == shapes.get(w[1]))
@@ -69,7 +72,8 @@ fn ancestors<'g>(
             continue;
         }
         if let Some(&p) = producers.get(v) {
-            stack.extend(graph.nodes[p].inputs.iter().filter(|i| !i.is_empty()).map(|s| s.as_str()));
+            stack
+                .extend(graph.nodes[p].inputs.iter().filter(|i| !i.is_empty()).map(|s| s.as_str()));
         }
     }
     seen

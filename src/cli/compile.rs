@@ -48,12 +48,53 @@ pub struct CompileArgs {
     /// Real images for the output check: `fashion-mnist`, an IDX directory or a .npy file
     #[arg(long, default_value = "fashion-mnist")]
     pub check_data: String,
+    /// Remove every ReLU of these stages (lossy; stage numbers as `inspect` shows, 0 = stem)
+    #[arg(long, value_delimiter = ',', help_heading = "ReLU reduction (lossy)")]
+    pub cull: Vec<usize>,
+    /// Thin the kept stages: drop the ReLU after each residual add (bottom), after each
+    /// block's first conv (top), or every other ReLU layer of a plain chain (alternate)
+    #[arg(long, value_enum, help_heading = "ReLU reduction (lossy)")]
+    pub thin: Option<ThinMode>,
+    /// Limit --thin to these stages
+    #[arg(long, value_delimiter = ',', requires = "thin", help_heading = "ReLU reduction (lossy)")]
+    pub thin_stages: Vec<usize>,
+    /// Data to measure accuracy on (test split): `fashion-mnist`, an IDX directory or a .npy
+    /// file. Lossy pipelines are always measured (default `fashion-mnist`)
+    #[arg(long, help_heading = "Accuracy gate")]
+    pub data: Option<String>,
+    /// Fail (exit 7, nothing written) when accuracy falls by more than this many points
+    #[arg(long, help_heading = "Accuracy gate")]
+    pub max_drop: Option<f64>,
+    /// Evaluate on the first N test images only
+    #[arg(long, help_heading = "Accuracy gate")]
+    pub limit: Option<usize>,
     /// Write the report as JSON to this file
     #[arg(long)]
     pub report: Option<PathBuf>,
     /// Print the report as JSON on stdout instead of tables
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum ThinMode {
+    Bottom,
+    Top,
+    Alternate,
+}
+
+#[derive(Serialize)]
+struct AccuracyReport {
+    data: String,
+    images: usize,
+    before: f64,
+    after: f64,
+    /// Percentage points lost.
+    drop_points: f64,
+    /// Fraction of images where both graphs predict the same class.
+    agreement: f64,
+    max_drop: Option<f64>,
+    passed: bool,
 }
 
 #[derive(Serialize)]
@@ -68,6 +109,9 @@ struct CompileReport {
     check_real: Option<Comparison>,
     check_random: Comparison,
     check_tolerance: f32,
+    /// Whether the pipeline holds lossy passes (then accuracy, not output equality, decides).
+    lossy: bool,
+    accuracy: Option<AccuracyReport>,
 }
 
 #[derive(Serialize)]
@@ -93,7 +137,8 @@ pub fn run(args: &CompileArgs) -> Result<()> {
     check_output_path(input, output, args.force)?;
     let original = load_model(input)?;
     let sample = sample_shape(&original, args.input_shape.as_deref())?;
-    let pipeline = Pipeline::parse(&format!("{},{FINALIZE}", args.passes))?;
+    let pipeline = Pipeline::parse(&format!("{},{FINALIZE}", pipeline_text(args)))?;
+    let lossy = pipeline.steps.iter().any(|(_, _, p)| !p.lossless());
     let before = census(&original, &sample)?;
 
     let (real, real_note) = real_check_inputs(&original, &sample, &args.check_data);
@@ -112,6 +157,11 @@ pub fn run(args: &CompileArgs) -> Result<()> {
         Some(images) => Some(compare_models(&original, &model, &sample, images)?),
         None => None,
     };
+    let accuracy = if lossy || args.data.is_some() || args.max_drop.is_some() {
+        Some(measure_accuracy(&original, &model, &sample, args)?)
+    } else {
+        None
+    };
     let report = CompileReport {
         input: input.display().to_string(),
         output: output.display().to_string(),
@@ -122,6 +172,8 @@ pub fn run(args: &CompileArgs) -> Result<()> {
         check_real,
         check_random,
         check_tolerance: LOSSLESS_REL_TOLERANCE,
+        lossy,
+        accuracy,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -131,8 +183,23 @@ pub fn run(args: &CompileArgs) -> Result<()> {
     if let Some(path) = &args.report {
         write_bytes_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
     }
+    if let Some(acc) = report.accuracy.as_ref().filter(|a| !a.passed) {
+        return Err(CompileError::new(
+            ExitCode::AccuracyGate,
+            format!(
+                "accuracy fell by {:.2} points ({:.2}% -> {:.2}%), more than --max-drop {}; {} was not written",
+                acc.drop_points,
+                100.0 * acc.before,
+                100.0 * acc.after,
+                acc.max_drop.unwrap_or(f64::NAN),
+                output.display()
+            ),
+        )
+        .into());
+    }
     let checks = std::iter::once(&report.check_random).chain(report.check_real.as_ref());
-    if let Some(bad) = checks.into_iter().find(|c| !c.within(LOSSLESS_REL_TOLERANCE)) {
+    let mismatch = checks.into_iter().find(|c| !c.within(LOSSLESS_REL_TOLERANCE));
+    if let Some(bad) = mismatch.filter(|_| !lossy) {
         return Err(CompileError::new(
             ExitCode::OutputMismatch,
             format!(
@@ -151,6 +218,85 @@ pub fn run(args: &CompileArgs) -> Result<()> {
         println!("wrote {}", output.display());
     }
     Ok(())
+}
+
+/// The pipeline text: `--passes`, with the lossy flags' passes placed after BatchNorm folding
+/// (so stage numbers are those `inspect` shows for the input) or first when there is none.
+fn pipeline_text(args: &CompileArgs) -> String {
+    let mut lossy = Vec::new();
+    let list = |v: &[usize]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(",");
+    if !args.cull.is_empty() {
+        lossy.push(format!("cull({})", list(&args.cull)));
+    }
+    if let Some(mode) = args.thin {
+        let mode = format!("{mode:?}").to_lowercase();
+        if args.thin_stages.is_empty() {
+            lossy.push(format!("thin({mode})"));
+        } else {
+            lossy.push(format!("thin({mode},{})", list(&args.thin_stages)));
+        }
+    }
+    if lossy.is_empty() {
+        return args.passes.clone();
+    }
+    let mut steps: Vec<String> = split_top_level(&args.passes);
+    let at = steps.iter().position(|s| s == "fold-bn").map(|i| i + 1).unwrap_or(0);
+    steps.splice(at..at, lossy);
+    steps.join(",")
+}
+
+/// Split a pipeline at the commas outside parentheses.
+fn split_top_level(text: &str) -> Vec<String> {
+    let (mut out, mut depth, mut cur) = (Vec::new(), 0, String::new());
+    for c in text.chars() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            ',' if depth == 0 => {
+                out.push(std::mem::take(&mut cur).trim().to_string());
+                continue;
+            }
+            _ => {}
+        }
+        cur.push(c);
+    }
+    out.push(cur.trim().to_string());
+    out.retain(|s| !s.is_empty());
+    out
+}
+
+/// Accuracy of the original and the rewritten graph on the test split, in one pass each.
+fn measure_accuracy(
+    original: &Model,
+    model: &Model,
+    sample: &[usize],
+    args: &CompileArgs,
+) -> Result<AccuracyReport> {
+    let spec = args.data.as_deref().unwrap_or("fashion-mnist");
+    let norm = data::try_normalisation_for(original, None, None, None)?;
+    let set = data::load(spec, data::Split::Test, args.limit, &norm)?;
+    data::check_fits(&set, sample)?;
+    let name = args.input.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+    let eval = crate::eval::evaluator::evaluate(
+        model,
+        "rewritten",
+        Some((original, &name)),
+        &set,
+        64,
+        !args.json,
+    )?;
+    let reference = eval.reference.as_ref().context("the evaluator returned no reference")?;
+    let drop_points = 100.0 * (reference.accuracy - eval.accuracy);
+    Ok(AccuracyReport {
+        data: set.source.clone(),
+        images: eval.images,
+        before: reference.accuracy,
+        after: eval.accuracy,
+        drop_points,
+        agreement: reference.agreement,
+        max_drop: args.max_drop,
+        passed: args.max_drop.is_none_or(|m| drop_points <= m),
+    })
 }
 
 /// Refuse to overwrite the input (unless forced) or to write into a directory.
@@ -186,7 +332,10 @@ fn real_check_inputs(model: &Model, sample: &[usize], spec: &str) -> (Option<Vec
         }
         Ok(d) => (
             None,
-            format!("real images from {spec} are {:?}, the model takes {sample:?}: random only", d.sample_shape),
+            format!(
+                "real images from {spec} are {:?}, the model takes {sample:?}: random only",
+                d.sample_shape
+            ),
         ),
         Err(e) => (None, format!("no real images ({e:#}): random only")),
     }
@@ -195,8 +344,11 @@ fn real_check_inputs(model: &Model, sample: &[usize], spec: &str) -> (Option<Vec
 fn print_report(r: &CompileReport, before: &Census, after: &Census, real_note: &str) {
     println!("{} -> {}", r.input, r.output);
     println!("pipeline: {}\n", r.pipeline);
-    let rows: Vec<Vec<String>> =
-        r.passes.iter().map(|p| vec![p.pass.clone(), p.rewrites.to_string(), p.nodes_after.to_string()]).collect();
+    let rows: Vec<Vec<String>> = r
+        .passes
+        .iter()
+        .map(|p| vec![p.pass.clone(), p.rewrites.to_string(), p.nodes_after.to_string()])
+        .collect();
     print!("{}", table(&["pass", "rewrites", "nodes after"], &rows));
     let stages = before.stages.len().max(after.stages.len());
     let mut rows: Vec<Vec<String>> = (0..stages)
@@ -205,7 +357,11 @@ fn print_report(r: &CompileReport, before: &Census, after: &Census, real_note: &
             vec![format!("stage {i}"), get(before), get(after)]
         })
         .collect();
-    rows.push(vec!["total ReLUs".into(), thousands(before.total_relus), thousands(after.total_relus)]);
+    rows.push(vec![
+        "total ReLUs".into(),
+        thousands(before.total_relus),
+        thousands(after.total_relus),
+    ]);
     rows.push(vec!["MACs".into(), thousands(before.total_macs), thousands(after.total_macs)]);
     rows.push(vec!["nodes".into(), r.before.nodes.to_string(), r.after.nodes.to_string()]);
     println!();
@@ -225,4 +381,20 @@ fn print_report(r: &CompileReport, before: &Census, after: &Census, real_note: &
         None => println!("check: {real_note}"),
     }
     show("random inputs", &r.check_random);
+    if let Some(a) = &r.accuracy {
+        println!(
+            "accuracy on {} images of {}: {:.2}% -> {:.2}% ({:+.2} points), agreement {:.2}%{}",
+            a.images,
+            a.data,
+            100.0 * a.before,
+            100.0 * a.after,
+            -a.drop_points,
+            100.0 * a.agreement,
+            match a.max_drop {
+                Some(m) if a.passed => format!(" [gate --max-drop {m}: passed]"),
+                Some(m) => format!(" [gate --max-drop {m}: FAILED]"),
+                None => String::new(),
+            }
+        );
+    }
 }

@@ -28,8 +28,16 @@ relucompile.std: comma-separated floats), else the default scale 1/255, mean 0, 
 .npy images are taken as already normalised and fed as stored, unless a normalisation flag is \
 given (then they are treated as pixels, with the same precedence).";
 
+/// `-h` shows the short form; `--help` the whole of [`LONG_ABOUT`]. The text goes after the
+/// options (not in `long_about`) because the subcommand's doc comment sets the about text.
+const SHORT_HELP: &str = "\
+Inputs are x = (pixel * scale - mean[c]) / std[c]; pixel as stored (0..255 for IDX). See --help.";
+
 #[derive(clap::Args, Debug)]
-#[command(long_about = LONG_ABOUT, after_help = super::EXIT_CODES_HELP)]
+#[command(
+    after_help = format!("{SHORT_HELP}\n\n{}", super::EXIT_CODES_HELP),
+    after_long_help = format!("{LONG_ABOUT}\n\n{}", super::EXIT_CODES_HELP)
+)]
 pub struct EvalArgs {
     /// The ONNX model to evaluate
     pub model: PathBuf,
@@ -142,13 +150,9 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         _ => None,
     };
     if let (Some((m, name)), Some(path)) = (reference_pair, &args.reference) {
-        let ref_norm = data::try_normalisation_for(
-            m,
-            args.scale,
-            args.mean.as_deref(),
-            args.std.as_deref(),
-        )
-        .with_context(|| format!("reading the normalisation of {}", path.display()))?;
+        let ref_norm =
+            data::try_normalisation_for(m, args.scale, args.mean.as_deref(), args.std.as_deref())
+                .with_context(|| format!("reading the normalisation of {}", path.display()))?;
         if !ref_norm.explicit && ref_norm != norm && !data::stores_normalised_floats(&args.data)? {
             eprintln!(
                 "warning: the reference {name} declares the normalisation {ref_norm}, but both \
@@ -198,7 +202,11 @@ fn human(r: &EvalReport, norm: &Normalisation) -> String {
         rows.push(("  accuracy", format!("{:.2}%", 100.0 * rf.accuracy)));
         rows.push((
             "  agreement",
-            format!("{:.2}%  (same arg-max), max |diff| {:.3e}", 100.0 * rf.agreement, rf.max_abs_diff),
+            format!(
+                "{:.2}%  (same arg-max), max |diff| {:.3e}",
+                100.0 * rf.agreement,
+                rf.max_abs_diff
+            ),
         ));
     }
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);

@@ -26,11 +26,17 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let file = std::fs::File::open(&args.input)
         .with_context(|| format!("cannot open --input {}", args.input.display()))?;
     let npy = npyz::NpyFile::new(std::io::BufReader::new(file)).map_err(|e| {
-        CompileError::invalid_data(format!("--input {} is not a .npy file: {e}", args.input.display()))
+        CompileError::invalid_data(format!(
+            "--input {} is not a .npy file: {e}",
+            args.input.display()
+        ))
     })?;
     let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
     let data: Vec<f32> = npy.into_vec().map_err(|e| {
-        CompileError::invalid_data(format!("--input {} must hold float32: {e}", args.input.display()))
+        CompileError::invalid_data(format!(
+            "--input {} must hold float32: {e}",
+            args.input.display()
+        ))
     })?;
     let Some((&n, sample)) = shape.split_first() else {
         return Err(CompileError::invalid_data("--input is a scalar; it needs a batch axis").into());

@@ -43,7 +43,12 @@ pub fn random_inputs(count: usize, seed: u64) -> Vec<f32> {
 }
 
 /// Run `a` and `b` on `inputs` (whole samples of `sample` shape) and compare the first outputs.
-pub fn compare_models(a: &Model, b: &Model, sample: &[usize], inputs: &[f32]) -> Result<Comparison> {
+pub fn compare_models(
+    a: &Model,
+    b: &Model,
+    sample: &[usize],
+    inputs: &[f32],
+) -> Result<Comparison> {
     let per: usize = sample.iter().product();
     let samples = inputs.len() / per;
     let batch = samples.clamp(1, 16);

@@ -350,7 +350,12 @@ pub fn stores_normalised_floats(spec: &str) -> Result<bool> {
 /// `float64` or `uint8`, `[N,H,W]` or `[N,C,H,W]`) with labels in `<stem>_labels.npy` or
 /// `labels.npy` beside it. `split` selects the IDX files and is ignored for `.npy`. `limit`
 /// keeps the first images only.
-pub fn load(spec: &str, split: Split, limit: Option<usize>, norm: &Normalisation) -> Result<Dataset> {
+pub fn load(
+    spec: &str,
+    split: Split,
+    limit: Option<usize>,
+    norm: &Normalisation,
+) -> Result<Dataset> {
     if limit == Some(0) {
         return Err(CompileError::invalid_data("--limit 0 selects no images").into());
     }
@@ -405,12 +410,7 @@ fn idx_type_size(code: u8) -> Option<usize> {
 fn find_idx_file(dir: &Path, split: Split, kind: &str, ndim: u8) -> Result<PathBuf> {
     let stem = format!("{}-{kind}-idx{ndim}-ubyte", split.prefix());
     let dotted = format!("{}-{kind}.idx{ndim}-ubyte", split.prefix());
-    let candidates = [
-        stem.clone(),
-        format!("{stem}.gz"),
-        dotted.clone(),
-        format!("{dotted}.gz"),
-    ];
+    let candidates = [stem.clone(), format!("{stem}.gz"), dotted.clone(), format!("{dotted}.gz")];
     candidates.iter().map(|c| dir.join(c)).find(|p| p.is_file()).ok_or_else(|| {
         CompileError::invalid_data(format!(
             "no {split} {kind} in {}: expected {stem} or {stem}.gz",
@@ -422,13 +422,12 @@ fn find_idx_file(dir: &Path, split: Split, kind: &str, ndim: u8) -> Result<PathB
 
 /// A reader over the file's contents, decompressing when it starts with the gzip magic.
 fn open_maybe_gz(path: &Path) -> Result<Box<dyn Read>> {
-    let file = File::open(path).map_err(|e| {
-        CompileError::invalid_data(format!("cannot open {}: {e}", path.display()))
-    })?;
+    let file = File::open(path)
+        .map_err(|e| CompileError::invalid_data(format!("cannot open {}: {e}", path.display())))?;
     let mut reader = BufReader::new(file);
-    let head = reader.fill_buf().map_err(|e| {
-        CompileError::invalid_data(format!("cannot read {}: {e}", path.display()))
-    })?;
+    let head = reader
+        .fill_buf()
+        .map_err(|e| CompileError::invalid_data(format!("cannot read {}: {e}", path.display())))?;
     if head.starts_with(&[0x1f, 0x8b]) {
         Ok(Box::new(BufReader::new(GzDecoder::new(reader))))
     } else {
@@ -461,11 +460,8 @@ fn read_idx(path: &Path, what: &str, ndims: &[u8], keep: Option<usize>) -> Resul
     let mut reader = open_maybe_gz(path)?;
     let mut magic = [0u8; 4];
     reader.read_exact(&mut magic).map_err(io_err)?;
-    let expected = ndims
-        .iter()
-        .map(|n| format!("0x000008{n:02X}"))
-        .collect::<Vec<_>>()
-        .join(" or ");
+    let expected =
+        ndims.iter().map(|n| format!("0x000008{n:02X}")).collect::<Vec<_>>().join(" or ");
     let elem = idx_type_size(magic[2]);
     if magic[0] != 0 || magic[1] != 0 || elem.is_none() || !ndims.contains(&magic[3]) {
         return Err(bad(format!(
@@ -485,7 +481,8 @@ fn read_idx(path: &Path, what: &str, ndims: &[u8], keep: Option<usize>) -> Resul
     }
     let record: usize = dims[1..].iter().product::<usize>() * elem;
     let count = keep.map_or(dims[0], |k| k.min(dims[0]));
-    let need = count.checked_mul(record).ok_or_else(|| bad(format!("absurd dimensions {dims:?}")))?;
+    let need =
+        count.checked_mul(record).ok_or_else(|| bad(format!("absurd dimensions {dims:?}")))?;
     let mut bytes = Vec::with_capacity(need);
     (&mut reader)
         .take(need as u64)
@@ -527,14 +524,12 @@ fn idx_values(idx: &Idx) -> Vec<f32> {
         IDX_U8 => b.iter().map(|&v| v as f32).collect(),
         IDX_I8 => b.iter().map(|&v| v as i8 as f32).collect(),
         IDX_I16 => b.chunks_exact(2).map(|c| i16::from_be_bytes([c[0], c[1]]) as f32).collect(),
-        IDX_I32 => b
-            .chunks_exact(4)
-            .map(|c| i32::from_be_bytes([c[0], c[1], c[2], c[3]]) as f32)
-            .collect(),
-        IDX_F32 => b
-            .chunks_exact(4)
-            .map(|c| f32::from_be_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
+        IDX_I32 => {
+            b.chunks_exact(4).map(|c| i32::from_be_bytes([c[0], c[1], c[2], c[3]]) as f32).collect()
+        }
+        IDX_F32 => {
+            b.chunks_exact(4).map(|c| f32::from_be_bytes([c[0], c[1], c[2], c[3]])).collect()
+        }
         _ => b
             .chunks_exact(8)
             .map(|c| f64::from_be_bytes(c.try_into().expect("chunks of 8")) as f32)
@@ -549,10 +544,9 @@ fn idx_labels(idx: &Idx, path: &Path) -> Result<Vec<u32>> {
         IDX_U8 => b.iter().map(|&v| v as i64).collect(),
         IDX_I8 => b.iter().map(|&v| v as i8 as i64).collect(),
         IDX_I16 => b.chunks_exact(2).map(|c| i16::from_be_bytes([c[0], c[1]]) as i64).collect(),
-        IDX_I32 => b
-            .chunks_exact(4)
-            .map(|c| i32::from_be_bytes([c[0], c[1], c[2], c[3]]) as i64)
-            .collect(),
+        IDX_I32 => {
+            b.chunks_exact(4).map(|c| i32::from_be_bytes([c[0], c[1], c[2], c[3]]) as i64).collect()
+        }
         code => {
             return Err(CompileError::invalid_data(format!(
                 "{} (labels): element type 0x{code:02X} is not an integer type",
@@ -580,7 +574,12 @@ fn labels_from_ints(values: Vec<i64>, path: &Path) -> Result<Vec<u32>> {
         .collect()
 }
 
-fn load_idx_dir(dir: &Path, split: Split, limit: Option<usize>, norm: &Normalisation) -> Result<Dataset> {
+fn load_idx_dir(
+    dir: &Path,
+    split: Split,
+    limit: Option<usize>,
+    norm: &Normalisation,
+) -> Result<Dataset> {
     let source = dir.display().to_string();
     let images_path = find_idx_file(dir, split, "images", 3)?;
     let labels_path = find_idx_file(dir, split, "labels", 1)?;
@@ -651,9 +650,8 @@ fn element_kind(dtype: &npyz::DType) -> Option<Elem> {
 type NpyIn = npyz::NpyFile<BufReader<File>>;
 
 fn open_npy(path: &Path) -> Result<NpyIn> {
-    let file = File::open(path).map_err(|e| {
-        CompileError::invalid_data(format!("cannot open {}: {e}", path.display()))
-    })?;
+    let file = File::open(path)
+        .map_err(|e| CompileError::invalid_data(format!("cannot open {}: {e}", path.display())))?;
     let npy = npyz::NpyFile::new(BufReader::new(file)).map_err(|e| {
         CompileError::invalid_data(format!("{} is not a .npy file: {e}", path.display()))
     })?;
@@ -852,7 +850,8 @@ mod tests {
     /// `n` images of `h`x`w` whose pixel j of image i is `(i + j) % 256`, labels `i % 10`.
     fn idx_dir(n: u32, h: u32, w: u32, gz: bool) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
-        let pixels: Vec<u8> = (0..n * h * w).map(|k| ((k / (h * w) + k % (h * w)) % 256) as u8).collect();
+        let pixels: Vec<u8> =
+            (0..n * h * w).map(|k| ((k / (h * w) + k % (h * w)) % 256) as u8).collect();
         let labels: Vec<u8> = (0..n).map(|i| (i % 10) as u8).collect();
         let ext = if gz { ".gz" } else { "" };
         for prefix in ["t10k", "train"] {
@@ -1102,22 +1101,37 @@ mod tests {
         // Truncated image data.
         let bytes = std::fs::read(&imgs).unwrap();
         std::fs::write(&imgs, &bytes[..bytes.len() - 6]).unwrap();
-        assert_data_error(load(&p, Split::Test, None, &Normalisation::default()), &["x.npy", "truncated"]);
+        assert_data_error(
+            load(&p, Split::Test, None, &Normalisation::default()),
+            &["x.npy", "truncated"],
+        );
         // Not a .npy file.
         std::fs::write(&imgs, b"hello").unwrap();
-        assert_data_error(load(&p, Split::Test, None, &Normalisation::default()), &["x.npy", "not a .npy"]);
+        assert_data_error(
+            load(&p, Split::Test, None, &Normalisation::default()),
+            &["x.npy", "not a .npy"],
+        );
         // A wrong rank and a wrong dtype.
         write_npy(&imgs, &[2, 4], &[0.5f32; 8]);
-        assert_data_error(load(&p, Split::Test, None, &Normalisation::default()), &["x.npy", "[N,H,W]"]);
+        assert_data_error(
+            load(&p, Split::Test, None, &Normalisation::default()),
+            &["x.npy", "[N,H,W]"],
+        );
         write_npy(&imgs, &[2, 2, 2], &[1i16; 8]);
-        assert_data_error(load(&p, Split::Test, None, &Normalisation::default()), &["x.npy", "float32"]);
+        assert_data_error(
+            load(&p, Split::Test, None, &Normalisation::default()),
+            &["x.npy", "float32"],
+        );
     }
 
     #[test]
     fn normalisation_precedence() {
         let mut model = crate::frontend::model_from_bytes(
-            &std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/models/tiny_ts_opset13.onnx"))
-                .unwrap(),
+            &std::fs::read(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/fixtures/models/tiny_ts_opset13.onnx"
+            ))
+            .unwrap(),
             None,
         )
         .unwrap();
@@ -1132,9 +1146,15 @@ mod tests {
         model.metadata_props.push(entry(META_MEAN, "0.2860"));
         model.metadata_props.push(entry(META_STD, "0.3530"));
         let n = try_normalisation_for(&model, None, None, None).unwrap();
-        assert_eq!((n.scale, n.mean.clone(), n.std.clone(), n.explicit), (1.0 / 255.0, vec![0.286], vec![0.353], false));
+        assert_eq!(
+            (n.scale, n.mean.clone(), n.std.clone(), n.explicit),
+            (1.0 / 255.0, vec![0.286], vec![0.353], false)
+        );
         let n = try_normalisation_for(&model, None, Some(&[0.5]), None).unwrap();
-        assert_eq!((n.scale, n.mean.clone(), n.std.clone(), n.explicit), (1.0 / 255.0, vec![0.5], vec![0.353], true));
+        assert_eq!(
+            (n.scale, n.mean.clone(), n.std.clone(), n.explicit),
+            (1.0 / 255.0, vec![0.5], vec![0.353], true)
+        );
         model.metadata_props.push(entry(META_STD, "x"));
         model.metadata_props.retain(|e| e.key != META_STD || e.value == "x");
         let e = try_normalisation_for(&model, None, None, None).unwrap_err();

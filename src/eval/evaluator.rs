@@ -12,7 +12,7 @@ use crate::error::CompileError;
 use crate::frontend::to_bytes;
 use crate::ir::Model;
 use anyhow::{Context, Result};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
 use rayon::prelude::*;
 use serde::Serialize;
 use std::io::IsTerminal;
@@ -148,8 +148,11 @@ pub fn evaluate(
                 .into());
             }
             let ref_predictions = check_labels_and_predict(&ref_logits, classes, data, name)?;
-            let ref_correct =
-                ref_predictions.iter().zip(&data.labels).filter(|(p, l)| **p == **l as usize).count();
+            let ref_correct = ref_predictions
+                .iter()
+                .zip(&data.labels)
+                .filter(|(p, l)| **p == **l as usize)
+                .count();
             let agree = predictions.iter().zip(&ref_predictions).filter(|(a, b)| a == b).count();
             let max_abs_diff = logits.iter().zip(&ref_logits).fold(0f32, |m, (a, b)| {
                 let d = (a - b).abs();
@@ -231,10 +234,13 @@ fn progress_bar(len: usize, label: &str, show: bool) -> ProgressBar {
             ProgressDrawTarget::hidden()
         },
     );
-    if let Ok(style) = ProgressStyle::with_template(
-        "{msg} [{bar:30}] {pos}/{len} images  {per_sec}  ETA {eta}",
-    ) {
-        bar.set_style(style.progress_chars("=> "));
+    if let Ok(style) =
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} images  {rate}  ETA {eta}")
+    {
+        let rate = |state: &ProgressState, w: &mut dyn std::fmt::Write| {
+            let _ = write!(w, "{:.0} images/s", state.per_sec());
+        };
+        bar.set_style(style.with_key("rate", rate).progress_chars("=> "));
     }
     bar.set_message(label.to_string());
     bar
@@ -295,7 +301,8 @@ mod tests {
         assert!(format!("{e:#}").contains("label 10 of image 2"), "{e:#}");
         let mut wrong = sample.clone();
         *wrong.last_mut().unwrap() += 4;
-        let e = evaluate(&model, "tiny.onnx", None, &tiny_data(2, &wrong, 1), 64, false).unwrap_err();
+        let e =
+            evaluate(&model, "tiny.onnx", None, &tiny_data(2, &wrong, 1), 64, false).unwrap_err();
         assert_eq!(crate::error::exit_code_of(&e), crate::error::ExitCode::InvalidData, "{e:#}");
         assert!(format!("{e:#}").contains("tiny.onnx expects"), "{e:#}");
     }

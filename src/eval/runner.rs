@@ -30,7 +30,9 @@ impl Runner {
                 .into_runnable()
         })
         .map_err(|e| {
-            CompileError::invalid_model(format!("tract cannot prepare the graph for {full:?}: {e:#}"))
+            CompileError::invalid_model(format!(
+                "tract cannot prepare the graph for {full:?}: {e:#}"
+            ))
         })?;
         Ok(Runner { plan, batch, sample: sample.to_vec() })
     }

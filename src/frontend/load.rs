@@ -25,7 +25,9 @@ pub fn model_from_bytes(bytes: &[u8], model_dir: Option<&Path>) -> Result<Model>
         return Err(CompileError::invalid_model("the file is empty, not an ONNX model").into());
     }
     let proto = pb::ModelProto::decode(bytes).map_err(|e| {
-        CompileError::invalid_model(format!("not a valid ONNX protobuf (truncated or corrupt): {e}"))
+        CompileError::invalid_model(format!(
+            "not a valid ONNX protobuf (truncated or corrupt): {e}"
+        ))
     })?;
     model_from_proto(&proto, model_dir)
 }
@@ -53,9 +55,8 @@ pub fn model_from_proto(proto: &pb::ModelProto, model_dir: Option<&Path>) -> Res
         if t.name.is_empty() {
             return Err(CompileError::invalid_model("an initializer has no name").into());
         }
-        let tensor = Tensor::from_proto(t, model_dir).map_err(|e| {
-            CompileError::invalid_model(format!("initializer '{}': {e}", t.name))
-        })?;
+        let tensor = Tensor::from_proto(t, model_dir)
+            .map_err(|e| CompileError::invalid_model(format!("initializer '{}': {e}", t.name)))?;
         if initializers.insert(t.name.clone(), tensor).is_some() {
             return Err(CompileError::invalid_model(format!(
                 "initializer '{}' is defined twice",
@@ -91,7 +92,11 @@ pub fn model_from_proto(proto: &pb::ModelProto, model_dir: Option<&Path>) -> Res
         }
         let default_domain = n.domain.is_empty() || n.domain == "ai.onnx";
         if !default_domain || !known_ops.contains(n.op_type.as_str()) {
-            let op = if default_domain { n.op_type.clone() } else { format!("{}:{}", n.domain, n.op_type) };
+            let op = if default_domain {
+                n.op_type.clone()
+            } else {
+                format!("{}:{}", n.domain, n.op_type)
+            };
             return Err(CompileError::unsupported(format!(
                 "node '{name}' has operator '{op}', which relucompile cannot evaluate"
             ))
@@ -109,13 +114,8 @@ pub fn model_from_proto(proto: &pb::ModelProto, model_dir: Option<&Path>) -> Res
             attributes: n.attribute.clone(),
         });
     }
-    let mut graph = Graph {
-        name: gp.name.clone(),
-        inputs,
-        outputs: gp.output.clone(),
-        initializers,
-        nodes,
-    };
+    let mut graph =
+        Graph { name: gp.name.clone(), inputs, outputs: gp.output.clone(), initializers, nodes };
     check_definitions(&graph)?;
     graph.topo_sort().map_err(CompileError::invalid_model)?;
     let model = Model {

@@ -193,9 +193,10 @@ impl Graph {
             let mut progressed = false;
             for slot in remaining.iter_mut() {
                 let ready = match slot {
-                    Some(node) => node.inputs.iter().all(|i| {
-                        i.is_empty() || defined.contains(i) || !produced.contains(i)
-                    }),
+                    Some(node) => node
+                        .inputs
+                        .iter()
+                        .all(|i| i.is_empty() || defined.contains(i) || !produced.contains(i)),
                     None => false,
                 };
                 if ready {

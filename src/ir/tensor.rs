@@ -187,8 +187,7 @@ impl Tensor {
             .filter(|n| n.saturating_mul(data_type.size()) <= MAX_TENSOR_BYTES)
             .ok_or_else(|| format!("dims {:?} are too large", proto.dims))?;
         let expected = numel * data_type.size();
-        let external =
-            proto.data_location == Some(pb::tensor_proto::DataLocation::External as i32);
+        let external = proto.data_location == Some(pb::tensor_proto::DataLocation::External as i32);
         let raw = if external {
             read_external(proto, model_dir, expected)?
         } else if !proto.raw_data.is_empty() || numel == 0 {
@@ -224,15 +223,11 @@ fn typed_fields_to_raw(proto: &pb::TensorProto, dt: DataType) -> Vec<u8> {
         DataType::F32 => proto.float_data.iter().flat_map(|v| v.to_le_bytes()).collect(),
         DataType::F64 => proto.double_data.iter().flat_map(|v| v.to_le_bytes()).collect(),
         DataType::I64 => proto.int64_data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        DataType::U32 | DataType::U64 => proto
-            .uint64_data
-            .iter()
-            .flat_map(|&v| v.to_le_bytes()[..dt.size()].to_vec())
-            .collect(),
-        // int32_data carries every narrower type, one element per int32.
-        _ => {
-            proto.int32_data.iter().flat_map(|&v| v.to_le_bytes()[..dt.size()].to_vec()).collect()
+        DataType::U32 | DataType::U64 => {
+            proto.uint64_data.iter().flat_map(|&v| v.to_le_bytes()[..dt.size()].to_vec()).collect()
         }
+        // int32_data carries every narrower type, one element per int32.
+        _ => proto.int32_data.iter().flat_map(|&v| v.to_le_bytes()[..dt.size()].to_vec()).collect(),
     }
 }
 
@@ -241,9 +236,8 @@ fn read_external(
     model_dir: Option<&Path>,
     expected: usize,
 ) -> TensorResult<Vec<u8>> {
-    let entry = |key: &str| {
-        proto.external_data.iter().find(|e| e.key == key).map(|e| e.value.as_str())
-    };
+    let entry =
+        |key: &str| proto.external_data.iter().find(|e| e.key == key).map(|e| e.value.as_str());
     let location = entry("location").ok_or("external data without a 'location'")?;
     let offset: u64 = match entry("offset") {
         Some(v) => v.parse().map_err(|_| format!("bad external data offset '{v}'"))?,
@@ -255,8 +249,7 @@ fn read_external(
     };
     let dir = model_dir.ok_or("external data, but the model was not read from a file")?;
     let rel = Path::new(location);
-    if rel.is_absolute() || rel.components().any(|c| matches!(c, std::path::Component::ParentDir))
-    {
+    if rel.is_absolute() || rel.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
         return Err(format!("external data location '{location}' leaves the model's directory"));
     }
     let path = dir.join(rel);

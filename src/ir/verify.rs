@@ -48,7 +48,10 @@ fn verify_graph(graph: &Graph) -> Result<(), VerifyError> {
         }
         for output in node.outputs.iter().filter(|o| !o.is_empty()) {
             if !defined.insert(output) {
-                return err(format!("value '{output}' is defined twice (again by {})", node.label()));
+                return err(format!(
+                    "value '{output}' is defined twice (again by {})",
+                    node.label()
+                ));
             }
         }
     }

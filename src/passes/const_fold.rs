@@ -12,8 +12,14 @@ use tract_onnx::pb;
 use tract_onnx::prelude::*;
 
 /// Operators whose output is not a function of their inputs.
-const NONDETERMINISTIC: &[&str] =
-    &["RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"];
+const NONDETERMINISTIC: &[&str] = &[
+    "RandomNormal",
+    "RandomUniform",
+    "RandomNormalLike",
+    "RandomUniformLike",
+    "Multinomial",
+    "Bernoulli",
+];
 
 #[derive(Default)]
 pub struct ConstFold;
@@ -27,7 +33,8 @@ impl Pass for ConstFold {
         let mut constant: HashSet<&str> = graph.initializers.keys().map(|s| s.as_str()).collect();
         let mut foldable = Vec::new();
         for (ix, node) in graph.nodes.iter().enumerate() {
-            let inputs_constant = node.inputs.iter().all(|i| i.is_empty() || constant.contains(i.as_str()));
+            let inputs_constant =
+                node.inputs.iter().all(|i| i.is_empty() || constant.contains(i.as_str()));
             let sourceless = node.inputs.iter().all(|i| i.is_empty());
             let ok = inputs_constant
                 && !NONDETERMINISTIC.contains(&node.op_type.as_str())
@@ -86,12 +93,15 @@ fn evaluate(model: &Model, nodes: &[usize], needed: &[String]) -> Result<Vec<Ten
     let mut sub = model.clone();
     sub.graph.nodes = nodes.iter().map(|&ix| graph.nodes[ix].clone()).collect();
     sub.graph.inputs.clear();
-    sub.graph.outputs =
-        needed.iter().map(|n| pb::ValueInfoProto { name: n.clone(), ..Default::default() }).collect();
+    sub.graph.outputs = needed
+        .iter()
+        .map(|n| pb::ValueInfoProto { name: n.clone(), ..Default::default() })
+        .collect();
     sub.graph.remove_unused_initializers();
     let proto = crate::frontend::to_proto(&sub);
     let outputs = crate::eval::catch_tract(|| {
-        let plan = tract_onnx::onnx().parse(&proto, None)?.model.into_optimized()?.into_runnable()?;
+        let plan =
+            tract_onnx::onnx().parse(&proto, None)?.model.into_optimized()?.into_runnable()?;
         Ok(plan.run(tvec!())?)
     })
     .map_err(|e| {

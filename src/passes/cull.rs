@@ -71,7 +71,9 @@ impl Pass for Cull {
             .nodes
             .iter()
             .enumerate()
-            .filter(|(ix, n)| self.stages.contains(&stages.of_node[*ix]) && relu_kind(graph, n).is_some())
+            .filter(|(ix, n)| {
+                self.stages.contains(&stages.of_node[*ix]) && relu_kind(graph, n).is_some()
+            })
             .map(|(_, n)| n.name.clone())
             .collect();
         Ok(bypass_named(model, &victims))

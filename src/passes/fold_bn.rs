@@ -31,7 +31,8 @@ impl Pass for FoldBatchNorm {
                 let x = bn.input(0)?;
                 let &l = producers.get(x)?;
                 let lin = &graph.nodes[l];
-                let only_bn = consumers.get(x).map(|c| c.len()) == Some(1) && !graph.is_graph_output(x);
+                let only_bn =
+                    consumers.get(x).map(|c| c.len()) == Some(1) && !graph.is_graph_output(x);
                 (only_bn && (lin.op_type == "Conv" || lin.op_type == "Gemm")).then_some((l, b))
             });
             let Some((l, b)) = found else { break };

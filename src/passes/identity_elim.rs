@@ -18,20 +18,29 @@ impl Pass for IdentityElim {
         loop {
             let graph = &model.graph;
             let consumers = graph.consumers();
-            let candidate = graph.nodes.iter().position(|n| !stuck.contains(&n.name) && match n.op_type.as_str() {
-                "Identity" => true,
-                // Dropout is the identity unless training_mode is on; its mask must be unused.
-                "Dropout" => {
-                    let training = n
-                        .input(2)
-                        .map(|t| graph.constant(t).is_none_or(|t| t.to_i64().iter().any(|&v| v != 0)))
-                        .unwrap_or(false);
-                    let mask_used = n.outputs.get(1).is_some_and(|m| {
-                        !m.is_empty() && (consumers.contains_key(m.as_str()) || graph.is_graph_output(m))
-                    });
-                    !training && !mask_used
-                }
-                _ => false,
+            let candidate = graph.nodes.iter().position(|n| {
+                !stuck.contains(&n.name)
+                    && match n.op_type.as_str() {
+                        "Identity" => true,
+                        // Dropout is the identity unless training_mode is on; its mask must be unused.
+                        "Dropout" => {
+                            let training = n
+                                .input(2)
+                                .map(|t| {
+                                    graph
+                                        .constant(t)
+                                        .is_none_or(|t| t.to_i64().iter().any(|&v| v != 0))
+                                })
+                                .unwrap_or(false);
+                            let mask_used = n.outputs.get(1).is_some_and(|m| {
+                                !m.is_empty()
+                                    && (consumers.contains_key(m.as_str())
+                                        || graph.is_graph_output(m))
+                            });
+                            !training && !mask_used
+                        }
+                        _ => false,
+                    }
             });
             let Some(ix) = candidate else { break };
             let name = model.graph.nodes[ix].name.clone();

@@ -132,7 +132,10 @@ impl Pipeline {
         for (name, args) in split_pipeline(text)? {
             let info = REGISTRY.iter().find(|p| p.name == name).ok_or_else(|| {
                 let known: Vec<&str> = REGISTRY.iter().map(|p| p.name).collect();
-                usage(format!("unknown pass '{name}' in --passes; known passes: {}", known.join(", ")))
+                usage(format!(
+                    "unknown pass '{name}' in --passes; known passes: {}",
+                    known.join(", ")
+                ))
             })?;
             let pass = (info.make)(&args).map_err(|e| usage(format!("pass '{name}': {e}")))?;
             steps.push((name, args, pass));
@@ -161,8 +164,9 @@ fn split_pipeline(text: &str) -> Result<Vec<(String, Vec<String>)>> {
         rest = &rest[end_name..];
         let mut args = Vec::new();
         if let Some(after) = rest.strip_prefix('(') {
-            let close =
-                after.find(')').ok_or_else(|| usage(format!("missing ')' in --passes '{text}'")))?;
+            let close = after
+                .find(')')
+                .ok_or_else(|| usage(format!("missing ')' in --passes '{text}'")))?;
             args = after[..close]
                 .split(',')
                 .map(|a| a.trim().to_string())

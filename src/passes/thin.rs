@@ -4,9 +4,9 @@
 
 use super::cull::{bypass_named, check_stages_exist, parse_stage_list};
 use super::{Pass, PassContext};
+use crate::analysis::relu_kind;
 use crate::analysis::shapes::infer_shapes;
 use crate::analysis::stages::{find_stages, residual_adds};
-use crate::analysis::relu_kind;
 use crate::error::{CompileError, ExitCode};
 use crate::ir::{Graph, Model};
 use anyhow::Result;
@@ -45,7 +45,11 @@ impl Thin {
 }
 
 /// The ReLU-like node reading `value` directly, if exactly one does.
-fn relu_reading(graph: &Graph, consumers: &HashMap<&str, Vec<usize>>, value: &str) -> Option<usize> {
+fn relu_reading(
+    graph: &Graph,
+    consumers: &HashMap<&str, Vec<usize>>,
+    value: &str,
+) -> Option<usize> {
     let readers = consumers.get(value)?;
     let relus: Vec<usize> =
         readers.iter().copied().filter(|&c| relu_kind(graph, &graph.nodes[c]).is_some()).collect();
@@ -98,7 +102,9 @@ impl Pass for Thin {
                         continue;
                     }
                     let relu = match self.mode {
-                        ThinMode::Bottom => relu_reading(graph, &consumers, &graph.nodes[add].outputs[0]),
+                        ThinMode::Bottom => {
+                            relu_reading(graph, &consumers, &graph.nodes[add].outputs[0])
+                        }
                         _ => top_relu(graph, add),
                     };
                     victims.extend(relu.map(|r| graph.nodes[r].name.clone()));

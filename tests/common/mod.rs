@@ -48,7 +48,8 @@ pub fn relucompile(args: &[&str]) -> Output {
 pub fn relucompile_json(args: &[&str]) -> serde_json::Value {
     let o = relucompile(args);
     assert_eq!(o.code, 0, "relucompile {args:?} failed:\n{}{}", o.stdout, o.stderr);
-    serde_json::from_str(&o.stdout).unwrap_or_else(|e| panic!("bad JSON from {args:?}: {e}\n{}", o.stdout))
+    serde_json::from_str(&o.stdout)
+        .unwrap_or_else(|e| panic!("bad JSON from {args:?}: {e}\n{}", o.stdout))
 }
 
 /// Compare `actual` with the golden file, or rewrite it when UPDATE_GOLDEN=1.
