@@ -22,7 +22,7 @@ fn check_pipeline(model_path: &str, pipeline: &str) -> usize {
     let mut model = original.clone();
     let pipeline = Pipeline::parse(pipeline).unwrap();
     let opts = VerifyOptions { structure: true, outputs: None };
-    let ctx = PassContext { sample: sample.clone() };
+    let ctx = PassContext::new(sample.clone());
     let records = run_pipeline(&mut model, &pipeline, &ctx, &opts).unwrap();
     let per: usize = sample.iter().product();
     let mut inputs = vec![random_inputs(8 * per, 7)];

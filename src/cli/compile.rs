@@ -58,6 +58,13 @@ pub struct CompileArgs {
     /// Limit --thin to these stages
     #[arg(long, value_delimiter = ',', requires = "thin", help_heading = "ReLU reduction (lossy)")]
     pub thin_stages: Vec<usize>,
+    /// Per-channel ReLU reduction: channels whose input is positive (or negative) on at least
+    /// this fraction of calibration images become identity (or zero)
+    #[arg(long, help_heading = "ReLU reduction (lossy)")]
+    pub channel_threshold: Option<f64>,
+    /// Calibration images for --channel-threshold, from the training split of --data
+    #[arg(long, default_value_t = 512, help_heading = "ReLU reduction (lossy)")]
+    pub calibration_images: usize,
     /// Data to measure accuracy on (test split): `fashion-mnist`, an IDX directory or a .npy
     /// file. Lossy pipelines are always measured (default `fashion-mnist`)
     #[arg(long, help_heading = "Accuracy gate")]
@@ -148,7 +155,10 @@ pub fn run(args: &CompileArgs) -> Result<()> {
         outputs: args.verify_each.then(|| random.clone()),
     };
     let mut model = original.clone();
-    let ctx = PassContext { sample: sample.clone() };
+    let mut ctx = PassContext::new(sample.clone());
+    if pipeline.steps.iter().any(|(name, _, _)| name == "channel-thin") {
+        ctx.calibration = Some(std::sync::Arc::new(calibration_images(&original, &sample, args)?));
+    }
     let records = run_pipeline(&mut model, &pipeline, &ctx, &verify)?;
     let after = census(&model, &sample)?;
 
@@ -236,6 +246,9 @@ fn pipeline_text(args: &CompileArgs) -> String {
             lossy.push(format!("thin({mode},{})", list(&args.thin_stages)));
         }
     }
+    if let Some(t) = args.channel_threshold {
+        lossy.push(format!("channel-thin({t})"));
+    }
     if lossy.is_empty() {
         return args.passes.clone();
     }
@@ -263,6 +276,15 @@ fn split_top_level(text: &str) -> Vec<String> {
     out.push(cur.trim().to_string());
     out.retain(|s| !s.is_empty());
     out
+}
+
+/// Calibration images: the training split's first `--calibration-images`, never the test split.
+fn calibration_images(original: &Model, sample: &[usize], args: &CompileArgs) -> Result<Vec<f32>> {
+    let spec = args.data.as_deref().unwrap_or("fashion-mnist");
+    let norm = data::try_normalisation_for(original, None, None, None)?;
+    let set = data::load(spec, data::Split::Train, Some(args.calibration_images), &norm)?;
+    data::check_fits(&set, sample)?;
+    Ok(set.images)
 }
 
 /// Accuracy of the original and the rewritten graph on the test split, in one pass each.

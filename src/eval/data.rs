@@ -156,11 +156,17 @@ impl fmt::Display for Normalisation {
     }
 }
 
+/// Normalisation fields that may each be given or not (flags, model metadata).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PartialNormalisation {
+    pub scale: Option<f32>,
+    pub mean: Option<Vec<f32>>,
+    pub std: Option<Vec<f32>>,
+}
+
 /// The normalisation a model declares in its metadata (`relucompile.scale`, `relucompile.mean`,
 /// `relucompile.std`), field by field; a malformed entry is an error naming the key.
-pub fn model_normalisation(
-    model: &Model,
-) -> Result<(Option<f32>, Option<Vec<f32>>, Option<Vec<f32>>)> {
+pub fn model_normalisation(model: &Model) -> Result<PartialNormalisation> {
     let get = |key: &str| -> Result<Option<Vec<f32>>> {
         let Some(entry) = model.metadata_props.iter().find(|e| e.key == key) else {
             return Ok(None);
@@ -185,7 +191,7 @@ pub fn model_normalisation(
         }
         None => None,
     };
-    Ok((scale, get(META_MEAN)?, get(META_STD)?))
+    Ok(PartialNormalisation { scale, mean: get(META_MEAN)?, std: get(META_STD)? })
 }
 
 /// Parse `0.5` or `0.485,0.456,0.406` (finite numbers, at least one).
@@ -207,8 +213,7 @@ pub fn try_normalisation_for(
     mean: Option<&[f32]>,
     std: Option<&[f32]>,
 ) -> Result<Normalisation> {
-    let (meta_scale, meta_mean, meta_std) = model_normalisation(model)?;
-    Ok(resolve(scale, mean, std, meta_scale, meta_mean, meta_std))
+    Ok(resolve(scale, mean, std, model_normalisation(model)?))
 }
 
 /// As [`try_normalisation_for`], but a malformed metadata entry is ignored (the defaults apply).
@@ -218,24 +223,21 @@ pub fn normalisation_for(
     mean: Option<&[f32]>,
     std: Option<&[f32]>,
 ) -> Normalisation {
-    let (meta_scale, meta_mean, meta_std) = model_normalisation(model).unwrap_or_default();
-    resolve(scale, mean, std, meta_scale, meta_mean, meta_std)
+    resolve(scale, mean, std, model_normalisation(model).unwrap_or_default())
 }
 
 fn resolve(
     scale: Option<f32>,
     mean: Option<&[f32]>,
     std: Option<&[f32]>,
-    meta_scale: Option<f32>,
-    meta_mean: Option<Vec<f32>>,
-    meta_std: Option<Vec<f32>>,
+    meta: PartialNormalisation,
 ) -> Normalisation {
     let default = Normalisation::default();
     Normalisation {
         explicit: scale.is_some() || mean.is_some() || std.is_some(),
-        scale: scale.or(meta_scale).unwrap_or(default.scale),
-        mean: mean.map(<[f32]>::to_vec).or(meta_mean).unwrap_or(default.mean),
-        std: std.map(<[f32]>::to_vec).or(meta_std).unwrap_or(default.std),
+        scale: scale.or(meta.scale).unwrap_or(default.scale),
+        mean: mean.map(<[f32]>::to_vec).or(meta.mean).unwrap_or(default.mean),
+        std: std.map(<[f32]>::to_vec).or(meta.std).unwrap_or(default.std),
     }
 }
 

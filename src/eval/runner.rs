@@ -45,6 +45,30 @@ impl Runner {
         self.sample.iter().product()
     }
 
+    /// Run up to `batch` samples and return every output, each row-major with the padding's
+    /// rows dropped.
+    pub fn run_all(&self, input: &[f32]) -> Result<Vec<Vec<f32>>> {
+        let per = self.sample_len();
+        let n = input.len() / per;
+        anyhow::ensure!(n * per == input.len() && n <= self.batch, "bad batch of {n} samples");
+        let mut data = input.to_vec();
+        data.resize(self.batch * per, 0.0);
+        let mut shape = vec![self.batch];
+        shape.extend_from_slice(&self.sample);
+        let tensor = tract_ndarray::ArrayD::from_shape_vec(shape, data)?.into_tensor();
+        let outputs = crate::eval::catch_tract(|| self.plan.run(tvec!(tensor.into_tvalue())))
+            .map_err(|e| anyhow::anyhow!("tract failed running the graph: {e:#}"))?;
+        outputs
+            .iter()
+            .map(|out| {
+                let out = out.cast_to::<f32>()?;
+                let all = out.to_plain_array_view::<f32>()?;
+                let width = all.len() / self.batch;
+                Ok(all.iter().take(n * width).copied().collect())
+            })
+            .collect()
+    }
+
     /// Run up to `batch` samples (`input.len()` a multiple of the sample size); a short batch is
     /// zero-padded and the padding's outputs dropped. Returns the first output, row-major, and
     /// its per-sample length.

@@ -5,6 +5,7 @@
 //! pipeline, verifies the IR after every pass in debug builds or with `--verify-each`, and
 //! with `--verify-each` also re-runs the graph to name the first pass that changes outputs.
 
+mod channel_thin;
 mod const_fold;
 mod cull;
 mod dce;
@@ -37,6 +38,14 @@ pub trait Pass: Send + Sync {
 pub struct PassContext {
     /// Per-sample input shape (batch excluded).
     pub sample: Vec<usize>,
+    /// Calibration images from the training split, normalised, for data-driven passes.
+    pub calibration: Option<std::sync::Arc<Vec<f32>>>,
+}
+
+impl PassContext {
+    pub fn new(sample: Vec<usize>) -> Self {
+        PassContext { sample, calibration: None }
+    }
 }
 
 /// A registry entry: how `relucompile passes` lists a pass and how a pipeline builds it.
@@ -113,6 +122,12 @@ pub const REGISTRY: &[PassInfo] = &[
         lossless: false,
         description: "thin(bottom|top|alternate[,stages]): drop the ReLU after each residual add (bottom), after each block's first conv (top), or every other ReLU layer (alternate)",
         make: thin::Thin::from_args,
+    },
+    PassInfo {
+        name: "channel-thin",
+        lossless: false,
+        description: "channel-thin(0.99): per channel, from calibration images, keep ReLU only where the input's sign varies; identity or zero elsewhere",
+        make: channel_thin::ChannelThin::from_args,
     },
 ];
 

@@ -1,0 +1,229 @@
+//! Channel-level ReLU reduction from calibration statistics.
+//!
+//! For each ReLU, calibration images (training split, never the test split) say how often each
+//! channel's input is positive. A channel positive almost always is replaced by the identity,
+//! one negative almost always by zero, and only the rest keep their ReLU. The emitted graph
+//! gathers the kept channels, applies Relu to them alone and puts the channels back in order,
+//! so a PI engine counts (and pays for) only those ReLUs.
+
+use super::{Pass, PassContext};
+use crate::analysis::shapes::infer_shapes;
+use crate::error::{CompileError, ExitCode};
+use crate::eval::Runner;
+use crate::ir::{Model, Node, Tensor};
+use anyhow::Result;
+use rayon::prelude::*;
+use tract_onnx::pb;
+
+pub struct ChannelThin {
+    /// A channel is "almost always positive" when at least this fraction of its inputs is.
+    pub threshold: f64,
+}
+
+impl ChannelThin {
+    pub fn from_args(args: &[String]) -> Result<Box<dyn Pass>> {
+        let usage = |m: String| anyhow::Error::from(CompileError::new(ExitCode::Usage, m));
+        let [arg] = args else {
+            return Err(usage("channel-thin takes one threshold, e.g. channel-thin(0.99)".into()));
+        };
+        let threshold: f64 = arg.parse().map_err(|_| usage(format!("'{arg}' is not a number")))?;
+        if !(0.5..=1.0).contains(&threshold) {
+            return Err(usage(format!("channel-thin threshold {threshold} must lie in [0.5, 1]")));
+        }
+        Ok(Box::new(ChannelThin { threshold }))
+    }
+}
+
+/// Per-channel fraction of positive inputs for each ReLU input value, over calibration images.
+pub fn positive_fractions(
+    model: &Model,
+    values: &[String],
+    sample: &[usize],
+    images: &[f32],
+) -> Result<Vec<Vec<f64>>> {
+    let shapes = infer_shapes(model, sample, 1)?;
+    let mut probe = model.clone();
+    probe.graph.outputs = values
+        .iter()
+        .map(|v| pb::ValueInfoProto { name: v.clone(), ..Default::default() })
+        .collect();
+    const BATCH: usize = 32;
+    let runner = Runner::new(&probe, sample, BATCH)?;
+    let per: usize = sample.iter().product();
+    let channels: Vec<(usize, usize)> = values
+        .iter()
+        .map(|v| {
+            let s = &shapes[v];
+            (s[1], s[2..].iter().product::<usize>())
+        })
+        .collect();
+    let counts = images
+        .par_chunks(BATCH * per)
+        .map(|chunk| -> Result<Vec<Vec<u64>>> {
+            let outs = runner.run_all(chunk)?;
+            Ok(outs
+                .iter()
+                .zip(&channels)
+                .map(|(out, &(c, spatial))| {
+                    let mut pos = vec![0u64; c];
+                    for (i, v) in out.iter().enumerate() {
+                        if *v > 0.0 {
+                            pos[(i / spatial) % c] += 1;
+                        }
+                    }
+                    pos
+                })
+                .collect())
+        })
+        .try_reduce(
+            || channels.iter().map(|&(c, _)| vec![0u64; c]).collect(),
+            |mut a, b| {
+                for (x, y) in a.iter_mut().zip(b) {
+                    x.iter_mut().zip(y).for_each(|(p, q)| *p += q);
+                }
+                Ok(a)
+            },
+        )?;
+    let n = (images.len() / per) as f64;
+    Ok(counts
+        .into_iter()
+        .zip(&channels)
+        .map(|(pos, &(_, spatial))| {
+            pos.into_iter().map(|p| p as f64 / (n * spatial as f64)).collect()
+        })
+        .collect())
+}
+
+impl Pass for ChannelThin {
+    fn name(&self) -> &'static str {
+        "channel-thin"
+    }
+    fn lossless(&self) -> bool {
+        false
+    }
+    fn run(&self, model: &mut Model, ctx: &PassContext) -> Result<usize> {
+        let images = ctx.calibration.as_deref().ok_or_else(|| {
+            CompileError::new(
+                ExitCode::Usage,
+                "channel-thin needs calibration images (training split): give --data",
+            )
+        })?;
+        let shapes = infer_shapes(model, &ctx.sample, 1)?;
+        // Plain ReLUs on [N, C, ...] values; ReLU6 and leaky variants are left alone.
+        let targets: Vec<(String, String)> = model
+            .graph
+            .nodes
+            .iter()
+            .filter(|n| n.op_type == "Relu")
+            .filter_map(|n| {
+                let x = n.input(0)?;
+                shapes.get(x).filter(|s| s.len() >= 2).map(|_| (n.name.clone(), x.to_string()))
+            })
+            .collect();
+        if targets.is_empty() {
+            return Ok(0);
+        }
+        let values: Vec<String> = targets.iter().map(|(_, x)| x.clone()).collect();
+        let fractions = positive_fractions(model, &values, &ctx.sample, images)?;
+        let mut rewritten = 0;
+        for ((name, x), frac) in targets.iter().zip(fractions) {
+            let keep: Vec<i64> = (0..frac.len())
+                .filter(|&c| frac[c] < self.threshold && frac[c] > 1.0 - self.threshold)
+                .map(|c| c as i64)
+                .collect();
+            if keep.len() == frac.len() {
+                continue;
+            }
+            let rank = shapes[x].len();
+            split_relu(model, name, x, &frac, &keep, self.threshold, rank);
+            rewritten += 1;
+        }
+        Ok(rewritten)
+    }
+}
+
+fn int_attr(name: &str, i: i64) -> pb::AttributeProto {
+    pb::AttributeProto {
+        name: name.into(),
+        r#type: pb::attribute_proto::AttributeType::Int as i32,
+        i,
+        ..Default::default()
+    }
+}
+
+/// Replace Relu `name` (reading `x`) by: ReLU on the `keep` channels, identity on the positive
+/// ones, zero on the negative ones, and a gather that restores the channel order.
+fn split_relu(
+    model: &mut Model,
+    name: &str,
+    x: &str,
+    frac: &[f64],
+    keep: &[i64],
+    threshold: f64,
+    rank: usize,
+) {
+    let g = &mut model.graph;
+    let ix = g.nodes.iter().position(|n| n.name == name).expect("target exists");
+    let out = g.nodes[ix].outputs[0].clone();
+    let linear: Vec<i64> = (0..frac.len() as i64).filter(|c| !keep.contains(c)).collect();
+    // Position of each original channel in concat(keep, linear).
+    let order: Vec<i64> = keep.iter().chain(&linear).copied().collect();
+    let mut inverse = vec![0i64; order.len()];
+    for (pos, &c) in order.iter().enumerate() {
+        inverse[c as usize] = pos as i64;
+    }
+    let fresh = |g: &crate::ir::Graph, s: &str| g.fresh_name(&format!("{name}.{s}"));
+    let mut nodes = Vec::new();
+    let mut parts = Vec::new();
+    if !keep.is_empty() {
+        let idx = fresh(g, "keep_idx");
+        g.initializers.insert(idx.clone(), Tensor::from_i64(vec![keep.len()], keep));
+        let gathered = fresh(g, "keep");
+        let relu_out = fresh(g, "keep_relu");
+        let mut gather = Node::new(
+            fresh(g, "gather_keep"),
+            "Gather",
+            vec![x.into(), idx],
+            vec![gathered.clone()],
+        );
+        gather.attributes.push(int_attr("axis", 1));
+        nodes.push(gather);
+        nodes.push(Node::new(name.to_string(), "Relu", vec![gathered], vec![relu_out.clone()]));
+        parts.push(relu_out);
+    }
+    let idx = fresh(g, "linear_idx");
+    g.initializers.insert(idx.clone(), Tensor::from_i64(vec![linear.len()], &linear));
+    let gathered = fresh(g, "linear");
+    let mut gather =
+        Node::new(fresh(g, "gather_linear"), "Gather", vec![x.into(), idx], vec![gathered.clone()]);
+    gather.attributes.push(int_attr("axis", 1));
+    nodes.push(gather);
+    let mask: Vec<f32> =
+        linear.iter().map(|&c| if frac[c as usize] >= threshold { 1.0 } else { 0.0 }).collect();
+    if mask.iter().any(|&m| m == 0.0) {
+        let mut dims = vec![1, linear.len()];
+        dims.extend(std::iter::repeat_n(1, rank - 2));
+        let m = fresh(g, "mask");
+        g.initializers.insert(m.clone(), Tensor::from_f32(dims, &mask));
+        let masked = fresh(g, "linear_masked");
+        nodes.push(Node::new(fresh(g, "mask_mul"), "Mul", vec![gathered, m], vec![masked.clone()]));
+        parts.push(masked);
+    } else {
+        parts.push(gathered);
+    }
+    let joined = if parts.len() == 1 {
+        parts.pop().expect("one part")
+    } else {
+        let j = fresh(g, "joined");
+        let mut concat = Node::new(fresh(g, "concat"), "Concat", parts, vec![j.clone()]);
+        concat.attributes.push(int_attr("axis", 1));
+        nodes.push(concat);
+        j
+    };
+    let inv = fresh(g, "order");
+    g.initializers.insert(inv.clone(), Tensor::from_i64(vec![inverse.len()], &inverse));
+    let mut restore = Node::new(fresh(g, "restore"), "Gather", vec![joined, inv], vec![out]);
+    restore.attributes.push(int_attr("axis", 1));
+    nodes.push(restore);
+    g.nodes.splice(ix..=ix, nodes);
+}
