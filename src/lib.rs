@@ -6,6 +6,7 @@
 //! - [`analysis`]: shapes (from tract), stages, the ReLU census, value ranges.
 //! - [`passes`]: one file per pass, a registry and a textual pipeline.
 //! - [`eval`]: the tract evaluator, data sets, differential comparison of two graphs.
+//! - [`search`]: choosing lossy configurations (ReLU budgets, frontiers) on calibration data.
 //! - [`report`]: tables for people and JSON for machines.
 //! - [`cli`]: the command-line front end.
 
@@ -17,3 +18,4 @@ pub mod frontend;
 pub mod ir;
 pub mod passes;
 pub mod report;
+pub mod search;

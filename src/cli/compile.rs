@@ -12,6 +12,7 @@ use crate::passes::{
     run_pipeline, PassContext, PassRecord, Pipeline, VerifyOptions, DEFAULT_PIPELINE,
 };
 use crate::report::{table, thousands};
+use crate::search::{best_under_budget, parse_budget, Candidate};
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -65,6 +66,10 @@ pub struct CompileArgs {
     /// Calibration images for --channel-threshold, from the training split of --data
     #[arg(long, default_value_t = 512, help_heading = "ReLU reduction (lossy)")]
     pub calibration_images: usize,
+    /// Pick the culling/thinning/channel combination that meets this ReLU budget (a count or
+    /// a percentage like 25%) with the least accuracy loss on calibration images
+    #[arg(long, help_heading = "ReLU reduction (lossy)", conflicts_with_all = ["cull", "thin", "channel_threshold"])]
+    pub relu_budget: Option<String>,
     /// Data to measure accuracy on (test split): `fashion-mnist`, an IDX directory or a .npy
     /// file. Lossy pipelines are always measured (default `fashion-mnist`)
     #[arg(long, help_heading = "Accuracy gate")]
@@ -119,6 +124,16 @@ struct CompileReport {
     /// Whether the pipeline holds lossy passes (then accuracy, not output equality, decides).
     lossy: bool,
     accuracy: Option<AccuracyReport>,
+    /// With --relu-budget: the budget, the choice and every candidate considered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    budget: Option<BudgetReport>,
+}
+
+#[derive(Serialize)]
+struct BudgetReport {
+    relus: u64,
+    chosen: Candidate,
+    candidates: Vec<Candidate>,
 }
 
 #[derive(Serialize)]
@@ -144,9 +159,16 @@ pub fn run(args: &CompileArgs) -> Result<()> {
     check_output_path(input, output, args.force)?;
     let original = load_model(input)?;
     let sample = sample_shape(&original, args.input_shape.as_deref())?;
-    let pipeline = Pipeline::parse(&format!("{},{FINALIZE}", pipeline_text(args)))?;
-    let lossy = pipeline.steps.iter().any(|(_, _, p)| !p.lossless());
     let before = census(&original, &sample)?;
+    let budget_choice = match &args.relu_budget {
+        Some(text) => Some(choose_for_budget(&original, &sample, text, &before, args)?),
+        None => None,
+    };
+    let pipeline = Pipeline::parse(&format!(
+        "{},{FINALIZE}",
+        pipeline_text(args, budget_choice.as_ref().map(|(c, _)| c.pipeline.as_str()))
+    ))?;
+    let lossy = pipeline.steps.iter().any(|(_, _, p)| !p.lossless());
 
     let (real, real_note) = real_check_inputs(&original, &sample, &args.check_data);
     let random = random_inputs(CHECK_RANDOM * sample.iter().product::<usize>(), CHECK_SEED);
@@ -184,6 +206,11 @@ pub fn run(args: &CompileArgs) -> Result<()> {
         check_tolerance: LOSSLESS_REL_TOLERANCE,
         lossy,
         accuracy,
+        budget: budget_choice.map(|(chosen, candidates)| BudgetReport {
+            relus: budget_relus(args, &before).unwrap_or(0),
+            chosen,
+            candidates,
+        }),
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -232,8 +259,9 @@ pub fn run(args: &CompileArgs) -> Result<()> {
 
 /// The pipeline text: `--passes`, with the lossy flags' passes placed after BatchNorm folding
 /// (so stage numbers are those `inspect` shows for the input) or first when there is none.
-fn pipeline_text(args: &CompileArgs) -> String {
-    let mut lossy = Vec::new();
+fn pipeline_text(args: &CompileArgs, searched: Option<&str>) -> String {
+    let mut lossy: Vec<String> =
+        searched.into_iter().filter(|s| !s.is_empty()).map(String::from).collect();
     let list = |v: &[usize]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(",");
     if !args.cull.is_empty() {
         lossy.push(format!("cull({})", list(&args.cull)));
@@ -276,6 +304,37 @@ fn split_top_level(text: &str) -> Vec<String> {
     out.push(cur.trim().to_string());
     out.retain(|s| !s.is_empty());
     out
+}
+
+fn budget_relus(args: &CompileArgs, before: &Census) -> Result<u64> {
+    let text = args.relu_budget.as_deref().unwrap_or_default();
+    parse_budget(text, before.total_relus)
+        .map_err(|e| CompileError::new(ExitCode::Usage, format!("--relu-budget: {e}")).into())
+}
+
+/// Search the lossy configurations for the best one under `--relu-budget`, on calibration
+/// images from the training split. The lossless passes before the lossy ones run first.
+fn choose_for_budget(
+    original: &Model,
+    sample: &[usize],
+    _text: &str,
+    before: &Census,
+    args: &CompileArgs,
+) -> Result<(Candidate, Vec<Candidate>)> {
+    let budget = budget_relus(args, before)?;
+    let spec = args.data.as_deref().unwrap_or("fashion-mnist");
+    let norm = data::try_normalisation_for(original, None, None, None)?;
+    let calib = data::load(spec, data::Split::Train, Some(args.calibration_images), &norm)?;
+    data::check_fits(&calib, sample)?;
+    let mut base = original.clone();
+    let ctx = PassContext::new(sample.to_vec());
+    run_pipeline(
+        &mut base,
+        &Pipeline::parse("const-fold,identity-elim,fold-bn")?,
+        &ctx,
+        &VerifyOptions::default(),
+    )?;
+    best_under_budget(&base, budget, &ctx, &calib, !args.json)
 }
 
 /// Calibration images: the training split's first `--calibration-images`, never the test split.
@@ -366,6 +425,16 @@ fn real_check_inputs(model: &Model, sample: &[usize], spec: &str) -> (Option<Vec
 fn print_report(r: &CompileReport, before: &Census, after: &Census, real_note: &str) {
     println!("{} -> {}", r.input, r.output);
     println!("pipeline: {}\n", r.pipeline);
+    if let Some(b) = &r.budget {
+        println!(
+            "budget {} ReLUs: chose '{}' ({} ReLUs, {:.2}% on calibration images) among {} candidates\n",
+            thousands(b.relus),
+            b.chosen.pipeline,
+            thousands(b.chosen.relus),
+            100.0 * b.chosen.calibration_accuracy.unwrap_or(f64::NAN),
+            b.candidates.len()
+        );
+    }
     let rows: Vec<Vec<String>> = r
         .passes
         .iter()

@@ -107,18 +107,10 @@ pub fn evaluate(
     anyhow::ensure!(batch > 0, "the batch size must be at least 1");
     // A batch larger than the data would only run padding.
     let batch = batch.min(data.len());
-    check_declared_shape(model, model_name, data)?;
-    let runner = Runner::new(model, &data.sample_shape, batch)
-        .with_context(|| format!("preparing {model_name} for tract"))?;
+    let runner = prepare(model, model_name, data, batch)?;
     // A reference that serialises to the same bytes computes the same outputs.
     let ref_runner = match reference {
-        Some((r, name)) if to_bytes(r) != to_bytes(model) => {
-            check_declared_shape(r, name, data)?;
-            Some(
-                Runner::new(r, &data.sample_shape, batch)
-                    .with_context(|| format!("preparing the reference {name} for tract"))?,
-            )
-        }
+        Some((r, name)) if to_bytes(r) != to_bytes(model) => Some(prepare(r, name, data, batch)?),
         _ => None,
     };
 
@@ -193,6 +185,15 @@ pub fn evaluate(
     })
 }
 
+/// A runner for `model` on samples of the data's shape. A model may well run on another size
+/// than it declares (`--input-shape`), so the declaration is consulted only when tract refuses:
+/// then a data shape that differs from it is the error to report (exit 6), naming both shapes.
+fn prepare(model: &Model, name: &str, data: &Dataset, batch: usize) -> Result<Runner> {
+    Runner::new(model, &data.sample_shape, batch)
+        .or_else(|e| check_declared_shape(model, name, data).and(Err(e)))
+        .with_context(|| format!("preparing {name} for tract"))
+}
+
 /// When the model declares a concrete per-sample input shape, the data must have it.
 fn check_declared_shape(model: &Model, name: &str, data: &Dataset) -> Result<()> {
     let Ok(declared) = declared_input_shape(model) else { return Ok(()) };
@@ -225,7 +226,7 @@ fn check_labels_and_predict(
 
 /// A progress bar on stderr with images/s and ETA; hidden when stderr is not a terminal or
 /// progress is off.
-fn progress_bar(len: usize, label: &str, show: bool) -> ProgressBar {
+pub fn progress_bar(len: usize, label: &str, show: bool) -> ProgressBar {
     let bar = ProgressBar::with_draw_target(
         Some(len as u64),
         if show && std::io::stderr().is_terminal() {

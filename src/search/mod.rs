@@ -1,0 +1,173 @@
+//! Searching combinations of lossy passes: the configuration that meets a ReLU budget with
+//! the least accuracy loss, measured on calibration data (training split), never on test data.
+
+use crate::analysis::census::census;
+use crate::analysis::stages::residual_adds;
+use crate::eval::compare::argmax;
+use crate::eval::data::Dataset;
+use crate::eval::evaluator::predict;
+use crate::eval::Runner;
+use crate::ir::Model;
+use crate::passes::{run_pipeline, PassContext, Pipeline, VerifyOptions};
+use anyhow::Result;
+use serde::Serialize;
+use std::sync::Arc;
+
+/// Channel thresholds tried when culling and thinning alone cannot meet a budget.
+const CHANNEL_THRESHOLDS: &[f64] = &[0.99, 0.95, 0.9];
+
+/// The budget search evaluates each candidate on this batch size.
+const BATCH: usize = 64;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Candidate {
+    /// The lossy passes, as pipeline text (empty: the original).
+    pub pipeline: String,
+    /// Counted from the candidate's graph.
+    pub relus: u64,
+    /// Top-1 accuracy on the calibration images; absent when not evaluated.
+    pub calibration_accuracy: Option<f64>,
+}
+
+/// A budget: an absolute ReLU count or a percentage of the original's.
+pub fn parse_budget(text: &str, original: u64) -> Result<u64, String> {
+    let t = text.trim();
+    let bad = || format!("'{text}' is not a ReLU budget like 20000 or 25%");
+    match t.strip_suffix('%') {
+        Some(p) => {
+            let p: f64 = p.trim().parse().map_err(|_| bad())?;
+            if !(0.0..=100.0).contains(&p) {
+                return Err(bad());
+            }
+            Ok((original as f64 * p / 100.0).floor() as u64)
+        }
+        None => t.replace(['_', ','], "").parse().map_err(|_| bad()),
+    }
+}
+
+/// Apply `lossy` pipeline text to `base` and count the result's ReLUs.
+pub fn build_candidate(base: &Model, lossy: &str, ctx: &PassContext) -> Result<(Model, u64)> {
+    let mut m = base.clone();
+    if !lossy.is_empty() {
+        let pipeline = Pipeline::parse(&format!("{lossy},dce"))?;
+        run_pipeline(&mut m, &pipeline, ctx, &VerifyOptions::default())?;
+    }
+    let relus = census(&m, &ctx.sample)?.total_relus;
+    Ok((m, relus))
+}
+
+/// Top-1 accuracy of `model` on `data`.
+pub fn accuracy(model: &Model, data: &Dataset) -> Result<f64> {
+    let runner = Runner::new(model, &data.sample_shape, BATCH.min(data.len().max(1)))?;
+    let (logits, classes) = predict(&runner, data, None)?;
+    let correct = logits
+        .chunks(classes.max(1))
+        .zip(&data.labels)
+        .filter(|(row, &label)| argmax(row) == label as usize)
+        .count();
+    Ok(correct as f64 / data.len().max(1) as f64)
+}
+
+/// Every cull subset combined with each thinning, then channel thinning on top if needed.
+fn structural_candidates(base: &Model, ctx: &PassContext) -> Result<Vec<String>> {
+    let shapes = crate::analysis::shapes::infer_shapes(base, &ctx.sample, 1)?;
+    let stages = crate::analysis::stages::find_stages(&base.graph, &shapes).count();
+    let thins: &[&str] = if residual_adds(&base.graph, &shapes).is_empty() {
+        &["", "thin(alternate)"]
+    } else {
+        &["", "thin(bottom)", "thin(top)"]
+    };
+    let mut out = Vec::new();
+    for mask in 0u32..(1 << stages) {
+        let culled: Vec<String> =
+            (0..stages).filter(|s| mask & (1 << s) != 0).map(|s| s.to_string()).collect();
+        for thin in thins {
+            let mut parts = Vec::new();
+            if !culled.is_empty() {
+                parts.push(format!("cull({})", culled.join(",")));
+            }
+            if !thin.is_empty() && culled.len() < stages {
+                parts.push(thin.to_string());
+            }
+            let text = parts.join(",");
+            if !out.contains(&text) {
+                out.push(text);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The configuration meeting `budget` with the best calibration accuracy (ties: fewer ReLUs).
+/// Returns it and every candidate considered.
+pub fn best_under_budget(
+    base: &Model,
+    budget: u64,
+    ctx: &PassContext,
+    calibration: &Dataset,
+    progress: bool,
+) -> Result<(Candidate, Vec<Candidate>)> {
+    let mut considered = Vec::new();
+    let mut fitting = Vec::new();
+    for text in structural_candidates(base, ctx)? {
+        let (m, relus) = build_candidate(base, &text, ctx)?;
+        considered.push(Candidate { pipeline: text.clone(), relus, calibration_accuracy: None });
+        if relus <= budget {
+            fitting.push((considered.len() - 1, m));
+        }
+    }
+    if fitting.is_empty() {
+        // Culling and thinning alone cannot get there: add channel thinning, from the least
+        // lossy structural configuration down.
+        let with_images =
+            PassContext { calibration: Some(Arc::new(calibration.images.clone())), ..ctx.clone() };
+        let mut structural: Vec<Candidate> = considered.clone();
+        structural.sort_by_key(|c| std::cmp::Reverse(c.relus));
+        for c in structural {
+            for t in CHANNEL_THRESHOLDS {
+                let text = [c.pipeline.as_str(), &format!("channel-thin({t})")]
+                    .iter()
+                    .filter(|s| !s.is_empty())
+                    .copied()
+                    .collect::<Vec<_>>()
+                    .join(",");
+                let (m, relus) = build_candidate(base, &text, &with_images)?;
+                considered.push(Candidate { pipeline: text, relus, calibration_accuracy: None });
+                if relus <= budget {
+                    fitting.push((considered.len() - 1, m));
+                }
+            }
+            if fitting.len() >= 8 {
+                break;
+            }
+        }
+    }
+    if fitting.is_empty() {
+        let least = considered.iter().map(|c| c.relus).min().unwrap_or(0);
+        return Err(crate::error::CompileError::new(
+            crate::error::ExitCode::Usage,
+            format!(
+                "no combination of culling, thinning and channel thinning meets a budget of {budget} ReLUs \
+                 (the fewest reached is {least})"
+            ),
+        )
+        .into());
+    }
+    let bar = crate::eval::evaluator::progress_bar(fitting.len(), "budget search", progress);
+    for (ix, m) in &fitting {
+        considered[*ix].calibration_accuracy = Some(accuracy(m, calibration)?);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let best = fitting
+        .iter()
+        .map(|(ix, _)| &considered[*ix])
+        .max_by(|a, b| {
+            let (x, y) =
+                (a.calibration_accuracy.unwrap_or(0.0), b.calibration_accuracy.unwrap_or(0.0));
+            x.total_cmp(&y).then(b.relus.cmp(&a.relus))
+        })
+        .cloned()
+        .expect("fitting is not empty");
+    Ok((best, considered))
+}
