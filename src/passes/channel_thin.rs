@@ -200,7 +200,7 @@ fn split_relu(
     nodes.push(gather);
     let mask: Vec<f32> =
         linear.iter().map(|&c| if frac[c as usize] >= threshold { 1.0 } else { 0.0 }).collect();
-    if mask.iter().any(|&m| m == 0.0) {
+    if mask.contains(&0.0) {
         let mut dims = vec![1, linear.len()];
         dims.extend(std::iter::repeat_n(1, rank - 2));
         let m = fresh(g, "mask");
