@@ -153,6 +153,26 @@ fn onnxruntime_and_checker_accept_every_output() {
             cases.push(serde_json::json!({"model": out, "input": real, "tract_output": y, "reference": path(model)}));
         }
     }
+    // Lossy graphs: no reference output to match, but the ReLU count is checked independently.
+    let lossy: &[(&str, &[&str])] = &[
+        ("models/resnet18w16.onnx", &["--cull", "1,2", "--thin", "bottom"]),
+        ("models/resnet18w16.onnx", &["--channel-threshold", "0.99"]),
+        ("models/vgg.onnx", &["--thin", "alternate"]),
+        ("models/vgg.onnx", &["--channel-threshold", "0.95"]),
+    ];
+    for (k, (model, flags)) in lossy.iter().enumerate() {
+        let out = dir.path().join(format!("lossy{k}.onnx"));
+        let mut args = vec![*model, "-o", out.to_str().unwrap(), "--json", "--limit", "200"];
+        args.extend_from_slice(flags);
+        let report = relucompile_json(&args);
+        let real = path("fixtures/images/fmnist_test_64.npy");
+        let y = dir.path().join(format!("lossy{k}_y.npy"));
+        let o = relucompile(&["run", out.to_str().unwrap(), "--input", real.to_str().unwrap(), "--output", y.to_str().unwrap()]);
+        assert_eq!(o.code, 0, "{}", o.stderr);
+        cases.push(serde_json::json!({
+            "model": out, "input": real, "tract_output": y, "relus": report["after"]["total_relus"],
+        }));
+    }
     let manifest = dir.path().join("manifest.json");
     std::fs::write(&manifest, serde_json::to_string(&cases).unwrap()).unwrap();
     let o = Command::new("python3")

@@ -6,7 +6,9 @@ For each case of a JSON manifest it checks that the model
   2. contains no Identity node and no dead node (every node output feeds a node or an output),
   3. loads in onnxruntime and gives the same outputs as tract (tract's outputs are read
      from the .npy file `relucompile run` wrote for the same inputs),
-  4. when a reference model is named, gives under onnxruntime the same outputs as it.
+  4. when a reference model is named, gives under onnxruntime the same outputs as it,
+  5. when `relus` is given, has that many ReLU elements per sample, counted here from the
+     graph with onnx's own shape inference (independently of relucompile's census).
 
 Manifest: [{"model": "...", "input": "x.npy", "tract_output": "y.npy",
             "reference": "orig.onnx" (optional)}, ...]
@@ -44,6 +46,30 @@ def rel_diff(a, b):
     return float(np.max(np.abs(a - b)) / max(1.0, float(np.max(np.abs(a)))))
 
 
+def count_relus(model):
+    """ReLU elements per sample: Relu outputs, and Clip outputs with a lower bound of 0."""
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    shapes = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    total = 0
+    for n in model.graph.node:
+        relu_like = n.op_type == "Relu"
+        if n.op_type == "Clip":
+            lo = next((a.f for a in n.attribute if a.name == "min"), None)
+            if lo is None and len(n.input) > 1 and n.input[1] in inits:
+                lo = float(inits[n.input[1]])
+            relu_like = lo == 0.0
+        if relu_like:
+            dims = shapes[n.output[0]][1:]
+            if any(d is None for d in dims):
+                raise AssertionError(f"shape of {n.output[0]} is not inferred: {dims}")
+            total += int(np.prod(dims))
+    return total
+
+
 def check_case(case):
     path = case["model"]
     model = onnx.load(path)
@@ -63,6 +89,11 @@ def check_case(case):
     if not d_tract <= REL_TOL:
         raise AssertionError(f"onnxruntime and tract differ: relative {d_tract:.3e}")
     msg = f"ort-vs-tract {d_tract:.1e}"
+    if "relus" in case:
+        counted = count_relus(model)
+        if counted != case["relus"]:
+            raise AssertionError(f"graph has {counted} ReLU elements, relucompile reported {case['relus']}")
+        msg += f", {counted} ReLUs"
     if case.get("reference"):
         d_ref = rel_diff(run_ort(case["reference"], x), y_ort)
         if not d_ref <= REL_TOL:

@@ -1,0 +1,151 @@
+//! The DeepReDuce passes on the shipped models: exact ReLU counts, equality with an
+//! independently built reduced network, the accuracy gate, and goldens per pass.
+
+mod common;
+use common::*;
+use relucompile::eval::compare::{compare_models, random_inputs};
+use relucompile::frontend::load_model;
+
+fn stage_relus(v: &serde_json::Value) -> Vec<u64> {
+    v.as_array().unwrap().iter().map(|s| s.as_u64().unwrap()).collect()
+}
+
+fn real_images() -> Vec<f32> {
+    let file = std::fs::File::open(path("fixtures/images/fmnist_test_64.npy")).unwrap();
+    npyz::NpyFile::new(std::io::BufReader::new(file)).unwrap().into_vec().unwrap()
+}
+
+#[test]
+fn cull_1_2_thin_bottom_leaves_22912_relus_and_matches_the_reference_network() {
+    let dir = tmpdir();
+    let out = dir.path().join("reduced.onnx");
+    let report = relucompile_json(&[
+        "models/resnet18w16.onnx",
+        "-o",
+        out.to_str().unwrap(),
+        "--cull",
+        "1,2",
+        "--thin",
+        "bottom",
+        "--limit",
+        "500",
+        "--json",
+    ]);
+    assert_eq!(report["after"]["total_relus"], 22_912);
+    assert_eq!(stage_relus(&report["after"]["stages"]), vec![12_544, 0, 0, 6_272, 4_096]);
+    // Counted again from the written file, not from the report.
+    let census = relucompile_json(&["inspect", out.to_str().unwrap(), "--json"]);
+    assert_eq!(census["total_relus"], 22_912);
+    // The same network built in PyTorch with those ReLUs switched off and the same weights.
+    let reference =
+        load_model(&path("fixtures/models/reference_resnet18w16_cull12_thin_bottom.onnx")).unwrap();
+    let ours = load_model(&out).unwrap();
+    let sample = [1, 28, 28];
+    for inputs in [real_images(), random_inputs(16 * 784, 3)] {
+        let cmp = compare_models(&reference, &ours, &sample, &inputs).unwrap();
+        assert!(cmp.rel_diff <= 1e-4, "differs from the reference by {:.3e}", cmp.max_abs_diff);
+        assert_eq!(cmp.argmax_agreement, 1.0);
+    }
+}
+
+#[test]
+fn accuracy_gate_fails_the_build_and_writes_nothing() {
+    let dir = tmpdir();
+    let out = dir.path().join("o.onnx");
+    let o = relucompile(&[
+        "models/resnet18w16.onnx",
+        "-o",
+        out.to_str().unwrap(),
+        "--cull",
+        "0,1,2,3,4",
+        "--max-drop",
+        "1.0",
+        "--limit",
+        "500",
+    ]);
+    assert_eq!(o.code, 7, "{}{}", o.stdout, o.stderr);
+    assert!(o.stderr.contains("--max-drop 1"), "{}", o.stderr);
+    assert!(!out.exists());
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+#[test]
+fn unknown_stage_is_named() {
+    let dir = tmpdir();
+    let o = relucompile(&["models/resnet18w16.onnx", "-o", dir.path().join("o.onnx").to_str().unwrap(), "--cull", "9"]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("stage 9 does not exist"), "{}", o.stderr);
+}
+
+/// One golden per lossy configuration and model: ReLUs per stage exactly, accuracy (on the
+/// first 1,000 test images) within 0.3 points of the recorded value.
+#[test]
+fn lossy_goldens_on_shipped_models() {
+    let configs: &[(&str, &[&str])] = &[
+        ("resnet18w16", &["--cull", "1,2"]),
+        ("resnet18w16", &["--thin", "bottom"]),
+        ("resnet18w16", &["--thin", "top"]),
+        ("resnet18w16", &["--channel-threshold", "0.99"]),
+        ("vgg", &["--cull", "1"]),
+        ("vgg", &["--thin", "alternate"]),
+        ("vgg", &["--channel-threshold", "0.99"]),
+    ];
+    let dir = tmpdir();
+    let update = std::env::var("UPDATE_GOLDEN").as_deref() == Ok("1");
+    for (model, flags) in configs {
+        let out = dir.path().join("o.onnx");
+        let input = format!("models/{model}.onnx");
+        let mut args = vec![input.as_str(), "-o", out.to_str().unwrap(), "--json", "--limit", "1000"];
+        args.extend_from_slice(flags);
+        let r = relucompile_json(&args);
+        let census = relucompile_json(&["inspect", out.to_str().unwrap(), "--json"]);
+        assert_eq!(census["total_relus"], r["after"]["total_relus"], "{model} {flags:?}");
+        let name = format!("fixtures/golden/{model}.{}.json", flags.join("").replace(['-', ','], ""));
+        let actual = serde_json::json!({
+            "pipeline": r["pipeline"],
+            "after": r["after"],
+            "accuracy_after": r["accuracy"]["after"],
+        });
+        if update {
+            assert_golden(&name, &actual);
+            continue;
+        }
+        let golden: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path(&name)).unwrap()).unwrap();
+        assert_eq!(golden["pipeline"], actual["pipeline"], "{name}");
+        assert_eq!(golden["after"], actual["after"], "{name}");
+        let (g, a) = (golden["accuracy_after"].as_f64().unwrap(), actual["accuracy_after"].as_f64().unwrap());
+        assert!((g - a).abs() <= 0.003, "{name}: accuracy {a} vs golden {g}");
+    }
+}
+
+#[test]
+fn relu_budget_meets_the_budget() {
+    let dir = tmpdir();
+    let out = dir.path().join("o.onnx");
+    let r = relucompile_json(&[
+        "models/resnet18w16.onnx",
+        "-o",
+        out.to_str().unwrap(),
+        "--relu-budget",
+        "25%",
+        "--calibration-images",
+        "256",
+        "--limit",
+        "500",
+        "--json",
+    ]);
+    let budget = r["budget"]["relus"].as_u64().unwrap();
+    assert_eq!(budget, 108_544 / 4);
+    let census = relucompile_json(&["inspect", out.to_str().unwrap(), "--json"]);
+    assert!(census["total_relus"].as_u64().unwrap() <= budget);
+    // The choice is the best of the candidates that fit, on calibration data.
+    let best = r["budget"]["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["relus"].as_u64().unwrap() <= budget)
+        .filter_map(|c| c["calibration_accuracy"].as_f64())
+        .fold(0.0, f64::max);
+    assert_eq!(r["budget"]["chosen"]["calibration_accuracy"].as_f64().unwrap(), best);
+}
