@@ -1,6 +1,7 @@
 //! The command line: `relucompile in.onnx -o out.onnx`, plus `inspect`, `eval` and `passes`.
 
 mod compile;
+mod criticality;
 mod eval;
 mod inspect;
 mod run;
@@ -47,6 +48,8 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Measure top-1 accuracy and throughput with the tract evaluator
     Eval(eval::EvalArgs),
+    /// Per-stage ReLU criticality (DeepReDuce) on calibration images, and the cull order
+    Criticality(criticality::CriticalityArgs),
     /// List every pass a pipeline (--passes) can name
     Passes,
     /// Run a model under tract on inputs from a .npy file and write its outputs as .npy
@@ -67,6 +70,7 @@ pub fn main() -> Result<()> {
         Some(Command::Inspect(args)) => inspect::run(&args),
         Some(Command::Eval(args)) => eval::run(&args),
         Some(Command::Run(args)) => run::run(&args),
+        Some(Command::Criticality(args)) => criticality::run(&args),
         Some(Command::Passes) => {
             print_passes();
             Ok(())

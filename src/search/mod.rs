@@ -1,6 +1,8 @@
 //! Searching combinations of lossy passes: the configuration that meets a ReLU budget with
 //! the least accuracy loss, measured on calibration data (training split), never on test data.
 
+pub mod criticality;
+
 use crate::analysis::census::census;
 use crate::analysis::stages::residual_adds;
 use crate::eval::compare::argmax;

@@ -1,0 +1,74 @@
+//! `relucompile criticality`: DeepReDuce's per-stage ReLU criticality on calibration data.
+
+use crate::analysis::shapes::sample_shape;
+use crate::eval::data;
+use crate::frontend::load_model;
+use crate::passes::{run_pipeline, PassContext, Pipeline, VerifyOptions};
+use crate::report::{table, thousands};
+use crate::search::criticality::criticality;
+use anyhow::Result;
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug)]
+pub struct CriticalityArgs {
+    /// The ONNX model to analyse
+    pub model: PathBuf,
+    /// Data set (`fashion-mnist`, an IDX directory or a .npy file); its training split is used
+    #[arg(long, default_value = "fashion-mnist")]
+    pub data: String,
+    /// Calibration images taken from the training split
+    #[arg(long, default_value_t = 2000)]
+    pub images: usize,
+    /// Input shape with batch, e.g. 1x3x32x32 (default: the model's declared shape)
+    #[arg(long, value_parser = super::parse_shape)]
+    pub input_shape: Option<Vec<usize>>,
+    /// Print one JSON object instead of a table
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: &CriticalityArgs) -> Result<()> {
+    let mut model = load_model(&args.model)?;
+    let sample = sample_shape(&model, args.input_shape.as_deref())?;
+    let ctx = PassContext::new(sample.clone());
+    let prep = Pipeline::parse("const-fold,identity-elim,fold-bn")?;
+    run_pipeline(&mut model, &prep, &ctx, &VerifyOptions::default())?;
+    let norm = data::try_normalisation_for(&model, None, None, None)?;
+    let set = data::load(&args.data, data::Split::Train, Some(args.images), &norm)?;
+    data::check_fits(&set, &sample)?;
+    let c = criticality(&model, &ctx, &set)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&c)?);
+        return Ok(());
+    }
+    println!(
+        "{}: criticality on {} training images (original {:.2}%, all stages linear {:.2}%)",
+        args.model.display(),
+        c.images,
+        100.0 * c.accuracy_original,
+        100.0 * c.accuracy_all_linear
+    );
+    let rows: Vec<Vec<String>> = c
+        .stages
+        .iter()
+        .map(|s| {
+            vec![
+                s.stage.to_string(),
+                thousands(s.relus),
+                format!("{:.2}%", 100.0 * s.accuracy_only_this),
+                format!("{:.2}%", 100.0 * s.accuracy_without_this),
+                format!("{:.3}", s.score),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table(
+            &["stage", "relus", "only this stage", "without this stage", "score (pts/1k ReLUs)"],
+            &rows
+        )
+    );
+    let order: Vec<String> = c.cull_order.iter().map(|s| s.to_string()).collect();
+    println!("cull order (least critical first): {}", order.join(", "));
+    Ok(())
+}
