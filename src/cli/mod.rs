@@ -4,6 +4,7 @@ mod compile;
 mod criticality;
 mod eval;
 mod inspect;
+mod pareto;
 mod run;
 
 use anyhow::Result;
@@ -50,6 +51,8 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Per-stage ReLU criticality (DeepReDuce) on calibration images, and the cull order
     Criticality(criticality::CriticalityArgs),
+    /// Search the Pareto frontier of ReLU count against accuracy and write one model per point
+    Pareto(pareto::ParetoArgs),
     /// List every pass a pipeline (--passes) can name
     Passes,
     /// Run a model under tract on inputs from a .npy file and write its outputs as .npy
@@ -71,6 +74,7 @@ pub fn main() -> Result<()> {
         Some(Command::Eval(args)) => eval::run(&args),
         Some(Command::Run(args)) => run::run(&args),
         Some(Command::Criticality(args)) => criticality::run(&args),
+        Some(Command::Pareto(args)) => pareto::run(&args),
         Some(Command::Passes) => {
             print_passes();
             Ok(())

@@ -273,6 +273,34 @@ impl Dataset {
         &self.images[i * per..(i + 1) * per]
     }
 
+    /// The samples at `indices`, in that order, as a data set of their own.
+    pub fn select(&self, indices: &[usize]) -> Dataset {
+        Dataset {
+            images: indices.iter().flat_map(|&i| self.sample(i).iter().copied()).collect(),
+            labels: indices.iter().map(|&i| self.labels[i]).collect(),
+            sample_shape: self.sample_shape.clone(),
+            source: self.source.clone(),
+        }
+    }
+
+    /// `count` samples drawn without replacement by a seeded shuffle: the same seed gives the
+    /// same subset on every machine.
+    pub fn seeded_subset(&self, count: usize, seed: u64) -> Dataset {
+        let mut order: Vec<usize> = (0..self.len()).collect();
+        let mut state = seed ^ 0x9E37_79B9_7F4A_7C15;
+        for i in (1..order.len()).rev() {
+            // splitmix64 step
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            order.swap(i, (z % (i as u64 + 1)) as usize);
+        }
+        order.truncate(count.min(self.len()));
+        self.select(&order)
+    }
+
     /// Samples `range` as a data set of their own (same shape and source).
     pub fn subset(&self, range: Range<usize>) -> Dataset {
         let per = self.sample_len();

@@ -108,38 +108,56 @@ impl Pass for ChannelThin {
                 "channel-thin needs calibration images (training split): give --data",
             )
         })?;
-        let shapes = infer_shapes(model, &ctx.sample, 1)?;
-        // Plain ReLUs on [N, C, ...] values; ReLU6 and leaky variants are left alone.
-        let targets: Vec<(String, String)> = model
-            .graph
-            .nodes
-            .iter()
-            .filter(|n| n.op_type == "Relu")
-            .filter_map(|n| {
-                let x = n.input(0)?;
-                shapes.get(x).filter(|s| s.len() >= 2).map(|_| (n.name.clone(), x.to_string()))
-            })
-            .collect();
-        if targets.is_empty() {
-            return Ok(0);
-        }
-        let values: Vec<String> = targets.iter().map(|(_, x)| x.clone()).collect();
-        let fractions = positive_fractions(model, &values, &ctx.sample, images)?;
-        let mut rewritten = 0;
-        for ((name, x), frac) in targets.iter().zip(fractions) {
-            let keep: Vec<i64> = (0..frac.len())
-                .filter(|&c| frac[c] < self.threshold && frac[c] > 1.0 - self.threshold)
-                .map(|c| c as i64)
-                .collect();
-            if keep.len() == frac.len() {
-                continue;
-            }
-            let rank = shapes[x].len();
-            split_relu(model, name, x, &frac, &keep, self.threshold, rank);
-            rewritten += 1;
-        }
-        Ok(rewritten)
+        let stats = channel_stats(model, &ctx.sample, images)?;
+        Ok(apply_channel_thin(model, &stats, self.threshold))
     }
+}
+
+/// Calibration statistics of every plain ReLU: computed once, applied at any threshold.
+#[derive(Debug, Clone)]
+pub struct ChannelStats {
+    /// (ReLU node name, its input value, the input's rank).
+    targets: Vec<(String, String, usize)>,
+    /// Per target, per channel: the fraction of positive inputs.
+    fractions: Vec<Vec<f64>>,
+}
+
+pub fn channel_stats(model: &Model, sample: &[usize], images: &[f32]) -> Result<ChannelStats> {
+    let shapes = infer_shapes(model, sample, 1)?;
+    // Plain ReLUs on [N, C, ...] values; ReLU6 and leaky variants are left alone.
+    let targets: Vec<(String, String, usize)> = model
+        .graph
+        .nodes
+        .iter()
+        .filter(|n| n.op_type == "Relu")
+        .filter_map(|n| {
+            let x = n.input(0)?;
+            shapes.get(x).filter(|s| s.len() >= 2).map(|s| (n.name.clone(), x.to_string(), s.len()))
+        })
+        .collect();
+    if targets.is_empty() {
+        return Ok(ChannelStats { targets, fractions: vec![] });
+    }
+    let values: Vec<String> = targets.iter().map(|(_, x, _)| x.clone()).collect();
+    let fractions = positive_fractions(model, &values, sample, images)?;
+    Ok(ChannelStats { targets, fractions })
+}
+
+/// Rewrite every ReLU the statistics cover at `threshold`; returns how many changed.
+pub fn apply_channel_thin(model: &mut Model, stats: &ChannelStats, threshold: f64) -> usize {
+    let mut rewritten = 0;
+    for ((name, x, rank), frac) in stats.targets.iter().zip(&stats.fractions) {
+        let keep: Vec<i64> = (0..frac.len())
+            .filter(|&c| frac[c] < threshold && frac[c] > 1.0 - threshold)
+            .map(|c| c as i64)
+            .collect();
+        if keep.len() == frac.len() || !model.graph.nodes.iter().any(|n| &n.name == name) {
+            continue;
+        }
+        split_relu(model, name, x, frac, &keep, threshold, *rank);
+        rewritten += 1;
+    }
+    rewritten
 }
 
 fn int_attr(name: &str, i: i64) -> pb::AttributeProto {

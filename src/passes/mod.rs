@@ -5,7 +5,7 @@
 //! pipeline, verifies the IR after every pass in debug builds or with `--verify-each`, and
 //! with `--verify-each` also re-runs the graph to name the first pass that changes outputs.
 
-mod channel_thin;
+pub mod channel_thin;
 mod const_fold;
 mod cull;
 mod dce;

@@ -2,6 +2,7 @@
 //! the least accuracy loss, measured on calibration data (training split), never on test data.
 
 pub mod criticality;
+pub mod pareto;
 
 use crate::analysis::census::census;
 use crate::analysis::stages::residual_adds;

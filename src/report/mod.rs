@@ -1,5 +1,7 @@
 //! Output for people (aligned tables) and machines (JSON).
 
+pub mod plot;
+
 use crate::analysis::census::Census;
 
 /// Group digits in threes: 108544 -> "108,544".

@@ -1,0 +1,179 @@
+//! The Pareto frontier of ReLU count against accuracy (DeepReDuce's output).
+//!
+//! Guided by criticality, the search tries culling the least critical stages first (prefixes
+//! of the cull order), each combined with thinning and channel thresholds. Candidates are
+//! scored on calibration images from the training split; only the frontier's points are then
+//! measured once on the held-out test split. Channel statistics are computed once per
+//! structural configuration and reused for every threshold, and finished candidates are
+//! appended to a journal so an interrupted search resumes where it stopped.
+
+use super::{accuracy, build_candidate};
+use crate::eval::data::Dataset;
+use crate::ir::Model;
+use crate::passes::channel_thin::{apply_channel_thin, channel_stats};
+use crate::passes::PassContext;
+use anyhow::{Context, Result};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+
+/// Thresholds tried for channel-level reduction on every structural configuration.
+pub const CHANNEL_THRESHOLDS: &[f64] = &[0.99, 0.95, 0.9];
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Scored {
+    /// Lossy passes as pipeline text ("" is the original).
+    pub config: String,
+    pub relus: u64,
+    pub calibration_accuracy: f64,
+}
+
+/// Indices of the points no other point dominates (fewer or equal ReLUs and higher or equal
+/// accuracy, one of them strictly), sorted by ReLU count. Among equal points the first wins.
+pub fn frontier_indices(points: &[(u64, f64)]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..points.len()).collect();
+    order.sort_by(|&a, &b| {
+        points[a].0.cmp(&points[b].0).then(points[b].1.total_cmp(&points[a].1)).then(a.cmp(&b))
+    });
+    let mut best = f64::NEG_INFINITY;
+    let mut out = Vec::new();
+    for i in order {
+        if points[i].1 > best {
+            best = points[i].1;
+            out.push(i);
+        }
+    }
+    out
+}
+
+/// Structural configurations: prefixes of the cull order, each with every thinning mode.
+pub fn structural_configs(cull_order: &[usize], residual: bool) -> Vec<String> {
+    let thins: &[&str] =
+        if residual { &["", "thin(bottom)", "thin(top)"] } else { &["", "thin(alternate)"] };
+    let mut out = Vec::new();
+    for k in 0..=cull_order.len() {
+        let mut culled: Vec<usize> = cull_order[..k].to_vec();
+        culled.sort();
+        for thin in thins {
+            if k == cull_order.len() && !thin.is_empty() {
+                continue; // nothing left to thin
+            }
+            let mut parts = Vec::new();
+            if !culled.is_empty() {
+                let list: Vec<String> = culled.iter().map(|s| s.to_string()).collect();
+                parts.push(format!("cull({})", list.join(",")));
+            }
+            if !thin.is_empty() {
+                parts.push(thin.to_string());
+            }
+            out.push(parts.join(","));
+        }
+    }
+    out
+}
+
+fn join(a: &str, b: &str) -> String {
+    [a, b].iter().filter(|s| !s.is_empty()).copied().collect::<Vec<_>>().join(",")
+}
+
+/// Build a configuration's graph: structural passes, then channel thinning from `stats` when
+/// the configuration names a threshold.
+pub fn build_config(base: &Model, config: &str, ctx: &PassContext) -> Result<(Model, u64)> {
+    build_candidate(base, config, ctx)
+}
+
+/// Score every configuration on the calibration images, resuming from `journal`.
+pub fn score_all(
+    base: &Model,
+    cull_order: &[usize],
+    residual: bool,
+    ctx: &PassContext,
+    calibration: &Dataset,
+    journal: &Path,
+    progress: bool,
+) -> Result<Vec<Scored>> {
+    let mut done: HashMap<String, Scored> = HashMap::new();
+    if let Ok(text) = std::fs::read_to_string(journal) {
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            // A line cut short by an interruption is simply redone.
+            if let Ok(s) = serde_json::from_str::<Scored>(line) {
+                done.insert(s.config.clone(), s);
+            }
+        }
+    }
+    let structural = structural_configs(cull_order, residual);
+    let total = structural.len() * (1 + CHANNEL_THRESHOLDS.len());
+    let bar = crate::eval::evaluator::progress_bar(total, "pareto search", progress);
+    bar.inc(done.len().min(total) as u64);
+    let file = std::sync::Mutex::new(
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(journal)
+            .with_context(|| format!("cannot open the search journal {}", journal.display()))?,
+    );
+    let record = |s: &Scored| -> Result<()> {
+        let mut f = file.lock().expect("journal lock");
+        writeln!(f, "{}", serde_json::to_string(s)?)?;
+        f.flush()?;
+        Ok(())
+    };
+    let fresh: Vec<Scored> = structural
+        .par_iter()
+        .map(|config| -> Result<Vec<Scored>> {
+            let mut out = Vec::new();
+            let wanted: Vec<String> = std::iter::once(config.clone())
+                .chain(
+                    CHANNEL_THRESHOLDS.iter().map(|t| join(config, &format!("channel-thin({t})"))),
+                )
+                .filter(|c| !done.contains_key(c))
+                .collect();
+            if wanted.is_empty() {
+                return Ok(out);
+            }
+            let (model, relus) = build_config(base, config, ctx)?;
+            if wanted.contains(config) {
+                let s = Scored {
+                    config: config.clone(),
+                    relus,
+                    calibration_accuracy: accuracy(&model, calibration)?,
+                };
+                record(&s)?;
+                bar.inc(1);
+                out.push(s);
+            }
+            // Channel statistics once per structural configuration, for every threshold.
+            let stats = channel_stats(&model, &ctx.sample, &calibration.images)?;
+            for t in CHANNEL_THRESHOLDS {
+                let name = join(config, &format!("channel-thin({t})"));
+                if !wanted.contains(&name) {
+                    continue;
+                }
+                let mut m = model.clone();
+                apply_channel_thin(&mut m, &stats, *t);
+                m.graph.remove_dead();
+                let relus = crate::analysis::census::census(&m, &ctx.sample)?.total_relus;
+                let s = Scored {
+                    config: name,
+                    relus,
+                    calibration_accuracy: accuracy(&m, calibration)?,
+                };
+                record(&s)?;
+                bar.inc(1);
+                out.push(s);
+            }
+            Ok(out)
+        })
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .flatten()
+        .collect();
+    bar.finish_and_clear();
+    done.extend(fresh.into_iter().map(|s| (s.config.clone(), s)));
+    // A deterministic order, whatever order the threads finished in.
+    let mut all: Vec<Scored> = done.into_values().collect();
+    all.sort_by(|a, b| a.relus.cmp(&b.relus).then(a.config.cmp(&b.config)));
+    Ok(all)
+}
