@@ -167,7 +167,14 @@ fn onnxruntime_and_checker_accept_every_output() {
         let report = relucompile_json(&args);
         let real = path("fixtures/images/fmnist_test_64.npy");
         let y = dir.path().join(format!("lossy{k}_y.npy"));
-        let o = relucompile(&["run", out.to_str().unwrap(), "--input", real.to_str().unwrap(), "--output", y.to_str().unwrap()]);
+        let o = relucompile(&[
+            "run",
+            out.to_str().unwrap(),
+            "--input",
+            real.to_str().unwrap(),
+            "--output",
+            y.to_str().unwrap(),
+        ]);
         assert_eq!(o.code, 0, "{}", o.stderr);
         cases.push(serde_json::json!({
             "model": out, "input": real, "tract_output": y, "relus": report["after"]["total_relus"],

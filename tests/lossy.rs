@@ -72,7 +72,13 @@ fn accuracy_gate_fails_the_build_and_writes_nothing() {
 #[test]
 fn unknown_stage_is_named() {
     let dir = tmpdir();
-    let o = relucompile(&["models/resnet18w16.onnx", "-o", dir.path().join("o.onnx").to_str().unwrap(), "--cull", "9"]);
+    let o = relucompile(&[
+        "models/resnet18w16.onnx",
+        "-o",
+        dir.path().join("o.onnx").to_str().unwrap(),
+        "--cull",
+        "9",
+    ]);
     assert_eq!(o.code, 2, "{}", o.stderr);
     assert!(o.stderr.contains("stage 9 does not exist"), "{}", o.stderr);
 }
@@ -95,12 +101,14 @@ fn lossy_goldens_on_shipped_models() {
     for (model, flags) in configs {
         let out = dir.path().join("o.onnx");
         let input = format!("models/{model}.onnx");
-        let mut args = vec![input.as_str(), "-o", out.to_str().unwrap(), "--json", "--limit", "1000"];
+        let mut args =
+            vec![input.as_str(), "-o", out.to_str().unwrap(), "--json", "--limit", "1000"];
         args.extend_from_slice(flags);
         let r = relucompile_json(&args);
         let census = relucompile_json(&["inspect", out.to_str().unwrap(), "--json"]);
         assert_eq!(census["total_relus"], r["after"]["total_relus"], "{model} {flags:?}");
-        let name = format!("fixtures/golden/{model}.{}.json", flags.join("").replace(['-', ','], ""));
+        let name =
+            format!("fixtures/golden/{model}.{}.json", flags.join("").replace(['-', ','], ""));
         let actual = serde_json::json!({
             "pipeline": r["pipeline"],
             "after": r["after"],
@@ -114,7 +122,10 @@ fn lossy_goldens_on_shipped_models() {
             serde_json::from_str(&std::fs::read_to_string(path(&name)).unwrap()).unwrap();
         assert_eq!(golden["pipeline"], actual["pipeline"], "{name}");
         assert_eq!(golden["after"], actual["after"], "{name}");
-        let (g, a) = (golden["accuracy_after"].as_f64().unwrap(), actual["accuracy_after"].as_f64().unwrap());
+        let (g, a) = (
+            golden["accuracy_after"].as_f64().unwrap(),
+            actual["accuracy_after"].as_f64().unwrap(),
+        );
         assert!((g - a).abs() <= 0.003, "{name}: accuracy {a} vs golden {g}");
     }
 }

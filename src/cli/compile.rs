@@ -9,7 +9,7 @@ use crate::eval::data;
 use crate::frontend::{load_model, write_bytes_atomic};
 use crate::ir::Model;
 use crate::passes::{
-    run_pipeline, PassContext, PassRecord, Pipeline, VerifyOptions, DEFAULT_PIPELINE,
+    prepare, run_pipeline, PassContext, PassRecord, Pipeline, VerifyOptions, DEFAULT_PIPELINE,
 };
 use crate::report::{table, thousands};
 use crate::search::{best_under_budget, parse_budget, Candidate};
@@ -326,14 +326,8 @@ fn choose_for_budget(
     let norm = data::try_normalisation_for(original, None, None, None)?;
     let calib = data::load(spec, data::Split::Train, Some(args.calibration_images), &norm)?;
     data::check_fits(&calib, sample)?;
-    let mut base = original.clone();
     let ctx = PassContext::new(sample.to_vec());
-    run_pipeline(
-        &mut base,
-        &Pipeline::parse("const-fold,identity-elim,fold-bn")?,
-        &ctx,
-        &VerifyOptions::default(),
-    )?;
+    let base = prepare(original, &ctx)?;
     best_under_budget(&base, budget, &ctx, &calib, !args.json)
 }
 

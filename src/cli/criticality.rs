@@ -3,7 +3,7 @@
 use crate::analysis::shapes::sample_shape;
 use crate::eval::data;
 use crate::frontend::load_model;
-use crate::passes::{run_pipeline, PassContext, Pipeline, VerifyOptions};
+use crate::passes::{prepare, PassContext};
 use crate::report::{table, thousands};
 use crate::search::criticality::criticality;
 use anyhow::Result;
@@ -28,11 +28,10 @@ pub struct CriticalityArgs {
 }
 
 pub fn run(args: &CriticalityArgs) -> Result<()> {
-    let mut model = load_model(&args.model)?;
-    let sample = sample_shape(&model, args.input_shape.as_deref())?;
+    let original = load_model(&args.model)?;
+    let sample = sample_shape(&original, args.input_shape.as_deref())?;
     let ctx = PassContext::new(sample.clone());
-    let prep = Pipeline::parse("const-fold,identity-elim,fold-bn")?;
-    run_pipeline(&mut model, &prep, &ctx, &VerifyOptions::default())?;
+    let model = prepare(&original, &ctx)?;
     let norm = data::try_normalisation_for(&model, None, None, None)?;
     let set = data::load(&args.data, data::Split::Train, Some(args.images), &norm)?;
     data::check_fits(&set, &sample)?;

@@ -6,7 +6,7 @@ use crate::analysis::stages::residual_adds;
 use crate::error::{CompileError, ExitCode};
 use crate::eval::data;
 use crate::frontend::{load_model, write_bytes_atomic, write_model_atomic};
-use crate::passes::{run_pipeline, PassContext, Pipeline, VerifyOptions};
+use crate::passes::{prepare, run_pipeline, PassContext, Pipeline, VerifyOptions};
 use crate::report::plot::{frontier_plot, PlotPoint};
 use crate::report::{table, thousands};
 use crate::search::criticality::criticality;
@@ -101,14 +101,8 @@ pub fn run(args: &ParetoArgs) -> Result<()> {
     let progress = !args.no_progress;
     let original = load_model(&args.model)?;
     let sample = sample_shape(&original, args.input_shape.as_deref())?;
-    let mut base = original.clone();
     let ctx = PassContext::new(sample.clone());
-    run_pipeline(
-        &mut base,
-        &Pipeline::parse("const-fold,identity-elim,fold-bn")?,
-        &ctx,
-        &VerifyOptions::default(),
-    )?;
+    let base = prepare(&original, &ctx)?;
 
     std::fs::create_dir_all(&args.output)
         .with_context(|| format!("cannot create the output directory {}", args.output.display()))?;

@@ -3,7 +3,7 @@
 use crate::error::CompileError;
 use crate::frontend::to_proto;
 use crate::ir::Model;
-use anyhow::Result;
+use anyhow::{Context, Result};
 use std::sync::Arc;
 use tract_onnx::prelude::*;
 
@@ -69,23 +69,11 @@ impl Runner {
             .collect()
     }
 
-    /// Run up to `batch` samples (`input.len()` a multiple of the sample size); a short batch is
-    /// zero-padded and the padding's outputs dropped. Returns the first output, row-major, and
-    /// its per-sample length.
+    /// Run up to `batch` samples and return the first output and its per-sample length.
     pub fn run(&self, input: &[f32]) -> Result<(Vec<f32>, usize)> {
-        let per = self.sample_len();
-        let n = input.len() / per;
-        anyhow::ensure!(n * per == input.len() && n <= self.batch, "bad batch of {n} samples");
-        let mut data = input.to_vec();
-        data.resize(self.batch * per, 0.0);
-        let mut shape = vec![self.batch];
-        shape.extend_from_slice(&self.sample);
-        let tensor = tract_ndarray::ArrayD::from_shape_vec(shape, data)?.into_tensor();
-        let outputs = crate::eval::catch_tract(|| self.plan.run(tvec!(tensor.into_tvalue())))
-            .map_err(|e| anyhow::anyhow!("tract failed running the graph: {e:#}"))?;
-        let out = outputs[0].cast_to::<f32>()?;
-        let all = out.to_plain_array_view::<f32>()?;
-        let width = all.len() / self.batch;
-        Ok((all.iter().take(n * width).copied().collect(), width))
+        let n = input.len() / self.sample_len();
+        let first = self.run_all(input)?.into_iter().next().context("the graph has no output")?;
+        let width = first.len().checked_div(n).unwrap_or(0);
+        Ok((first, width))
     }
 }

@@ -131,6 +131,22 @@ pub const REGISTRY: &[PassInfo] = &[
     },
 ];
 
+/// The lossless passes that run before any lossy one, so that stages, calibration statistics
+/// and accuracy are measured on the graph the lossy passes will rewrite.
+pub const PREPARE_PIPELINE: &str = "const-fold,identity-elim,fold-bn";
+
+/// `model` after [`PREPARE_PIPELINE`].
+pub fn prepare(model: &Model, ctx: &PassContext) -> Result<Model> {
+    let mut prepared = model.clone();
+    run_pipeline(
+        &mut prepared,
+        &Pipeline::parse(PREPARE_PIPELINE)?,
+        ctx,
+        &VerifyOptions::default(),
+    )?;
+    Ok(prepared)
+}
+
 /// The pipeline `relucompile in.onnx -o out.onnx` runs when no `--passes` is given.
 pub const DEFAULT_PIPELINE: &str =
     "const-fold,identity-elim,fold-bn,relu-after-maxpool,nonneg-relu,dedup-relu,dce";

@@ -1,0 +1,98 @@
+//! `relucompile pareto` and `criticality` on the shipped ResNet: a real frontier, repeatable,
+//! resumable, and every file matching what frontier.json says about it.
+
+mod common;
+use common::*;
+
+fn pareto(dir: &std::path::Path) -> serde_json::Value {
+    let o = relucompile(&[
+        "pareto",
+        "models/resnet18w16.onnx",
+        "-o",
+        dir.to_str().unwrap(),
+        "--calibration-images",
+        "256",
+        "--test-limit",
+        "1000",
+        "--seed",
+        "7",
+        "--no-progress",
+    ]);
+    assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
+    serde_json::from_str(&std::fs::read_to_string(dir.join("frontier.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn frontier_is_non_dominated_repeatable_and_matches_its_files() {
+    let (a, b) = (tmpdir(), tmpdir());
+    let fa = pareto(a.path());
+    let points = fa["points"].as_array().unwrap();
+    assert!(points.len() >= 3, "{fa}");
+    for p in points {
+        for q in points {
+            let (pr, pa) = (p["relus"].as_u64().unwrap(), p["accuracy"].as_f64().unwrap());
+            let (qr, qa) = (q["relus"].as_u64().unwrap(), q["accuracy"].as_f64().unwrap());
+            let dominated = qr <= pr && qa >= pa && (qr < pr || qa > pa);
+            assert!(!dominated, "{p} is dominated by {q}");
+        }
+        assert!((0.0..=1.0).contains(&p["accuracy"].as_f64().unwrap()));
+        let file = a.path().join(p["file"].as_str().unwrap());
+        let census = relucompile_json(&["inspect", file.to_str().unwrap(), "--json"]);
+        assert_eq!(census["total_relus"], p["relus"], "{p}");
+        let eval = relucompile_json(&[
+            "eval",
+            file.to_str().unwrap(),
+            "--limit",
+            "1000",
+            "--json",
+            "--no-progress",
+        ]);
+        let (ea, pa) = (eval["accuracy"].as_f64().unwrap(), p["accuracy"].as_f64().unwrap());
+        assert!((ea - pa).abs() <= 0.001, "{p}: re-evaluated {ea}");
+    }
+    for ext in ["csv", "md", "svg", "png"] {
+        assert!(
+            a.path().join(format!("frontier.{ext}")).metadata().unwrap().len() > 100,
+            "frontier.{ext}"
+        );
+    }
+    // The same seed gives the same frontier.
+    let fb = pareto(b.path());
+    assert_eq!(fa["points"], fb["points"]);
+    // Resuming from a finished directory recomputes nothing and gives the same frontier.
+    let journal = std::fs::read_to_string(a.path().join("candidates.jsonl")).unwrap();
+    let again = pareto(a.path());
+    assert_eq!(again["points"], fa["points"]);
+    assert_eq!(std::fs::read_to_string(a.path().join("candidates.jsonl")).unwrap(), journal);
+}
+
+#[test]
+fn resuming_with_another_seed_is_refused() {
+    let dir = tmpdir();
+    std::fs::write(
+        dir.path().join("search.json"),
+        r#"{"model_fnv64":"0","seed":1,"calibration_images":1,"data":"x"}"#,
+    )
+    .unwrap();
+    let o = relucompile(&[
+        "pareto",
+        "models/resnet18w16.onnx",
+        "-o",
+        dir.path().to_str().unwrap(),
+        "--no-progress",
+    ]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("another model, seed or data"), "{}", o.stderr);
+}
+
+#[test]
+fn criticality_orders_every_stage() {
+    let v =
+        relucompile_json(&["criticality", "models/resnet18w16.onnx", "--images", "256", "--json"]);
+    let mut order: Vec<u64> =
+        v["cull_order"].as_array().unwrap().iter().map(|s| s.as_u64().unwrap()).collect();
+    assert_eq!(v["stages"].as_array().unwrap().len(), 5);
+    order.sort();
+    assert_eq!(order, vec![0, 1, 2, 3, 4]);
+    assert!(v["accuracy_original"].as_f64().unwrap() > 0.85);
+}
