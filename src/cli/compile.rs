@@ -86,6 +86,9 @@ pub struct CompileArgs {
     /// Print the report as JSON on stdout instead of tables
     #[arg(long)]
     pub json: bool,
+    /// No progress bars
+    #[arg(long)]
+    pub no_progress: bool,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -328,7 +331,7 @@ fn choose_for_budget(
     data::check_fits(&calib, sample)?;
     let ctx = PassContext::new(sample.to_vec());
     let base = prepare(original, &ctx)?;
-    best_under_budget(&base, budget, &ctx, &calib, !args.json)
+    best_under_budget(&base, budget, &ctx, &calib, !args.json && !args.no_progress)
 }
 
 /// Calibration images: the training split's first `--calibration-images`, never the test split.
@@ -358,7 +361,7 @@ fn measure_accuracy(
         Some((original, &name)),
         &set,
         64,
-        !args.json,
+        !args.json && !args.no_progress,
     )?;
     let reference = eval.reference.as_ref().context("the evaluator returned no reference")?;
     let drop_points = 100.0 * (reference.accuracy - eval.accuracy);
