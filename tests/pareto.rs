@@ -11,9 +11,9 @@ fn pareto(dir: &std::path::Path) -> serde_json::Value {
         "-o",
         dir.to_str().unwrap(),
         "--calibration-images",
-        "256",
+        "128",
         "--test-limit",
-        "1000",
+        "500",
         "--seed",
         "7",
         "--no-progress",
@@ -56,6 +56,33 @@ fn frontier_is_non_dominated_repeatable_and_matches_its_files() {
             "frontier.{ext}"
         );
     }
+    // --relu-budget with --frontier takes the most accurate point under the budget, and
+    // rebuilds exactly that network.
+    let mid = &points[points.len() / 2];
+    let budget = mid["relus"].as_u64().unwrap();
+    let out = a.path().join("chosen.onnx");
+    let r = relucompile_json(&[
+        "models/resnet18w16.onnx",
+        "-o",
+        out.to_str().unwrap(),
+        "--relu-budget",
+        &budget.to_string(),
+        "--frontier",
+        a.path().to_str().unwrap(),
+        "--limit",
+        "500",
+        "--json",
+        "--no-progress",
+    ]);
+    let best = points
+        .iter()
+        .filter(|p| p["relus"].as_u64().unwrap() <= budget)
+        .max_by(|x, y| x["accuracy"].as_f64().unwrap().total_cmp(&y["accuracy"].as_f64().unwrap()))
+        .unwrap();
+    assert_eq!(r["after"]["total_relus"], best["relus"], "{r}");
+    let (ra, ba) = (r["accuracy"]["after"].as_f64().unwrap(), best["accuracy"].as_f64().unwrap());
+    assert!((ra - ba).abs() <= 0.001, "rebuilt point: {ra} vs frontier {ba}");
+    std::fs::remove_file(&out).unwrap();
     // The same seed gives the same frontier.
     let fb = pareto(b.path());
     assert_eq!(fa["points"], fb["points"]);

@@ -63,13 +63,21 @@ pub struct CompileArgs {
     /// this fraction of calibration images become identity (or zero)
     #[arg(long, help_heading = "ReLU reduction (lossy)")]
     pub channel_threshold: Option<f64>,
-    /// Calibration images for --channel-threshold, from the training split of --data
+    /// Calibration images for --channel-threshold and --relu-budget, drawn from the training
+    /// split of --data
     #[arg(long, default_value_t = 512, help_heading = "ReLU reduction (lossy)")]
     pub calibration_images: usize,
+    /// Seed of the calibration draw (the same as `pareto --seed` reproduces its points)
+    #[arg(long, default_value_t = 0, help_heading = "ReLU reduction (lossy)")]
+    pub seed: u64,
     /// Pick the culling/thinning/channel combination that meets this ReLU budget (a count or
     /// a percentage like 25%) with the least accuracy loss on calibration images
     #[arg(long, help_heading = "ReLU reduction (lossy)", conflicts_with_all = ["cull", "thin", "channel_threshold"])]
     pub relu_budget: Option<String>,
+    /// With --relu-budget: take the most accurate point under the budget from a frontier that
+    /// `relucompile pareto` wrote (its directory or frontier.json) instead of searching
+    #[arg(long, requires = "relu_budget", help_heading = "ReLU reduction (lossy)")]
+    pub frontier: Option<PathBuf>,
     /// Data to measure accuracy on (test split): `fashion-mnist`, an IDX directory or a .npy
     /// file. Lossy pipelines are always measured (default `fashion-mnist`)
     #[arg(long, help_heading = "Accuracy gate")]
@@ -182,7 +190,8 @@ pub fn run(args: &CompileArgs) -> Result<()> {
     let mut model = original.clone();
     let mut ctx = PassContext::new(sample.clone());
     if pipeline.steps.iter().any(|(name, _, _)| name == "channel-thin") {
-        ctx.calibration = Some(std::sync::Arc::new(calibration_images(&original, &sample, args)?));
+        ctx.calibration =
+            Some(std::sync::Arc::new(calibration_set(&original, &sample, args)?.images));
     }
     let records = run_pipeline(&mut model, &pipeline, &ctx, &verify)?;
     let after = census(&model, &sample)?;
@@ -325,22 +334,86 @@ fn choose_for_budget(
     args: &CompileArgs,
 ) -> Result<(Candidate, Vec<Candidate>)> {
     let budget = budget_relus(args, before)?;
-    let spec = args.data.as_deref().unwrap_or("fashion-mnist");
-    let norm = data::try_normalisation_for(original, None, None, None)?;
-    let calib = data::load(spec, data::Split::Train, Some(args.calibration_images), &norm)?;
-    data::check_fits(&calib, sample)?;
+    if let Some(path) = &args.frontier {
+        return choose_from_frontier(path, budget);
+    }
+    let calib = calibration_set(original, sample, args)?;
     let ctx = PassContext::new(sample.to_vec());
     let base = prepare(original, &ctx)?;
     best_under_budget(&base, budget, &ctx, &calib, !args.json && !args.no_progress)
 }
 
+/// The most accurate point of a written frontier whose ReLU count fits the budget.
+fn choose_from_frontier(path: &Path, budget: u64) -> Result<(Candidate, Vec<Candidate>)> {
+    let file = if path.is_dir() { path.join("frontier.json") } else { path.to_path_buf() };
+    let text = std::fs::read_to_string(&file)
+        .with_context(|| format!("cannot read the frontier {}", file.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a frontier.json", file.display()))?;
+    let points: Vec<Candidate> = v["points"]
+        .as_array()
+        .with_context(|| format!("{} has no points", file.display()))?
+        .iter()
+        .filter_map(|p| {
+            let config = p["config"].as_str()?;
+            Some(Candidate {
+                pipeline: if config == "original" { String::new() } else { config.to_string() },
+                relus: p["relus"].as_u64()?,
+                calibration_accuracy: p["accuracy"].as_f64(),
+            })
+        })
+        .collect();
+    let best = points
+        .iter()
+        .filter(|p| p.relus <= budget)
+        .max_by(|a, b| {
+            a.calibration_accuracy.unwrap_or(0.0).total_cmp(&b.calibration_accuracy.unwrap_or(0.0))
+        })
+        .cloned()
+        .ok_or_else(|| {
+            CompileError::new(
+                ExitCode::Usage,
+                format!("no point of {} has at most {budget} ReLUs", file.display()),
+            )
+        })?;
+    Ok((best, points))
+}
+
 /// Calibration images: the training split's first `--calibration-images`, never the test split.
-fn calibration_images(original: &Model, sample: &[usize], args: &CompileArgs) -> Result<Vec<f32>> {
+/// The seeded draw is the one `pareto` makes, so a frontier point's channel decisions are
+/// reproduced exactly when its seed and count are used.
+fn calibration_set(
+    original: &Model,
+    sample: &[usize],
+    args: &CompileArgs,
+) -> Result<data::Dataset> {
+    let (count, seed) = match &args.frontier {
+        Some(path) => frontier_calibration(path)?,
+        None => (args.calibration_images, args.seed),
+    };
     let spec = args.data.as_deref().unwrap_or("fashion-mnist");
     let norm = data::try_normalisation_for(original, None, None, None)?;
-    let set = data::load(spec, data::Split::Train, Some(args.calibration_images), &norm)?;
-    data::check_fits(&set, sample)?;
-    Ok(set.images)
+    let train = data::load(spec, data::Split::Train, None, &norm)?;
+    data::check_fits(&train, sample)?;
+    Ok(train.seeded_subset(count, seed))
+}
+
+/// The calibration count and seed a frontier was searched with.
+fn frontier_calibration(path: &Path) -> Result<(usize, u64)> {
+    let file = if path.is_dir() { path.join("frontier.json") } else { path.to_path_buf() };
+    let v: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&file)
+            .with_context(|| format!("cannot read {}", file.display()))?,
+    )
+    .with_context(|| format!("{} is not a frontier.json", file.display()))?;
+    match (v["calibration_images"].as_u64(), v["seed"].as_u64()) {
+        (Some(n), Some(seed)) => Ok((n as usize, seed)),
+        _ => Err(CompileError::new(
+            ExitCode::Usage,
+            format!("{} lacks calibration_images or seed", file.display()),
+        )
+        .into()),
+    }
 }
 
 /// Accuracy of the original and the rewritten graph on the test split, in one pass each.
