@@ -2,7 +2,7 @@
 //! names the node or value at fault.
 
 use crate::error::CompileError;
-use crate::ir::{Graph, Model, Node, Tensor};
+use crate::ir::{DataType, Graph, Model, Node, Tensor};
 use anyhow::{Context, Result};
 use prost::Message;
 use std::collections::HashSet;
@@ -57,6 +57,17 @@ pub fn model_from_proto(proto: &pb::ModelProto, model_dir: Option<&Path>) -> Res
         }
         let tensor = Tensor::from_proto(t, model_dir)
             .map_err(|e| CompileError::invalid_model(format!("initializer '{}': {e}", t.name)))?;
+        let floating = matches!(
+            tensor.data_type,
+            DataType::F32 | DataType::F64 | DataType::F16 | DataType::BF16
+        );
+        if floating && tensor.to_f32().iter().any(|v| !v.is_finite()) {
+            return Err(CompileError::invalid_model(format!(
+                "initializer '{}' holds NaN or infinite values",
+                t.name
+            ))
+            .into());
+        }
         if initializers.insert(t.name.clone(), tensor).is_some() {
             return Err(CompileError::invalid_model(format!(
                 "initializer '{}' is defined twice",
