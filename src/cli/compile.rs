@@ -39,7 +39,7 @@ pub struct CompileArgs {
     pub passes: String,
     /// Input shape with batch, e.g. 1x3x32x32 (default: the model's declared shape)
     #[arg(long, value_parser = super::parse_shape)]
-    pub input_shape: Option<Vec<usize>>,
+    pub input_shape: Option<::std::vec::Vec<usize>>,
     /// Verify the IR and compare outputs after every pass; names the first pass that breaks
     #[arg(long)]
     pub verify_each: bool,

@@ -11,7 +11,7 @@ pub struct InspectArgs {
     pub model: PathBuf,
     /// Input shape with batch, e.g. 1x3x32x32 (default: the model's declared shape)
     #[arg(long, value_parser = super::parse_shape)]
-    pub input_shape: Option<Vec<usize>>,
+    pub input_shape: Option<::std::vec::Vec<usize>>,
     /// Print one JSON object instead of tables
     #[arg(long)]
     pub json: bool,

@@ -98,7 +98,9 @@ fn print_passes() {
     println!("\ndefault pipeline: {}", crate::passes::DEFAULT_PIPELINE);
 }
 
-/// Parse `1x3x32x32` (also `1,3,32,32`).
+/// Parse `1x3x32x32` (also `1,3,32,32`). Fields holding the result are typed
+/// `Option<::std::vec::Vec<usize>>`: spelled that way, clap takes the shape as one value
+/// rather than a list of them.
 pub fn parse_shape(text: &str) -> Result<Vec<usize>, String> {
     let dims: Result<Vec<usize>, _> =
         text.split(['x', 'X', ',']).map(|d| d.trim().parse::<usize>()).collect();

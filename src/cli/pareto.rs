@@ -39,7 +39,7 @@ pub struct ParetoArgs {
     pub test_limit: Option<usize>,
     /// Input shape with batch, e.g. 1x3x32x32 (default: the model's declared shape)
     #[arg(long, value_parser = super::parse_shape)]
-    pub input_shape: Option<Vec<usize>>,
+    pub input_shape: Option<::std::vec::Vec<usize>>,
     /// No progress bars
     #[arg(long)]
     pub no_progress: bool,
