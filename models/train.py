@@ -338,7 +338,7 @@ def main():
     with open(metrics_path, "w") as f:
         json.dump(metrics, f, indent=2, sort_keys=True)
         f.write("\n")
-    print("wrote", pt_path, onnx_path, metrics_path)
+    print("wrote", *([] if args.export_only else [pt_path]), onnx_path, metrics_path)
 
 
 if __name__ == "__main__":
