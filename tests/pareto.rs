@@ -43,7 +43,7 @@ fn frontier_is_non_dominated_repeatable_and_matches_its_files() {
             "eval",
             file.to_str().unwrap(),
             "--limit",
-            "1000",
+            "500",
             "--json",
             "--no-progress",
         ]);
