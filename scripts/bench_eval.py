@@ -3,13 +3,14 @@
 
     cargo build --release
     python3 scripts/bench_eval.py                       # both shipped models, 3 repetitions
-    python3 scripts/bench_eval.py --models models/vgg.onnx --reps 5 --batch 128
+    python3 scripts/bench_eval.py --models models/vgg.onnx --reps 5 --batch 1 16 128
 
 For each model, in one run: `target/release/relucompile eval MODEL --json --no-progress` on the
 full Fashion-MNIST test set (10k images), and onnxruntime (CPU, intra-op threads = all cores)
 on the same images, normalised the same way (x = (pixel * scale - mean) / std in float32, with
 scale/mean/std from the model's metadata `relucompile.*`, else 1/255, 0, 1: the rule the
-evaluator applies) and fed in batches of the same size. Only inference is timed on both sides
+evaluator applies) and fed in batches of the same size; one row per model and batch size
+(default: 1, the evaluator's default, and 64). Only inference is timed on both sides
 (relucompile's own `seconds`; for onnxruntime the loop over batches, after one untimed warm-up
 batch). Prints the median images/s of each, their ratio, and both accuracies, which must agree:
 the script exits 1 when they differ by more than --max-acc-diff.
@@ -109,7 +110,8 @@ def main():
     ap.add_argument("--models", nargs="+",
                     default=[os.path.join(ROOT, "models", m) for m in ("resnet18w16.onnx", "vgg.onnx")])
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 64],
+                    help="batch sizes to compare at (default: 1 64)")
     ap.add_argument("--data-dir", default=DATA_DIR)
     ap.add_argument("--bin", default=BIN, help="the relucompile binary (default: the release build)")
     ap.add_argument("--max-acc-diff", type=float, default=0.001,
@@ -126,7 +128,7 @@ def main():
         pixels = pixels[:, None, :, :]
 
     cores = os.cpu_count()
-    print(f"{len(labels)} test images from {args.data_dir}, batch {args.batch}, {args.reps} "
+    print(f"{len(labels)} test images from {args.data_dir}, batches {args.batch}, {args.reps} "
           f"repetitions, {cores} cores; onnxruntime {ort.__version__} (intra-op threads {cores}), "
           f"relucompile {args.bin}")
     rows, ok = [], True
@@ -134,22 +136,25 @@ def main():
         if not os.path.exists(model):
             print(f"{model}: missing, skipped")
             continue
-        tract = bench_tract(args.bin, model, args.batch, args.reps, args.data_dir)
-        ort_speeds, ort_acc, norm = bench_ort(model, args.batch, args.reps, pixels, labels)
-        t_med = statistics.median(r["images_per_second"] for r in tract)
-        o_med = statistics.median(ort_speeds)
-        t_acc = tract[0]["accuracy"]
-        agree = abs(t_acc - ort_acc) <= args.max_acc_diff
-        ok &= agree
-        rows.append([os.path.relpath(model, ROOT), f"{t_med:,.0f}", f"{o_med:,.0f}",
-                     f"{t_med / o_med:.2f}", f"{100 * t_acc:.2f}%", f"{100 * ort_acc:.2f}%",
-                     "yes" if agree else "NO"])
-        print(f"{rows[-1][0]}: tract {[round(r['images_per_second']) for r in tract]} images/s "
-              f"({tract[0]['threads']} threads), onnxruntime {[round(s) for s in ort_speeds]} "
-              f"images/s; normalisation scale {norm[0]:.6g} mean {norm[1]} std {norm[2]}")
+        for batch in args.batch:
+            tract = bench_tract(args.bin, model, batch, args.reps, args.data_dir)
+            ort_speeds, ort_acc, norm = bench_ort(model, batch, args.reps, pixels, labels)
+            t_med = statistics.median(r["images_per_second"] for r in tract)
+            o_med = statistics.median(ort_speeds)
+            t_acc = tract[0]["accuracy"]
+            agree = abs(t_acc - ort_acc) <= args.max_acc_diff
+            ok &= agree
+            rows.append([os.path.relpath(model, ROOT), str(batch), f"{t_med:,.0f}",
+                         f"{o_med:,.0f}", f"{t_med / o_med:.2f}", f"{100 * t_acc:.2f}%",
+                         f"{100 * ort_acc:.2f}%", "yes" if agree else "NO"])
+            print(f"{rows[-1][0]} batch {batch}: tract "
+                  f"{[round(r['images_per_second']) for r in tract]} images/s "
+                  f"({tract[0]['threads']} threads), onnxruntime {[round(s) for s in ort_speeds]} "
+                  f"images/s; normalisation scale {norm[0]:.6g} mean {norm[1]} std {norm[2]}",
+                  flush=True)
     if not rows:
         sys.exit("no model to benchmark")
-    head = ["model", "tract img/s", "onnxruntime img/s", "tract/ort", "tract acc", "ort acc",
+    head = ["model", "batch", "tract img/s", "onnxruntime img/s", "tract/ort", "tract acc", "ort acc",
             "acc agree"]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
     line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)

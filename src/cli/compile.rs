@@ -433,7 +433,7 @@ fn measure_accuracy(
         "rewritten",
         Some((original, &name)),
         &set,
-        64,
+        crate::eval::evaluator::DEFAULT_BATCH,
         !args.json && !args.no_progress,
     )?;
     let reference = eval.reference.as_ref().context("the evaluator returned no reference")?;

@@ -53,7 +53,7 @@ pub struct EvalArgs {
     /// Also run this model and compare: its accuracy, arg-max agreement, largest difference
     #[arg(long, value_name = "MODEL")]
     pub reference: Option<PathBuf>,
-    /// Images per tract run
+    /// Images per tract run (tract is fastest one image at a time; threads share the images)
     #[arg(long, value_name = "N", default_value_t = DEFAULT_BATCH, value_parser = parse_positive)]
     pub batch: usize,
     /// The model's input shape with the batch, e.g. 1x1x28x28 (default: the model's own)

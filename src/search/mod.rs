@@ -19,8 +19,6 @@ use std::sync::Arc;
 /// Channel thresholds tried when culling and thinning alone cannot meet a budget.
 const CHANNEL_THRESHOLDS: &[f64] = &[0.99, 0.95, 0.9];
 
-/// The budget search evaluates each candidate on this batch size.
-const BATCH: usize = 64;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Candidate {
@@ -61,7 +59,8 @@ pub fn build_candidate(base: &Model, lossy: &str, ctx: &PassContext) -> Result<(
 
 /// Top-1 accuracy of `model` on `data`.
 pub fn accuracy(model: &Model, data: &Dataset) -> Result<f64> {
-    let runner = Runner::new(model, &data.sample_shape, BATCH.min(data.len().max(1)))?;
+    let batch = crate::eval::evaluator::DEFAULT_BATCH.min(data.len().max(1));
+    let runner = Runner::new(model, &data.sample_shape, batch)?;
     let (logits, classes) = predict(&runner, data, None)?;
     let correct = logits
         .chunks(classes.max(1))
