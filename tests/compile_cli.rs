@@ -159,6 +159,9 @@ fn onnxruntime_and_checker_accept_every_output() {
         ("models/resnet18w16.onnx", &["--channel-threshold", "0.99"]),
         ("models/vgg.onnx", &["--thin", "alternate"]),
         ("models/vgg.onnx", &["--channel-threshold", "0.95"]),
+        ("models/vgg.onnx", &["--channel-threshold", "0.6"]),
+        ("models/resnet18w16.onnx", &["--thin", "top"]),
+        ("models/vgg.onnx", &["--cull", "1"]),
     ];
     for (k, (model, flags)) in lossy.iter().enumerate() {
         let out = dir.path().join(format!("lossy{k}.onnx"));

@@ -95,6 +95,7 @@ fn lossy_goldens_on_shipped_models() {
         ("vgg", &["--cull", "1"]),
         ("vgg", &["--thin", "alternate"]),
         ("vgg", &["--channel-threshold", "0.99"]),
+        ("vgg", &["--channel-threshold", "0.6"]),
     ];
     let dir = tmpdir();
     let update = std::env::var("UPDATE_GOLDEN").as_deref() == Ok("1");
@@ -159,4 +160,28 @@ fn relu_budget_meets_the_budget() {
         .filter_map(|c| c["calibration_accuracy"].as_f64())
         .fold(0.0, f64::max);
     assert_eq!(r["budget"]["chosen"]["calibration_accuracy"].as_f64().unwrap(), best);
+}
+
+#[test]
+fn channels_that_are_almost_always_zero_lose_their_filters() {
+    // At 0.6 the VGG has channels negative on >= 60% of calibration inputs whose producer and
+    // readers are plain convolutions: their filters go, so the linear cost falls too.
+    let dir = tmpdir();
+    let out = dir.path().join("o.onnx");
+    let r = relucompile_json(&[
+        "models/vgg.onnx",
+        "-o",
+        out.to_str().unwrap(),
+        "--channel-threshold",
+        "0.6",
+        "--limit",
+        "200",
+        "--json",
+        "--no-progress",
+    ]);
+    let (before, after) =
+        (r["before"]["total_macs"].as_u64().unwrap(), r["after"]["total_macs"].as_u64().unwrap());
+    assert!(after < before, "MACs {before} -> {after}");
+    let census = relucompile_json(&["inspect", out.to_str().unwrap(), "--json"]);
+    assert_eq!(census["total_macs"].as_u64().unwrap(), after);
 }

@@ -292,30 +292,7 @@ fn pipeline_text(args: &CompileArgs, searched: Option<&str>) -> String {
     if lossy.is_empty() {
         return args.passes.clone();
     }
-    let mut steps: Vec<String> = split_top_level(&args.passes);
-    let at = steps.iter().position(|s| s == "fold-bn").map(|i| i + 1).unwrap_or(0);
-    steps.splice(at..at, lossy);
-    steps.join(",")
-}
-
-/// Split a pipeline at the commas outside parentheses.
-fn split_top_level(text: &str) -> Vec<String> {
-    let (mut out, mut depth, mut cur) = (Vec::new(), 0, String::new());
-    for c in text.chars() {
-        match c {
-            '(' => depth += 1,
-            ')' => depth -= 1,
-            ',' if depth == 0 => {
-                out.push(std::mem::take(&mut cur).trim().to_string());
-                continue;
-            }
-            _ => {}
-        }
-        cur.push(c);
-    }
-    out.push(cur.trim().to_string());
-    out.retain(|s| !s.is_empty());
-    out
+    crate::passes::place_lossy(&args.passes, &lossy)
 }
 
 fn budget_relus(args: &CompileArgs, before: &Census) -> Result<u64> {
@@ -379,7 +356,6 @@ fn choose_from_frontier(path: &Path, budget: u64) -> Result<(Candidate, Vec<Cand
     Ok((best, points))
 }
 
-/// Calibration images: the training split's first `--calibration-images`, never the test split.
 /// The seeded draw is the one `pareto` makes, so a frontier point's channel decisions are
 /// reproduced exactly when its seed and count are used.
 fn calibration_set(

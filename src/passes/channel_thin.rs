@@ -154,10 +154,92 @@ pub fn apply_channel_thin(model: &mut Model, stats: &ChannelStats, threshold: f6
         if keep.len() == frac.len() || !model.graph.nodes.iter().any(|n| &n.name == name) {
             continue;
         }
-        split_relu(model, name, x, frac, &keep, threshold, *rank);
+        let zero: Vec<usize> = (0..frac.len()).filter(|&c| frac[c] <= 1.0 - threshold).collect();
+        if !zero.is_empty() && zero.len() < frac.len() && prune_zero_channels(model, name, x, &zero)
+        {
+            // The zero channels are gone from the producer and the consumers: thin what is left.
+            let left: Vec<f64> =
+                (0..frac.len()).filter(|c| !zero.contains(c)).map(|c| frac[c]).collect();
+            let keep: Vec<i64> =
+                (0..left.len()).filter(|&c| left[c] < threshold).map(|c| c as i64).collect();
+            if keep.len() < left.len() {
+                split_relu(model, name, x, &left, &keep, threshold, *rank);
+            }
+        } else {
+            split_relu(model, name, x, frac, &keep, threshold, *rank);
+        }
         rewritten += 1;
     }
     rewritten
+}
+
+/// Drop channels `zero` (whose ReLU output is almost always 0) from the Conv producing `x`
+/// and from every Conv reading the ReLU's output, so neither computes them any more. Only
+/// done when the producer is a Conv read by this ReLU alone and every reader of the ReLU is a
+/// plain (group 1) Conv; returns false, changing nothing, otherwise.
+fn prune_zero_channels(model: &mut Model, relu: &str, x: &str, zero: &[usize]) -> bool {
+    let g = &model.graph;
+    let producers = g.producers();
+    let consumers = g.consumers();
+    let Some(&p) = producers.get(x) else { return false };
+    let Some(r) = g.nodes.iter().position(|n| n.name == relu) else { return false };
+    let out = g.nodes[r].outputs[0].clone();
+    let conv = |ix: usize| {
+        g.nodes[ix].op_type == "Conv" && g.nodes[ix].attr_int("group").unwrap_or(1) == 1
+    };
+    let readers = consumers.get(out.as_str()).cloned().unwrap_or_default();
+    if !conv(p)
+        || consumers.get(x).map(|c| c.len()) != Some(1)
+        || g.is_graph_output(x)
+        || g.is_graph_output(&out)
+        || readers.is_empty()
+        || !readers.iter().all(|&c| conv(c) && g.nodes[c].input(0) == Some(out.as_str()))
+    {
+        return false;
+    }
+    // Every weight involved must be a constant we can rewrite.
+    let weights: Option<Vec<Tensor>> = std::iter::once(p)
+        .chain(readers.iter().copied())
+        .map(|ix| g.nodes[ix].input(1).and_then(|w| g.constant(w)))
+        .collect();
+    let Some(weights) = weights else { return false };
+    let bias = match g.nodes[p].input(2) {
+        Some(b) => match g.constant(b) {
+            Some(t) => Some(t),
+            None => return false,
+        },
+        None => None,
+    };
+    let drop = |v: &[f32], dims: &[usize], axis: usize| -> (Vec<f32>, Vec<usize>) {
+        let outer: usize = dims[..axis].iter().product();
+        let inner: usize = dims[axis + 1..].iter().product();
+        let mut kept = Vec::with_capacity(v.len());
+        for o in 0..outer {
+            for c in (0..dims[axis]).filter(|c| !zero.contains(c)) {
+                let start = (o * dims[axis] + c) * inner;
+                kept.extend_from_slice(&v[start..start + inner]);
+            }
+        }
+        let mut new_dims = dims.to_vec();
+        new_dims[axis] -= zero.len();
+        (kept, new_dims)
+    };
+    let nodes: Vec<usize> = std::iter::once(p).chain(readers.iter().copied()).collect();
+    for (k, (&ix, w)) in nodes.iter().zip(&weights).enumerate() {
+        let axis = if k == 0 { 0 } else { 1 };
+        let (values, dims) = drop(&w.to_f32(), &w.dims, axis);
+        let name = model.graph.fresh_name(&format!("{}.weight_pruned", model.graph.nodes[ix].name));
+        model.graph.initializers.insert(name.clone(), Tensor::from_f32(dims, &values));
+        model.graph.nodes[ix].inputs[1] = name;
+    }
+    if let Some(b) = bias {
+        let (values, dims) = drop(&b.to_f32(), &b.dims, 0);
+        let name = model.graph.fresh_name(&format!("{}.bias_pruned", model.graph.nodes[p].name));
+        model.graph.initializers.insert(name.clone(), Tensor::from_f32(dims, &values));
+        model.graph.nodes[p].inputs[2] = name;
+    }
+    model.graph.remove_unused_initializers();
+    true
 }
 
 fn int_attr(name: &str, i: i64) -> pb::AttributeProto {

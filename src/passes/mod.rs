@@ -147,6 +147,40 @@ pub fn prepare(model: &Model, ctx: &PassContext) -> Result<Model> {
     Ok(prepared)
 }
 
+/// The lossless passes a reduced graph gets after the structural lossy passes; channel
+/// thinning comes after them so that ReLUs have already moved behind max-pools.
+pub const AFTER_STRUCTURAL: &str = "relu-after-maxpool,nonneg-relu,dedup-relu,dce";
+
+/// Place lossy steps into `base`: culling and thinning right after BatchNorm folding (stage
+/// numbers are then those `inspect` shows for the input), channel thinning before the final
+/// dead-node elimination, after ReLUs have been moved behind pools.
+pub fn place_lossy(base: &str, lossy: &[String]) -> String {
+    let step_text = |(name, args): (String, Vec<String>)| {
+        if args.is_empty() {
+            name
+        } else {
+            format!("{name}({})", args.join(","))
+        }
+    };
+    let mut steps: Vec<String> =
+        split_pipeline(base).map(|s| s.into_iter().map(step_text).collect()).unwrap_or_default();
+    let lossy: Vec<String> = lossy
+        .iter()
+        .flat_map(|l| {
+            split_pipeline(l)
+                .map(|s| s.into_iter().map(step_text).collect::<Vec<String>>())
+                .unwrap_or_default()
+        })
+        .collect::<Vec<String>>();
+    let (channel, structural): (Vec<String>, Vec<String>) =
+        lossy.into_iter().partition(|s| s.starts_with("channel-thin"));
+    let at = steps.iter().position(|s| s == "fold-bn").map(|i| i + 1).unwrap_or(0);
+    steps.splice(at..at, structural);
+    let end = steps.iter().rposition(|s| s == "dce").unwrap_or(steps.len());
+    steps.splice(end..end, channel);
+    steps.join(",")
+}
+
 /// The pipeline `relucompile in.onnx -o out.onnx` runs when no `--passes` is given.
 pub const DEFAULT_PIPELINE: &str =
     "const-fold,identity-elim,fold-bn,relu-after-maxpool,nonneg-relu,dedup-relu,dce";
@@ -298,6 +332,20 @@ mod tests {
         assert_eq!(parts[0], ("a".to_string(), vec!["1".to_string(), "2".to_string()]));
         assert_eq!(parts[1], ("b".to_string(), vec![]));
         assert_eq!(parts[2], ("c".to_string(), vec!["x".to_string()]));
+    }
+
+    #[test]
+    fn lossy_steps_are_placed_around_the_lossless_ones() {
+        let lossy = vec!["cull(1,2),channel-thin(0.9)".to_string(), "thin(bottom)".to_string()];
+        assert_eq!(
+            place_lossy(DEFAULT_PIPELINE, &lossy),
+            "const-fold,identity-elim,fold-bn,cull(1,2),thin(bottom),relu-after-maxpool,\
+             nonneg-relu,dedup-relu,channel-thin(0.9),dce"
+        );
+        assert_eq!(
+            place_lossy(AFTER_STRUCTURAL, &lossy[1..]),
+            format!("thin(bottom),{AFTER_STRUCTURAL}")
+        );
     }
 
     #[test]

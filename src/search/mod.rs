@@ -19,7 +19,6 @@ use std::sync::Arc;
 /// Channel thresholds tried when culling and thinning alone cannot meet a budget.
 const CHANNEL_THRESHOLDS: &[f64] = &[0.99, 0.95, 0.9];
 
-
 #[derive(Debug, Clone, Serialize)]
 pub struct Candidate {
     /// The lossy passes, as pipeline text (empty: the original).
@@ -49,10 +48,8 @@ pub fn parse_budget(text: &str, original: u64) -> Result<u64, String> {
 /// Apply `lossy` pipeline text to `base` and count the result's ReLUs.
 pub fn build_candidate(base: &Model, lossy: &str, ctx: &PassContext) -> Result<(Model, u64)> {
     let mut m = base.clone();
-    if !lossy.is_empty() {
-        let pipeline = Pipeline::parse(&format!("{lossy},dce"))?;
-        run_pipeline(&mut m, &pipeline, ctx, &VerifyOptions::default())?;
-    }
+    let text = crate::passes::place_lossy(crate::passes::AFTER_STRUCTURAL, &[lossy.to_string()]);
+    run_pipeline(&mut m, &Pipeline::parse(&text)?, ctx, &VerifyOptions::default())?;
     let relus = census(&m, &ctx.sample)?.total_relus;
     Ok((m, relus))
 }

@@ -78,12 +78,6 @@ fn join(a: &str, b: &str) -> String {
     [a, b].iter().filter(|s| !s.is_empty()).copied().collect::<Vec<_>>().join(",")
 }
 
-/// Build a configuration's graph: structural passes, then channel thinning from `stats` when
-/// the configuration names a threshold.
-pub fn build_config(base: &Model, config: &str, ctx: &PassContext) -> Result<(Model, u64)> {
-    build_candidate(base, config, ctx)
-}
-
 /// Score every configuration on the calibration images, resuming from `journal`.
 pub fn score_all(
     base: &Model,
@@ -133,7 +127,7 @@ pub fn score_all(
             if wanted.is_empty() {
                 return Ok(out);
             }
-            let (model, relus) = build_config(base, config, ctx)?;
+            let (model, relus) = build_candidate(base, config, ctx)?;
             if wanted.contains(config) {
                 let s = Scored {
                     config: config.clone(),
