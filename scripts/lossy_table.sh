@@ -27,11 +27,13 @@ echo "|---|---|---:|---:|---:|"
 for model in resnet18w16 vgg; do
     row "$model" --data fashion-mnist
 done
-for cull in 1 2 1,2 3,4 1,2,3 0,1,2,3,4; do row resnet18w16 --cull "$cull"; done
+for cull in 0 1 2 3 4 0,2 1,2 3,4 0,1,2 1,2,3 0,1,2,3 1,2,3,4 0,1,2,3,4; do
+    row resnet18w16 --cull "$cull"
+done
 row resnet18w16 --thin bottom
 row resnet18w16 --thin top
 row resnet18w16 --cull 1,2 --thin bottom
-for t in 0.999 0.99 0.95 0.9; do row resnet18w16 --channel-threshold "$t"; done
-for cull in 0 1 2 3 0,1; do row vgg --cull "$cull"; done
+for t in 0.99 0.95 0.9 0.6; do row resnet18w16 --channel-threshold "$t"; done
+for cull in 0 1 2 3 0,1 0,1,2,3; do row vgg --cull "$cull"; done
 row vgg --thin alternate
-for t in 0.999 0.99 0.95 0.9; do row vgg --channel-threshold "$t"; done
+for t in 0.99 0.95 0.9 0.6; do row vgg --channel-threshold "$t"; done

@@ -46,8 +46,9 @@ pub fn to_proto(model: &Model) -> pb::ModelProto {
     }
 }
 
+/// The bytes written to disk: see [`super::wire`] for why they are not prost's own encoding.
 pub fn to_bytes(model: &Model) -> Vec<u8> {
-    to_proto(model).encode_to_vec()
+    super::wire::model(&to_proto(model)).encode_to_vec()
 }
 
 /// Write to a temporary file beside `path` and rename it into place, so a reader never sees
