@@ -1,6 +1,6 @@
 //! Writing the IR back to ONNX: deterministic bytes, written atomically.
 
-use crate::ir::Model;
+use crate::ir::{DataType, Model};
 use anyhow::{Context, Result};
 use prost::Message;
 use std::io::Write;
@@ -10,14 +10,34 @@ use tract_onnx::pb;
 /// The oldest IR version that allows initializers which are not graph inputs.
 const MIN_IR_VERSION: i64 = 4;
 
+/// Integer weights (Gather indices, shapes) are emitted as `Constant` nodes rather than
+/// initializers: CrypTen turns every initializer into a trainable parameter, which an integer
+/// tensor cannot be, and refuses the graph.
+fn emitted_as_constant(t: &crate::ir::Tensor) -> bool {
+    !matches!(t.data_type, DataType::F32 | DataType::F64 | DataType::F16 | DataType::BF16)
+}
+
 pub fn to_proto(model: &Model) -> pb::ModelProto {
     let g = &model.graph;
+    let constants =
+        g.initializers.iter().filter(|(_, t)| emitted_as_constant(t)).map(|(name, t)| {
+            pb::NodeProto {
+                name: format!("{name}.const"),
+                op_type: "Constant".into(),
+                output: vec![name.clone()],
+                attribute: vec![pb::AttributeProto {
+                    name: "value".into(),
+                    r#type: pb::attribute_proto::AttributeType::Tensor as i32,
+                    t: Some(t.to_proto(name)),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }
+        });
     let graph = pb::GraphProto {
         name: g.name.clone(),
-        node: g
-            .nodes
-            .iter()
-            .map(|n| pb::NodeProto {
+        node: constants
+            .chain(g.nodes.iter().map(|n| pb::NodeProto {
                 name: n.name.clone(),
                 op_type: n.op_type.clone(),
                 domain: n.domain.clone(),
@@ -25,9 +45,14 @@ pub fn to_proto(model: &Model) -> pb::ModelProto {
                 output: n.outputs.clone(),
                 attribute: n.attributes.clone(),
                 ..Default::default()
-            })
+            }))
             .collect(),
-        initializer: g.initializers.iter().map(|(name, t)| t.to_proto(name)).collect(),
+        initializer: g
+            .initializers
+            .iter()
+            .filter(|(_, t)| !emitted_as_constant(t))
+            .map(|(name, t)| t.to_proto(name))
+            .collect(),
         input: g.inputs.clone(),
         output: g.outputs.clone(),
         ..Default::default()
