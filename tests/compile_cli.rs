@@ -98,6 +98,20 @@ fn write_npy(path: &Path, shape: &[u64], data: &[f32]) {
     w.finish().unwrap();
 }
 
+/// tract's outputs of `model` on `input` (a .npy file), written beside it: one harness case.
+fn tract_case(model: &Path, input: &Path, y: &Path) -> serde_json::Value {
+    let o = relucompile(&[
+        "run",
+        model.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        y.to_str().unwrap(),
+    ]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    serde_json::json!({"model": model, "input": input, "tract_output": y})
+}
+
 /// onnx.checker (full check) and onnxruntime agree with tract on every emitted graph.
 #[test]
 fn onnxruntime_and_checker_accept_every_output() {
@@ -126,31 +140,14 @@ fn onnxruntime_and_checker_accept_every_output() {
         shape.extend(&sample);
         write_npy(&input, &shape, &data);
         let y = dir.path().join(format!("{name}_y.npy"));
-        let o = relucompile(&[
-            "run",
-            out.to_str().unwrap(),
-            "--input",
-            input.to_str().unwrap(),
-            "--output",
-            y.to_str().unwrap(),
-        ]);
-        assert_eq!(o.code, 0, "{}", o.stderr);
-        cases.push(serde_json::json!({
-            "model": out, "input": input, "tract_output": y, "reference": path(model),
-        }));
+        let mut case = tract_case(&out, &input, &y);
+        case["reference"] = serde_json::json!(path(model));
+        cases.push(case);
         if sample == [1, 28, 28] {
             let real = path("fixtures/images/fmnist_test_64.npy");
-            let y = dir.path().join(format!("{name}_real_y.npy"));
-            let o = relucompile(&[
-                "run",
-                out.to_str().unwrap(),
-                "--input",
-                real.to_str().unwrap(),
-                "--output",
-                y.to_str().unwrap(),
-            ]);
-            assert_eq!(o.code, 0, "{}", o.stderr);
-            cases.push(serde_json::json!({"model": out, "input": real, "tract_output": y, "reference": path(model)}));
+            let mut case = tract_case(&out, &real, &dir.path().join(format!("{name}_real_y.npy")));
+            case["reference"] = serde_json::json!(path(model));
+            cases.push(case);
         }
     }
     // Lossy graphs: no reference output to match, but the ReLU count is checked independently.
@@ -169,19 +166,9 @@ fn onnxruntime_and_checker_accept_every_output() {
         args.extend_from_slice(flags);
         let report = relucompile_json(&args);
         let real = path("fixtures/images/fmnist_test_64.npy");
-        let y = dir.path().join(format!("lossy{k}_y.npy"));
-        let o = relucompile(&[
-            "run",
-            out.to_str().unwrap(),
-            "--input",
-            real.to_str().unwrap(),
-            "--output",
-            y.to_str().unwrap(),
-        ]);
-        assert_eq!(o.code, 0, "{}", o.stderr);
-        cases.push(serde_json::json!({
-            "model": out, "input": real, "tract_output": y, "relus": report["after"]["total_relus"],
-        }));
+        let mut case = tract_case(&out, &real, &dir.path().join(format!("lossy{k}_y.npy")));
+        case["relus"] = report["after"]["total_relus"].clone();
+        cases.push(case);
     }
     let manifest = dir.path().join("manifest.json");
     std::fs::write(&manifest, serde_json::to_string(&cases).unwrap()).unwrap();
