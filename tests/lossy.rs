@@ -185,3 +185,24 @@ fn channels_that_are_almost_always_zero_lose_their_filters() {
     let census = relucompile_json(&["inspect", out.to_str().unwrap(), "--json"]);
     assert_eq!(census["total_macs"].as_u64().unwrap(), after);
 }
+
+#[test]
+fn thinning_can_be_limited_to_some_stages() {
+    // Bottom ReLUs of stages 3 and 4 only: 2 x 64x7x7 + 2 x 128x4x4 = 10,368 fewer.
+    let dir = tmpdir();
+    let r = relucompile_json(&[
+        "models/resnet18w16.onnx",
+        "-o",
+        dir.path().join("o.onnx").to_str().unwrap(),
+        "--thin",
+        "bottom",
+        "--thin-stages",
+        "3,4",
+        "--limit",
+        "100",
+        "--json",
+        "--no-progress",
+    ]);
+    assert_eq!(r["after"]["total_relus"], 108_544 - 10_368);
+    assert_eq!(stage_relus(&r["after"]["stages"]), vec![12_544, 50_176, 25_088, 6_272, 4_096]);
+}

@@ -231,6 +231,16 @@ fn check_labels_and_predict(
 /// A progress bar on stderr with images/s and ETA; hidden when stderr is not a terminal or
 /// progress is off.
 pub fn progress_bar(len: usize, label: &str, show: bool) -> ProgressBar {
+    counted_progress_bar(len, label, "images", show)
+}
+
+/// A progress bar counting `unit`s (images, candidates) with their rate and an ETA.
+pub fn counted_progress_bar(
+    len: usize,
+    label: &str,
+    unit: &'static str,
+    show: bool,
+) -> ProgressBar {
     let bar = ProgressBar::with_draw_target(
         Some(len as u64),
         if show && std::io::stderr().is_terminal() {
@@ -239,11 +249,11 @@ pub fn progress_bar(len: usize, label: &str, show: bool) -> ProgressBar {
             ProgressDrawTarget::hidden()
         },
     );
-    if let Ok(style) =
-        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} images  {rate}  ETA {eta}")
-    {
-        let rate = |state: &ProgressState, w: &mut dyn std::fmt::Write| {
-            let _ = write!(w, "{:.0} images/s", state.per_sec());
+    if let Ok(style) = ProgressStyle::with_template(&format!(
+        "{{msg}} [{{bar:30}}] {{pos}}/{{len}} {unit}  {{rate}}  ETA {{eta}}"
+    )) {
+        let rate = move |state: &ProgressState, w: &mut dyn std::fmt::Write| {
+            let _ = write!(w, "{:.1} {unit}/s", state.per_sec());
         };
         bar.set_style(style.with_key("rate", rate).progress_chars("=> "));
     }

@@ -152,7 +152,12 @@ pub fn best_under_budget(
         )
         .into());
     }
-    let bar = crate::eval::evaluator::progress_bar(fitting.len(), "budget search", progress);
+    let bar = crate::eval::evaluator::counted_progress_bar(
+        fitting.len(),
+        "budget search",
+        "candidates",
+        progress,
+    );
     for (ix, m) in &fitting {
         considered[*ix].calibration_accuracy = Some(accuracy(m, calibration)?);
         bar.inc(1);

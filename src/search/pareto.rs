@@ -99,7 +99,12 @@ pub fn score_all(
     }
     let structural = structural_configs(cull_order, residual);
     let total = structural.len() * (1 + CHANNEL_THRESHOLDS.len());
-    let bar = crate::eval::evaluator::progress_bar(total, "pareto search", progress);
+    let bar = crate::eval::evaluator::counted_progress_bar(
+        total,
+        "pareto search",
+        "candidates",
+        progress,
+    );
     bar.inc(done.len().min(total) as u64);
     let file = std::sync::Mutex::new(
         std::fs::OpenOptions::new()
