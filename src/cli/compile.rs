@@ -4,7 +4,7 @@
 use crate::analysis::census::{census, Census};
 use crate::analysis::shapes::sample_shape;
 use crate::error::{CompileError, ExitCode};
-use crate::eval::compare::{compare_models, random_inputs, Comparison, LOSSLESS_REL_TOLERANCE};
+use crate::eval::compare::{compare_models_on, random_inputs, Comparison, LOSSLESS_REL_TOLERANCE};
 use crate::eval::data;
 use crate::frontend::{load_model, write_bytes_atomic};
 use crate::ir::Model;
@@ -171,8 +171,9 @@ pub fn run(args: &CompileArgs) -> Result<()> {
     let original = load_model(input)?;
     let sample = sample_shape(&original, args.input_shape.as_deref())?;
     let before = census(&original, &sample)?;
-    let budget_choice = match &args.relu_budget {
-        Some(text) => Some(choose_for_budget(&original, &sample, text, &before, args)?),
+    let budget = args.relu_budget.as_ref().map(|_| budget_relus(args, &before)).transpose()?;
+    let budget_choice = match budget {
+        Some(relus) => Some(choose_for_budget(&original, &sample, relus, args)?),
         None => None,
     };
     let pipeline = Pipeline::parse(&format!(
@@ -196,11 +197,11 @@ pub fn run(args: &CompileArgs) -> Result<()> {
     let records = run_pipeline(&mut model, &pipeline, &ctx, &verify)?;
     let after = census(&model, &sample)?;
 
-    let check_random = compare_models(&original, &model, &sample, &random)?;
-    let check_real = match &real {
-        Some(images) => Some(compare_models(&original, &model, &sample, images)?),
-        None => None,
-    };
+    let mut sets: Vec<&[f32]> = vec![&random];
+    sets.extend(real.as_deref());
+    let mut checks = compare_models_on(&original, &model, &sample, &sets)?.into_iter();
+    let check_random = checks.next().context("the random-input comparison")?;
+    let check_real = checks.next();
     let accuracy = if lossy || args.data.is_some() || args.max_drop.is_some() {
         Some(measure_accuracy(&original, &model, &sample, args)?)
     } else {
@@ -218,8 +219,8 @@ pub fn run(args: &CompileArgs) -> Result<()> {
         check_tolerance: LOSSLESS_REL_TOLERANCE,
         lossy,
         accuracy,
-        budget: budget_choice.map(|(chosen, candidates)| BudgetReport {
-            relus: budget_relus(args, &before).unwrap_or(0),
+        budget: budget.zip(budget_choice).map(|(relus, (chosen, candidates))| BudgetReport {
+            relus,
             chosen,
             candidates,
         }),
@@ -306,11 +307,9 @@ fn budget_relus(args: &CompileArgs, before: &Census) -> Result<u64> {
 fn choose_for_budget(
     original: &Model,
     sample: &[usize],
-    _text: &str,
-    before: &Census,
+    budget: u64,
     args: &CompileArgs,
 ) -> Result<(Candidate, Vec<Candidate>)> {
-    let budget = budget_relus(args, before)?;
     if let Some(path) = &args.frontier {
         return choose_from_frontier(path, budget);
     }

@@ -49,11 +49,28 @@ pub fn compare_models(
     sample: &[usize],
     inputs: &[f32],
 ) -> Result<Comparison> {
+    Ok(compare_models_on(a, b, sample, &[inputs])?.remove(0))
+}
+
+/// Batch size of the comparison runs: small, since the input sets are small.
+const COMPARE_BATCH: usize = 16;
+
+/// [`compare_models`] on several input sets, preparing each graph once.
+pub fn compare_models_on(
+    a: &Model,
+    b: &Model,
+    sample: &[usize],
+    input_sets: &[&[f32]],
+) -> Result<Vec<Comparison>> {
+    let ra = Runner::new(a, sample, COMPARE_BATCH)?;
+    let rb = Runner::new(b, sample, COMPARE_BATCH)?;
+    input_sets.iter().map(|inputs| compare_runs(&ra, &rb, sample, inputs)).collect()
+}
+
+fn compare_runs(ra: &Runner, rb: &Runner, sample: &[usize], inputs: &[f32]) -> Result<Comparison> {
     let per: usize = sample.iter().product();
     let samples = inputs.len() / per;
-    let batch = samples.clamp(1, 16);
-    let ra = Runner::new(a, sample, batch)?;
-    let rb = Runner::new(b, sample, batch)?;
+    let batch = ra.batch();
     let (mut max_abs_diff, mut max_abs_output, mut agree) = (0f32, 0f32, 0usize);
     for chunk in inputs.chunks(batch * per) {
         let (ya, width) = ra.run(chunk)?;
