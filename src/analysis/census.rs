@@ -34,6 +34,17 @@ pub struct LinearLayer {
     pub op: String,
     pub stage: usize,
     pub macs: u64,
+    /// Input elements per sample plus weight elements: what a secret-shared multiplication
+    /// opens (Beaver triples), so it drives a linear layer's communication.
+    pub operands: u64,
+}
+
+/// A max-pool: each output is a max over a window, `window - 1` comparisons in PI.
+#[derive(Debug, Clone, Serialize)]
+pub struct PoolLayer {
+    pub name: String,
+    pub stage: usize,
+    pub comparisons: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -48,6 +59,7 @@ pub struct Census {
     pub stages: Vec<StageSummary>,
     pub nodes: Vec<ReluNode>,
     pub linear: Vec<LinearLayer>,
+    pub pools: Vec<PoolLayer>,
 }
 
 /// Count ReLUs and MACs for one sample of shape `sample` (batch dimension excluded).
@@ -63,6 +75,12 @@ pub fn census_with(model: &Model, sample: &[usize], shapes: &Shapes, stages: &St
     };
     let mut nodes = Vec::new();
     let mut linear = Vec::new();
+    let mut pools = Vec::new();
+    let numel_of = |v: Option<&str>, batch: bool| -> u64 {
+        v.and_then(|v| shapes.get(v))
+            .map(|s| s.iter().skip(batch as usize).map(|&d| d as u64).product())
+            .unwrap_or(0)
+    };
     for (ix, node) in graph.nodes.iter().enumerate() {
         let stage = stages.of_node[ix];
         let Some(out) = node.outputs.first() else { continue };
@@ -76,6 +94,22 @@ pub fn census_with(model: &Model, sample: &[usize], shapes: &Shapes, stages: &St
                 stage,
                 shape,
                 relus: numel,
+            });
+            continue;
+        }
+        if node.op_type == "MaxPool" || node.op_type == "GlobalMaxPool" {
+            let window: u64 = match node.attr_ints("kernel_shape") {
+                Some(k) => k.iter().map(|&d| d.max(1) as u64).product(),
+                None => node
+                    .input(0)
+                    .and_then(|x| shapes.get(x))
+                    .map(|s| s.iter().skip(2).map(|&d| d as u64).product())
+                    .unwrap_or(1),
+            };
+            pools.push(PoolLayer {
+                name: node.name.clone(),
+                stage,
+                comparisons: numel * window.saturating_sub(1),
             });
             continue;
         }
@@ -104,6 +138,7 @@ pub fn census_with(model: &Model, sample: &[usize], shapes: &Shapes, stages: &St
                 op: node.op_type.clone(),
                 stage,
                 macs: numel * k as u64,
+                operands: numel_of(node.input(0), true) + numel_of(node.input(1), false),
             });
         }
     }
@@ -131,5 +166,6 @@ pub fn census_with(model: &Model, sample: &[usize], shapes: &Shapes, stages: &St
         stages: stage_summaries,
         nodes,
         linear,
+        pools,
     }
 }

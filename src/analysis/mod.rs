@@ -1,6 +1,7 @@
 //! Analyses read the IR and never change it.
 
 pub mod census;
+pub mod cost;
 pub mod ranges;
 pub mod shapes;
 pub mod stages;

@@ -15,17 +15,30 @@ pub struct InspectArgs {
     /// Print one JSON object instead of tables
     #[arg(long)]
     pub json: bool,
+    /// Estimate private-inference cost with this model: `crypten` (built in, calibrated on
+    /// CrypTen 0.4.1) or a JSON file of coefficients (see src/analysis/cost/crypten.json)
+    #[arg(long, default_value = "crypten")]
+    pub cost_model: String,
+}
+
+#[derive(serde::Serialize)]
+struct Inspection<'a> {
+    #[serde(flatten)]
+    census: &'a crate::analysis::census::Census,
+    cost: crate::analysis::cost::CostEstimate,
 }
 
 pub fn run(args: &InspectArgs) -> Result<()> {
     let model = load_model(&args.model)?;
     let sample = sample_shape(&model, args.input_shape.as_deref())?;
     let c = census(&model, &sample)?;
+    let cost = crate::analysis::cost::CostModel::load(&args.cost_model)?.estimate(&c);
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&c)?);
+        println!("{}", serde_json::to_string_pretty(&Inspection { census: &c, cost })?);
     } else {
         println!("{}", args.model.display());
         print!("{}", crate::report::census_text(&c));
+        print!("{}", crate::report::cost_text(&cost));
     }
     Ok(())
 }

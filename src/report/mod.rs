@@ -110,6 +110,36 @@ pub fn census_text(c: &Census) -> String {
     out
 }
 
+/// Estimated PI cost: the costliest layers, then the totals.
+pub fn cost_text(c: &crate::analysis::cost::CostEstimate) -> String {
+    /// Layers listed by name; the rest are summed in the totals.
+    const SHOWN: usize = 12;
+    let mut layers: Vec<&crate::analysis::cost::LayerCost> = c.layers.iter().collect();
+    layers.sort_by(|a, b| b.seconds.total_cmp(&a.seconds).then(a.name.cmp(&b.name)));
+    let rows: Vec<Vec<String>> = layers
+        .iter()
+        .take(SHOWN)
+        .map(|l| {
+            vec![
+                l.name.clone(),
+                l.op.clone(),
+                format!("{:.2}", l.bytes / 1e6),
+                format!("{:.0}", l.rounds),
+                format!("{:.1}", 1e3 * l.seconds),
+            ]
+        })
+        .collect();
+    let mut out = format!("\nEstimated private-inference cost ({}), costliest layers:\n", c.engine);
+    out += &table(&["node", "op", "MB sent", "rounds", "ms"], &rows);
+    out += &format!(
+        "Total (estimate): {:.2} MB sent, {:.0} rounds, {:.3} s per image\n",
+        c.bytes / 1e6,
+        c.rounds,
+        c.seconds
+    );
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

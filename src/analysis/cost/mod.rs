@@ -1,0 +1,112 @@
+//! Estimated private-inference cost of a graph: bytes sent, communication rounds and latency,
+//! per layer and in total, from the census and a linear model whose coefficients are
+//! calibrated on a real engine (`scripts/calibrate_cost_model.py` measures CrypTen and writes
+//! `crypten.json` beside this file).
+//!
+//! The model: a ReLU and a max-pool comparison each cost a fixed number of bytes, a linear
+//! layer's bytes grow with the elements it opens (input + weights), every ReLU, pool and
+//! linear layer adds its rounds, and latency is a weighted sum of bytes, rounds and MACs.
+
+use super::census::Census;
+use crate::error::{CompileError, ExitCode};
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// CrypTen 0.4.1, two parties on loopback, measured on this project's 2-core machines.
+const CRYPTEN: &str = include_str!("crypten.json");
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CostModel {
+    pub engine: String,
+    pub bytes_per_relu: f64,
+    pub bytes_per_comparison: f64,
+    pub bytes_per_linear_operand: f64,
+    pub bytes_fixed: f64,
+    pub rounds_per_relu_layer: f64,
+    pub rounds_per_pool_layer: f64,
+    pub rounds_per_linear_layer: f64,
+    pub rounds_fixed: f64,
+    pub seconds_per_byte: f64,
+    pub seconds_per_round: f64,
+    pub seconds_per_mac: f64,
+    pub seconds_fixed: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerCost {
+    pub name: String,
+    pub op: String,
+    pub bytes: f64,
+    pub rounds: f64,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CostEstimate {
+    pub engine: String,
+    pub bytes: f64,
+    pub rounds: f64,
+    pub seconds: f64,
+    pub layers: Vec<LayerCost>,
+}
+
+impl CostModel {
+    /// `crypten` (built in) or a JSON file with the same fields.
+    pub fn load(spec: &str) -> Result<Self> {
+        let text = match spec {
+            "crypten" => CRYPTEN.to_string(),
+            path => std::fs::read_to_string(Path::new(path)).map_err(|e| {
+                CompileError::new(
+                    ExitCode::Usage,
+                    format!("--cost-model '{path}': not 'crypten' and not a readable file ({e})"),
+                )
+            })?,
+        };
+        serde_json::from_str(&text)
+            .with_context(|| format!("--cost-model '{spec}' is not a cost model JSON"))
+    }
+
+    fn layer(&self, name: &str, op: &str, bytes: f64, rounds: f64, macs: f64) -> LayerCost {
+        LayerCost {
+            name: name.to_string(),
+            op: op.to_string(),
+            bytes,
+            rounds,
+            seconds: self.seconds_per_byte * bytes
+                + self.seconds_per_round * rounds
+                + self.seconds_per_mac * macs,
+        }
+    }
+
+    pub fn estimate(&self, census: &Census) -> CostEstimate {
+        let mut layers = Vec::new();
+        for n in census.nodes.iter() {
+            layers.push(self.layer(
+                &n.name,
+                &n.op,
+                self.bytes_per_relu * n.relus as f64,
+                self.rounds_per_relu_layer,
+                0.0,
+            ));
+        }
+        for p in &census.pools {
+            let bytes = self.bytes_per_comparison * p.comparisons as f64;
+            layers.push(self.layer(&p.name, "MaxPool", bytes, self.rounds_per_pool_layer, 0.0));
+        }
+        for l in &census.linear {
+            let bytes = self.bytes_per_linear_operand * l.operands as f64;
+            layers.push(self.layer(
+                &l.name,
+                &l.op,
+                bytes,
+                self.rounds_per_linear_layer,
+                l.macs as f64,
+            ));
+        }
+        let bytes = self.bytes_fixed + layers.iter().map(|l| l.bytes).sum::<f64>();
+        let rounds = self.rounds_fixed + layers.iter().map(|l| l.rounds).sum::<f64>();
+        let seconds = self.seconds_fixed + layers.iter().map(|l| l.seconds).sum::<f64>();
+        CostEstimate { engine: self.engine.clone(), bytes, rounds, seconds, layers }
+    }
+}
