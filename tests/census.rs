@@ -58,7 +58,9 @@ fn shipped_resnet_census_matches_deepreduce_layout() {
 #[test]
 fn census_goldens_of_shipped_models() {
     for model in ["models/resnet18w16.onnx", "models/vgg.onnx"] {
-        let v = relucompile_json(&["inspect", model, "--json"]);
+        let mut v = relucompile_json(&["inspect", model, "--json"]);
+        // The cost estimate follows the calibrated coefficients; it is tested on its own.
+        v.as_object_mut().unwrap().remove("cost");
         assert_golden(&format!("fixtures/golden/{}.census.json", stem(model)), &v);
     }
 }
@@ -69,4 +71,42 @@ fn census_table_names_every_stage() {
     assert_eq!(o.code, 0, "{}", o.stderr);
     assert!(o.stdout.contains("0 (stem)"), "{}", o.stdout);
     assert!(o.stdout.contains("Total: 108,544 ReLUs"), "{}", o.stdout);
+}
+
+#[test]
+fn cost_estimate_adds_up_its_layers_and_falls_with_relus() {
+    let full = relucompile_json(&["inspect", "models/resnet18w16.onnx", "--json"]);
+    let model: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(path("src/analysis/cost/crypten.json")).unwrap(),
+    )
+    .unwrap();
+    let cost = &full["cost"];
+    let layers: f64 =
+        cost["layers"].as_array().unwrap().iter().map(|l| l["bytes"].as_f64().unwrap()).sum();
+    let total = cost["bytes"].as_f64().unwrap();
+    assert!((layers + model["bytes_fixed"].as_f64().unwrap() - total).abs() <= 1e-6 * total);
+    // One ReLU layer's bytes are its elements times the per-ReLU cost.
+    let relu = cost["layers"].as_array().unwrap().iter().find(|l| l["op"] == "Relu").unwrap();
+    let expected = 12_544.0 * model["bytes_per_relu"].as_f64().unwrap();
+    assert!((relu["bytes"].as_f64().unwrap() - expected).abs() <= 1e-6 * expected, "{relu}");
+    // A reduced graph is estimated cheaper.
+    let dir = tmpdir();
+    let out = dir.path().join("o.onnx");
+    relucompile_json(&[
+        "models/resnet18w16.onnx",
+        "-o",
+        out.to_str().unwrap(),
+        "--cull",
+        "1,2",
+        "--limit",
+        "50",
+        "--json",
+        "--no-progress",
+    ]);
+    let reduced = relucompile_json(&["inspect", out.to_str().unwrap(), "--json"]);
+    assert!(reduced["cost"]["bytes"].as_f64().unwrap() < total);
+    assert!(reduced["cost"]["seconds"].as_f64().unwrap() < cost["seconds"].as_f64().unwrap());
+    // Another engine's coefficients load from a file.
+    let o = relucompile(&["inspect", "models/vgg.onnx", "--cost-model", "no/such.json"]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
 }

@@ -2,6 +2,7 @@
 //! on real and random inputs, and write it only if it computes the same function.
 
 use crate::analysis::census::{census, Census};
+use crate::analysis::cost::{CostEstimate, CostModel};
 use crate::analysis::shapes::sample_shape;
 use crate::error::{CompileError, ExitCode};
 use crate::eval::compare::{compare_models_on, random_inputs, Comparison, LOSSLESS_REL_TOLERANCE};
@@ -88,6 +89,9 @@ pub struct CompileArgs {
     /// Evaluate on the first N test images only
     #[arg(long, help_heading = "Accuracy gate")]
     pub limit: Option<usize>,
+    /// Estimate private-inference cost with this model: `crypten` (built in) or a JSON file
+    #[arg(long, default_value = "crypten")]
+    pub cost_model: String,
     /// Write the report as JSON to this file
     #[arg(long)]
     pub report: Option<PathBuf>,
@@ -135,6 +139,9 @@ struct CompileReport {
     /// Whether the pipeline holds lossy passes (then accuracy, not output equality, decides).
     lossy: bool,
     accuracy: Option<AccuracyReport>,
+    /// Estimated private-inference cost of both graphs, per layer and in total.
+    cost_before: CostEstimate,
+    cost_after: CostEstimate,
     /// With --relu-budget: the budget, the choice and every candidate considered.
     #[serde(skip_serializing_if = "Option::is_none")]
     budget: Option<BudgetReport>,
@@ -171,6 +178,7 @@ pub fn run(args: &CompileArgs) -> Result<()> {
     let original = load_model(input)?;
     let sample = sample_shape(&original, args.input_shape.as_deref())?;
     let before = census(&original, &sample)?;
+    let cost_model = CostModel::load(&args.cost_model)?;
     let budget = args.relu_budget.as_ref().map(|_| budget_relus(args, &before)).transpose()?;
     let budget_choice = match budget {
         Some(relus) => Some(choose_for_budget(&original, &sample, relus, args)?),
@@ -219,6 +227,8 @@ pub fn run(args: &CompileArgs) -> Result<()> {
         check_tolerance: LOSSLESS_REL_TOLERANCE,
         lossy,
         accuracy,
+        cost_before: cost_model.estimate(&before),
+        cost_after: cost_model.estimate(&after),
         budget: budget.zip(budget_choice).map(|(relus, (chosen, candidates))| BudgetReport {
             relus,
             chosen,
@@ -500,6 +510,22 @@ fn print_report(r: &CompileReport, before: &Census, after: &Census, real_note: &
     ]);
     rows.push(vec!["MACs".into(), thousands(before.total_macs), thousands(after.total_macs)]);
     rows.push(vec!["nodes".into(), r.before.nodes.to_string(), r.after.nodes.to_string()]);
+    let (cb, ca) = (&r.cost_before, &r.cost_after);
+    rows.push(vec![
+        "est. PI latency (s)".into(),
+        format!("{:.3}", cb.seconds),
+        format!("{:.3}", ca.seconds),
+    ]);
+    rows.push(vec![
+        "est. PI MB sent".into(),
+        format!("{:.2}", cb.bytes / 1e6),
+        format!("{:.2}", ca.bytes / 1e6),
+    ]);
+    rows.push(vec![
+        "est. PI rounds".into(),
+        format!("{:.0}", cb.rounds),
+        format!("{:.0}", ca.rounds),
+    ]);
     println!();
     print!("{}", table(&["", "before", "after"], &rows));
     println!();
