@@ -4,7 +4,8 @@
 For each case of a JSON manifest it checks that the model
   1. passes onnx.checker.check_model(full_check=True),
   2. contains no Identity node and no dead node (every node output feeds a node or an output),
-     and every INT/FLOAT attribute carries its value field (zeros included),
+     every INT/FLOAT attribute carries its value field (zeros included) and no initializer is
+     an integer tensor (both refused by CrypTen's importer),
   3. loads in onnxruntime and gives the same outputs as tract (tract's outputs are read
      from the .npy file `relucompile run` wrote for the same inputs),
   4. when a reference model is named, gives under onnxruntime the same outputs as it,
@@ -86,6 +87,11 @@ def check_case(case):
             field = {onnx.AttributeProto.INT: "i", onnx.AttributeProto.FLOAT: "f"}.get(a.type)
             if field and not a.HasField(field):
                 raise AssertionError(f"attribute {a.name} of {n.name} has no '{field}' field")
+    # CrypTen turns initializers into trainable parameters, which integer tensors cannot be.
+    ints = [t.name for t in graph.initializer
+            if t.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16)]
+    if ints:
+        raise AssertionError(f"integer initializers (CrypTen refuses them): {ints[:5]}")
     used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
     dead = [n.name for n in graph.node if not any(o in used for o in n.output if o)]
     if dead:
