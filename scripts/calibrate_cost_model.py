@@ -6,9 +6,9 @@ pipeline, culling, thinning, channel thinning), measures each in CrypTen 0.4.1 (
 loopback, batch 1; scripts/crypten_run.py), reads each graph's census with
 `relucompile inspect --json`, and fits non-negative coefficients by least squares:
 
-    bytes   = a * ReLUs + b * max-pool comparisons + c * linear operands + d
-    rounds  = e * ReLU layers + f * pool layers + g * linear layers + h
-    latency = i * bytes + j * rounds + k * MACs + l
+    bytes   = a * ReLUs + b * max-pool comparisons + c * linear operands + m * Mul elements + d
+    rounds  = e * ReLU layers + f * pool layers + g * linear layers + n * Mul layers + h
+    latency = i * bytes + j * rounds + k * MACs + o * operators + l
 
 The coefficients go to src/analysis/cost/crypten.json (compiled into relucompile as the
 `crypten` cost model), with the fit's per-graph residuals.
@@ -44,6 +44,10 @@ GRAPHS = [
     ("vgg cull 2", "vgg", ["--cull", "2"]),
     ("vgg thin alternate", "vgg", ["--thin", "alternate"]),
     ("vgg cull 0-3", "vgg", ["--cull", "0,1,2,3"]),
+    ("resnet channel 0.6", "resnet18w16", ["--channel-threshold", "0.6"]),
+    ("resnet cull 0,1,2 channel 0.9", "resnet18w16", ["--cull", "0,1,2", "--channel-threshold", "0.9"]),
+    ("vgg channel 0.6", "vgg", ["--channel-threshold", "0.6"]),
+    ("vgg cull 0,3 thin channel 0.9", "vgg", ["--cull", "0,3", "--thin", "alternate", "--channel-threshold", "0.9"]),
 ]
 
 
@@ -58,6 +62,9 @@ def features(binary, path):
         "pool_layers": len(c["pools"]),
         "linear_layers": len(c["linear"]),
         "macs": c["total_macs"],
+        "muls": sum(m["comparisons"] for m in c["muls"]),
+        "mul_layers": len(c["muls"]),
+        "operators": c["operators"],
     }
 
 
@@ -73,7 +80,7 @@ def fit(rows, columns, target):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release", "relucompile"))
-    ap.add_argument("--images", type=int, default=4)
+    ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--out", default=os.path.join(ROOT, "src", "analysis", "cost", "crypten.json"))
     args = ap.parse_args()
     tmp = tempfile.mkdtemp()
@@ -90,16 +97,17 @@ def main():
         rows.append({"graph": name, **f, "bytes": m["bytes"], "rounds": m["rounds"], "latency": m["latency_s"]})
         print(f"{name}: {f['relus']} ReLUs, {m['bytes'] / 1e6:.2f} MB, {m['rounds']:.0f} rounds, {m['latency_s']:.3f} s",
               flush=True)
-    b, b_hat = fit(rows, ["relus", "comparisons", "operands"], "bytes")
-    r, r_hat = fit(rows, ["relu_layers", "pool_layers", "linear_layers"], "rounds")
-    t, t_hat = fit(rows, ["bytes", "rounds", "macs"], "latency")
+    b, b_hat = fit(rows, ["relus", "comparisons", "operands", "muls"], "bytes")
+    r, r_hat = fit(rows, ["relu_layers", "pool_layers", "linear_layers", "mul_layers"], "rounds")
+    t, t_hat = fit(rows, ["bytes", "rounds", "macs", "operators"], "latency")
     model = {
         "engine": "CrypTen 0.4.1, 2 parties on loopback, batch 1 (scripts/calibrate_cost_model.py)",
         "bytes_per_relu": b[0], "bytes_per_comparison": b[1], "bytes_per_linear_operand": b[2],
-        "bytes_fixed": b[3],
+        "bytes_per_mul": b[3], "bytes_fixed": b[4],
         "rounds_per_relu_layer": r[0], "rounds_per_pool_layer": r[1], "rounds_per_linear_layer": r[2],
-        "rounds_fixed": r[3],
-        "seconds_per_byte": t[0], "seconds_per_round": t[1], "seconds_per_mac": t[2], "seconds_fixed": t[3],
+        "rounds_per_mul_layer": r[3], "rounds_fixed": r[4],
+        "seconds_per_byte": t[0], "seconds_per_round": t[1], "seconds_per_mac": t[2],
+        "seconds_per_operator": t[3], "seconds_fixed": t[4],
         "calibration": [
             {"graph": row["graph"], "relus": row["relus"], "measured_bytes": row["bytes"],
              "fitted_bytes": float(bh), "measured_rounds": row["rounds"], "fitted_rounds": float(rh),

@@ -25,7 +25,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("frontiers", nargs="+", help="directories written by `relucompile pareto`")
     ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release", "relucompile"))
-    ap.add_argument("--images", type=int, default=4)
+    ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--tolerance", type=float, default=0.15)
     args = ap.parse_args()
     tmp = tempfile.mkdtemp()

@@ -60,6 +60,10 @@ pub struct Census {
     pub nodes: Vec<ReluNode>,
     pub linear: Vec<LinearLayer>,
     pub pools: Vec<PoolLayer>,
+    /// Elementwise products (Mul): with encrypted weights each is a secret multiplication.
+    pub muls: Vec<PoolLayer>,
+    /// Every operator the engine executes, weights' Constant nodes excluded.
+    pub operators: usize,
 }
 
 /// Count ReLUs and MACs for one sample of shape `sample` (batch dimension excluded).
@@ -76,6 +80,7 @@ pub fn census_with(model: &Model, sample: &[usize], shapes: &Shapes, stages: &St
     let mut nodes = Vec::new();
     let mut linear = Vec::new();
     let mut pools = Vec::new();
+    let mut muls = Vec::new();
     let numel_of = |v: Option<&str>, batch: bool| -> u64 {
         v.and_then(|v| shapes.get(v))
             .map(|s| s.iter().skip(batch as usize).map(|&d| d as u64).product())
@@ -95,6 +100,10 @@ pub fn census_with(model: &Model, sample: &[usize], shapes: &Shapes, stages: &St
                 shape,
                 relus: numel,
             });
+            continue;
+        }
+        if node.op_type == "Mul" {
+            muls.push(PoolLayer { name: node.name.clone(), stage, comparisons: numel });
             continue;
         }
         if node.op_type == "MaxPool" || node.op_type == "GlobalMaxPool" {
@@ -167,5 +176,7 @@ pub fn census_with(model: &Model, sample: &[usize], shapes: &Shapes, stages: &St
         nodes,
         linear,
         pools,
+        muls,
+        operators: graph.nodes.iter().filter(|n| n.op_type != "Constant").count(),
     }
 }

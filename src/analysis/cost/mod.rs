@@ -31,6 +31,13 @@ pub struct CostModel {
     pub seconds_per_round: f64,
     pub seconds_per_mac: f64,
     pub seconds_fixed: f64,
+    /// Elementwise secret products (the channel masks) and per-operator dispatch.
+    #[serde(default)]
+    pub bytes_per_mul: f64,
+    #[serde(default)]
+    pub rounds_per_mul_layer: f64,
+    #[serde(default)]
+    pub seconds_per_operator: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -94,6 +101,10 @@ impl CostModel {
             let bytes = self.bytes_per_comparison * p.comparisons as f64;
             layers.push(self.layer(&p.name, "MaxPool", bytes, self.rounds_per_pool_layer, 0.0));
         }
+        for m in &census.muls {
+            let bytes = self.bytes_per_mul * m.comparisons as f64;
+            layers.push(self.layer(&m.name, "Mul", bytes, self.rounds_per_mul_layer, 0.0));
+        }
         for l in &census.linear {
             let bytes = self.bytes_per_linear_operand * l.operands as f64;
             layers.push(self.layer(
@@ -106,7 +117,12 @@ impl CostModel {
         }
         let bytes = self.bytes_fixed + layers.iter().map(|l| l.bytes).sum::<f64>();
         let rounds = self.rounds_fixed + layers.iter().map(|l| l.rounds).sum::<f64>();
-        let seconds = self.seconds_fixed + layers.iter().map(|l| l.seconds).sum::<f64>();
+        // The fixed bytes and rounds (input sharing, output opening) take time too.
+        let seconds = self.seconds_fixed
+            + self.seconds_per_byte * self.bytes_fixed
+            + self.seconds_per_round * self.rounds_fixed
+            + self.seconds_per_operator * census.operators as f64
+            + layers.iter().map(|l| l.seconds).sum::<f64>();
         CostEstimate { engine: self.engine.clone(), bytes, rounds, seconds, layers }
     }
 }
