@@ -10,12 +10,6 @@ use relucompile::passes::{
     run_pipeline, PassContext, Pipeline, VerifyOptions, DEFAULT_PIPELINE, REGISTRY,
 };
 
-/// The first 64 Fashion-MNIST test images, normalised as the shipped models expect.
-fn real_images() -> Vec<f32> {
-    let file = std::fs::File::open(path("fixtures/images/fmnist_test_64.npy")).unwrap();
-    npyz::NpyFile::new(std::io::BufReader::new(file)).unwrap().into_vec().unwrap()
-}
-
 fn check_pipeline(model_path: &str, pipeline: &str) -> usize {
     let original = load_model(&path(model_path)).unwrap();
     let sample = sample_shape(&original, None).unwrap();

@@ -10,11 +10,6 @@ fn stage_relus(v: &serde_json::Value) -> Vec<u64> {
     v.as_array().unwrap().iter().map(|s| s.as_u64().unwrap()).collect()
 }
 
-fn real_images() -> Vec<f32> {
-    let file = std::fs::File::open(path("fixtures/images/fmnist_test_64.npy")).unwrap();
-    npyz::NpyFile::new(std::io::BufReader::new(file)).unwrap().into_vec().unwrap()
-}
-
 #[test]
 fn cull_1_2_thin_bottom_leaves_22912_relus_and_matches_the_reference_network() {
     let dir = tmpdir();

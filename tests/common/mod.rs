@@ -75,6 +75,12 @@ pub fn stem(model: &str) -> String {
     Path::new(model).file_stem().unwrap().to_string_lossy().into_owned()
 }
 
+/// The first 64 Fashion-MNIST test images, normalised as the shipped models expect.
+pub fn real_images() -> Vec<f32> {
+    let file = std::fs::File::open(path("fixtures/images/fmnist_test_64.npy")).unwrap();
+    npyz::NpyFile::new(std::io::BufReader::new(file)).unwrap().into_vec().unwrap()
+}
+
 pub fn tmpdir() -> tempfile::TempDir {
     tempfile::tempdir().expect("a temporary directory")
 }
