@@ -36,7 +36,19 @@ def images(n):
     return np.load(os.path.join(here, "..", "fixtures", "images", "fmnist_test_64.npy"))[:n]
 
 
-def run_one(path, n, result_file):
+def run_one(path, n, result_file, launches=1):
+    """Latency: the median over the `n` images of one two-party launch, the best of `launches`
+    launches. One launch's level moves by up to 15% from the next (interference only ever
+    slows a launch down), so the best launch is the repeatable figure, as in timeit."""
+    runs = [launch(path, n, result_file) for _ in range(launches)]
+    r = runs[0]
+    r["launch_medians_s"] = [float(np.median(run.pop("times_s"))) for run in runs]
+    r["latency_s"] = min(r["launch_medians_s"])
+    r["launches"] = launches
+    return r
+
+
+def launch(path, n, result_file):
     crypten = import_crypten()
     import crypten.mpc as mpc
     import torch
@@ -46,6 +58,8 @@ def run_one(path, n, result_file):
         crypten.init()
         crypten.cfg.communicator.verbose = True  # count rounds and bytes
         torch.set_num_threads(1)
+        if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) >= 2:
+            os.sched_setaffinity(0, {crypten.communicator.get().get_rank() % os.cpu_count()})  # one core per party: less noise
         with open(path, "rb") as f:
             net = crypten.nn.from_onnx(f)
         net.encrypt(src=0)
@@ -64,7 +78,7 @@ def run_one(path, n, result_file):
         stats = comm.get_communication_stats()
         if comm.get_rank() == 0:
             with open(result_file, "w") as f:
-                json.dump({"latency_s": float(np.median(times)), "rounds": stats["rounds"] / n,
+                json.dump({"times_s": times, "rounds": stats["rounds"] / n,
                            "bytes": stats["bytes"] / n, "outputs": np.concatenate(outs).tolist()}, f)
 
     if os.path.exists(result_file):
@@ -80,6 +94,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="+")
     ap.add_argument("--images", type=int, default=4, help="images per model (batch 1 each)")
+    ap.add_argument("--launches", type=int, default=1, help="separate two-party launches per model")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     import onnxruntime as ort
@@ -88,7 +103,7 @@ def main():
     for path in args.models:
         tmp = f"/tmp/crypten_{os.getpid()}.json"
         try:
-            r = run_one(path, args.images, tmp)
+            r = run_one(path, args.images, tmp, args.launches)
         except RuntimeError as e:
             print(f"{path}: FAILED: {e}", flush=True)
             results.append({"model": path, "error": str(e)})

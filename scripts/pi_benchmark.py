@@ -25,7 +25,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("frontiers", nargs="+", help="directories written by `relucompile pareto`")
     ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release", "relucompile"))
-    ap.add_argument("--images", type=int, default=8)
+    ap.add_argument("--images", type=int, default=16, help="images per launch")
+    ap.add_argument("--launches", type=int, default=3, help="separate CrypTen launches per graph; latency is the best launch's median")
     ap.add_argument("--tolerance", type=float, default=0.15)
     args = ap.parse_args()
     tmp = tempfile.mkdtemp()
@@ -39,7 +40,7 @@ def main():
         for name, path, relus, acc in graphs:
             est = json.loads(subprocess.run([args.bin, "inspect", path, "--json"], check=True,
                                             capture_output=True, text=True).stdout)["cost"]
-            m = crypten_run.run_one(path, args.images, os.path.join(tmp, "r.json"))
+            m = crypten_run.run_one(path, args.images, os.path.join(tmp, "r.json"), args.launches)
             rows.append({"graph": name, "relus": relus, "accuracy": acc, "est_s": est["seconds"],
                          "est_bytes": est["bytes"], "est_rounds": est["rounds"], "s": m["latency_s"],
                          "bytes": m["bytes"], "rounds": m["rounds"]})

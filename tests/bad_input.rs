@@ -107,3 +107,94 @@ fn bad_input_shape_is_a_usage_error() {
     assert_eq!(o.code, 2, "{}", o.stderr);
     assert!(o.stderr.contains("1xfoo"), "{}", o.stderr);
 }
+
+/// Writes `bytes` as a model file in `dir` and returns its path.
+fn model_file(dir: &std::path::Path, name: &str, bytes: &[u8]) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p.to_str().unwrap().to_string()
+}
+
+#[test]
+fn wrong_protobuf_types() {
+    // ModelProto field 7 (graph) must be a length-delimited message; here it is a varint.
+    let dir = tmpdir();
+    let m = model_file(dir.path(), "wiretype.onnx", &[0x08, 0x08, 0x38, 0x01]);
+    let o = relucompile(&["inspect", &m]);
+    assert_eq!(o.code, 3, "{}", o.stderr);
+    assert!(o.stderr.contains("wiretype.onnx") && o.stderr.contains("protobuf"), "{}", o.stderr);
+}
+
+#[test]
+fn op_with_missing_attributes() {
+    use prost::Message;
+    use tract_onnx::pb;
+    let value = |name: &str, dims: &[i64]| {
+        use pb::tensor_shape_proto::{dimension::Value, Dimension};
+        pb::ValueInfoProto {
+            name: name.into(),
+            r#type: Some(pb::TypeProto {
+                value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                    elem_type: 1,
+                    shape: Some(pb::TensorShapeProto {
+                        dim: dims
+                            .iter()
+                            .map(|&d| Dimension {
+                                value: Some(Value::DimValue(d)),
+                                ..Default::default()
+                            })
+                            .collect(),
+                    }),
+                })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    };
+    // MaxPool requires kernel_shape.
+    let proto = pb::ModelProto {
+        ir_version: 8,
+        opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: 13 }],
+        graph: Some(pb::GraphProto {
+            node: vec![pb::NodeProto {
+                name: "pool_without_kernel".into(),
+                op_type: "MaxPool".into(),
+                input: vec!["x".into()],
+                output: vec!["y".into()],
+                ..Default::default()
+            }],
+            input: vec![value("x", &[1, 1, 8, 8])],
+            output: vec![value("y", &[1, 1, 4, 4])],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let dir = tmpdir();
+    let m = model_file(dir.path(), "noattr.onnx", &proto.encode_to_vec());
+    let out = dir.path().join("out.onnx");
+    let o = relucompile(&[&m, "-o", out.to_str().unwrap()]);
+    assert_eq!(o.code, 3, "{}", o.stderr);
+    assert!(
+        o.stderr.contains("pool_without_kernel") && o.stderr.contains("kernel_shape"),
+        "{}",
+        o.stderr
+    );
+    assert!(!out.exists());
+}
+
+#[test]
+fn output_path_that_cannot_be_created_is_refused() {
+    let dir = tmpdir();
+    let file = dir.path().join("plain_file");
+    std::fs::write(&file, b"x").unwrap();
+    let out = file.join("out.onnx"); // a "directory" that is a regular file
+    let o = relucompile(&[
+        "fixtures/models/tiny_ts_opset13.onnx",
+        "-o",
+        out.to_str().unwrap(),
+        "--no-progress",
+    ]);
+    assert_ne!(o.code, 0);
+    assert!(o.stderr.contains("plain_file"), "{}", o.stderr);
+    assert_eq!(std::fs::read(&file).unwrap(), b"x");
+}

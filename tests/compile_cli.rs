@@ -3,9 +3,7 @@
 
 mod common;
 use common::*;
-use npyz::WriterBuilder;
 use std::path::Path;
-use std::process::Command;
 
 fn compile(model: &str, out: &Path) -> serde_json::Value {
     relucompile_json(&[model, "-o", out.to_str().unwrap(), "--json"])
@@ -87,41 +85,10 @@ fn verify_each_checks_every_pass() {
     }
 }
 
-fn write_npy(path: &Path, shape: &[u64], data: &[f32]) {
-    let mut w = npyz::WriteOptions::new()
-        .default_dtype()
-        .shape(shape)
-        .writer(std::io::BufWriter::new(std::fs::File::create(path).unwrap()))
-        .begin_nd()
-        .unwrap();
-    w.extend(data.iter().copied()).unwrap();
-    w.finish().unwrap();
-}
-
-/// tract's outputs of `model` on `input` (a .npy file), written beside it: one harness case.
-fn tract_case(model: &Path, input: &Path, y: &Path) -> serde_json::Value {
-    let o = relucompile(&[
-        "run",
-        model.to_str().unwrap(),
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        y.to_str().unwrap(),
-    ]);
-    assert_eq!(o.code, 0, "{}", o.stderr);
-    serde_json::json!({"model": model, "input": input, "tract_output": y})
-}
-
 /// onnx.checker (full check) and onnxruntime agree with tract on every emitted graph.
 #[test]
 fn onnxruntime_and_checker_accept_every_output() {
-    let python_ready = Command::new("python3")
-        .args(["-c", "import onnx, onnxruntime, numpy"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !python_ready {
-        assert!(std::env::var("CI").is_err(), "CI must install tests/py/requirements.txt");
-        eprintln!("SKIPPED: python3 with onnx and onnxruntime is not installed (see .ci/run)");
+    if !python_ready(&["onnx", "onnxruntime", "numpy"]) {
         return;
     }
     let dir = tmpdir();
@@ -170,18 +137,5 @@ fn onnxruntime_and_checker_accept_every_output() {
         case["relus"] = report["after"]["total_relus"].clone();
         cases.push(case);
     }
-    let manifest = dir.path().join("manifest.json");
-    std::fs::write(&manifest, serde_json::to_string(&cases).unwrap()).unwrap();
-    let o = Command::new("python3")
-        .arg(path("tests/py/check_onnx.py"))
-        .arg(&manifest)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        o.status.success(),
-        "cross-check failed:\n{stdout}{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    assert!(stdout.contains(&format!("{} passed, 0 failed", cases.len())), "{stdout}");
+    cross_check(dir.path(), &cases);
 }

@@ -70,7 +70,7 @@ pub fn compare_models_on(
 fn compare_runs(ra: &Runner, rb: &Runner, sample: &[usize], inputs: &[f32]) -> Result<Comparison> {
     let per: usize = sample.iter().product();
     let samples = inputs.len() / per;
-    let batch = ra.batch();
+    let batch = ra.batch().min(rb.batch());
     let (mut max_abs_diff, mut max_abs_output, mut agree) = (0f32, 0f32, 0usize);
     for chunk in inputs.chunks(batch * per) {
         let (ya, width) = ra.run(chunk)?;

@@ -16,14 +16,26 @@ pub struct Runner {
 }
 
 impl Runner {
-    /// Optimise `model` for inputs of shape `[batch] + sample`.
+    /// Optimise `model` for inputs of shape `[batch] + sample`. Exporters often bake a batch
+    /// of one into shape constants (a Reshape to `[1, 512]`), so when tract refuses `batch` the
+    /// graph is prepared for single samples instead; [`Runner::batch`] says which it got.
     pub fn new(model: &Model, sample: &[usize], batch: usize) -> Result<Self> {
         let proto = to_proto(model);
+        Self::prepare(&proto, sample, batch).or_else(|e| {
+            if batch > 1 {
+                Self::prepare(&proto, sample, 1)
+            } else {
+                Err(e)
+            }
+        })
+    }
+
+    fn prepare(proto: &tract_onnx::pb::ModelProto, sample: &[usize], batch: usize) -> Result<Self> {
         let mut full = vec![batch];
         full.extend_from_slice(sample);
         let plan = crate::eval::catch_tract(|| {
             tract_onnx::onnx()
-                .parse(&proto, None)?
+                .parse(proto, None)?
                 .model
                 .with_input_fact(0, f32::fact(&full).into())?
                 .into_optimized()?

@@ -58,7 +58,7 @@ pub fn positive_fractions(
         })
         .collect();
     let counts = images
-        .par_chunks(BATCH * per)
+        .par_chunks(runner.batch() * per)
         .map(|chunk| -> Result<Vec<Vec<u64>>> {
             let outs = runner.run_all(chunk)?;
             Ok(outs

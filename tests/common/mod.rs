@@ -1,6 +1,7 @@
 //! Shared helpers for the integration tests.
 #![allow(dead_code)]
 
+use npyz::WriterBuilder;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -83,4 +84,63 @@ pub fn real_images() -> Vec<f32> {
 
 pub fn tmpdir() -> tempfile::TempDir {
     tempfile::tempdir().expect("a temporary directory")
+}
+
+pub fn write_npy(path: &Path, shape: &[u64], data: &[f32]) {
+    let mut w = npyz::WriteOptions::new()
+        .default_dtype()
+        .shape(shape)
+        .writer(std::io::BufWriter::new(std::fs::File::create(path).unwrap()))
+        .begin_nd()
+        .unwrap();
+    w.extend(data.iter().copied()).unwrap();
+    w.finish().unwrap();
+}
+
+/// tract's outputs of `model` on `input` (a .npy file), written to `y`: one harness case.
+pub fn tract_case(model: &Path, input: &Path, y: &Path) -> serde_json::Value {
+    let o = relucompile(&[
+        "run",
+        model.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        y.to_str().unwrap(),
+    ]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    serde_json::json!({"model": model, "input": input, "tract_output": y})
+}
+
+/// Whether python3 has these modules. Outside CI a missing one skips the caller (with a note);
+/// in CI, where .ci/run installs them, it fails.
+pub fn python_ready(modules: &[&str]) -> bool {
+    let ready = Command::new("python3")
+        .args(["-c", &format!("import {}", modules.join(", "))])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ready {
+        assert!(std::env::var("CI").is_err(), "CI must install tests/py/requirements.txt");
+        eprintln!("SKIPPED: python3 lacks one of {modules:?} (see .ci/run)");
+    }
+    ready
+}
+
+/// Run tests/py/check_onnx.py (onnx.checker full check, no Identity/dead nodes, onnxruntime
+/// against tract and against the reference) on these cases; panics with its report on failure.
+pub fn cross_check(dir: &Path, cases: &[serde_json::Value]) -> String {
+    let manifest = dir.join("manifest.json");
+    std::fs::write(&manifest, serde_json::to_string(cases).unwrap()).unwrap();
+    let o = Command::new("python3")
+        .arg(path("tests/py/check_onnx.py"))
+        .arg(&manifest)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "cross-check failed:\n{stdout}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(stdout.contains(&format!("{} passed, 0 failed", cases.len())), "{stdout}");
+    stdout
 }
