@@ -198,3 +198,72 @@ fn output_path_that_cannot_be_created_is_refused() {
     assert!(o.stderr.contains("plain_file"), "{}", o.stderr);
     assert_eq!(std::fs::read(&file).unwrap(), b"x");
 }
+
+// Regression tests from fuzzing (fuzz/, README "Fuzzing"): each input once crashed a target.
+
+#[test]
+fn fuzz_decode_constant_of_huge_shape() {
+    // A shape constant mutated to ask for an 11 TB tensor: tract's allocation panicked.
+    compile_fails(
+        "fixtures/models/fuzz/decode-constant-of-huge-shape.onnx",
+        3,
+        &["decode-constant-of-huge-shape.onnx", "ConstantOfShape", "limit"],
+    );
+}
+
+#[test]
+fn fuzz_pipeline_division_by_zero() {
+    // A mutated graph on which tract's shape arithmetic divides by zero when it is prepared.
+    let model = "fixtures/models/fuzz/pipeline-division-by-zero.onnx";
+    let dir = tmpdir();
+    let out = dir.path().join("out.onnx");
+    let o = relucompile(&[model, "-o", out.to_str().unwrap(), "--no-progress"]);
+    assert_eq!(o.code, 3, "{}", o.stderr);
+    assert!(
+        o.stderr.contains("tract cannot prepare the graph")
+            && o.stderr.contains("pipeline-division-by-zero.onnx"),
+        "{}",
+        o.stderr
+    );
+    assert!(!out.exists());
+}
+
+#[test]
+fn fuzz_pipeline_batchnorm_on_rank_1() {
+    // BatchNormalization reading a 1-D bias: tract indexed its channel axis out of bounds and
+    // aborted the process (a non-unwinding panic) before relucompile checked ranks itself.
+    compile_fails(
+        "fixtures/models/fuzz/pipeline-batchnorm-on-rank-1.onnx",
+        3,
+        &["pipeline-batchnorm-on-rank-1.onnx", "'bn3.bias' of rank 1", "BatchNormalization"],
+    );
+}
+
+#[test]
+fn fuzz_decode_constant_of_shape_11gb() {
+    // A ConstantOfShape weight whose shape was mutated to ask for 2.8e9 elements: tract
+    // allocated 11 GB folding it before failing.
+    compile_fails(
+        "fixtures/models/fuzz/decode-constant-of-shape-11gb.onnx",
+        3,
+        &["decode-constant-of-shape-11gb.onnx", "ConstantOfShape", "limit"],
+    );
+}
+
+#[test]
+fn fuzz_pipeline_batchnorm_folds_to_infinity() {
+    // A BatchNormalization whose folding would bake non-finite weights: fold-bn used to write
+    // them, and the emitted graph was one relucompile itself refuses to load. Now the BN is
+    // kept, the outputs match and the written graph loads again.
+    let dir = tmpdir();
+    let out = dir.path().join("out.onnx");
+    let report = relucompile_json(&[
+        "fixtures/models/fuzz/pipeline-batchnorm-folds-to-infinity.onnx",
+        "-o",
+        out.to_str().unwrap(),
+        "--json",
+        "--no-progress",
+    ]);
+    assert!(report["check_random"]["rel_diff"].as_f64().unwrap() <= 1e-4);
+    assert_eq!(relucompile(&["inspect", out.to_str().unwrap()]).code, 0);
+}

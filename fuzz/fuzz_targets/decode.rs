@@ -8,6 +8,7 @@ use relucompile::frontend::model_from_bytes;
 use relucompile::ir::verify;
 
 fuzz_target!(|data: &[u8]| {
+    abort_on_our_panics();
     let Ok(model) = model_from_bytes(data, None) else { return };
     if verify(&model).is_err() {
         return;
@@ -19,3 +20,17 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 });
+
+/// Abort (report a crash) on any panic except tract's, which relucompile catches and reports
+/// as an error: those are not crashes of the product.
+fn abort_on_our_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        std::panic::set_hook(Box::new(|info| {
+            if !relucompile::eval::inside_tract() {
+                eprintln!("{info}");
+                std::process::abort();
+            }
+        }))
+    });
+}

@@ -14,8 +14,23 @@ use tract_onnx::pb;
 
 const SEED: &[u8] = include_bytes!("../../fixtures/models/tiny_ts_opset9.onnx");
 const OPS: &[&str] = &[
-    "Relu", "Add", "Sum", "Mul", "Conv", "MaxPool", "AveragePool", "GlobalAveragePool", "Identity",
-    "Clip", "BatchNormalization", "Flatten", "Gemm", "Dropout", "Concat", "Reshape", "Sigmoid",
+    "Relu",
+    "Add",
+    "Sum",
+    "Mul",
+    "Conv",
+    "MaxPool",
+    "AveragePool",
+    "GlobalAveragePool",
+    "Identity",
+    "Clip",
+    "BatchNormalization",
+    "Flatten",
+    "Gemm",
+    "Dropout",
+    "Concat",
+    "Reshape",
+    "Sigmoid",
 ];
 
 fn mutate(model: &mut pb::ModelProto, data: &[u8]) {
@@ -24,7 +39,12 @@ fn mutate(model: &mut pb::ModelProto, data: &[u8]) {
     names.extend(graph.node.iter().flat_map(|n| n.output.clone()));
     names.extend(graph.initializer.iter().map(|t| t.name.clone()));
     for edit in data.chunks(4).take(8) {
-        let [kind, a, b, c] = [edit[0], *edit.get(1).unwrap_or(&0), *edit.get(2).unwrap_or(&0), *edit.get(3).unwrap_or(&0)];
+        let [kind, a, b, c] = [
+            edit[0],
+            *edit.get(1).unwrap_or(&0),
+            *edit.get(2).unwrap_or(&0),
+            *edit.get(3).unwrap_or(&0),
+        ];
         let nodes = graph.node.len();
         if nodes == 0 {
             return;
@@ -51,7 +71,8 @@ fn mutate(model: &mut pb::ModelProto, data: &[u8]) {
                 }
             }
             3 => {
-                if let Some(t) = graph.initializer.get_mut(b as usize % graph.initializer.len().max(1)) {
+                let k = b as usize % graph.initializer.len().max(1);
+                if let Some(t) = graph.initializer.get_mut(k) {
                     if let Some(d) = t.dims.first_mut() {
                         *d = c as i64 - 2;
                     }
@@ -66,9 +87,13 @@ fn mutate(model: &mut pb::ModelProto, data: &[u8]) {
             }
             _ => {
                 let input = graph.input.first_mut().and_then(|i| i.r#type.as_mut());
-                if let Some(pb::type_proto::Value::TensorType(t)) = input.and_then(|t| t.value.as_mut()) {
-                    if let Some(dim) = t.shape.as_mut().and_then(|s| s.dim.get_mut(b as usize % 4)) {
-                        dim.value = Some(pb::tensor_shape_proto::dimension::Value::DimValue(c as i64 % 40));
+                if let Some(pb::type_proto::Value::TensorType(t)) =
+                    input.and_then(|t| t.value.as_mut())
+                {
+                    if let Some(dim) = t.shape.as_mut().and_then(|s| s.dim.get_mut(b as usize % 4))
+                    {
+                        dim.value =
+                            Some(pb::tensor_shape_proto::dimension::Value::DimValue(c as i64 % 40));
                     }
                 }
             }
@@ -77,8 +102,14 @@ fn mutate(model: &mut pb::ModelProto, data: &[u8]) {
 }
 
 fuzz_target!(|data: &[u8]| {
+    abort_on_our_panics();
     let mut proto = pb::ModelProto::decode(SEED).expect("the seed graph decodes");
     mutate(&mut proto, data);
+    // `RELUCOMPILE_FUZZ_DUMP=path cargo fuzz run pipeline artifact` writes the mutated graph,
+    // which is how a crash becomes a regression test on an ONNX file.
+    if let Ok(path) = std::env::var("RELUCOMPILE_FUZZ_DUMP") {
+        std::fs::write(path, proto.encode_to_vec()).unwrap();
+    }
     let Ok(original) = model_from_bytes(&proto.encode_to_vec(), None) else { return };
     let Ok(sample) = sample_shape(&original, None) else { return };
     if sample.iter().product::<usize>() > 1 << 14 {
@@ -96,9 +127,26 @@ fuzz_target!(|data: &[u8]| {
     // must compute the same after the lossless pipeline.
     if let Ok(cmp) = compare_models(&original, &model, &sample, &inputs) {
         if cmp.max_abs_output.is_finite() {
-            assert!(cmp.within(LOSSLESS_REL_TOLERANCE), "lossless pipeline changed outputs: {cmp:?}");
+            assert!(
+                cmp.within(LOSSLESS_REL_TOLERANCE),
+                "lossless pipeline changed outputs: {cmp:?}"
+            );
         }
     }
     let bytes = to_bytes(&model);
     model_from_bytes(&bytes, None).expect("emitted bytes load again");
 });
+
+/// Abort (report a crash) on any panic except tract's, which relucompile catches and reports
+/// as an error: those are not crashes of the product.
+fn abort_on_our_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        std::panic::set_hook(Box::new(|info| {
+            if !relucompile::eval::inside_tract() {
+                eprintln!("{info}");
+                std::process::abort();
+            }
+        }))
+    });
+}

@@ -177,7 +177,8 @@ pub fn run(args: &CompileArgs) -> Result<()> {
     check_output_path(input, output, args.force)?;
     let original = load_model(input)?;
     let sample = sample_shape(&original, args.input_shape.as_deref())?;
-    let before = census(&original, &sample)?;
+    let before =
+        census(&original, &sample).with_context(|| format!("in model {}", input.display()))?;
     let cost_model = CostModel::load(&args.cost_model)?;
     let budget = args.relu_budget.as_ref().map(|_| budget_relus(args, &before)).transpose()?;
     let budget_choice = match budget {
@@ -207,7 +208,9 @@ pub fn run(args: &CompileArgs) -> Result<()> {
 
     let mut sets: Vec<&[f32]> = vec![&random];
     sets.extend(real.as_deref());
-    let mut checks = compare_models_on(&original, &model, &sample, &sets)?.into_iter();
+    let mut checks = compare_models_on(&original, &model, &sample, &sets)
+        .with_context(|| format!("running {} and its rewrite", input.display()))?
+        .into_iter();
     let check_random = checks.next().context("the random-input comparison")?;
     let check_real = checks.next();
     let accuracy = if lossy || args.data.is_some() || args.max_drop.is_some() {

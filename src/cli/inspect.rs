@@ -2,7 +2,7 @@
 
 use crate::analysis::{census::census, shapes::sample_shape};
 use crate::frontend::load_model;
-use anyhow::Result;
+use anyhow::{Context, Result};
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
@@ -31,7 +31,8 @@ struct Inspection<'a> {
 pub fn run(args: &InspectArgs) -> Result<()> {
     let model = load_model(&args.model)?;
     let sample = sample_shape(&model, args.input_shape.as_deref())?;
-    let c = census(&model, &sample)?;
+    let c =
+        census(&model, &sample).with_context(|| format!("in model {}", args.model.display()))?;
     let cost = crate::analysis::cost::CostModel::load(&args.cost_model)?.estimate(&c);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&Inspection { census: &c, cost })?);

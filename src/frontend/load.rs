@@ -5,7 +5,7 @@ use crate::error::CompileError;
 use crate::ir::{DataType, Graph, Model, Node, Tensor};
 use anyhow::{Context, Result};
 use prost::Message;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use tract_onnx::pb;
 
@@ -116,6 +116,18 @@ pub fn model_from_proto(proto: &pb::ModelProto, model_dir: Option<&Path>) -> Res
         if n.output.iter().all(|o| o.is_empty()) {
             return Err(CompileError::invalid_model(format!("node {label} has no output")).into());
         }
+        // Tensors held in attributes (Constant's value) get the same checks as initializers:
+        // tract would otherwise allocate whatever their dims claim.
+        for a in &n.attribute {
+            for t in a.t.iter().chain(&a.tensors) {
+                Tensor::from_proto(t, model_dir).map_err(|e| {
+                    CompileError::invalid_model(format!(
+                        "node {label}, attribute '{}': {e}",
+                        a.name
+                    ))
+                })?;
+            }
+        }
         nodes.push(Node {
             name,
             op_type: n.op_type.clone(),
@@ -141,7 +153,136 @@ pub fn model_from_proto(proto: &pb::ModelProto, model_dir: Option<&Path>) -> Res
         graph,
     };
     crate::ir::verify(&model).map_err(|e| CompileError::invalid_model(e.0))?;
+    check_ranks(&model.graph)?;
+    check_constant_shapes(&model.graph, model_dir)?;
     Ok(model)
+}
+
+/// The most elements a tensor built from a constant shape may have (1 GiB of f32): more than
+/// any weight of a network relucompile is meant for, and tract would allocate it whole while
+/// folding constants.
+const MAX_CONSTANT_ELEMENTS: u128 = 1 << 28;
+
+/// Refuse ConstantOfShape / Expand / Reshape nodes whose constant shape asks for a tensor past
+/// [`MAX_CONSTANT_ELEMENTS`] or with negative dims beyond -1.
+fn check_constant_shapes(graph: &Graph, model_dir: Option<&Path>) -> Result<()> {
+    let mut constants: HashMap<&str, Tensor> = HashMap::new();
+    for node in graph.nodes.iter().filter(|n| n.op_type == "Constant") {
+        let value = node.attributes.iter().find(|a| a.name == "value").and_then(|a| a.t.as_ref());
+        if let (Some(t), Some(out)) = (value, node.outputs.first()) {
+            if let Ok(t) = Tensor::from_proto(t, model_dir) {
+                constants.insert(out, t);
+            }
+        }
+    }
+    for node in &graph.nodes {
+        if !matches!(node.op_type.as_str(), "ConstantOfShape" | "Expand") {
+            continue;
+        }
+        let shape_input = if node.op_type == "Expand" { 1 } else { 0 };
+        let Some(name) = node.inputs.get(shape_input) else { continue };
+        let Some(shape) = graph.initializers.get(name).or_else(|| constants.get(name.as_str()))
+        else {
+            continue;
+        };
+        if shape.data_type != DataType::I64 {
+            continue;
+        }
+        let dims = shape.to_i64();
+        let elements = dims.iter().try_fold(1u128, |acc, &d| {
+            u128::try_from(d).ok().map(|d| acc.saturating_mul(d.max(1)))
+        });
+        if elements.is_none_or(|e| e > MAX_CONSTANT_ELEMENTS) {
+            return Err(CompileError::invalid_model(format!(
+                "node {} asks for a tensor of shape {dims:?}, which is negative or larger than \
+                 relucompile's limit of {MAX_CONSTANT_ELEMENTS} elements",
+                node.label()
+            ))
+            .into());
+        }
+    }
+    Ok(())
+}
+
+/// Ops that read their first input as (N, C, spatial...) and the least rank they accept.
+/// tract indexes the channel axis of these without a bounds check (BatchNormalization on a
+/// rank-1 tensor reads out of bounds), so a graph that breaks this is refused here, first.
+const CHANNEL_OPS: &[(&str, usize)] = &[
+    ("Conv", 3),
+    ("ConvTranspose", 3),
+    ("MaxPool", 3),
+    ("AveragePool", 3),
+    ("LpPool", 3),
+    ("GlobalAveragePool", 3),
+    ("GlobalMaxPool", 3),
+    ("BatchNormalization", 2),
+    ("InstanceNormalization", 3),
+];
+
+/// Propagate tensor ranks where they are evident (declared inputs, weights, rank-preserving
+/// and broadcasting ops) and refuse a channel op whose input has too few dimensions.
+fn check_ranks(graph: &Graph) -> Result<()> {
+    let mut rank: HashMap<&str, usize> = HashMap::new();
+    for input in &graph.inputs {
+        if let Some(pb::type_proto::Value::TensorType(t)) =
+            input.r#type.as_ref().and_then(|t| t.value.as_ref())
+        {
+            if let Some(shape) = &t.shape {
+                rank.insert(&input.name, shape.dim.len());
+            }
+        }
+    }
+    for (name, t) in &graph.initializers {
+        rank.insert(name, t.dims.len());
+    }
+    // Nodes may come in any order: repeat until nothing new is learned.
+    loop {
+        let before = rank.len();
+        for node in &graph.nodes {
+            let Some(out) = node.outputs.first().filter(|o| !rank.contains_key(o.as_str())) else {
+                continue;
+            };
+            let of = |i: usize| node.inputs.get(i).and_then(|v| rank.get(v.as_str()).copied());
+            let r = match node.op_type.as_str() {
+                "Constant" => node
+                    .attributes
+                    .iter()
+                    .find(|a| a.name == "value")
+                    .and_then(|a| a.t.as_ref().map(|t| t.dims.len())),
+                "Flatten" | "Gemm" => Some(2),
+                "Add" | "Sub" | "Mul" | "Div" | "Sum" | "Max" | "Min" | "Pow" => {
+                    let ranks: Option<Vec<usize>> = (0..node.inputs.len()).map(of).collect();
+                    ranks.and_then(|r| r.into_iter().max())
+                }
+                "Relu" | "Clip" | "Sigmoid" | "Tanh" | "LeakyRelu" | "Dropout" | "Identity"
+                | "Neg" | "Abs" | "Exp" | "Sqrt" | "HardSigmoid" | "HardSwish" | "Softmax"
+                | "Concat" | "Slice" => of(0),
+                op if CHANNEL_OPS.iter().any(|(c, _)| *c == op) => of(0),
+                _ => None,
+            };
+            if let Some(r) = r {
+                rank.insert(out, r);
+            }
+        }
+        if rank.len() == before {
+            break;
+        }
+    }
+    for node in &graph.nodes {
+        let Some(&(_, least)) = CHANNEL_OPS.iter().find(|(op, _)| *op == node.op_type) else {
+            continue;
+        };
+        let Some(input) = node.inputs.first() else { continue };
+        if let Some(&r) = rank.get(input.as_str()).filter(|&&r| r < least) {
+            return Err(CompileError::invalid_model(format!(
+                "node {} reads '{input}' of rank {r}; it needs at least {least} dimensions \
+                 (batch, channels, ...)",
+                node.label()
+            ))
+            .into());
+        }
+    }
+    Ok(())
 }
 
 /// Every value read must be defined somewhere; a dangling input is named with its reader.

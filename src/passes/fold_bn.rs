@@ -108,6 +108,11 @@ fn fold(graph: &mut Graph, l: usize, b: usize) -> Option<()> {
         None => vec![0.0; channels],
     };
     let bias: Vec<f32> = (0..channels).map(|c| old_bias[c] * scale[c] + shift[c]).collect();
+    // A negative variance or an overflow would bake NaN or infinity into the weights (which
+    // no loader accepts back); such a BN stays as it is.
+    if !w.iter().chain(&bias).all(|v| v.is_finite()) {
+        return None;
+    }
 
     let w_name = graph.fresh_name(&format!("{}.weight_bn", lin.name));
     let b_name = graph.fresh_name(&format!("{}.bias_bn", lin.name));
