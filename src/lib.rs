@@ -8,6 +8,7 @@
 //! - [`eval`]: the tract evaluator, data sets, differential comparison of two graphs.
 //! - [`search`]: choosing lossy configurations (ReLU budgets, frontiers) on calibration data.
 //! - [`report`]: tables for people and JSON for machines.
+//! - [`train`]: knowledge-distillation fine-tuning of reduced graphs (candle autodiff).
 //! - [`cli`]: the command-line front end.
 
 pub mod analysis;
@@ -19,3 +20,4 @@ pub mod ir;
 pub mod passes;
 pub mod report;
 pub mod search;
+pub mod train;

@@ -267,3 +267,24 @@ fn fuzz_pipeline_batchnorm_folds_to_infinity() {
     assert!(report["check_random"]["rel_diff"].as_f64().unwrap() <= 1e-4);
     assert_eq!(relucompile(&["inspect", out.to_str().unwrap()]).code, 0);
 }
+
+#[test]
+fn fuzz_pipeline_maxpool_window_of_padding() {
+    // A MaxPool whose top padding (2) is as tall as its kernel: its first row of windows sees
+    // padding only (-inf), so moving the ReLU behind it turned 0 into -inf. relu-after-maxpool
+    // now leaves such pools alone and the outputs match.
+    let dir = tmpdir();
+    let out = dir.path().join("out.onnx");
+    let report = relucompile_json(&[
+        "fixtures/models/fuzz/pipeline-maxpool-window-of-padding.onnx",
+        "-o",
+        out.to_str().unwrap(),
+        "--json",
+        "--no-progress",
+        "--verify-each",
+    ]);
+    assert!(report["check_random"]["rel_diff"].as_f64().unwrap() <= 1e-4);
+    let moved =
+        report["passes"].as_array().unwrap().iter().find(|p| p["pass"] == "relu-after-maxpool");
+    assert_eq!(moved.unwrap()["rewrites"], 1, "only the second pool's ReLU may move");
+}

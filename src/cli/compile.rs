@@ -101,6 +101,8 @@ pub struct CompileArgs {
     /// No progress bars
     #[arg(long)]
     pub no_progress: bool,
+    #[command(flatten)]
+    pub finetune: super::finetune::FinetuneFlags,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -142,6 +144,9 @@ struct CompileReport {
     /// Estimated private-inference cost of both graphs, per layer and in total.
     cost_before: CostEstimate,
     cost_after: CostEstimate,
+    /// With --finetune-epochs: the fine-tuning run (the accuracy above is the tuned graph's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    finetune: Option<super::finetune::FinetuneReport>,
     /// With --relu-budget: the budget, the choice and every candidate considered.
     #[serde(skip_serializing_if = "Option::is_none")]
     budget: Option<BudgetReport>,
@@ -204,6 +209,28 @@ pub fn run(args: &CompileArgs) -> Result<()> {
             Some(std::sync::Arc::new(calibration_set(&original, &sample, args)?.images));
     }
     let records = run_pipeline(&mut model, &pipeline, &ctx, &verify)?;
+    let finetune = if args.finetune.finetune_epochs > 0 {
+        if !lossy {
+            return Err(CompileError::new(
+                ExitCode::Usage,
+                "--finetune-epochs needs a lossy pipeline: a lossless one computes the original already",
+            )
+            .into());
+        }
+        let (tuned, report) = super::finetune::finetune_model(
+            &model,
+            &original,
+            args.data.as_deref().unwrap_or("fashion-mnist"),
+            &args.finetune.train_flags(),
+            args.finetune.finetune_epochs,
+            args.limit,
+            !args.json && !args.no_progress,
+        )?;
+        model = tuned;
+        Some(report)
+    } else {
+        None
+    };
     let after = census(&model, &sample)?;
 
     let mut sets: Vec<&[f32]> = vec![&random];
@@ -232,6 +259,7 @@ pub fn run(args: &CompileArgs) -> Result<()> {
         accuracy,
         cost_before: cost_model.estimate(&before),
         cost_after: cost_model.estimate(&after),
+        finetune,
         budget: budget.zip(budget_choice).map(|(relus, (chosen, candidates))| BudgetReport {
             relus,
             chosen,
@@ -439,7 +467,7 @@ fn measure_accuracy(
 }
 
 /// Refuse to overwrite the input (unless forced) or to write into a directory.
-fn check_output_path(input: &Path, output: &Path, force: bool) -> Result<()> {
+pub(crate) fn check_output_path(input: &Path, output: &Path, force: bool) -> Result<()> {
     if output.is_dir() {
         return Err(CompileError::new(
             ExitCode::Usage,

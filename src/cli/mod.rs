@@ -3,6 +3,7 @@
 mod compile;
 mod criticality;
 mod eval;
+pub mod finetune;
 mod inspect;
 mod pareto;
 mod run;
@@ -53,6 +54,9 @@ enum Command {
     Criticality(criticality::CriticalityArgs),
     /// Search the Pareto frontier of ReLU count against accuracy and write one model per point
     Pareto(pareto::ParetoArgs),
+    /// Fine-tune a reduced graph by knowledge distillation from the original (AdamW, cosine
+    /// schedule, crop + flip augmentation), checkpointing every epoch
+    Finetune(finetune::FinetuneArgs),
     /// List every pass a pipeline (--passes) can name
     Passes,
     /// Run a model under tract on inputs from a .npy file and write its outputs as .npy
@@ -75,6 +79,7 @@ pub fn main() -> Result<()> {
         Some(Command::Run(args)) => run::run(&args),
         Some(Command::Criticality(args)) => criticality::run(&args),
         Some(Command::Pareto(args)) => pareto::run(&args),
+        Some(Command::Finetune(args)) => finetune::run(&args),
         Some(Command::Passes) => {
             print_passes();
             Ok(())

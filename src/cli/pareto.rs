@@ -43,6 +43,8 @@ pub struct ParetoArgs {
     /// No progress bars
     #[arg(long)]
     pub no_progress: bool,
+    #[command(flatten)]
+    pub finetune: super::finetune::FinetuneFlags,
 }
 
 /// What a search directory was made from; resuming with anything else is refused.
@@ -58,6 +60,9 @@ struct SearchKey {
 struct FrontierPoint {
     relus: u64,
     accuracy: f64,
+    /// With --finetune-epochs: the test accuracy before fine-tuning (`accuracy` is after).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    accuracy_before_finetune: Option<f64>,
     calibration_accuracy: f64,
     file: String,
     config: String,
@@ -172,10 +177,27 @@ pub fn run(args: &ParetoArgs) -> Result<()> {
     for (k, i) in frontier_indices(&test_points).into_iter().enumerate() {
         let (model, relus, acc) = &measured[i];
         let file = format!("point-{k:02}.onnx");
-        write_model_atomic(&args.output.join(&file), model)?;
+        // Fine-tuning runs on every core, so the points take their turn.
+        let (model, acc, before) = if args.finetune.finetune_epochs > 0 {
+            let (tuned, report) = super::finetune::finetune_model(
+                model,
+                &original,
+                &args.data,
+                &args.finetune.train_flags(),
+                args.finetune.finetune_epochs,
+                args.test_limit,
+                progress,
+            )
+            .with_context(|| format!("fine-tuning frontier point {file}"))?;
+            (tuned, report.accuracy_after, Some(*acc))
+        } else {
+            (model.clone(), *acc, None)
+        };
+        write_model_atomic(&args.output.join(&file), &model)?;
         points.push(FrontierPoint {
             relus: *relus,
-            accuracy: *acc,
+            accuracy: acc,
+            accuracy_before_finetune: before,
             calibration_accuracy: chosen[i].calibration_accuracy,
             file,
             config: label(&chosen[i].config),

@@ -28,7 +28,8 @@ impl Pass for ReluAfterMaxPool {
                 let [p] = consumers.get(out.as_str())?.as_slice() else { return None };
                 let pool = &graph.nodes[*p];
                 let single_output = pool.outputs.iter().skip(1).all(|o| o.is_empty());
-                let is_max = pool.op_type == "MaxPool" || pool.op_type == "GlobalMaxPool";
+                let is_max = pool.op_type == "GlobalMaxPool"
+                    || (pool.op_type == "MaxPool" && every_window_is_real(pool));
                 (is_max && single_output && pool.input(0) == Some(out)).then_some((r, *p))
             });
             let Some((r, p)) = found else { break };
@@ -47,4 +48,31 @@ impl Pass for ReluAfterMaxPool {
         }
         Ok(moved)
     }
+}
+
+/// Whether every window of a MaxPool covers at least one real input element. A window of
+/// padding alone yields -inf (tract: the lowest float), where relu-then-pool yields 0, so the
+/// rewrite is exact only when each pad is shorter than the dilated kernel and windows do not
+/// run past the input (ceil_mode 0).
+fn every_window_is_real(pool: &crate::ir::Node) -> bool {
+    if pool.attr_int("ceil_mode").unwrap_or(0) != 0 {
+        return false;
+    }
+    if pool.attr_string("auto_pad").is_some_and(|p| p != "NOTSET" && p != "VALID") {
+        return false;
+    }
+    let Some(kernel) = pool.attr_ints("kernel_shape") else { return false };
+    let dilations =
+        pool.attr_ints("dilations").map(|d| d.to_vec()).unwrap_or(vec![1; kernel.len()]);
+    let pads = pool.attr_ints("pads").map(|p| p.to_vec()).unwrap_or(vec![0; 2 * kernel.len()]);
+    if dilations.len() != kernel.len() || pads.len() != 2 * kernel.len() {
+        return false;
+    }
+    kernel.iter().zip(&dilations).enumerate().all(|(i, (&k, &d))| {
+        let extent = (k - 1) * d + 1;
+        k >= 1
+            && d >= 1
+            && (0..extent).contains(&pads[i])
+            && (0..extent).contains(&pads[i + kernel.len()])
+    })
 }

@@ -1,0 +1,442 @@
+//! An IR graph as a differentiable candle computation: the float weights read by Conv, Gemm,
+//! MatMul and BatchNormalization become trainable variables, every other constant stays fixed,
+//! and the nodes are interpreted in order. Any graph the passes emit from the supported
+//! operator set trains this way, not one hand-written network.
+
+use crate::error::CompileError;
+use crate::ir::{DataType, Model, Node, Tensor as IrTensor};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, Var, D};
+use std::collections::{BTreeMap, HashMap};
+
+/// Inputs (by position) of these ops that hold trainable weights.
+fn trainable_inputs(op: &str) -> &'static [usize] {
+    match op {
+        "Conv" | "Gemm" => &[1, 2],
+        "MatMul" => &[1],
+        "BatchNormalization" => &[1, 2],
+        _ => &[],
+    }
+}
+
+pub struct TrainGraph {
+    nodes: Vec<Node>,
+    input: String,
+    output: String,
+    /// Trainable weights by initializer name.
+    pub params: BTreeMap<String, Var>,
+    /// Fixed constants (shapes, indices, BN statistics, clip bounds), as candle tensors.
+    fixed: HashMap<String, Tensor>,
+    /// Integer constants (shapes, axes, indices) as read from the graph.
+    ints: HashMap<String, Vec<i64>>,
+    device: Device,
+}
+
+fn to_candle(t: &IrTensor, device: &Device) -> Result<Tensor> {
+    Ok(Tensor::from_vec(t.to_f32(), t.dims.clone(), device)?)
+}
+
+impl TrainGraph {
+    pub fn new(model: &Model) -> Result<Self> {
+        let device = Device::Cpu;
+        let graph = &model.graph;
+        let input = graph.inputs.first().context("the graph has no input")?.name.clone();
+        let output = graph.outputs.first().context("the graph has no output")?.name.clone();
+        let mut constants: BTreeMap<String, IrTensor> = graph.initializers.clone();
+        let mut nodes = Vec::new();
+        for node in &graph.nodes {
+            if node.op_type == "Constant" {
+                let value = node
+                    .attr("value")
+                    .and_then(|a| a.t.as_ref())
+                    .with_context(|| format!("node {} holds no tensor value", node.label()))?;
+                constants.insert(
+                    node.outputs[0].clone(),
+                    IrTensor::from_proto(value, None).map_err(anyhow::Error::msg)?,
+                );
+            } else {
+                nodes.push(node.clone());
+            }
+        }
+        let mut params = BTreeMap::new();
+        for node in &nodes {
+            for &ix in trainable_inputs(&node.op_type) {
+                let Some(name) = node.input(ix) else { continue };
+                if let Some(t) = graph.initializers.get(name) {
+                    if t.data_type == DataType::F32 && !params.contains_key(name) {
+                        params.insert(name.to_string(), Var::from_tensor(&to_candle(t, &device)?)?);
+                    }
+                }
+            }
+        }
+        let mut fixed = HashMap::new();
+        let mut ints = HashMap::new();
+        for (name, t) in &constants {
+            if params.contains_key(name) {
+                continue;
+            }
+            match t.data_type {
+                DataType::I64 | DataType::I32 => {
+                    ints.insert(name.clone(), t.to_i64());
+                }
+                _ => {
+                    fixed.insert(name.clone(), to_candle(t, &device)?);
+                }
+            }
+        }
+        for node in &nodes {
+            check_supported(node)?;
+        }
+        Ok(TrainGraph { nodes, input, output, params, fixed, ints, device })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn vars(&self) -> Vec<Var> {
+        self.params.values().cloned().collect()
+    }
+
+    /// Logits for a batch `x` of shape `[N, C, H, W]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut values: HashMap<&str, Tensor> = HashMap::new();
+        values.insert(&self.input, x.clone());
+        for node in &self.nodes {
+            let y = self.eval(node, &values).with_context(|| format!("node {}", node.label()))?;
+            values.insert(&node.outputs[0], y);
+        }
+        values.remove(self.output.as_str()).context("the graph output was not computed")
+    }
+
+    fn value(&self, values: &HashMap<&str, Tensor>, name: &str) -> Result<Tensor> {
+        if let Some(t) = values.get(name) {
+            return Ok(t.clone());
+        }
+        if let Some(v) = self.params.get(name) {
+            return Ok(v.as_tensor().clone());
+        }
+        if let Some(t) = self.fixed.get(name) {
+            return Ok(t.clone());
+        }
+        bail!("value '{name}' is not available as a float tensor")
+    }
+
+    fn ints(&self, name: &str) -> Result<&[i64]> {
+        self.ints
+            .get(name)
+            .map(|v| v.as_slice())
+            .with_context(|| format!("'{name}' must be a constant integer tensor"))
+    }
+
+    fn eval(&self, node: &Node, values: &HashMap<&str, Tensor>) -> Result<Tensor> {
+        let arg = |i: usize| -> Result<Tensor> {
+            self.value(values, node.input(i).with_context(|| format!("input {i} missing"))?)
+        };
+        let opt_arg = |i: usize| -> Result<Option<Tensor>> {
+            match node.input(i).filter(|n| !n.is_empty()) {
+                Some(n) => Ok(Some(self.value(values, n)?)),
+                None => Ok(None),
+            }
+        };
+        let x = || arg(0);
+        Ok(match node.op_type.as_str() {
+            "Identity" | "Dropout" => x()?,
+            "Relu" => x()?.relu()?,
+            "Clip" => {
+                let (lo, hi) = clip_bounds(node, &opt_arg(1)?, &opt_arg(2)?)?;
+                x()?.clamp(lo, hi)?
+            }
+            "Add" => x()?.broadcast_add(&arg(1)?)?,
+            "Sub" => x()?.broadcast_sub(&arg(1)?)?,
+            "Mul" => x()?.broadcast_mul(&arg(1)?)?,
+            "Div" => x()?.broadcast_div(&arg(1)?)?,
+            "Sum" => {
+                let mut acc = x()?;
+                for i in 1..node.inputs.len() {
+                    acc = acc.broadcast_add(&arg(i)?)?;
+                }
+                acc
+            }
+            "Conv" => conv(node, &x()?, &arg(1)?, opt_arg(2)?.as_ref())?,
+            "Gemm" => {
+                let mut a = x()?;
+                let mut b = arg(1)?;
+                if node.attr_int("transA").unwrap_or(0) != 0 {
+                    a = a.t()?;
+                }
+                if node.attr_int("transB").unwrap_or(0) != 0 {
+                    b = b.t()?;
+                }
+                let mut y = (a.matmul(&b)? * node.attr_float("alpha").unwrap_or(1.0) as f64)?;
+                if let Some(c) = opt_arg(2)? {
+                    y = y.broadcast_add(&(c * node.attr_float("beta").unwrap_or(1.0) as f64)?)?;
+                }
+                y
+            }
+            "MatMul" => x()?.broadcast_matmul(&arg(1)?)?,
+            "MaxPool" => pool(node, &x()?, true)?,
+            "AveragePool" => pool(node, &x()?, false)?,
+            "GlobalAveragePool" => x()?.mean_keepdim(3)?.mean_keepdim(2)?,
+            "GlobalMaxPool" => x()?.max_keepdim(3)?.max_keepdim(2)?,
+            "BatchNormalization" => {
+                let x = x()?;
+                let c = x.dim(1)?;
+                let mut shape = vec![1; x.rank()];
+                shape[1] = c;
+                let eps = node.attr_float("epsilon").unwrap_or(1e-5) as f64;
+                let gamma = arg(1)?.reshape(shape.clone())?;
+                let beta = arg(2)?.reshape(shape.clone())?;
+                let mean = arg(3)?.reshape(shape.clone())?;
+                let std = (arg(4)?.reshape(shape)? + eps)?.sqrt()?;
+                x.broadcast_sub(&mean)?
+                    .broadcast_div(&std)?
+                    .broadcast_mul(&gamma)?
+                    .broadcast_add(&beta)?
+            }
+            "Flatten" => {
+                let x = x()?;
+                let axis = axis(node.attr_int("axis").unwrap_or(1), x.rank())?;
+                let dims = x.dims();
+                let outer: usize = dims[..axis].iter().product();
+                x.reshape((outer, dims[axis..].iter().product::<usize>()))?
+            }
+            "Reshape" => {
+                let x = x()?;
+                let target = self.ints(node.input(1).context("Reshape has no shape")?)?;
+                x.reshape(reshape_dims(x.dims(), target)?)?
+            }
+            "Concat" => {
+                let parts: Vec<Tensor> = (0..node.inputs.len()).map(arg).collect::<Result<_>>()?;
+                let axis = axis(node.attr_int("axis").unwrap_or(0), parts[0].rank())?;
+                Tensor::cat(&parts, axis)?
+            }
+            "Gather" => {
+                let x = x()?;
+                let axis = axis(node.attr_int("axis").unwrap_or(0), x.rank())?;
+                let name = node.input(1).context("Gather has no indices")?;
+                let size = x.dim(axis)? as i64;
+                let idx: Vec<u32> = self
+                    .ints(name)?
+                    .iter()
+                    .map(|&i| (if i < 0 { i + size } else { i }) as u32)
+                    .collect();
+                let idx = Tensor::from_vec(idx.clone(), idx.len(), &self.device)?;
+                x.index_select(&idx, axis)?
+            }
+            "Slice" => {
+                let mut x = x()?;
+                let starts = self.ints(node.input(1).context("Slice has no starts")?)?.to_vec();
+                let ends = self.ints(node.input(2).context("Slice has no ends")?)?.to_vec();
+                let axes: Vec<i64> = match node.input(3).filter(|n| !n.is_empty()) {
+                    Some(n) => self.ints(n)?.to_vec(),
+                    None => (0..starts.len() as i64).collect(),
+                };
+                if let Some(steps) = node.input(4).filter(|n| !n.is_empty()) {
+                    if self.ints(steps)?.iter().any(|&s| s != 1) {
+                        bail!("Slice with steps other than 1 is not trainable yet");
+                    }
+                }
+                for ((&s, &e), &a) in starts.iter().zip(&ends).zip(&axes) {
+                    let a = axis(a, x.rank())?;
+                    let n = x.dim(a)? as i64;
+                    let clampi = |v: i64| (if v < 0 { v + n } else { v }).clamp(0, n);
+                    let (s, e) = (clampi(s), clampi(e));
+                    x = x.narrow(a, s as usize, (e - s).max(0) as usize)?;
+                }
+                x
+            }
+            op => bail!("operator {op} is not supported by the fine-tuner"),
+        })
+    }
+
+    /// `model` with every trainable weight replaced by its current value.
+    pub fn write_back(&self, model: &Model) -> Result<Model> {
+        let mut out = model.clone();
+        for (name, var) in &self.params {
+            let t = var.as_tensor();
+            let data: Vec<f32> = t.flatten_all()?.to_vec1()?;
+            out.graph
+                .initializers
+                .insert(name.clone(), IrTensor::from_f32(t.dims().to_vec(), &data));
+        }
+        Ok(out)
+    }
+
+    /// Copy the weights of `model` (same graph) into the variables: resuming from a checkpoint.
+    pub fn load_weights(&self, model: &Model) -> Result<()> {
+        for (name, var) in &self.params {
+            let t = model
+                .graph
+                .initializers
+                .get(name)
+                .with_context(|| format!("the checkpoint lacks weight '{name}'"))?;
+            anyhow::ensure!(
+                t.dims == var.dims(),
+                "checkpoint weight '{name}' has dims {:?}, the graph {:?}",
+                t.dims,
+                var.dims()
+            );
+            var.set(&to_candle(t, &self.device)?)?;
+        }
+        Ok(())
+    }
+}
+
+const SUPPORTED: &[&str] = &[
+    "Identity",
+    "Dropout",
+    "Relu",
+    "Clip",
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Sum",
+    "Conv",
+    "Gemm",
+    "MatMul",
+    "MaxPool",
+    "AveragePool",
+    "GlobalAveragePool",
+    "GlobalMaxPool",
+    "BatchNormalization",
+    "Flatten",
+    "Reshape",
+    "Concat",
+    "Gather",
+    "Slice",
+];
+
+fn check_supported(node: &Node) -> Result<()> {
+    if !SUPPORTED.contains(&node.op_type.as_str()) {
+        return Err(CompileError::unsupported(format!(
+            "node {} has operator {}, which `finetune` cannot train (it takes {})",
+            node.label(),
+            node.op_type,
+            SUPPORTED.join(", ")
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+fn axis(a: i64, rank: usize) -> Result<usize> {
+    let r = rank as i64;
+    anyhow::ensure!((-r..r).contains(&a), "axis {a} out of range for rank {rank}");
+    Ok(if a < 0 { (a + r) as usize } else { a as usize })
+}
+
+fn reshape_dims(dims: &[usize], target: &[i64]) -> Result<Vec<usize>> {
+    let total: usize = dims.iter().product();
+    let mut out: Vec<usize> = target
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| if d == 0 { dims[i] } else { d.max(1) as usize })
+        .collect();
+    if let Some(pos) = target.iter().position(|&d| d == -1) {
+        let known: usize =
+            out.iter().enumerate().filter(|(i, _)| *i != pos).map(|(_, d)| d).product();
+        out[pos] = total / known.max(1);
+    }
+    Ok(out)
+}
+
+fn clip_bounds(node: &Node, lo: &Option<Tensor>, hi: &Option<Tensor>) -> Result<(f32, f32)> {
+    let scalar = |t: &Option<Tensor>| -> Result<Option<f32>> {
+        t.as_ref().map(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?[0])).transpose()
+    };
+    let lo = scalar(lo)?.or(node.attr_float("min")).unwrap_or(f32::MIN);
+    let hi = scalar(hi)?.or(node.attr_float("max")).unwrap_or(f32::MAX);
+    Ok((lo, hi))
+}
+
+/// ONNX pads `[top, left, bottom, right]` applied with `value` on dims 2 and 3.
+fn pad2d(x: &Tensor, pads: &[usize], value: f32) -> Result<Tensor> {
+    if pads.iter().all(|&p| p == 0) {
+        return Ok(x.clone());
+    }
+    let mut x = x.clone();
+    for (dim, (before, after)) in [(2, (pads[0], pads[2])), (3, (pads[1], pads[3]))] {
+        let mut parts = vec![];
+        let mut shape = x.dims().to_vec();
+        if before > 0 {
+            shape[dim] = before;
+            parts.push(Tensor::full(value, shape.clone(), x.device())?);
+        }
+        parts.push(x.clone());
+        if after > 0 {
+            shape[dim] = after;
+            parts.push(Tensor::full(value, shape.clone(), x.device())?);
+        }
+        x = Tensor::cat(&parts, dim)?;
+    }
+    Ok(x)
+}
+
+fn pads_of(node: &Node) -> Result<Vec<usize>> {
+    if let Some(p) = node.attr_string("auto_pad").filter(|p| p != "NOTSET") {
+        bail!("auto_pad {p} is not supported by the fine-tuner; export with explicit pads");
+    }
+    let pads = node.attr_ints("pads").map(|p| p.to_vec()).unwrap_or_else(|| vec![0; 4]);
+    anyhow::ensure!(pads.len() == 4 && pads.iter().all(|&p| p >= 0), "pads {pads:?} not 2-D");
+    Ok(pads.iter().map(|&p| p as usize).collect())
+}
+
+fn pair(node: &Node, name: &str) -> Result<(usize, usize)> {
+    match node.attr_ints(name) {
+        None => Ok((1, 1)),
+        Some([a, b]) if *a > 0 && *b > 0 => Ok((*a as usize, *b as usize)),
+        Some(v) => bail!("{name} {v:?} is not a pair of positive numbers"),
+    }
+}
+
+fn conv(node: &Node, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    anyhow::ensure!(x.rank() == 4, "only 2-D convolutions are trainable");
+    let pads = pads_of(node)?;
+    let (sh, sw) = pair(node, "strides")?;
+    let (dh, dw) = pair(node, "dilations")?;
+    anyhow::ensure!(sh == sw && dh == dw, "strides and dilations must be the same on both axes");
+    let groups = node.attr_int("group").unwrap_or(1) as usize;
+    let symmetric = pads.iter().all(|&p| p == pads[0]);
+    let (input, padding) =
+        if symmetric { (x.clone(), pads[0]) } else { (pad2d(x, &pads, 0.0)?, 0) };
+    let y = input.conv2d(w, padding, sh, dh, groups)?;
+    Ok(match b {
+        Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?,
+        None => y,
+    })
+}
+
+fn pool(node: &Node, x: &Tensor, max: bool) -> Result<Tensor> {
+    let kernel = pair(node, "kernel_shape")?;
+    let strides = match node.attr_ints("strides") {
+        Some(_) => pair(node, "strides")?,
+        None => (1, 1),
+    };
+    anyhow::ensure!(
+        node.attr_int("ceil_mode").unwrap_or(0) == 0,
+        "ceil_mode pools are not trainable"
+    );
+    let pads = pads_of(node)?;
+    if max {
+        return Ok(pad2d(x, &pads, f32::MIN)?.max_pool2d_with_stride(kernel, strides)?);
+    }
+    let sums = pad2d(x, &pads, 0.0)?.avg_pool2d_with_stride(kernel, strides)?;
+    if pads.iter().all(|&p| p == 0) || node.attr_int("count_include_pad").unwrap_or(0) != 0 {
+        return Ok(sums);
+    }
+    // Padding excluded from the count: divide by the share of real cells under each window.
+    let ones = Tensor::ones((1, 1, x.dim(2)?, x.dim(3)?), DType::F32, x.device())?;
+    let share = pad2d(&ones, &pads, 0.0)?.avg_pool2d_with_stride(kernel, strides)?;
+    Ok(sums.broadcast_div(&share)?)
+}
+
+/// Mean over the batch of `KL(softmax(t/T) || softmax(s/T))`.
+pub fn kl_divergence(student: &Tensor, teacher: &Tensor, temperature: f64) -> Result<Tensor> {
+    let log_s = candle_nn::ops::log_softmax(&(student / temperature)?, D::Minus1)?;
+    let log_t = candle_nn::ops::log_softmax(&(teacher / temperature)?, D::Minus1)?;
+    let p_t = log_t.exp()?;
+    let n = student.dim(0)? as f64;
+    Ok(((p_t * (log_t - log_s)?)?.sum_all()? / n)?)
+}

@@ -1,0 +1,274 @@
+//! Knowledge-distillation fine-tuning of a reduced graph, on the CPU, from the ONNX graph
+//! itself: the reduced network (student) learns from the original (teacher) with
+//! `alpha * T^2 * KL(teacher/T || student/T) + (1 - alpha) * CE(labels)`, as DeepReDuce does
+//! to win back the accuracy that culling costs.
+//!
+//! The student runs in candle (autodiff); the teacher runs forward only, in tract, on the same
+//! augmented batch. AdamW with a cosine learning-rate schedule; a seed fixes the shuffling and
+//! the augmentation, so runs repeat.
+
+pub mod graph;
+
+use crate::eval::data::Dataset;
+use crate::eval::Runner;
+use crate::ir::Model;
+use anyhow::{Context, Result};
+use candle_core::Tensor;
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use graph::{kl_divergence, TrainGraph};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FinetuneOptions {
+    pub epochs: usize,
+    pub batch: usize,
+    /// Peak learning rate; the schedule decays it to zero along a cosine.
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub temperature: f64,
+    /// Weight of the distillation term (1 - alpha goes to cross-entropy on labels).
+    pub alpha: f64,
+    pub seed: u64,
+    /// Random crop after padding this many pixels on each side (0: none).
+    pub crop_padding: usize,
+    pub hflip: bool,
+}
+
+impl Default for FinetuneOptions {
+    fn default() -> Self {
+        FinetuneOptions {
+            epochs: 1,
+            batch: 64,
+            lr: 1e-3,
+            weight_decay: 5e-4,
+            temperature: 4.0,
+            alpha: 0.9,
+            seed: 0,
+            crop_padding: 2,
+            hflip: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EpochRecord {
+    pub epoch: usize,
+    /// Mean of the batches' total loss, and of its distillation (KL) part.
+    pub loss: f64,
+    pub kd_loss: f64,
+    /// Accuracy on the (augmented) training batches as they were seen.
+    pub train_accuracy: f64,
+    pub images_per_second: f64,
+    pub seconds: f64,
+}
+
+/// What a checkpoint directory holds besides `student.onnx`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CheckpointState {
+    epochs_done: usize,
+    options: FinetuneOptions,
+    history: Vec<EpochRecord>,
+}
+
+/// SplitMix64: a small seeded generator for shuffling and augmentation.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// Random crop (after zero padding) and horizontal flip of one `[C, H, W]` image.
+fn augment(
+    img: &[f32],
+    shape: &[usize],
+    opts: &FinetuneOptions,
+    rng: &mut Rng,
+    out: &mut Vec<f32>,
+) {
+    let (c, h, w) = (shape[0], shape[1], shape[2]);
+    let p = opts.crop_padding;
+    let (dy, dx) =
+        (rng.below(2 * p + 1) as isize - p as isize, rng.below(2 * p + 1) as isize - p as isize);
+    let flip = opts.hflip && rng.next() & 1 == 1;
+    // Padding is zero in normalised units: the padded border reads as the mean pixel.
+    for ch in 0..c {
+        for y in 0..h {
+            for x in 0..w {
+                let sx = if flip { w - 1 - x } else { x } as isize + dx;
+                let sy = y as isize + dy;
+                let v = if sy >= 0 && sx >= 0 && (sy as usize) < h && (sx as usize) < w {
+                    img[ch * h * w + sy as usize * w + sx as usize]
+                } else {
+                    0.0
+                };
+                out.push(v);
+            }
+        }
+    }
+}
+
+fn cosine_lr(peak: f64, step: usize, total: usize) -> f64 {
+    0.5 * peak * (1.0 + (std::f64::consts::PI * step as f64 / total.max(1) as f64).cos())
+}
+
+pub struct Finetuner<'a> {
+    pub student: &'a Model,
+    pub teacher: &'a Model,
+    pub train: &'a Dataset,
+    pub options: FinetuneOptions,
+    /// Where each epoch's checkpoint goes (`student.onnx` and `state.json`), if anywhere.
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Continue from the checkpoint in `checkpoint_dir`.
+    pub resume: bool,
+    pub progress: bool,
+}
+
+pub struct FinetuneResult {
+    pub model: Model,
+    pub history: Vec<EpochRecord>,
+}
+
+impl Finetuner<'_> {
+    pub fn run(&self) -> Result<FinetuneResult> {
+        let opts = &self.options;
+        anyhow::ensure!(opts.batch > 0 && opts.epochs > 0, "epochs and batch must be positive");
+        let graph = TrainGraph::new(self.student)?;
+        let mut history = vec![];
+        let mut start = 0;
+        if self.resume {
+            let dir =
+                self.checkpoint_dir.as_deref().context("--resume needs a checkpoint directory")?;
+            let (model, state) = read_checkpoint(dir)?;
+            graph.load_weights(&model)?;
+            start = state.epochs_done;
+            history = state.history;
+        }
+        let sample = &self.train.sample_shape;
+        let per = self.train.sample_len();
+        let teacher = Runner::new(self.teacher, sample, 1).context("preparing the teacher")?;
+        let mut opt = AdamW::new(
+            graph.vars(),
+            ParamsAdamW { lr: opts.lr, weight_decay: opts.weight_decay, ..Default::default() },
+        )?;
+        let n = self.train.len();
+        let steps_per_epoch = n.div_ceil(opts.batch);
+        let total_steps = steps_per_epoch * opts.epochs;
+        let t2 = opts.temperature * opts.temperature;
+        for epoch in start..opts.epochs {
+            let mut rng = Rng(opts.seed ^ (epoch as u64).wrapping_mul(0x2545_F491_4F6C_DD1D));
+            let mut order: Vec<usize> = (0..n).collect();
+            for i in (1..n).rev() {
+                order.swap(i, rng.below(i + 1));
+            }
+            let bar = crate::eval::evaluator::counted_progress_bar(
+                n,
+                &format!("epoch {}/{}", epoch + 1, opts.epochs),
+                "images",
+                self.progress,
+            );
+            let started = Instant::now();
+            let (mut loss_sum, mut kd_sum, mut correct, mut seen) = (0.0, 0.0, 0usize, 0usize);
+            for (b, idx) in order.chunks(opts.batch).enumerate() {
+                let mut x = Vec::with_capacity(idx.len() * per);
+                for &i in idx {
+                    augment(self.train.sample(i), sample, opts, &mut rng, &mut x);
+                }
+                let labels: Vec<u32> = idx.iter().map(|&i| self.train.labels[i]).collect();
+                let teacher_logits: Vec<Vec<f32>> = x
+                    .par_chunks(per)
+                    .map(|img| teacher.run(img).map(|(y, _)| y))
+                    .collect::<Result<_>>()?;
+                let classes = teacher_logits[0].len();
+                let mut shape = vec![idx.len()];
+                shape.extend_from_slice(sample);
+                let xs = Tensor::from_vec(x, shape, graph.device())?;
+                let t = Tensor::from_vec(
+                    teacher_logits.concat(),
+                    (idx.len(), classes),
+                    graph.device(),
+                )?;
+                let y = Tensor::from_vec(labels.clone(), idx.len(), graph.device())?;
+                let s = graph.forward(&xs)?;
+                let kd = kl_divergence(&s, &t, opts.temperature)?;
+                let ce = candle_nn::loss::cross_entropy(&s, &y)?;
+                let loss = ((&kd * (opts.alpha * t2))? + (ce * (1.0 - opts.alpha))?)?;
+                opt.set_learning_rate(cosine_lr(opts.lr, epoch * steps_per_epoch + b, total_steps));
+                opt.backward_step(&loss)?;
+                let pred: Vec<u32> = s.argmax(1)?.to_vec1()?;
+                correct += pred.iter().zip(&labels).filter(|(p, l)| p == l).count();
+                seen += idx.len();
+                loss_sum += loss.to_scalar::<f32>()? as f64 * idx.len() as f64;
+                kd_sum += kd.to_scalar::<f32>()? as f64 * idx.len() as f64;
+                bar.inc(idx.len() as u64);
+                bar.set_message(format!(
+                    "loss {:.4}  acc {:.2}%  {:.0} img/s",
+                    loss_sum / seen as f64,
+                    100.0 * correct as f64 / seen as f64,
+                    seen as f64 / started.elapsed().as_secs_f64()
+                ));
+            }
+            bar.finish_and_clear();
+            let seconds = started.elapsed().as_secs_f64();
+            history.push(EpochRecord {
+                epoch: epoch + 1,
+                loss: loss_sum / seen as f64,
+                kd_loss: kd_sum / seen as f64,
+                train_accuracy: correct as f64 / seen as f64,
+                images_per_second: seen as f64 / seconds,
+                seconds,
+            });
+            if let Some(dir) = &self.checkpoint_dir {
+                let state = CheckpointState {
+                    epochs_done: epoch + 1,
+                    options: opts.clone(),
+                    history: history.clone(),
+                };
+                write_checkpoint(dir, &graph.write_back(self.student)?, &state)?;
+            }
+        }
+        Ok(FinetuneResult { model: graph.write_back(self.student)?, history })
+    }
+}
+
+fn write_checkpoint(dir: &Path, model: &Model, state: &CheckpointState) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    crate::frontend::write_model_atomic(&dir.join("student.onnx"), model)?;
+    crate::frontend::write_bytes_atomic(
+        &dir.join("state.json"),
+        serde_json::to_string_pretty(state)?.as_bytes(),
+    )
+}
+
+fn read_checkpoint(dir: &Path) -> Result<(Model, CheckpointState)> {
+    let state_path = dir.join("state.json");
+    let text = std::fs::read_to_string(&state_path).with_context(|| {
+        format!("no checkpoint to resume: cannot read {}", state_path.display())
+    })?;
+    let state: CheckpointState = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a checkpoint", state_path.display()))?;
+    let model = crate::frontend::load_model(&dir.join("student.onnx"))?;
+    Ok((model, state))
+}
+
+/// Logits of `model` under the fine-tuner's own forward pass: the written graph must give the
+/// same under tract.
+pub fn candle_logits(model: &Model, images: &[f32], sample: &[usize]) -> Result<Vec<f32>> {
+    let graph = TrainGraph::new(model)?;
+    let per: usize = sample.iter().product();
+    let mut shape = vec![images.len() / per];
+    shape.extend_from_slice(sample);
+    let x = Tensor::from_vec(images.to_vec(), shape, graph.device())?;
+    Ok(graph.forward(&x)?.flatten_all()?.to_vec1()?)
+}
