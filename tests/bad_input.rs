@@ -129,28 +129,7 @@ fn wrong_protobuf_types() {
 fn op_with_missing_attributes() {
     use prost::Message;
     use tract_onnx::pb;
-    let value = |name: &str, dims: &[i64]| {
-        use pb::tensor_shape_proto::{dimension::Value, Dimension};
-        pb::ValueInfoProto {
-            name: name.into(),
-            r#type: Some(pb::TypeProto {
-                value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
-                    elem_type: 1,
-                    shape: Some(pb::TensorShapeProto {
-                        dim: dims
-                            .iter()
-                            .map(|&d| Dimension {
-                                value: Some(Value::DimValue(d)),
-                                ..Default::default()
-                            })
-                            .collect(),
-                    }),
-                })),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
-    };
+    let value = value_info;
     // MaxPool requires kernel_shape.
     let proto = pb::ModelProto {
         ir_version: 8,

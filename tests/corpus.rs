@@ -127,7 +127,7 @@ fn every_corpus_graph_compiles_losslessly_or_is_refused_clearly() {
     }
     let harness = cross_check(work.path(), &cases);
     let table = format!(
-        "| graph | exporter | opset | nodes | ReLUs | lossless result | max |diff| (tract) |\n\
+        "| graph | exporter | opset | nodes | ReLUs | lossless result | max abs diff (tract) |\n\
          |---|---|---:|---:|---:|---|---:|\n{}\n\nonnxruntime + onnx.checker harness:\n{harness}",
         rows.join("\n")
     );

@@ -3,6 +3,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+#[path = "shared.rs"]
+mod shared;
+use shared::abort_on_our_panics;
 use relucompile::analysis::{census::census, shapes::sample_shape};
 use relucompile::frontend::model_from_bytes;
 use relucompile::ir::verify;
@@ -20,17 +23,3 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 });
-
-/// Abort (report a crash) on any panic except tract's, which relucompile catches and reports
-/// as an error: those are not crashes of the product.
-fn abort_on_our_panics() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        std::panic::set_hook(Box::new(|info| {
-            if !relucompile::eval::inside_tract() {
-                eprintln!("{info}");
-                std::process::abort();
-            }
-        }))
-    });
-}

@@ -5,6 +5,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+#[path = "shared.rs"]
+mod shared;
+use shared::abort_on_our_panics;
 use prost::Message;
 use relucompile::analysis::shapes::sample_shape;
 use relucompile::eval::compare::{compare_models, random_inputs, LOSSLESS_REL_TOLERANCE};
@@ -136,17 +139,3 @@ fuzz_target!(|data: &[u8]| {
     let bytes = to_bytes(&model);
     model_from_bytes(&bytes, None).expect("emitted bytes load again");
 });
-
-/// Abort (report a crash) on any panic except tract's, which relucompile catches and reports
-/// as an error: those are not crashes of the product.
-fn abort_on_our_panics() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        std::panic::set_hook(Box::new(|info| {
-            if !relucompile::eval::inside_tract() {
-                eprintln!("{info}");
-                std::process::abort();
-            }
-        }))
-    });
-}

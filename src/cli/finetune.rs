@@ -94,17 +94,18 @@ pub struct FinetuneFlags {
 
 impl FinetuneFlags {
     pub fn train_flags(&self) -> TrainFlags {
+        let d = FinetuneOptions::default();
         TrainFlags {
             epochs: self.finetune_epochs,
-            batch: 64,
-            lr: 1e-3,
-            weight_decay: 5e-4,
-            temperature: 4.0,
-            alpha: 0.9,
-            seed: 0,
+            batch: d.batch,
+            lr: d.lr,
+            weight_decay: d.weight_decay,
+            temperature: d.temperature,
+            alpha: d.alpha,
+            seed: d.seed,
             train_limit: self.finetune_train_limit,
-            crop_padding: 2,
-            no_flip: false,
+            crop_padding: d.crop_padding,
+            no_flip: !d.hflip,
             checkpoint_dir: None,
             resume: false,
         }

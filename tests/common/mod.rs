@@ -144,3 +144,29 @@ pub fn cross_check(dir: &Path, cases: &[serde_json::Value]) -> String {
     assert!(stdout.contains(&format!("{} passed, 0 failed", cases.len())), "{stdout}");
     stdout
 }
+
+/// A float tensor value declaration with fixed dims, for graphs built in memory.
+pub fn value_info(name: &str, dims: &[i64]) -> tract_onnx::pb::ValueInfoProto {
+    use tract_onnx::pb::tensor_shape_proto::{dimension::Value, Dimension};
+    tract_onnx::pb::ValueInfoProto {
+        name: name.into(),
+        r#type: Some(tract_onnx::pb::TypeProto {
+            value: Some(tract_onnx::pb::type_proto::Value::TensorType(
+                tract_onnx::pb::type_proto::Tensor {
+                    elem_type: 1,
+                    shape: Some(tract_onnx::pb::TensorShapeProto {
+                        dim: dims
+                            .iter()
+                            .map(|&d| Dimension {
+                                value: Some(Value::DimValue(d)),
+                                ..Default::default()
+                            })
+                            .collect(),
+                    }),
+                },
+            )),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
