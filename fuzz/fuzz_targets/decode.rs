@@ -5,10 +5,10 @@
 use libfuzzer_sys::fuzz_target;
 #[path = "shared.rs"]
 mod shared;
-use shared::abort_on_our_panics;
 use relucompile::analysis::{census::census, shapes::sample_shape};
 use relucompile::frontend::model_from_bytes;
 use relucompile::ir::verify;
+use shared::abort_on_our_panics;
 
 fuzz_target!(|data: &[u8]| {
     abort_on_our_panics();

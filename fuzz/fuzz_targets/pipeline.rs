@@ -7,12 +7,12 @@
 use libfuzzer_sys::fuzz_target;
 #[path = "shared.rs"]
 mod shared;
-use shared::abort_on_our_panics;
 use prost::Message;
 use relucompile::analysis::shapes::sample_shape;
 use relucompile::eval::compare::{compare_models, random_inputs, LOSSLESS_REL_TOLERANCE};
 use relucompile::frontend::{model_from_bytes, to_bytes};
 use relucompile::passes::{run_pipeline, PassContext, Pipeline, VerifyOptions, DEFAULT_PIPELINE};
+use shared::abort_on_our_panics;
 use tract_onnx::pb;
 
 const SEED: &[u8] = include_bytes!("../../fixtures/models/tiny_ts_opset9.onnx");
