@@ -52,27 +52,30 @@ impl Pass for ReluAfterMaxPool {
 
 /// Whether every window of a MaxPool covers at least one real input element. A window of
 /// padding alone yields -inf (tract: the lowest float), where relu-then-pool yields 0, so the
-/// rewrite is exact only when each pad is shorter than the dilated kernel and windows do not
-/// run past the input (ceil_mode 0).
+/// rewrite is exact only then. Per axis, with extent `e = (k - 1) * d + 1`, stride `s` and pads
+/// `b`, `a`: the first window starts at 0 in padded coordinates and the real cells at `b`, so
+/// `b < e`; the last starts at most `in + b + a - e` (ceil_mode 0) or `in + b + a - e + s - 1`
+/// (ceil_mode 1) and must start before `b + in`: `a < e`, or `a + s <= e`.
 fn every_window_is_real(pool: &crate::ir::Node) -> bool {
-    if pool.attr_int("ceil_mode").unwrap_or(0) != 0 {
-        return false;
-    }
     if pool.attr_string("auto_pad").is_some_and(|p| p != "NOTSET" && p != "VALID") {
         return false;
     }
+    let ceil = pool.attr_int("ceil_mode").unwrap_or(0) != 0;
     let Some(kernel) = pool.attr_ints("kernel_shape") else { return false };
-    let dilations =
-        pool.attr_ints("dilations").map(|d| d.to_vec()).unwrap_or(vec![1; kernel.len()]);
-    let pads = pool.attr_ints("pads").map(|p| p.to_vec()).unwrap_or(vec![0; 2 * kernel.len()]);
-    if dilations.len() != kernel.len() || pads.len() != 2 * kernel.len() {
+    let n = kernel.len();
+    let ones = vec![1; n];
+    let dilations = pool.attr_ints("dilations").unwrap_or(&ones);
+    let strides = pool.attr_ints("strides").unwrap_or(&ones);
+    let zeros = vec![0; 2 * n];
+    let pads = pool.attr_ints("pads").unwrap_or(&zeros);
+    if dilations.len() != n || strides.len() != n || pads.len() != 2 * n {
         return false;
     }
-    kernel.iter().zip(&dilations).enumerate().all(|(i, (&k, &d))| {
+    (0..n).all(|i| {
+        let (k, d, s) = (kernel[i], dilations[i], strides[i]);
         let extent = (k - 1) * d + 1;
-        k >= 1
-            && d >= 1
-            && (0..extent).contains(&pads[i])
-            && (0..extent).contains(&pads[i + kernel.len()])
+        let (before, after) = (pads[i], pads[i + n]);
+        let last_fits = if ceil { after + s <= extent } else { after < extent };
+        k >= 1 && d >= 1 && s >= 1 && (0..extent).contains(&before) && after >= 0 && last_fits
     })
 }
