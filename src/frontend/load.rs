@@ -154,7 +154,7 @@ pub fn model_from_proto(proto: &pb::ModelProto, model_dir: Option<&Path>) -> Res
     };
     crate::ir::verify(&model).map_err(|e| CompileError::invalid_model(e.0))?;
     check_ranks(&model.graph)?;
-    check_constant_shapes(&model.graph, model_dir)?;
+    check_constant_shapes(&model.graph)?;
     Ok(model)
 }
 
@@ -165,26 +165,14 @@ const MAX_CONSTANT_ELEMENTS: u128 = 1 << 28;
 
 /// Refuse ConstantOfShape / Expand / Reshape nodes whose constant shape asks for a tensor past
 /// [`MAX_CONSTANT_ELEMENTS`] or with negative dims beyond -1.
-fn check_constant_shapes(graph: &Graph, model_dir: Option<&Path>) -> Result<()> {
-    let mut constants: HashMap<&str, Tensor> = HashMap::new();
-    for node in graph.nodes.iter().filter(|n| n.op_type == "Constant") {
-        let value = node.attributes.iter().find(|a| a.name == "value").and_then(|a| a.t.as_ref());
-        if let (Some(t), Some(out)) = (value, node.outputs.first()) {
-            if let Ok(t) = Tensor::from_proto(t, model_dir) {
-                constants.insert(out, t);
-            }
-        }
-    }
+fn check_constant_shapes(graph: &Graph) -> Result<()> {
     for node in &graph.nodes {
         if !matches!(node.op_type.as_str(), "ConstantOfShape" | "Expand") {
             continue;
         }
         let shape_input = if node.op_type == "Expand" { 1 } else { 0 };
         let Some(name) = node.inputs.get(shape_input) else { continue };
-        let Some(shape) = graph.initializers.get(name).or_else(|| constants.get(name.as_str()))
-        else {
-            continue;
-        };
+        let Some(shape) = graph.constant(name) else { continue };
         if shape.data_type != DataType::I64 {
             continue;
         }
@@ -235,37 +223,31 @@ fn check_ranks(graph: &Graph) -> Result<()> {
     for (name, t) in &graph.initializers {
         rank.insert(name, t.dims.len());
     }
-    // Nodes may come in any order: repeat until nothing new is learned.
-    loop {
-        let before = rank.len();
-        for node in &graph.nodes {
-            let Some(out) = node.outputs.first().filter(|o| !rank.contains_key(o.as_str())) else {
-                continue;
-            };
-            let of = |i: usize| node.inputs.get(i).and_then(|v| rank.get(v.as_str()).copied());
-            let r = match node.op_type.as_str() {
-                "Constant" => node
-                    .attributes
-                    .iter()
-                    .find(|a| a.name == "value")
-                    .and_then(|a| a.t.as_ref().map(|t| t.dims.len())),
-                "Flatten" | "Gemm" => Some(2),
-                "Add" | "Sub" | "Mul" | "Div" | "Sum" | "Max" | "Min" | "Pow" => {
-                    let ranks: Option<Vec<usize>> = (0..node.inputs.len()).map(of).collect();
-                    ranks.and_then(|r| r.into_iter().max())
-                }
-                "Relu" | "Clip" | "Sigmoid" | "Tanh" | "LeakyRelu" | "Dropout" | "Identity"
-                | "Neg" | "Abs" | "Exp" | "Sqrt" | "HardSigmoid" | "HardSwish" | "Softmax"
-                | "Concat" | "Slice" => of(0),
-                op if CHANNEL_OPS.iter().any(|(c, _)| *c == op) => of(0),
-                _ => None,
-            };
-            if let Some(r) = r {
-                rank.insert(out, r);
+    // The loader sorted the nodes topologically, so one pass in order sees every producer first.
+    for node in &graph.nodes {
+        let Some(out) = node.outputs.first().filter(|o| !rank.contains_key(o.as_str())) else {
+            continue;
+        };
+        let of = |i: usize| node.inputs.get(i).and_then(|v| rank.get(v.as_str()).copied());
+        let r = match node.op_type.as_str() {
+            "Constant" => node
+                .attributes
+                .iter()
+                .find(|a| a.name == "value")
+                .and_then(|a| a.t.as_ref().map(|t| t.dims.len())),
+            "Flatten" | "Gemm" => Some(2),
+            "Add" | "Sub" | "Mul" | "Div" | "Sum" | "Max" | "Min" | "Pow" => {
+                let ranks: Option<Vec<usize>> = (0..node.inputs.len()).map(of).collect();
+                ranks.and_then(|r| r.into_iter().max())
             }
-        }
-        if rank.len() == before {
-            break;
+            "Relu" | "Clip" | "Sigmoid" | "Tanh" | "LeakyRelu" | "Dropout" | "Identity" | "Neg"
+            | "Abs" | "Exp" | "Sqrt" | "HardSigmoid" | "HardSwish" | "Softmax" | "Concat"
+            | "Slice" => of(0),
+            op if CHANNEL_OPS.iter().any(|(c, _)| *c == op) => of(0),
+            _ => None,
+        };
+        if let Some(r) = r {
+            rank.insert(out, r);
         }
     }
     for node in &graph.nodes {
