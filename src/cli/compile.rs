@@ -17,6 +17,7 @@ use crate::search::{best_under_budget, parse_budget, Candidate};
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Passes that always close a pipeline: emitted graphs never hold Identity or dead nodes.
 const FINALIZE: &str = "identity-elim,dce";
@@ -79,6 +80,10 @@ pub struct CompileArgs {
     /// `relucompile pareto` wrote (its directory or frontier.json) instead of searching
     #[arg(long, requires = "relu_budget", help_heading = "ReLU reduction (lossy)")]
     pub frontier: Option<PathBuf>,
+    /// Do not recalibrate after lossy passes (by default every Conv/Gemm output channel is
+    /// mapped to the original's mean and scale on calibration images, folded into the weights)
+    #[arg(long, help_heading = "ReLU reduction (lossy)")]
+    pub no_recalibrate: bool,
     /// Data to measure accuracy on (test split): `fashion-mnist`, an IDX directory or a .npy
     /// file. Lossy pipelines are always measured (default `fashion-mnist`)
     #[arg(long, help_heading = "Accuracy gate")]
@@ -124,7 +129,14 @@ struct AccuracyReport {
     agreement: f64,
     max_drop: Option<f64>,
     passed: bool,
+    /// Set when accuracy fell by more than [`LOUD_DROP_POINTS`] and no gate was asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    warning: Option<String>,
 }
+
+/// A lossy compile that loses more than this many points without `--max-drop` is reported
+/// loudly: it is most likely a broken network rather than an intended trade.
+const LOUD_DROP_POINTS: f64 = 5.0;
 
 #[derive(Serialize)]
 struct CompileReport {
@@ -204,9 +216,10 @@ pub fn run(args: &CompileArgs) -> Result<()> {
     };
     let mut model = original.clone();
     let mut ctx = PassContext::new(sample.clone());
-    if pipeline.steps.iter().any(|(name, _, _)| name == "channel-thin") {
-        ctx.calibration =
-            Some(std::sync::Arc::new(calibration_set(&original, &sample, args)?.images));
+    let data_driven = ["channel-thin", "recalibrate"];
+    if pipeline.steps.iter().any(|(name, _, _)| data_driven.contains(&name.as_str())) {
+        let images = Arc::new(calibration_set(&original, &sample, args)?.images);
+        ctx = PassContext::with_data(sample.clone(), images, &prepare(&original, &ctx)?);
     }
     let records = run_pipeline(&mut model, &pipeline, &ctx, &verify)?;
     let finetune = if args.finetune.finetune_epochs > 0 {
@@ -274,6 +287,9 @@ pub fn run(args: &CompileArgs) -> Result<()> {
     if let Some(path) = &args.report {
         write_bytes_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
     }
+    if let Some(warning) = report.accuracy.as_ref().and_then(|a| a.warning.as_ref()) {
+        eprintln!("WARNING: {warning}");
+    }
     if let Some(acc) = report.accuracy.as_ref().filter(|a| !a.passed) {
         return Err(CompileError::new(
             ExitCode::AccuracyGate,
@@ -334,6 +350,9 @@ fn pipeline_text(args: &CompileArgs, searched: Option<&str>) -> String {
     if lossy.is_empty() {
         return args.passes.clone();
     }
+    if !args.no_recalibrate {
+        lossy.push("recalibrate".into());
+    }
     crate::passes::place_lossy(&args.passes, &lossy)
 }
 
@@ -355,8 +374,11 @@ fn choose_for_budget(
         return choose_from_frontier(path, budget);
     }
     let calib = calibration_set(original, sample, args)?;
-    let ctx = PassContext::new(sample.to_vec());
-    let base = prepare(original, &ctx)?;
+    let base = prepare(original, &PassContext::new(sample.to_vec()))?;
+    let mut ctx = PassContext::with_data(sample.to_vec(), Arc::new(calib.images.clone()), &base);
+    if args.no_recalibrate {
+        ctx.reference = None;
+    }
     best_under_budget(&base, budget, &ctx, &calib, !args.json && !args.no_progress)
 }
 
@@ -463,6 +485,13 @@ fn measure_accuracy(
         agreement: reference.agreement,
         max_drop: args.max_drop,
         passed: args.max_drop.is_none_or(|m| drop_points <= m),
+        warning: (args.max_drop.is_none() && drop_points > LOUD_DROP_POINTS).then(|| {
+            format!(
+                "accuracy fell by {drop_points:.2} points ({:.2}% -> {:.2}%) and no --max-drop                  gate was set; fine-tune the result (--finetune-epochs 2) or gate the build                  with --max-drop",
+                100.0 * reference.accuracy,
+                100.0 * eval.accuracy
+            )
+        }),
     })
 }
 

@@ -6,6 +6,7 @@ use crate::eval::data::{self, Split};
 use crate::eval::evaluator::{evaluate, DEFAULT_BATCH};
 use crate::frontend::{load_model, write_model_atomic};
 use crate::ir::Model;
+use crate::train::optim::{default_lr, OptimizerKind, ScheduleKind};
 use crate::train::{candle_logits, EpochRecord, FinetuneOptions, Finetuner};
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -47,12 +48,21 @@ pub struct TrainFlags {
     /// Images per step
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
-    /// Peak learning rate of AdamW (cosine decay to zero)
-    #[arg(long, default_value_t = 1e-3)]
-    pub lr: f64,
-    /// AdamW's decoupled weight decay
+    /// Optimiser: SGD with Nesterov momentum 0.9, or AdamW
+    #[arg(long, value_enum, default_value_t = OptimizerKind::Sgd)]
+    pub optimizer: OptimizerKind,
+    /// Learning-rate schedule over the whole run
+    #[arg(long, value_enum, default_value_t = ScheduleKind::OneCycle)]
+    pub schedule: ScheduleKind,
+    /// Peak learning rate [default: 0.02 for sgd, 0.001 for adamw]
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Weight decay (L2 for SGD, decoupled for AdamW)
     #[arg(long, default_value_t = 5e-4)]
     pub weight_decay: f64,
+    /// Train the graph as it is, without a BatchNorm re-inserted after every Conv
+    #[arg(long)]
+    pub no_batchnorm: bool,
     /// Distillation temperature
     #[arg(long, default_value_t = 4.0)]
     pub temperature: f64,
@@ -98,8 +108,11 @@ impl FinetuneFlags {
         TrainFlags {
             epochs: self.finetune_epochs,
             batch: d.batch,
-            lr: d.lr,
+            optimizer: d.optimizer,
+            schedule: d.schedule,
+            lr: None,
             weight_decay: d.weight_decay,
+            no_batchnorm: !d.batchnorm,
             temperature: d.temperature,
             alpha: d.alpha,
             seed: d.seed,
@@ -117,8 +130,11 @@ impl TrainFlags {
         FinetuneOptions {
             epochs,
             batch: self.batch,
-            lr: self.lr,
+            lr: self.lr.unwrap_or(default_lr(self.optimizer)),
             weight_decay: self.weight_decay,
+            optimizer: self.optimizer,
+            schedule: self.schedule,
+            batchnorm: !self.no_batchnorm,
             temperature: self.temperature,
             alpha: self.alpha,
             seed: self.seed,

@@ -40,6 +40,9 @@ pub struct ParetoArgs {
     /// Input shape with batch, e.g. 1x3x32x32 (default: the model's declared shape)
     #[arg(long, value_parser = super::parse_shape)]
     pub input_shape: Option<::std::vec::Vec<usize>>,
+    /// Score candidates without recalibrating them to the original's channel statistics
+    #[arg(long)]
+    pub no_recalibrate: bool,
     /// No progress bars
     #[arg(long)]
     pub no_progress: bool,
@@ -54,6 +57,7 @@ struct SearchKey {
     seed: u64,
     calibration_images: usize,
     data: String,
+    recalibrate: bool,
 }
 
 #[derive(Serialize)]
@@ -116,6 +120,7 @@ pub fn run(args: &ParetoArgs) -> Result<()> {
         seed: args.seed,
         calibration_images: args.calibration_images,
         data: args.data.clone(),
+        recalibrate: !args.no_recalibrate,
     };
     check_resume(&args.output, &key)?;
 
@@ -124,7 +129,11 @@ pub fn run(args: &ParetoArgs) -> Result<()> {
     data::check_fits(&train, &sample)?;
     let calibration = train.seeded_subset(args.calibration_images, args.seed);
     drop(train);
-    let ctx = PassContext { calibration: Some(Arc::new(calibration.images.clone())), ..ctx };
+    let mut ctx =
+        PassContext::with_data(sample.clone(), Arc::new(calibration.images.clone()), &base);
+    if args.no_recalibrate {
+        ctx.reference = None;
+    }
 
     let crit_path = args.output.join("criticality.json");
     let crit = match std::fs::read_to_string(&crit_path)

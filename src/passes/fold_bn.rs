@@ -63,6 +63,26 @@ fn bn_affine(graph: &Graph, bn: &crate::ir::Node) -> Option<(Vec<f32>, Vec<f32>)
 
 fn fold(graph: &mut Graph, l: usize, b: usize) -> Option<()> {
     let (scale, shift) = bn_affine(graph, &graph.nodes[b])?;
+    apply_channel_affine(graph, l, &scale, &shift, "bn")?;
+    let bn_out = graph.nodes[b].outputs[0].clone();
+    graph.nodes[l].outputs[0] = bn_out;
+    let bn_name = graph.nodes[b].name.clone();
+    graph.nodes.retain(|n| n.name != bn_name);
+    graph.remove_unused_initializers();
+    Some(())
+}
+
+/// Make the Conv or Gemm at `l` compute `scale[c] * y[c] + shift[c]` per output channel `c`,
+/// by rewriting its weight and bias into fresh initializers (`<node>.weight_<tag>`). `None`
+/// (and nothing changed) when the node's layout does not allow it or a value would not be
+/// finite.
+pub(crate) fn apply_channel_affine(
+    graph: &mut Graph,
+    l: usize,
+    scale: &[f32],
+    shift: &[f32],
+    tag: &str,
+) -> Option<()> {
     let lin = graph.nodes[l].clone();
     let weight = graph.constant(lin.input(1)?)?;
     let mut w = weight.to_f32();
@@ -80,7 +100,7 @@ fn fold(graph: &mut Graph, l: usize, b: usize) -> Option<()> {
     } else {
         weight.dims[1]
     };
-    if out_channels != channels {
+    if out_channels != channels || shift.len() != channels {
         return None;
     }
     if is_conv || trans_b {
@@ -90,15 +110,15 @@ fn fold(graph: &mut Graph, l: usize, b: usize) -> Option<()> {
         }
     } else {
         for row in w.chunks_mut(channels) {
-            row.iter_mut().zip(&scale).for_each(|(v, s)| *v *= s);
+            row.iter_mut().zip(scale).for_each(|(v, s)| *v *= s);
         }
     }
     let bias_ix = 2;
-    let old_bias = match lin.input(bias_ix) {
+    let old_bias = match lin.input(bias_ix).filter(|n| !n.is_empty()) {
         Some(name) => {
             let t = graph.constant(name)?;
             let v = t.to_f32();
-            let beta = lin.attr_float("beta").unwrap_or(1.0);
+            let beta = if is_conv { 1.0 } else { lin.attr_float("beta").unwrap_or(1.0) };
             match v.len() {
                 n if n == channels => v.iter().map(|x| x * beta).collect(),
                 1 => vec![v[0] * beta; channels],
@@ -109,16 +129,15 @@ fn fold(graph: &mut Graph, l: usize, b: usize) -> Option<()> {
     };
     let bias: Vec<f32> = (0..channels).map(|c| old_bias[c] * scale[c] + shift[c]).collect();
     // A negative variance or an overflow would bake NaN or infinity into the weights (which
-    // no loader accepts back); such a BN stays as it is.
+    // no loader accepts back); such a node stays as it is.
     if !w.iter().chain(&bias).all(|v| v.is_finite()) {
         return None;
     }
 
-    let w_name = graph.fresh_name(&format!("{}.weight_bn", lin.name));
-    let b_name = graph.fresh_name(&format!("{}.bias_bn", lin.name));
+    let w_name = graph.fresh_name(&format!("{}.weight_{tag}", lin.name));
+    let b_name = graph.fresh_name(&format!("{}.bias_{tag}", lin.name));
     graph.initializers.insert(w_name.clone(), Tensor::from_f32(weight.dims.clone(), &w));
     graph.initializers.insert(b_name.clone(), Tensor::from_f32(vec![channels], &bias));
-    let bn_out = graph.nodes[b].outputs[0].clone();
     let node = &mut graph.nodes[l];
     node.inputs[1] = w_name;
     if node.inputs.len() < 3 {
@@ -128,9 +147,5 @@ fn fold(graph: &mut Graph, l: usize, b: usize) -> Option<()> {
     if !is_conv {
         node.attributes.retain(|a| a.name != "beta");
     }
-    node.outputs[0] = bn_out;
-    let bn_name = graph.nodes[b].name.clone();
-    graph.nodes.retain(|n| n.name != bn_name);
-    graph.remove_unused_initializers();
     Some(())
 }

@@ -13,14 +13,19 @@ mod dedup_relu;
 mod fold_bn;
 mod identity_elim;
 mod nonneg_relu;
+pub mod recalibrate;
 mod relu_after_maxpool;
 mod thin;
+
+pub(crate) use fold_bn::apply_channel_affine;
 
 use crate::error::{CompileError, ExitCode};
 use crate::eval::compare::{compare_models, Comparison, LOSSLESS_REL_TOLERANCE};
 use crate::ir::{verify, Model};
 use anyhow::Result;
 use serde::Serialize;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 /// One graph rewrite.
 pub trait Pass: Send + Sync {
@@ -39,12 +44,57 @@ pub struct PassContext {
     /// Per-sample input shape (batch excluded).
     pub sample: Vec<usize>,
     /// Calibration images from the training split, normalised, for data-driven passes.
-    pub calibration: Option<std::sync::Arc<Vec<f32>>>,
+    pub calibration: Option<Arc<Vec<f32>>>,
+    /// The original graph (prepared: BatchNorm folded), which `recalibrate` matches.
+    pub reference: Option<Arc<Reference>>,
 }
 
 impl PassContext {
     pub fn new(sample: Vec<usize>) -> Self {
-        PassContext { sample, calibration: None }
+        PassContext { sample, calibration: None, reference: None }
+    }
+
+    /// With calibration images and the original graph: what data-driven lossy passes need.
+    pub fn with_data(sample: Vec<usize>, calibration: Arc<Vec<f32>>, reference: &Model) -> Self {
+        PassContext {
+            sample,
+            calibration: Some(calibration),
+            reference: Some(Arc::new(Reference::new(reference.clone()))),
+        }
+    }
+}
+
+/// The original graph and its per-channel statistics on the calibration images, computed once
+/// however many candidates a search recalibrates against it.
+pub struct Reference {
+    pub model: Model,
+    moments: Mutex<Option<Arc<HashMap<String, recalibrate::Moments>>>>,
+}
+
+impl Reference {
+    pub fn new(model: Model) -> Self {
+        Reference { model, moments: Mutex::new(None) }
+    }
+
+    /// Moments of every Conv/Gemm output on `images` (the context's calibration images).
+    pub fn moments(
+        &self,
+        sample: &[usize],
+        images: &[f32],
+    ) -> Result<Arc<HashMap<String, recalibrate::Moments>>> {
+        let mut cached = self.moments.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = cached.as_ref() {
+            return Ok(m.clone());
+        }
+        let m = Arc::new(recalibrate::reference_moments(&self.model, sample, images)?);
+        *cached = Some(m.clone());
+        Ok(m)
+    }
+}
+
+impl std::fmt::Debug for Reference {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Reference({} nodes)", self.model.graph.nodes.len())
     }
 }
 
@@ -124,6 +174,12 @@ pub const REGISTRY: &[PassInfo] = &[
         make: thin::Thin::from_args,
     },
     PassInfo {
+        name: "recalibrate",
+        lossless: false,
+        description: "recalibrate(|mean): map every Conv/Gemm output channel to the original graph's mean and scale on calibration images, folded into the weights (runs after lossy passes by default)",
+        make: recalibrate::Recalibrate::from_args,
+    },
+    PassInfo {
         name: "channel-thin",
         lossless: false,
         description: "channel-thin(0.99): per channel, from calibration images, keep ReLU only where the input's sign varies; identity or zero elsewhere",
@@ -172,12 +228,19 @@ pub fn place_lossy(base: &str, lossy: &[String]) -> String {
                 .unwrap_or_default()
         })
         .collect::<Vec<String>>();
-    let (channel, structural): (Vec<String>, Vec<String>) =
-        lossy.into_iter().partition(|s| s.starts_with("channel-thin"));
+    // Recalibration runs once the structure is final and before channel thinning, whose
+    // sign statistics should be those of the recalibrated graph.
+    let (late, structural): (Vec<String>, Vec<String>) = lossy
+        .into_iter()
+        .partition(|s| s.starts_with("channel-thin") || s.starts_with("recalibrate"));
+    let (mut late, channel): (Vec<String>, Vec<String>) =
+        late.into_iter().partition(|s| s.starts_with("recalibrate"));
+    late.dedup();
+    late.extend(channel);
     let at = steps.iter().position(|s| s == "fold-bn").map(|i| i + 1).unwrap_or(0);
     steps.splice(at..at, structural);
     let end = steps.iter().rposition(|s| s == "dce").unwrap_or(steps.len());
-    steps.splice(end..end, channel);
+    steps.splice(end..end, late);
     steps.join(",")
 }
 

@@ -45,10 +45,16 @@ pub fn parse_budget(text: &str, original: u64) -> Result<u64, String> {
     }
 }
 
-/// Apply `lossy` pipeline text to `base` and count the result's ReLUs.
+/// Apply `lossy` pipeline text to `base` and count the result's ReLUs. When the context holds
+/// the original graph (and `lossy` is not empty), the candidate is recalibrated against it, as
+/// `relucompile` would compile it.
 pub fn build_candidate(base: &Model, lossy: &str, ctx: &PassContext) -> Result<(Model, u64)> {
     let mut m = base.clone();
-    let text = crate::passes::place_lossy(crate::passes::AFTER_STRUCTURAL, &[lossy.to_string()]);
+    let mut steps = vec![lossy.to_string()];
+    if ctx.reference.is_some() && !lossy.is_empty() {
+        steps.push("recalibrate".into());
+    }
+    let text = crate::passes::place_lossy(crate::passes::AFTER_STRUCTURAL, &steps);
     run_pipeline(&mut m, &Pipeline::parse(&text)?, ctx, &VerifyOptions::default())?;
     let relus = census(&m, &ctx.sample)?.total_relus;
     Ok((m, relus))
@@ -108,18 +114,25 @@ pub fn best_under_budget(
 ) -> Result<(Candidate, Vec<Candidate>)> {
     let mut considered = Vec::new();
     let mut fitting = Vec::new();
+    // Counting needs the structure only; recalibration (which keeps the count) is paid for the
+    // candidates that fit.
+    let structure_only = PassContext::new(ctx.sample.clone());
     for text in structural_candidates(base, ctx)? {
-        let (m, relus) = build_candidate(base, &text, ctx)?;
+        let (_, relus) = build_candidate(base, &text, &structure_only)?;
         considered.push(Candidate { pipeline: text.clone(), relus, calibration_accuracy: None });
         if relus <= budget {
-            fitting.push((considered.len() - 1, m));
+            fitting.push((considered.len() - 1, build_candidate(base, &text, ctx)?.0));
         }
     }
     if fitting.is_empty() {
         // Culling and thinning alone cannot get there: add channel thinning, from the least
         // lossy structural configuration down.
-        let with_images =
-            PassContext { calibration: Some(Arc::new(calibration.images.clone())), ..ctx.clone() };
+        let with_images = PassContext {
+            calibration: Some(ctx.calibration.clone().unwrap_or_else(|| {
+                Arc::new(calibration.images.clone())
+            })),
+            ..ctx.clone()
+        };
         let mut structural: Vec<Candidate> = considered.clone();
         structural.sort_by_key(|c| std::cmp::Reverse(c.relus));
         for c in structural {

@@ -3,6 +3,7 @@
 //! and the nodes are interpreted in order. Any graph the passes emit from the supported
 //! operator set trains this way, not one hand-written network.
 
+use super::batchnorm::InsertedBatchNorm;
 use crate::error::CompileError;
 use crate::ir::{DataType, Model, Node, Tensor as IrTensor};
 use anyhow::{bail, Context, Result};
@@ -30,6 +31,10 @@ pub struct TrainGraph {
     /// Integer constants (shapes, axes, indices) as read from the graph.
     ints: HashMap<String, Vec<i64>>,
     device: Device,
+    /// BatchNorm re-inserted after Conv nodes (by node name), folded back by `write_back`.
+    batchnorms: BTreeMap<String, InsertedBatchNorm>,
+    /// Inserted BatchNorms use batch statistics (training) or their running ones.
+    training: bool,
 }
 
 fn to_candle(t: &IrTensor, device: &Device) -> Result<Tensor> {
@@ -87,23 +92,106 @@ impl TrainGraph {
         for node in &nodes {
             check_supported(node)?;
         }
-        Ok(TrainGraph { nodes, input, output, params, fixed, ints, device })
+        Ok(TrainGraph {
+            nodes,
+            input,
+            output,
+            params,
+            fixed,
+            ints,
+            device,
+            batchnorms: BTreeMap::new(),
+            training: false,
+        })
     }
 
     pub fn device(&self) -> &Device {
         &self.device
     }
 
+    /// Every trainable variable: the graph's weights, then the inserted BatchNorms' scales and
+    /// shifts.
     pub fn vars(&self) -> Vec<Var> {
-        self.params.values().cloned().collect()
+        let mut vars: Vec<Var> = self.params.values().cloned().collect();
+        for bn in self.batchnorms.values() {
+            vars.push(bn.gamma.clone());
+            vars.push(bn.beta.clone());
+        }
+        vars
+    }
+
+    /// Inserted BatchNorms normalise by batch statistics when training, by their running ones
+    /// otherwise.
+    pub fn set_training(&mut self, training: bool) {
+        self.training = training;
+    }
+
+    /// Put a BatchNorm after every Conv whose weight is trainable and its own, each the identity
+    /// at inference on the statistics of the calibration batch `x`. Returns how many.
+    pub fn insert_batchnorm(&mut self, x: &Tensor) -> Result<usize> {
+        let mut uses: HashMap<&str, usize> = HashMap::new();
+        for node in &self.nodes {
+            for input in &node.inputs {
+                *uses.entry(input.as_str()).or_default() += 1;
+            }
+        }
+        let eligible: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|n| n.op_type == "Conv")
+            .filter(|n| {
+                let own = |ix| n.input(ix).is_none_or(|w| w.is_empty() || uses.get(w) == Some(&1));
+                n.input(1).is_some_and(|w| self.params.contains_key(w)) && own(1) && own(2)
+            })
+            .map(|n| n.name.clone())
+            .collect();
+        let mut inserted = BTreeMap::new();
+        self.forward_observed(&x.detach(), |node, y| {
+            if eligible.contains(&node.name) {
+                inserted.insert(node.name.clone(), InsertedBatchNorm::identity_for(y)?);
+            }
+            Ok(None)
+        })?;
+        let count = inserted.len();
+        self.batchnorms = inserted;
+        Ok(count)
     }
 
     /// Logits for a batch `x` of shape `[N, C, H, W]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_observed(x, |_, _| Ok(None))
+    }
+
+    /// The forward pass with a hook on every node's output: `observe` sees the node and its
+    /// value and may return a replacement that later nodes read instead. Values are dropped
+    /// after their last reader, so a forward-only pass holds only the live activations.
+    pub fn forward_observed(
+        &self,
+        x: &Tensor,
+        mut observe: impl FnMut(&Node, &Tensor) -> Result<Option<Tensor>>,
+    ) -> Result<Tensor> {
+        let mut last_use: HashMap<&str, usize> = HashMap::new();
+        for (ix, node) in self.nodes.iter().enumerate() {
+            for input in &node.inputs {
+                last_use.insert(input.as_str(), ix);
+            }
+        }
         let mut values: HashMap<&str, Tensor> = HashMap::new();
         values.insert(&self.input, x.clone());
-        for node in &self.nodes {
-            let y = self.eval(node, &values).with_context(|| format!("node {}", node.label()))?;
+        for (ix, node) in self.nodes.iter().enumerate() {
+            let mut y =
+                self.eval(node, &values).with_context(|| format!("node {}", node.label()))?;
+            if let Some(bn) = self.batchnorms.get(&node.name) {
+                y = if self.training { bn.forward_train(&y)? } else { bn.forward_eval(&y)? };
+            }
+            let y = observe(node, &y)
+                .with_context(|| format!("observing node {}", node.label()))?
+                .unwrap_or(y);
+            for input in &node.inputs {
+                if last_use.get(input.as_str()) == Some(&ix) && input != &self.output {
+                    values.remove(input.as_str());
+                }
+            }
             values.insert(&node.outputs[0], y);
         }
         values.remove(self.output.as_str()).context("the graph output was not computed")
@@ -250,7 +338,8 @@ impl TrainGraph {
         })
     }
 
-    /// `model` with every trainable weight replaced by its current value.
+    /// `model` with every trainable weight replaced by its current value and every inserted
+    /// BatchNorm folded into its Conv (no BatchNormalization node is written).
     pub fn write_back(&self, model: &Model) -> Result<Model> {
         let mut out = model.clone();
         for (name, var) in &self.params {
@@ -260,6 +349,18 @@ impl TrainGraph {
                 .initializers
                 .insert(name.clone(), IrTensor::from_f32(t.dims().to_vec(), &data));
         }
+        for (node, bn) in &self.batchnorms {
+            let (scale, shift) = bn.affine()?;
+            let l = out
+                .graph
+                .nodes
+                .iter()
+                .position(|n| &n.name == node)
+                .with_context(|| format!("node {node} is not in the graph written back"))?;
+            crate::passes::apply_channel_affine(&mut out.graph, l, &scale, &shift, "bn")
+                .with_context(|| format!("cannot fold the trained BatchNorm into node {node}"))?;
+        }
+        out.graph.remove_unused_initializers();
         Ok(out)
     }
 

@@ -7,15 +7,17 @@
 //! augmented batch. AdamW with a cosine learning-rate schedule; a seed fixes the shuffling and
 //! the augmentation, so runs repeat.
 
+pub mod batchnorm;
 pub mod graph;
+pub mod optim;
 
 use crate::eval::data::Dataset;
 use crate::eval::Runner;
 use crate::ir::Model;
 use anyhow::{Context, Result};
 use candle_core::Tensor;
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use graph::{kl_divergence, TrainGraph};
+use optim::{learning_rate, Optimizer, OptimizerKind, ScheduleKind};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -35,6 +37,10 @@ pub struct FinetuneOptions {
     /// Random crop after padding this many pixels on each side (0: none).
     pub crop_padding: usize,
     pub hflip: bool,
+    pub optimizer: OptimizerKind,
+    pub schedule: ScheduleKind,
+    /// Train with a BatchNorm after every Conv (folded back into the weights on output).
+    pub batchnorm: bool,
 }
 
 impl Default for FinetuneOptions {
@@ -42,13 +48,16 @@ impl Default for FinetuneOptions {
         FinetuneOptions {
             epochs: 1,
             batch: 64,
-            lr: 1e-3,
+            lr: optim::default_lr(OptimizerKind::Sgd),
             weight_decay: 5e-4,
             temperature: 4.0,
             alpha: 0.9,
             seed: 0,
             crop_padding: 2,
             hflip: true,
+            optimizer: OptimizerKind::Sgd,
+            schedule: ScheduleKind::OneCycle,
+            batchnorm: true,
         }
     }
 }
@@ -64,6 +73,9 @@ pub struct EpochRecord {
     pub images_per_second: f64,
     pub seconds: f64,
 }
+
+/// Training images whose statistics initialise the inserted BatchNorms.
+const BATCHNORM_INIT_IMAGES: usize = 512;
 
 /// What a checkpoint directory holds besides `student.onnx`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -119,10 +131,6 @@ fn augment(
     }
 }
 
-fn cosine_lr(peak: f64, step: usize, total: usize) -> f64 {
-    0.5 * peak * (1.0 + (std::f64::consts::PI * step as f64 / total.max(1) as f64).cos())
-}
-
 pub struct Finetuner<'a> {
     pub student: &'a Model,
     pub teacher: &'a Model,
@@ -144,24 +152,37 @@ impl Finetuner<'_> {
     pub fn run(&self) -> Result<FinetuneResult> {
         let opts = &self.options;
         anyhow::ensure!(opts.batch > 0 && opts.epochs > 0, "epochs and batch must be positive");
-        let graph = TrainGraph::new(self.student)?;
         let mut history = vec![];
         let mut start = 0;
+        // A checkpoint holds the student with its BatchNorms folded (as it will be written), so
+        // a resumed run starts from that graph and inserts fresh ones.
+        let mut student = self.student.clone();
         if self.resume {
             let dir =
                 self.checkpoint_dir.as_deref().context("--resume needs a checkpoint directory")?;
             let (model, state) = read_checkpoint(dir)?;
-            graph.load_weights(&model)?;
+            anyhow::ensure!(
+                model.graph.nodes.len() == self.student.graph.nodes.len(),
+                "the checkpoint in {} is not of this student graph",
+                dir.display()
+            );
+            student = model;
             start = state.epochs_done;
             history = state.history;
         }
+        let mut graph = TrainGraph::new(&student)?;
         let sample = &self.train.sample_shape;
         let per = self.train.sample_len();
+        if opts.batchnorm {
+            let n = self.train.len().min(BATCHNORM_INIT_IMAGES);
+            let mut shape = vec![n];
+            shape.extend_from_slice(sample);
+            let x = Tensor::from_vec(self.train.images[..n * per].to_vec(), shape, graph.device())?;
+            graph.insert_batchnorm(&x)?;
+        }
+        graph.set_training(true);
         let teacher = Runner::new(self.teacher, sample, 1).context("preparing the teacher")?;
-        let mut opt = AdamW::new(
-            graph.vars(),
-            ParamsAdamW { lr: opts.lr, weight_decay: opts.weight_decay, ..Default::default() },
-        )?;
+        let mut opt = Optimizer::new(opts.optimizer, graph.vars(), opts.lr, opts.weight_decay)?;
         let n = self.train.len();
         let steps_per_epoch = n.div_ceil(opts.batch);
         let total_steps = steps_per_epoch * opts.epochs;
@@ -204,7 +225,12 @@ impl Finetuner<'_> {
                 let kd = kl_divergence(&s, &t, opts.temperature)?;
                 let ce = candle_nn::loss::cross_entropy(&s, &y)?;
                 let loss = ((&kd * (opts.alpha * t2))? + (ce * (1.0 - opts.alpha))?)?;
-                opt.set_learning_rate(cosine_lr(opts.lr, epoch * steps_per_epoch + b, total_steps));
+                opt.set_learning_rate(learning_rate(
+                    opts.schedule,
+                    opts.lr,
+                    epoch * steps_per_epoch + b,
+                    total_steps,
+                ));
                 opt.backward_step(&loss)?;
                 let pred: Vec<u32> = s.argmax(1)?.to_vec1()?;
                 correct += pred.iter().zip(&labels).filter(|(p, l)| p == l).count();
@@ -235,10 +261,10 @@ impl Finetuner<'_> {
                     options: opts.clone(),
                     history: history.clone(),
                 };
-                write_checkpoint(dir, &graph.write_back(self.student)?, &state)?;
+                write_checkpoint(dir, &graph.write_back(&student)?, &state)?;
             }
         }
-        Ok(FinetuneResult { model: graph.write_back(self.student)?, history })
+        Ok(FinetuneResult { model: graph.write_back(&student)?, history })
     }
 }
 
