@@ -65,6 +65,14 @@ pub struct CompileArgs {
     /// this fraction of calibration images become identity (or zero)
     #[arg(long, help_heading = "ReLU reduction (lossy)")]
     pub channel_threshold: Option<f64>,
+    /// Run the network on its input downsampled by this factor per side (0.5, 0.25, ...):
+    /// ReLUs and MACs fall by its square (DeepReDuce's resolution knob)
+    #[arg(long, value_name = "FACTOR", help_heading = "ReLU reduction (lossy)")]
+    pub resolution: Option<f64>,
+    /// Replace every MaxPool by an AveragePool of the same window: secure max-pooling is a
+    /// tree of comparisons, averaging is linear
+    #[arg(long, help_heading = "ReLU reduction (lossy)")]
+    pub avg_pool: bool,
     /// Calibration images for --channel-threshold and --relu-budget, drawn from the training
     /// split of --data
     #[arg(long, default_value_t = 512, help_heading = "ReLU reduction (lossy)")]
@@ -347,6 +355,12 @@ fn pipeline_text(args: &CompileArgs, searched: Option<&str>) -> String {
     if let Some(t) = args.channel_threshold {
         lossy.push(format!("channel-thin({t})"));
     }
+    if let Some(f) = args.resolution {
+        lossy.push(format!("resolution({f})"));
+    }
+    if args.avg_pool {
+        lossy.push("maxpool-to-avgpool".into());
+    }
     if lossy.is_empty() {
         return args.passes.clone();
     }
@@ -487,7 +501,9 @@ fn measure_accuracy(
         passed: args.max_drop.is_none_or(|m| drop_points <= m),
         warning: (args.max_drop.is_none() && drop_points > LOUD_DROP_POINTS).then(|| {
             format!(
-                "accuracy fell by {drop_points:.2} points ({:.2}% -> {:.2}%) and no --max-drop                  gate was set; fine-tune the result (--finetune-epochs 2) or gate the build                  with --max-drop",
+                "accuracy fell by {drop_points:.2} points ({:.2}% -> {:.2}%) and no --max-drop \
+                 gate was set; fine-tune the result (--finetune-epochs 2) or gate the build \
+                 with --max-drop",
                 100.0 * reference.accuracy,
                 100.0 * eval.accuracy
             )

@@ -35,7 +35,8 @@ pub fn run(args: &CriticalityArgs) -> Result<()> {
     let norm = data::try_normalisation_for(&model, None, None, None)?;
     let set = data::load(&args.data, data::Split::Train, Some(args.images), &norm)?;
     data::check_fits(&set, &sample)?;
-    let ctx = PassContext::with_data(sample.clone(), std::sync::Arc::new(set.images.clone()), &model);
+    let ctx =
+        PassContext::with_data(sample.clone(), std::sync::Arc::new(set.images.clone()), &model);
     let c = criticality(&model, &ctx, &set)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&c)?);

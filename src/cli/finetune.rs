@@ -63,6 +63,9 @@ pub struct TrainFlags {
     /// Train the graph as it is, without a BatchNorm re-inserted after every Conv
     #[arg(long)]
     pub no_batchnorm: bool,
+    /// Do not recalibrate the student to the teacher's channel statistics before training
+    #[arg(long)]
+    pub no_recalibrate: bool,
     /// Distillation temperature
     #[arg(long, default_value_t = 4.0)]
     pub temperature: f64,
@@ -113,6 +116,7 @@ impl FinetuneFlags {
             lr: None,
             weight_decay: d.weight_decay,
             no_batchnorm: !d.batchnorm,
+            no_recalibrate: !d.recalibrate,
             temperature: d.temperature,
             alpha: d.alpha,
             seed: d.seed,
@@ -135,6 +139,7 @@ impl TrainFlags {
             optimizer: self.optimizer,
             schedule: self.schedule,
             batchnorm: !self.no_batchnorm,
+            recalibrate: !self.no_recalibrate,
             temperature: self.temperature,
             alpha: self.alpha,
             seed: self.seed,

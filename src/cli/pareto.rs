@@ -43,6 +43,9 @@ pub struct ParetoArgs {
     /// Score candidates without recalibrating them to the original's channel statistics
     #[arg(long)]
     pub no_recalibrate: bool,
+    /// Leave half-resolution candidates (`resolution(0.5)`) out of the search
+    #[arg(long)]
+    pub no_resolution: bool,
     /// No progress bars
     #[arg(long)]
     pub no_progress: bool,
@@ -58,6 +61,7 @@ struct SearchKey {
     calibration_images: usize,
     data: String,
     recalibrate: bool,
+    resolution: bool,
 }
 
 #[derive(Serialize)]
@@ -121,6 +125,7 @@ pub fn run(args: &ParetoArgs) -> Result<()> {
         calibration_images: args.calibration_images,
         data: args.data.clone(),
         recalibrate: !args.no_recalibrate,
+        resolution: !args.no_resolution,
     };
     check_resume(&args.output, &key)?;
 
@@ -149,10 +154,19 @@ pub fn run(args: &ParetoArgs) -> Result<()> {
     };
     let shapes = crate::analysis::shapes::infer_shapes(&base, &sample, 1)?;
     let residual = !residual_adds(&base.graph, &shapes).is_empty();
+    // Half resolution enters the search where the graph's shapes follow its input size.
+    let half_resolution = !args.no_resolution
+        && crate::search::build_candidate(
+            &base,
+            "resolution(0.5)",
+            &PassContext::new(sample.clone()),
+        )
+        .is_ok();
     let scored = score_all(
         &base,
         &crit,
         residual,
+        half_resolution,
         &ctx,
         &calibration,
         &args.output.join("candidates.jsonl"),

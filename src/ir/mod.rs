@@ -92,6 +92,15 @@ impl Node {
             ..Default::default()
         });
     }
+    pub fn set_attr_int(&mut self, name: &str, i: i64) {
+        self.attributes.retain(|a| a.name != name);
+        self.attributes.push(pb::AttributeProto {
+            name: name.to_string(),
+            r#type: pb::attribute_proto::AttributeType::Int as i32,
+            i,
+            ..Default::default()
+        });
+    }
     /// Input `ix`, or `None` when absent or omitted.
     pub fn input(&self, ix: usize) -> Option<&str> {
         self.inputs.get(ix).map(|s| s.as_str()).filter(|s| !s.is_empty())

@@ -12,9 +12,11 @@ mod dce;
 mod dedup_relu;
 mod fold_bn;
 mod identity_elim;
+mod maxpool_to_avgpool;
 mod nonneg_relu;
 pub mod recalibrate;
 mod relu_after_maxpool;
+mod resolution;
 mod thin;
 
 pub(crate) use fold_bn::apply_channel_affine;
@@ -174,9 +176,21 @@ pub const REGISTRY: &[PassInfo] = &[
         make: thin::Thin::from_args,
     },
     PassInfo {
+        name: "resolution",
+        lossless: false,
+        description: "resolution(0.5): run the network on its input average-pooled by 1/factor per side (ReLUs and MACs fall by the factor squared)",
+        make: resolution::Resolution::from_args,
+    },
+    PassInfo {
+        name: "maxpool-to-avgpool",
+        lossless: false,
+        description: "replace every MaxPool by an AveragePool of the same window (secure max-pooling is a tree of comparisons; averaging is linear)",
+        make: no_args::<maxpool_to_avgpool::MaxPoolToAvgPool>,
+    },
+    PassInfo {
         name: "recalibrate",
         lossless: false,
-        description: "recalibrate(|mean): map every Conv/Gemm output channel to the original graph's mean and scale on calibration images, folded into the weights (runs after lossy passes by default)",
+        description: "recalibrate(rectified|scale|mean): map every Conv/Gemm output channel to the original graph's mean and scale on calibration images (where its ReLU was removed: the rectified value's), folded into the weights; runs after lossy passes by default",
         make: recalibrate::Recalibrate::from_args,
     },
     PassInfo {
@@ -228,15 +242,15 @@ pub fn place_lossy(base: &str, lossy: &[String]) -> String {
                 .unwrap_or_default()
         })
         .collect::<Vec<String>>();
-    // Recalibration runs once the structure is final and before channel thinning, whose
-    // sign statistics should be those of the recalibrated graph.
-    let (late, structural): (Vec<String>, Vec<String>) = lossy
-        .into_iter()
-        .partition(|s| s.starts_with("channel-thin") || s.starts_with("recalibrate"));
-    let (mut late, channel): (Vec<String>, Vec<String>) =
-        late.into_iter().partition(|s| s.starts_with("recalibrate"));
+    // Late steps, in this order: max-pool replacement once ReLUs sit behind the pools;
+    // recalibration once the structure is final; channel thinning last, on the sign
+    // statistics of the recalibrated graph.
+    const LATE: [&str; 3] = ["maxpool-to-avgpool", "recalibrate", "channel-thin"];
+    let rank = |s: &String| LATE.iter().position(|p| s.starts_with(p));
+    let (mut late, structural): (Vec<String>, Vec<String>) =
+        lossy.into_iter().partition(|s| rank(s).is_some());
+    late.sort_by_key(rank);
     late.dedup();
-    late.extend(channel);
     let at = steps.iter().position(|s| s == "fold-bn").map(|i| i + 1).unwrap_or(0);
     steps.splice(at..at, structural);
     let end = steps.iter().rposition(|s| s == "dce").unwrap_or(steps.len());
@@ -408,6 +422,15 @@ mod tests {
         assert_eq!(
             place_lossy(AFTER_STRUCTURAL, &lossy[1..]),
             format!("thin(bottom),{AFTER_STRUCTURAL}")
+        );
+        let lossy: Vec<String> =
+            ["channel-thin(0.9)", "recalibrate", "resolution(0.5)", "maxpool-to-avgpool"]
+                .map(String::from)
+                .to_vec();
+        assert_eq!(
+            place_lossy(DEFAULT_PIPELINE, &lossy),
+            "const-fold,identity-elim,fold-bn,resolution(0.5),relu-after-maxpool,nonneg-relu,\
+             dedup-relu,maxpool-to-avgpool,recalibrate,channel-thin(0.9),dce"
         );
     }
 

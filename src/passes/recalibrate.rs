@@ -9,8 +9,12 @@
 //! next layer's statistics are taken (so later layers see already-corrected inputs) and then
 //! folded into the node's weight and bias: no node is added.
 //!
-//! Measured on the shipped ResNet with stages 1,2 culled and bottom-thinned (README): mean and
-//! scale matched is the default; matching the mean only is available as `recalibrate(mean)`.
+//! Which statistics are matched was chosen by measurement, on the shipped ResNet with stages 1,2
+//! culled and bottom-thinned (93.30% before; 512 calibration images; test accuracy without
+//! training): nothing 10.0%, mean and scale of every conv output (`recalibrate(scale)`) 33.0%,
+//! mean only (`recalibrate(mean)`) 37.1%, and the default `recalibrate(rectified)` 37.7%: mean
+//! and scale, where a layer's ReLU was removed those of the value its readers were trained on,
+//! the rectified one.
 
 use super::fold_bn::apply_channel_affine;
 use super::{Pass, PassContext};
@@ -37,14 +41,14 @@ pub struct Recalibrate {
 
 impl Default for Recalibrate {
     fn default() -> Self {
-        Recalibrate { matched: Matched::MeanAndScale }
+        Recalibrate { matched: Matched::Rectified }
     }
 }
 
 impl Recalibrate {
     pub fn from_args(args: &[String]) -> Result<Box<dyn Pass>> {
         let matched = match args {
-            [] => Matched::MeanAndScale,
+            [] => Matched::Rectified,
             [a] if a == "mean" => Matched::Mean,
             [a] if a == "scale" => Matched::MeanAndScale,
             [a] if a == "rectified" => Matched::Rectified,
@@ -52,7 +56,7 @@ impl Recalibrate {
                 return Err(CompileError::new(
                     ExitCode::Usage,
                     format!(
-                        "recalibrate takes no argument, `mean` or `scale`, got ({})",
+                        "recalibrate takes no argument, `rectified`, `scale` or `mean`, got ({})",
                         args.join(",")
                     ),
                 )
@@ -201,7 +205,9 @@ impl Pass for Recalibrate {
         };
         let mut maps: Vec<(String, Vec<f32>, Vec<f32>)> = Vec::new();
         graph.forward_observed(&x, |node, y| {
-            let Some(target) = Some(node).filter(|n| is_matched(n)).and_then(|n| target_of(&n.outputs[0])) else {
+            let Some(target) =
+                Some(node).filter(|n| is_matched(n)).and_then(|n| target_of(&n.outputs[0]))
+            else {
                 return Ok(None);
             };
             let (scale, shift) = channel_map(&channel_moments(y)?, target, self.matched);

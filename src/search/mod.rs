@@ -73,7 +73,8 @@ pub fn accuracy(model: &Model, data: &Dataset) -> Result<f64> {
     Ok(correct as f64 / data.len().max(1) as f64)
 }
 
-/// Every cull subset combined with each thinning, then channel thinning on top if needed.
+/// Every cull subset combined with each thinning, each also at half resolution where the graph
+/// allows it.
 fn structural_candidates(base: &Model, ctx: &PassContext) -> Result<Vec<String>> {
     let shapes = crate::analysis::shapes::infer_shapes(base, &ctx.sample, 1)?;
     let stages = crate::analysis::stages::find_stages(&base.graph, &shapes).count();
@@ -99,6 +100,21 @@ fn structural_candidates(base: &Model, ctx: &PassContext) -> Result<Vec<String>>
                 out.push(text);
             }
         }
+    }
+    // DeepReDuce's resolution knob, where the graph's shapes follow its input size.
+    let structure_only = PassContext::new(ctx.sample.clone());
+    if build_candidate(base, "resolution(0.5)", &structure_only).is_ok() {
+        let halved: Vec<String> = out
+            .iter()
+            .map(|c| {
+                if c.is_empty() {
+                    "resolution(0.5)".into()
+                } else {
+                    format!("{c},resolution(0.5)")
+                }
+            })
+            .collect();
+        out.extend(halved);
     }
     Ok(out)
 }
@@ -128,9 +144,9 @@ pub fn best_under_budget(
         // Culling and thinning alone cannot get there: add channel thinning, from the least
         // lossy structural configuration down.
         let with_images = PassContext {
-            calibration: Some(ctx.calibration.clone().unwrap_or_else(|| {
-                Arc::new(calibration.images.clone())
-            })),
+            calibration: Some(
+                ctx.calibration.clone().unwrap_or_else(|| Arc::new(calibration.images.clone())),
+            ),
             ..ctx.clone()
         };
         let mut structural: Vec<Candidate> = considered.clone();

@@ -48,16 +48,41 @@ pub fn frontier_indices(points: &[(u64, f64)]) -> Vec<usize> {
     out
 }
 
-/// Structural configurations: prefixes of the cull order, each with every thinning mode.
-pub fn structural_configs(cull_order: &[usize], residual: bool) -> Vec<String> {
+/// Up to this many stages with ReLUs, every subset of them is tried for culling (32 subsets
+/// for a ResNet-18's five); beyond it, prefixes of the criticality order only.
+pub const MAX_EXHAUSTIVE_STAGES: usize = 5;
+
+/// Structural configurations: every cull subset (or, for deep networks, prefixes of the cull
+/// order), each with every thinning mode, and each of those again at half resolution when
+/// `half_resolution` (the graph takes it).
+pub fn structural_configs(
+    cull_order: &[usize],
+    residual: bool,
+    half_resolution: bool,
+) -> Vec<String> {
     let thins: &[&str] =
         if residual { &["", "thin(bottom)", "thin(top)"] } else { &["", "thin(alternate)"] };
+    let subsets: Vec<Vec<usize>> = if cull_order.len() <= MAX_EXHAUSTIVE_STAGES {
+        let mut stages = cull_order.to_vec();
+        stages.sort();
+        (0u32..1 << stages.len())
+            .map(|mask| {
+                (0..stages.len()).filter(|i| mask & (1 << i) != 0).map(|i| stages[i]).collect()
+            })
+            .collect()
+    } else {
+        (0..=cull_order.len())
+            .map(|k| {
+                let mut culled = cull_order[..k].to_vec();
+                culled.sort();
+                culled
+            })
+            .collect()
+    };
     let mut out = Vec::new();
-    for k in 0..=cull_order.len() {
-        let mut culled: Vec<usize> = cull_order[..k].to_vec();
-        culled.sort();
+    for culled in subsets {
         for thin in thins {
-            if k == cull_order.len() && !thin.is_empty() {
+            if culled.len() == cull_order.len() && !thin.is_empty() {
                 continue; // nothing left to thin
             }
             let mut parts = Vec::new();
@@ -71,6 +96,10 @@ pub fn structural_configs(cull_order: &[usize], residual: bool) -> Vec<String> {
             out.push(parts.join(","));
         }
     }
+    if half_resolution {
+        let halved: Vec<String> = out.iter().map(|c| join(c, "resolution(0.5)")).collect();
+        out.extend(halved);
+    }
     out
 }
 
@@ -79,10 +108,12 @@ fn join(a: &str, b: &str) -> String {
 }
 
 /// Score every configuration on the calibration images, resuming from `journal`.
+#[allow(clippy::too_many_arguments)]
 pub fn score_all(
     base: &Model,
     cull_order: &[usize],
     residual: bool,
+    half_resolution: bool,
     ctx: &PassContext,
     calibration: &Dataset,
     journal: &Path,
@@ -97,7 +128,7 @@ pub fn score_all(
             }
         }
     }
-    let structural = structural_configs(cull_order, residual);
+    let structural = structural_configs(cull_order, residual, half_resolution);
     let total = structural.len() * (1 + CHANNEL_THRESHOLDS.len());
     let bar = crate::eval::evaluator::counted_progress_bar(
         total,

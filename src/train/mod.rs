@@ -14,6 +14,8 @@ pub mod optim;
 use crate::eval::data::Dataset;
 use crate::eval::Runner;
 use crate::ir::Model;
+use crate::passes::recalibrate::Recalibrate;
+use crate::passes::{prepare, Pass, PassContext};
 use anyhow::{Context, Result};
 use candle_core::Tensor;
 use graph::{kl_divergence, TrainGraph};
@@ -21,6 +23,7 @@ use optim::{learning_rate, Optimizer, OptimizerKind, ScheduleKind};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -41,6 +44,10 @@ pub struct FinetuneOptions {
     pub schedule: ScheduleKind,
     /// Train with a BatchNorm after every Conv (folded back into the weights on output).
     pub batchnorm: bool,
+    /// Recalibrate the student against the teacher before training (see the `recalibrate`
+    /// pass): a culled graph's logits start near 1e3, from which SGD diverges.
+    #[serde(default)]
+    pub recalibrate: bool,
 }
 
 impl Default for FinetuneOptions {
@@ -58,6 +65,7 @@ impl Default for FinetuneOptions {
             optimizer: OptimizerKind::Sgd,
             schedule: ScheduleKind::OneCycle,
             batchnorm: true,
+            recalibrate: true,
         }
     }
 }
@@ -170,9 +178,16 @@ impl Finetuner<'_> {
             start = state.epochs_done;
             history = state.history;
         }
-        let mut graph = TrainGraph::new(&student)?;
         let sample = &self.train.sample_shape;
         let per = self.train.sample_len();
+        if opts.recalibrate && !self.resume {
+            let n = self.train.len().min(BATCHNORM_INIT_IMAGES);
+            let images = Arc::new(self.train.images[..n * per].to_vec());
+            let reference = prepare(self.teacher, &PassContext::new(sample.clone()))?;
+            let ctx = PassContext::with_data(sample.clone(), images, &reference);
+            Recalibrate::default().run(&mut student, &ctx).context("recalibrating the student")?;
+        }
+        let mut graph = TrainGraph::new(&student)?;
         if opts.batchnorm {
             let n = self.train.len().min(BATCHNORM_INIT_IMAGES);
             let mut shape = vec![n];
