@@ -69,6 +69,10 @@ pub struct CompileArgs {
     /// ReLUs and MACs fall by its square (DeepReDuce's resolution knob)
     #[arg(long, value_name = "FACTOR", help_heading = "ReLU reduction (lossy)")]
     pub resolution: Option<f64>,
+    /// Keep this fraction of the channels of every channel group (DeepReDuce's width knob):
+    /// ReLUs fall by the fraction, MACs by about its square
+    #[arg(long, value_name = "FRACTION", help_heading = "ReLU reduction (lossy)")]
+    pub width: Option<f64>,
     /// Replace every MaxPool by an AveragePool of the same window: secure max-pooling is a
     /// tree of comparisons, averaging is linear
     #[arg(long, help_heading = "ReLU reduction (lossy)")]
@@ -357,6 +361,9 @@ fn pipeline_text(args: &CompileArgs, searched: Option<&str>) -> String {
     }
     if let Some(f) = args.resolution {
         lossy.push(format!("resolution({f})"));
+    }
+    if let Some(f) = args.width {
+        lossy.push(format!("width({f})"));
     }
     if args.avg_pool {
         lossy.push("maxpool-to-avgpool".into());

@@ -43,9 +43,10 @@ pub struct ParetoArgs {
     /// Score candidates without recalibrating them to the original's channel statistics
     #[arg(long)]
     pub no_recalibrate: bool,
-    /// Leave half-resolution candidates (`resolution(0.5)`) out of the search
+    /// Leave the half-resolution and half-width candidates (`resolution(0.5)`, `width(0.5)`)
+    /// out of the search
     #[arg(long)]
-    pub no_resolution: bool,
+    pub no_dimensions: bool,
     /// No progress bars
     #[arg(long)]
     pub no_progress: bool,
@@ -61,7 +62,7 @@ struct SearchKey {
     calibration_images: usize,
     data: String,
     recalibrate: bool,
-    resolution: bool,
+    dimensions: bool,
 }
 
 #[derive(Serialize)]
@@ -125,7 +126,7 @@ pub fn run(args: &ParetoArgs) -> Result<()> {
         calibration_images: args.calibration_images,
         data: args.data.clone(),
         recalibrate: !args.no_recalibrate,
-        resolution: !args.no_resolution,
+        dimensions: !args.no_dimensions,
     };
     check_resume(&args.output, &key)?;
 
@@ -154,19 +155,21 @@ pub fn run(args: &ParetoArgs) -> Result<()> {
     };
     let shapes = crate::analysis::shapes::infer_shapes(&base, &sample, 1)?;
     let residual = !residual_adds(&base.graph, &shapes).is_empty();
-    // Half resolution enters the search where the graph's shapes follow its input size.
-    let half_resolution = !args.no_resolution
-        && crate::search::build_candidate(
-            &base,
-            "resolution(0.5)",
-            &PassContext::new(sample.clone()),
-        )
-        .is_ok();
+    // The dimension knobs enter the search where the graph takes them.
+    let knobs: Vec<&str> = if args.no_dimensions {
+        vec![]
+    } else {
+        crate::search::pareto::DIMENSION_KNOBS
+            .iter()
+            .copied()
+            .filter(|k| build_candidate(&base, k, &PassContext::new(sample.clone())).is_ok())
+            .collect()
+    };
     let scored = score_all(
         &base,
         &crit,
         residual,
-        half_resolution,
+        &knobs,
         &ctx,
         &calibration,
         &args.output.join("candidates.jsonl"),

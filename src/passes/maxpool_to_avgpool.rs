@@ -49,3 +49,72 @@ impl Pass for MaxPoolToAvgPool {
         Ok(rewrites)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::eval::Runner;
+    use crate::ir::{Graph, Node};
+    use tract_onnx::pb;
+
+    /// `x [1, 1, 4, 4] -> MaxPool(2x2, stride 2, pads) -> y`.
+    fn one_pool(pads: [i64; 4]) -> Model {
+        let mut pool = Node::new("pool", "MaxPool", vec!["x".into()], vec!["y".into()]);
+        pool.set_attr_ints("kernel_shape", vec![2, 2]);
+        pool.set_attr_ints("strides", vec![2, 2]);
+        pool.set_attr_ints("pads", pads.to_vec());
+        let value = |name: &str| pb::ValueInfoProto { name: name.into(), ..Default::default() };
+        Model {
+            ir_version: 8,
+            opset_imports: vec![pb::OperatorSetIdProto { domain: String::new(), version: 13 }],
+            producer_name: String::new(),
+            producer_version: String::new(),
+            domain: String::new(),
+            model_version: 0,
+            doc_string: String::new(),
+            metadata_props: vec![],
+            graph: Graph {
+                name: "g".into(),
+                inputs: vec![value("x")],
+                outputs: vec![value("y")],
+                initializers: Default::default(),
+                nodes: vec![pool],
+            },
+        }
+    }
+
+    fn run(model: &Model, x: &[f32]) -> Vec<f32> {
+        Runner::new(model, &[1, 4, 4], 1).unwrap().run(x).unwrap().0
+    }
+
+    #[test]
+    fn without_padding_it_is_the_window_average() {
+        let x: Vec<f32> = (0..16).map(|i| (i * 7 % 16) as f32 - 5.0).collect();
+        let mut model = one_pool([0; 4]);
+        let ctx = PassContext::new(vec![1, 4, 4]);
+        assert_eq!(MaxPoolToAvgPool.run(&mut model, &ctx).unwrap(), 1);
+        assert_eq!(model.graph.nodes[0].op_type, "AveragePool");
+        let expected: Vec<f32> = [(0, 0), (0, 2), (2, 0), (2, 2)]
+            .iter()
+            .map(|&(r, c)| {
+                (x[r * 4 + c] + x[r * 4 + c + 1] + x[(r + 1) * 4 + c] + x[(r + 1) * 4 + c + 1])
+                    / 4.0
+            })
+            .collect();
+        assert_eq!(run(&model, &x), expected);
+    }
+
+    #[test]
+    fn padded_windows_divide_by_the_whole_window() {
+        // Pads of 1 on every side: a 6x6 padded input, 3x3 outputs; the corner window holds
+        // one real cell, so its average is that cell / 4.
+        let x: Vec<f32> = (1..=16).map(|i| i as f32).collect();
+        let mut model = one_pool([1, 1, 1, 1]);
+        MaxPoolToAvgPool.run(&mut model, &PassContext::new(vec![1, 4, 4])).unwrap();
+        assert_eq!(model.graph.nodes[0].attr_int("count_include_pad"), Some(1));
+        let y = run(&model, &x);
+        assert_eq!(y.len(), 9);
+        assert_eq!(y[0], 1.0 / 4.0);
+        assert_eq!(y[4], (6.0 + 7.0 + 10.0 + 11.0) / 4.0);
+    }
+}

@@ -18,6 +18,7 @@ pub mod recalibrate;
 mod relu_after_maxpool;
 mod resolution;
 mod thin;
+mod width;
 
 pub(crate) use fold_bn::apply_channel_affine;
 
@@ -180,6 +181,12 @@ pub const REGISTRY: &[PassInfo] = &[
         lossless: false,
         description: "resolution(0.5): run the network on its input average-pooled by 1/factor per side (ReLUs and MACs fall by the factor squared)",
         make: resolution::Resolution::from_args,
+    },
+    PassInfo {
+        name: "width",
+        lossless: false,
+        description: "width(0.5): every channel group (a residual stream, a block's inner layer) keeps that fraction of its channels, the most active on calibration images (else the largest filters)",
+        make: width::Width::from_args,
     },
     PassInfo {
         name: "maxpool-to-avgpool",

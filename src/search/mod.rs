@@ -73,8 +73,8 @@ pub fn accuracy(model: &Model, data: &Dataset) -> Result<f64> {
     Ok(correct as f64 / data.len().max(1) as f64)
 }
 
-/// Every cull subset combined with each thinning, each also at half resolution where the graph
-/// allows it.
+/// Every cull subset combined with each thinning, each also at half resolution and half width
+/// where the graph allows them.
 fn structural_candidates(base: &Model, ctx: &PassContext) -> Result<Vec<String>> {
     let shapes = crate::analysis::shapes::infer_shapes(base, &ctx.sample, 1)?;
     let stages = crate::analysis::stages::find_stages(&base.graph, &shapes).count();
@@ -101,20 +101,19 @@ fn structural_candidates(base: &Model, ctx: &PassContext) -> Result<Vec<String>>
             }
         }
     }
-    // DeepReDuce's resolution knob, where the graph's shapes follow its input size.
+    // DeepReDuce's resolution and width knobs, where the graph takes them.
     let structure_only = PassContext::new(ctx.sample.clone());
-    if build_candidate(base, "resolution(0.5)", &structure_only).is_ok() {
-        let halved: Vec<String> = out
-            .iter()
-            .map(|c| {
+    let plain = out.clone();
+    for knob in pareto::DIMENSION_KNOBS {
+        if build_candidate(base, knob, &structure_only).is_ok() {
+            out.extend(plain.iter().map(|c| {
                 if c.is_empty() {
-                    "resolution(0.5)".into()
+                    knob.to_string()
                 } else {
-                    format!("{c},resolution(0.5)")
+                    format!("{c},{knob}")
                 }
-            })
-            .collect();
-        out.extend(halved);
+            }));
+        }
     }
     Ok(out)
 }

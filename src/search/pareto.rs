@@ -52,14 +52,13 @@ pub fn frontier_indices(points: &[(u64, f64)]) -> Vec<usize> {
 /// for a ResNet-18's five); beyond it, prefixes of the criticality order only.
 pub const MAX_EXHAUSTIVE_STAGES: usize = 5;
 
+/// Dimension knobs (DeepReDuce's resolution and width) each structural configuration is also
+/// tried with, where the graph takes them.
+pub const DIMENSION_KNOBS: &[&str] = &["resolution(0.5)", "width(0.5)"];
+
 /// Structural configurations: every cull subset (or, for deep networks, prefixes of the cull
-/// order), each with every thinning mode, and each of those again at half resolution when
-/// `half_resolution` (the graph takes it).
-pub fn structural_configs(
-    cull_order: &[usize],
-    residual: bool,
-    half_resolution: bool,
-) -> Vec<String> {
+/// order), each with every thinning mode, and each of those again with every knob of `knobs`.
+pub fn structural_configs(cull_order: &[usize], residual: bool, knobs: &[&str]) -> Vec<String> {
     let thins: &[&str] =
         if residual { &["", "thin(bottom)", "thin(top)"] } else { &["", "thin(alternate)"] };
     let subsets: Vec<Vec<usize>> = if cull_order.len() <= MAX_EXHAUSTIVE_STAGES {
@@ -96,9 +95,9 @@ pub fn structural_configs(
             out.push(parts.join(","));
         }
     }
-    if half_resolution {
-        let halved: Vec<String> = out.iter().map(|c| join(c, "resolution(0.5)")).collect();
-        out.extend(halved);
+    let plain = out.clone();
+    for knob in knobs {
+        out.extend(plain.iter().map(|c| join(c, knob)));
     }
     out
 }
@@ -113,7 +112,7 @@ pub fn score_all(
     base: &Model,
     cull_order: &[usize],
     residual: bool,
-    half_resolution: bool,
+    knobs: &[&str],
     ctx: &PassContext,
     calibration: &Dataset,
     journal: &Path,
@@ -128,8 +127,12 @@ pub fn score_all(
             }
         }
     }
-    let structural = structural_configs(cull_order, residual, half_resolution);
-    let total = structural.len() * (1 + CHANNEL_THRESHOLDS.len());
+    let structural = structural_configs(cull_order, residual, knobs);
+    // Channel thresholds on full-size configurations only: the knobs' candidates are many
+    // already, and channel statistics shift with resolution and width.
+    let sized = |c: &str| knobs.iter().any(|k| c.contains(k));
+    let total: usize =
+        structural.iter().map(|c| if sized(c) { 1 } else { 1 + CHANNEL_THRESHOLDS.len() }).sum();
     let bar = crate::eval::evaluator::counted_progress_bar(
         total,
         "pareto search",
@@ -154,10 +157,9 @@ pub fn score_all(
         .par_iter()
         .map(|config| -> Result<Vec<Scored>> {
             let mut out = Vec::new();
+            let thresholds = if sized(config) { &[][..] } else { CHANNEL_THRESHOLDS };
             let wanted: Vec<String> = std::iter::once(config.clone())
-                .chain(
-                    CHANNEL_THRESHOLDS.iter().map(|t| join(config, &format!("channel-thin({t})"))),
-                )
+                .chain(thresholds.iter().map(|t| join(config, &format!("channel-thin({t})"))))
                 .filter(|c| !done.contains_key(c))
                 .collect();
             if wanted.is_empty() {
@@ -174,9 +176,12 @@ pub fn score_all(
                 bar.inc(1);
                 out.push(s);
             }
+            if thresholds.is_empty() {
+                return Ok(out);
+            }
             // Channel statistics once per structural configuration, for every threshold.
             let stats = channel_stats(&model, &ctx.sample, &calibration.images)?;
-            for t in CHANNEL_THRESHOLDS {
+            for t in thresholds {
                 let name = join(config, &format!("channel-thin({t})"));
                 if !wanted.contains(&name) {
                     continue;
