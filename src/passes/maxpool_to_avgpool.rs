@@ -63,7 +63,17 @@ mod tests {
         pool.set_attr_ints("kernel_shape", vec![2, 2]);
         pool.set_attr_ints("strides", vec![2, 2]);
         pool.set_attr_ints("pads", pads.to_vec());
-        let value = |name: &str| pb::ValueInfoProto { name: name.into(), ..Default::default() };
+        let value = |name: &str| pb::ValueInfoProto {
+            name: name.into(),
+            r#type: Some(pb::TypeProto {
+                value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                    elem_type: 1,
+                    shape: None,
+                })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
         Model {
             ir_version: 8,
             opset_imports: vec![pb::OperatorSetIdProto { domain: String::new(), version: 13 }],
