@@ -2,6 +2,7 @@
 
 mod compile;
 mod criticality;
+pub mod data_flags;
 mod eval;
 pub mod finetune;
 mod inspect;

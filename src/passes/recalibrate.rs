@@ -201,7 +201,9 @@ impl Pass for Recalibrate {
         };
         let mut maps: Vec<(String, Vec<f32>, Vec<f32>)> = Vec::new();
         graph.forward_observed(&x, |node, y| {
-            let Some(target) = Some(node).filter(|n| is_matched(n)).and_then(|n| target_of(&n.outputs[0])) else {
+            let Some(target) =
+                Some(node).filter(|n| is_matched(n)).and_then(|n| target_of(&n.outputs[0]))
+            else {
                 return Ok(None);
             };
             let (scale, shift) = channel_map(&channel_moments(y)?, target, self.matched);

@@ -128,9 +128,9 @@ pub fn best_under_budget(
         // Culling and thinning alone cannot get there: add channel thinning, from the least
         // lossy structural configuration down.
         let with_images = PassContext {
-            calibration: Some(ctx.calibration.clone().unwrap_or_else(|| {
-                Arc::new(calibration.images.clone())
-            })),
+            calibration: Some(
+                ctx.calibration.clone().unwrap_or_else(|| Arc::new(calibration.images.clone())),
+            ),
             ..ctx.clone()
         };
         let mut structural: Vec<Candidate> = considered.clone();

@@ -61,7 +61,11 @@ pub fn learning_rate(schedule: ScheduleKind, peak: f64, step: usize, total: usiz
             if t < ONE_CYCLE_WARMUP {
                 cos(start, peak, t / ONE_CYCLE_WARMUP)
             } else {
-                cos(peak, start / ONE_CYCLE_FINAL_DIV, (t - ONE_CYCLE_WARMUP) / (1.0 - ONE_CYCLE_WARMUP))
+                cos(
+                    peak,
+                    start / ONE_CYCLE_FINAL_DIV,
+                    (t - ONE_CYCLE_WARMUP) / (1.0 - ONE_CYCLE_WARMUP),
+                )
             }
         }
     }
