@@ -155,3 +155,102 @@ fn read_records(file: &Path, record: usize, want: usize) -> Result<Vec<u8>> {
     }
     Ok(bytes)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_util::assert_data_error;
+    use super::super::{load, load_fitted, resolve_spec, Fit, Normalisation, Source};
+    use super::*;
+    use crate::error::{exit_code_of, ExitCode};
+
+    /// `n` records whose pixels are all `first + i` and labels `labels(i)`.
+    fn records(n: usize, first: u8, labels: impl Fn(usize) -> Vec<u8>) -> Vec<u8> {
+        (0..n)
+            .flat_map(|i| {
+                let mut r = labels(i);
+                r.extend(std::iter::repeat_n(first + i as u8, PIXELS));
+                r
+            })
+            .collect()
+    }
+
+    fn spec(dir: &Path) -> String {
+        dir.display().to_string()
+    }
+
+    #[test]
+    fn cifar10_batches_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("cifar-10-batches-bin");
+        std::fs::create_dir(&d).unwrap();
+        // data_batch_10 sorts after data_batch_2 (by number, not by name).
+        std::fs::write(d.join("data_batch_10.bin"), records(2, 100, |i| vec![i as u8])).unwrap();
+        std::fs::write(d.join("data_batch_2.bin"), records(3, 10, |i| vec![9 - i as u8])).unwrap();
+        std::fs::write(d.join("test_batch.bin"), records(1, 50, |_| vec![4])).unwrap();
+        std::fs::write(d.join("batches.meta.txt"), "airplane\n").unwrap();
+        // The tarball's folder is found from its parent.
+        let parent = spec(dir.path());
+        assert_eq!(resolve_spec(&parent).unwrap(), Source::Cifar(Cifar::Ten, d.clone()));
+        let id = Normalisation::identity();
+        let train = load(&parent, Split::Train, None, &id).unwrap();
+        assert_eq!(train.labels, vec![9, 8, 7, 0, 1]);
+        assert_eq!(train.sample_shape, vec![3, 32, 32]);
+        assert_eq!((train.sample(2)[0], train.sample(3)[3071]), (12.0, 100.0));
+        // A limit across batches reads only what it needs.
+        assert_eq!(load(&parent, Split::Train, Some(4), &id).unwrap().labels, vec![9, 8, 7, 0]);
+        let test = load(&spec(&d), Split::Test, None, &id).unwrap();
+        assert_eq!((test.labels.clone(), test.sample(0)[7]), (vec![4], 50.0));
+        // --coarse-labels is for CIFAR-100 only.
+        let coarse = Fit { coarse_labels: true, ..Fit::default() };
+        let e = load_fitted(&parent, Split::Test, None, &id, &coarse).unwrap_err();
+        assert_eq!(exit_code_of(&e), ExitCode::Usage, "{e:#}");
+    }
+
+    #[test]
+    fn cifar10_errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let id = Normalisation::identity();
+        let mut bytes = records(2, 0, |_| vec![3]);
+        std::fs::write(d.join("test_batch.bin"), &bytes[..bytes.len() - 10]).unwrap();
+        assert_data_error(
+            load(&spec(d), Split::Test, None, &id),
+            &["test_batch.bin", "3073-byte records", "truncated"],
+        );
+        bytes[3073] = 37;
+        std::fs::write(d.join("test_batch.bin"), &bytes).unwrap();
+        assert_data_error(
+            load(&spec(d), Split::Test, None, &id),
+            &["test_batch.bin", "record 1 has label 37", "CIFAR-100"],
+        );
+        assert_data_error(
+            load(&spec(d), Split::Train, None, &id),
+            &["no train images", "data_batch_1.bin"],
+        );
+    }
+
+    #[test]
+    fn cifar100_fine_and_coarse() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let bytes = records(3, 1, |i| vec![i as u8 + 10, i as u8 * 30]);
+        std::fs::write(d.join("train.bin"), &bytes).unwrap();
+        assert_eq!(resolve_spec(&spec(d)).unwrap(), Source::Cifar(Cifar::Hundred, d.into()));
+        let id = Normalisation::identity();
+        let fine = load(&spec(d), Split::Train, None, &id).unwrap();
+        assert_eq!(fine.labels, vec![0, 30, 60]);
+        assert_eq!(fine.sample(1)[0], 2.0);
+        let coarse = Fit { coarse_labels: true, ..Fit::default() };
+        let (c, _) = load_fitted(&spec(d), Split::Train, None, &id, &coarse).unwrap();
+        assert_eq!((c.labels, c.images), (vec![10, 11, 12], fine.images));
+        // 25 is no coarse class; a CIFAR-10 file is not a whole number of CIFAR-100 records.
+        std::fs::write(d.join("train.bin"), records(1, 0, |_| vec![25, 3])).unwrap();
+        assert_data_error(
+            load_fitted(&spec(d), Split::Train, None, &id, &coarse).map(|(d, _)| d),
+            &["train.bin", "label 25", "coarse"],
+        );
+        std::fs::write(d.join("train.bin"), records(2, 0, |_| vec![3])).unwrap();
+        assert_data_error(load(&spec(d), Split::Train, None, &id), &["train.bin", "3074-byte"]);
+        assert_data_error(load(&spec(d), Split::Test, None, &id), &["no test images", "test.bin"]);
+    }
+}

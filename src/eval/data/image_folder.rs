@@ -223,3 +223,165 @@ pub(super) fn load(
     let labels = files.iter().map(|(_, l)| *l).collect();
     Ok((Stored { images, labels, sample_shape, source, normalised: false }, notes))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_util::assert_data_error;
+    use super::super::{load, load_fitted, resolve_spec, Normalisation, Source};
+    use super::*;
+    use image::{GrayImage, ImageFormat, Rgb, RgbImage, RgbaImage};
+
+    /// A `w`x`h` RGB image whose pixel (x, y) is (seed, x, y).
+    fn rgb(w: u32, h: u32, seed: u8) -> RgbImage {
+        RgbImage::from_fn(w, h, |x, y| Rgb([seed, x as u8, y as u8]))
+    }
+
+    fn save(root: &Path, rel: &str, img: image::DynamicImage) {
+        let path = root.join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let format = ImageFormat::from_path(&path).unwrap();
+        img.save_with_format(&path, format).unwrap();
+    }
+
+    fn identity() -> Normalisation {
+        Normalisation::identity()
+    }
+
+    fn rel(root: &Path, files: &[(PathBuf, u32)]) -> Vec<(String, u32)> {
+        files
+            .iter()
+            .map(|(p, l)| (p.strip_prefix(root).unwrap().display().to_string(), *l))
+            .collect()
+    }
+
+    #[test]
+    fn order_and_labels_follow_image_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        // Classes sort by bytes: "B" < "a" < "a b" < "a-b"; files by folder, then name.
+        for (i, f) in
+            ["a/2.png", "a/1.PNG", "a/z/0.png", "a/y.png", "B/x.jpg", "a-b/q.jpeg", "a b/r.png"]
+                .iter()
+                .enumerate()
+        {
+            let img = image::DynamicImage::ImageRgb8(rgb(4, 4, i as u8));
+            let format = if f.ends_with("png") || f.ends_with("PNG") { "p" } else { "j" };
+            let path = root.join(f);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            let fmt = if format == "p" { ImageFormat::Png } else { ImageFormat::Jpeg };
+            img.save_with_format(&path, fmt).unwrap();
+        }
+        std::fs::write(root.join("a/notes.txt"), "not an image").unwrap();
+        std::fs::write(root.join("stray.png"), "files beside the classes are ignored").unwrap();
+        let files = list(root, Split::Test).unwrap();
+        let want = [
+            ("B/x.jpg", 0),
+            ("a/1.PNG", 1),
+            ("a/2.png", 1),
+            ("a/y.png", 1),
+            ("a/z/0.png", 1),
+            ("a b/r.png", 2),
+            ("a-b/q.jpeg", 3),
+        ];
+        let want: Vec<(String, u32)> = want.iter().map(|(p, l)| (p.to_string(), *l)).collect();
+        assert_eq!(rel(root, &files), want);
+        // Without splits, both splits read the whole tree.
+        assert_eq!(list(root, Split::Train).unwrap(), files);
+        assert!(matches!(resolve_spec(&root.display().to_string()), Ok(Source::ImageFolder(_))));
+        assert!(!resolve_spec(&root.display().to_string()).unwrap().has_splits());
+        // Pixels: channel planes in order; --limit takes the first in that order.
+        let d = load(&root.display().to_string(), Split::Test, Some(2), &identity()).unwrap();
+        assert_eq!(
+            (d.len(), d.sample_shape.clone(), d.labels.clone()),
+            (2, vec![3, 4, 4], vec![0, 1])
+        );
+        // a/1.PNG was written second (seed 1): R plane 1, G plane x, B plane y.
+        let img = d.sample(1);
+        assert_eq!(&img[..16], &[1.0; 16]);
+        assert_eq!(img[16 + 5], 1.0); // x of pixel 5 (row 1, column 1)
+        assert_eq!(img[32 + 4], 1.0); // y of pixel 4 (row 1, column 0)
+    }
+
+    #[test]
+    fn splits_and_their_classes() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for rel in ["train/cat/a.png", "train/dog/a.png", "train/emu/a.png", "val/dog/b.png"] {
+            save(root, rel, image::DynamicImage::ImageRgb8(rgb(2, 2, 9)));
+        }
+        let spec = root.display().to_string();
+        assert!(resolve_spec(&spec).unwrap().has_splits());
+        // val/ stands for test/; its classes are numbered from train/ (dog is 1, not 0).
+        assert_eq!(rel(root, &list(root, Split::Test).unwrap()), [("val/dog/b.png".into(), 1)]);
+        assert_eq!(list(root, Split::Train).unwrap().len(), 3);
+        // A test class the training split lacks.
+        save(root, "val/fox/c.png", image::DynamicImage::ImageRgb8(rgb(2, 2, 9)));
+        assert_data_error(load(&spec, Split::Test, None, &identity()), &["fox", "no counterpart"]);
+        std::fs::remove_dir_all(root.join("val/fox")).unwrap();
+        // An empty class folder, and a format relucompile does not decode.
+        std::fs::create_dir(root.join("val/emu")).unwrap();
+        assert_data_error(
+            load(&spec, Split::Test, None, &identity()),
+            &["val/emu", "no PNG or JPEG"],
+        );
+        std::fs::write(root.join("val/emu/x.webp"), b"RIFF").unwrap();
+        assert_data_error(load(&spec, Split::Test, None, &identity()), &["x.webp", "PNG and JPEG"]);
+        std::fs::remove_dir_all(root.join("val")).unwrap();
+        assert_data_error(load(&spec, Split::Test, None, &identity()), &["no test folder", "val/"]);
+    }
+
+    #[test]
+    fn decoding_errors_and_sizes_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        save(root, "c/a.png", image::DynamicImage::ImageRgb8(rgb(6, 4, 1)));
+        save(root, "c/b.png", image::DynamicImage::ImageRgb8(rgb(4, 4, 1)));
+        let spec = root.display().to_string();
+        assert_data_error(
+            load(&spec, Split::Test, None, &identity()),
+            &["b.png is 3x4x4", "a.png is 3x4x6", "--resize"],
+        );
+        std::fs::write(root.join("c/b.png"), b"\x89PNG\r\n\x1a\n truncated").unwrap();
+        assert_data_error(
+            load(&spec, Split::Test, None, &identity()),
+            &["c/b.png", "not a readable"],
+        );
+    }
+
+    #[test]
+    fn grey_alpha_and_fitting() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let grey = GrayImage::from_fn(8, 6, |x, _| image::Luma([x as u8 * 10]));
+        save(root, "c/a.png", image::DynamicImage::ImageLuma8(grey));
+        let rgba = RgbaImage::from_fn(8, 6, |_, _| image::Rgba([5, 6, 7, 0]));
+        save(root, "c/b.png", image::DynamicImage::ImageRgba8(rgba));
+        let spec = root.display().to_string();
+        // Without a model: RGB (grey repeated, alpha dropped).
+        let d = load(&spec, Split::Test, None, &identity()).unwrap();
+        assert_eq!(d.sample_shape, vec![3, 6, 8]);
+        assert_eq!(d.sample(0)[3], 30.0);
+        assert_eq!(d.sample(0)[48 + 3], 30.0);
+        assert_eq!((d.sample(1)[0], d.sample(1)[48], d.sample(1)[96]), (5.0, 6.0, 7.0));
+        // For a grey model: the colour image becomes grey; resize 4 then crop 4x4.
+        let fit = Fit {
+            shape: Some(vec![1, 4, 4]),
+            resize: Some(4),
+            center_crop: Some(super::super::CropSize { height: 4, width: 4 }),
+            ..Fit::default()
+        };
+        let (d, notes) = load_fitted(&spec, Split::Test, None, &identity(), &fit).unwrap();
+        assert_eq!(d.sample_shape, vec![1, 4, 4]);
+        let luma = 0.2126f32 * 5.0 + 0.7152 * 6.0 + 0.0722 * 7.0;
+        assert!(d.sample(1).iter().all(|v| (v - luma).abs() < 1e-4), "{:?}", d.sample(1));
+        assert_eq!(
+            notes,
+            [
+                format!("1 colour image in {spec} converted to grey (Rec. 709 luma) for the model"),
+                format!(
+                    "2 images in {spec} fitted by --resize 4 --center-crop 4x4 (triangle filter)"
+                )
+            ]
+        );
+    }
+}

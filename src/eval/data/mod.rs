@@ -421,4 +421,22 @@ mod tests {
         assert_eq!(crate::error::exit_code_of(&e), ExitCode::InvalidData);
         assert_eq!(e.to_string(), "images in dir are 1x32x32 but model.onnx expects 1x28x28");
     }
+
+    #[test]
+    fn directories_resolve_by_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = dir.path().display().to_string();
+        let e = resolve_spec(&spec).unwrap_err();
+        assert_eq!(crate::error::exit_code_of(&e), ExitCode::InvalidData);
+        for needle in ["holds no data set", "t10k-images-idx3-ubyte", "test_batch.bin", "PNG/JPEG"]
+        {
+            assert!(e.to_string().contains(needle), "{needle}: {e}");
+        }
+        std::fs::write(dir.path().join("x.txt"), "").unwrap();
+        let e = resolve_spec(&dir.path().join("x.txt").display().to_string()).unwrap_err();
+        assert!(e.to_string().contains("not a .npy file"), "{e}");
+        std::fs::write(dir.path().join("t10k-labels-idx1-ubyte.gz"), "").unwrap();
+        assert_eq!(resolve_spec(&spec).unwrap(), Source::Idx(dir.path().into()));
+        assert_eq!(resolve_spec(&spec).unwrap().format(), "IDX");
+    }
 }
