@@ -115,3 +115,14 @@ pub fn parse_shape(text: &str) -> Result<Vec<usize>, String> {
         _ => Err(format!("'{text}' is not a shape like 1x3x32x32 (positive integers)")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// clap's own consistency checks (duplicate flags across flattened groups, bad defaults),
+    /// which otherwise run only when a debug build parses a command line.
+    #[test]
+    fn command_line_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}
