@@ -70,7 +70,7 @@ impl DataFlags {
         }
     }
 
-    /// The flags that change the data, as text for keys and reports (empty when none).
+    /// The flags given, as text for keys and reports (empty when none).
     pub fn describe(&self) -> String {
         let mut parts = Vec::new();
         if let Some(s) = self.resize {
@@ -81,6 +81,16 @@ impl DataFlags {
         }
         if self.coarse_labels {
             parts.push("--coarse-labels".into());
+        }
+        let list = |v: &[f32]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",");
+        if let Some(s) = self.scale {
+            parts.push(format!("--scale {s}"));
+        }
+        if let Some(m) = &self.mean {
+            parts.push(format!("--mean {}", list(m)));
+        }
+        if let Some(s) = &self.std {
+            parts.push(format!("--std {}", list(s)));
         }
         parts.join(" ")
     }
@@ -119,5 +129,39 @@ impl DataFlags {
             data::load_fitted(spec, split, limit, &norm, &self.fit(sample, model_name))?;
         data::check_fits_named(&set, sample, model_name)?;
         Ok((set, notes))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser, Debug)]
+    struct Wrap {
+        #[command(flatten)]
+        flags: DataFlags,
+    }
+
+    fn parse(args: &[&str]) -> std::result::Result<DataFlags, clap::Error> {
+        Wrap::try_parse_from(std::iter::once("x").chain(args.iter().copied())).map(|w| w.flags)
+    }
+
+    #[test]
+    fn flags_parse_and_describe_themselves() {
+        let f =
+            parse(&["--resize", "256", "--center-crop", "224", "--mean", "0.5,0.4,0.3"]).unwrap();
+        assert_eq!(
+            (f.resize, f.center_crop),
+            (Some(256), Some(CropSize { height: 224, width: 224 }))
+        );
+        assert_eq!(f.describe(), "--resize 256 --center-crop 224x224 --mean 0.5,0.4,0.3");
+        let fit = f.fit(&[3, 224, 224], "m.onnx");
+        assert_eq!((fit.shape, fit.model.as_deref()), (Some(vec![3, 224, 224]), Some("m.onnx")));
+        assert_eq!(parse(&[]).unwrap(), DataFlags::default());
+        assert_eq!(parse(&[]).unwrap().describe(), "");
+        for bad in [&["--resize", "0"][..], &["--center-crop", "3x"], &["--std", "a"]] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -201,7 +201,10 @@ pub(super) fn load(
         let (values, plan) = result?;
         let shape = plan.out_shape();
         match first {
-            None => first = Some((shape, file)),
+            None => {
+                images.reserve(files.len() * shape.iter().product::<usize>());
+                first = Some((shape, file));
+            }
             Some((s, f)) if s != shape => {
                 return Err(invalid(format!(
                     "{} is {} but {} is {}: images of different sizes need --resize and \
