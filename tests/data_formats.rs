@@ -146,6 +146,8 @@ fn lossy_compile_reads_every_format_and_onnxruntime_agrees() {
         assert_eq!((acc["data"].as_str(), acc["images"].as_u64()), (Some(spec), Some(images)));
         assert_eq!(acc["before"].as_f64(), Some(correct as f64 / images as f64), "{spec}");
         assert_eq!(report["after"]["total_relus"], 34_816 - 16_384);
+        // Recalibrated on the training split of the same data.
+        assert!(report["pipeline"].as_str().unwrap().contains("recalibrate"), "{report}");
         assert!(out.is_file());
         // onnxruntime's accuracy on images the harness decodes itself (CIFAR) or on the
         // decoded pixels (the tree, through its npy twin), before and after.
@@ -195,6 +197,8 @@ fn no_eval_writes_the_census_and_warns() {
     let report: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
     assert!(report["accuracy"].is_null());
     assert!(report["accuracy_not_measured"].as_str().unwrap().contains("not measured"));
+    // Recalibration needs calibration images too: --no-eval goes without it.
+    assert!(!report["pipeline"].as_str().unwrap().contains("recalibrate"), "{report}");
     assert_eq!(report["after"]["total_relus"], 8_192 + 1_024);
     assert!(o.stderr.contains("warning: the accuracy of"), "{}", o.stderr);
     assert!(out.is_file());
