@@ -607,12 +607,24 @@ fn real_check_inputs(
     spec: &str,
     args: &CompileArgs,
 ) -> (Option<Vec<f32>>, String) {
-    let limit = Some(CHECK_IMAGES);
-    match args.data_flags.load_quiet(spec, data::Split::Test, limit, model, sample, "the model") {
-        Ok((d, _)) => {
+    // As DataFlags::load, without its notes: these images only feed the output comparison.
+    let fit = args.data_flags.fit(sample, "the model");
+    let loaded = args.data_flags.normalisation(model).and_then(|norm| {
+        data::load_fitted(spec, data::Split::Test, Some(CHECK_IMAGES), &norm, &fit)
+    });
+    match loaded {
+        Ok((d, _)) if d.sample_shape == sample => {
             let note = format!("{} real images from {spec}", d.len());
             (Some(d.images), note)
         }
+        Ok((d, _)) => (
+            None,
+            format!(
+                "real images from {spec} are {}, the model takes {}: random only",
+                data::shape_text(&d.sample_shape),
+                data::shape_text(sample)
+            ),
+        ),
         Err(e) => (None, format!("no real images ({e:#}): random only")),
     }
 }

@@ -107,28 +107,14 @@ impl DataFlags {
         sample: &[usize],
         model_name: &str,
     ) -> Result<Dataset> {
-        let (set, notes) = self.load_quiet(spec, split, limit, model, sample, model_name)?;
-        for note in notes {
-            eprintln!("note: {note}");
-        }
-        Ok(set)
-    }
-
-    /// [`DataFlags::load`] returning the notes instead of printing them.
-    pub fn load_quiet(
-        &self,
-        spec: &str,
-        split: Split,
-        limit: Option<usize>,
-        model: &Model,
-        sample: &[usize],
-        model_name: &str,
-    ) -> Result<(Dataset, Vec<String>)> {
         let norm = self.normalisation(model).context("reading the model's normalisation")?;
         let (set, notes) =
             data::load_fitted(spec, split, limit, &norm, &self.fit(sample, model_name))?;
         data::check_fits_named(&set, sample, model_name)?;
-        Ok((set, notes))
+        for note in notes {
+            eprintln!("note: {note}");
+        }
+        Ok(set)
     }
 }
 
