@@ -234,9 +234,10 @@ def main():
         relus, stages = relu_census(reduce(load_original(), c))
         reduced.append((c, relus, stages))
         print(f"  {c:32s} {relus:7,d} ReLUs ({100 * relus / orig_relus:5.1f}%)  {stages}", flush=True)
-    for b in BUDGETS:
-        under = [c for c, r, _ in reduced if r <= b * orig_relus]
-        print(f"  budget {100 * b:.0f}% ({int(b * orig_relus):,}): {', '.join(under) if under else 'NONE'}")
+    for b in BUDGETS:  # the configuration with the most ReLUs at or under each budget
+        under = [(r, c) for c, r, _ in reduced if r <= b * orig_relus]
+        best = f"{max(under)[1]} ({max(under)[0]:,})" if under else "none"
+        print(f"  budget {100 * b:.0f}% ({int(b * orig_relus):,} ReLUs): {best}")
     if args.count_only:
         return
 

@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use std::path::{Path, PathBuf};
 
-/// The VGG with stage 1 culled (32,768 ReLUs; 75% accuracy before fine-tuning).
+/// The VGG with stage 1 culled (32,768 ReLUs; recalibrated, 91% on the training subset).
 fn reduced(dir: &Path) -> PathBuf {
     let out = dir.join("reduced.onnx");
     let o = relucompile(&[
@@ -64,8 +64,9 @@ fn distillation_lowers_kd_loss_and_raises_accuracy_on_the_subset() {
     let kd: Vec<f64> = epochs.iter().map(|e| e["kd_loss"].as_f64().unwrap()).collect();
     assert!(kd[2] < kd[0] * 0.8, "KD loss did not fall: {kd:?}");
     let (before, after) = (train_subset_accuracy(&reduced), train_subset_accuracy(&tuned));
-    // Measured: 80.5% -> 93.8% on these 256 images (75% -> 90% on 200 test images).
-    assert!(after > before + 0.05, "subset accuracy {before} -> {after}");
+    // The reduced graph is recalibrated already (91.0% on these 256 images); measured after
+    // three epochs of SGD + one-cycle with BatchNorm re-inserted: 94.1%.
+    assert!(after >= before + 0.02, "subset accuracy {before} -> {after}");
     assert!(r["accuracy_after"].as_f64() > r["accuracy_before"].as_f64());
     // The weights written are the ones trained (checked inside too: outputs under tract).
     assert!(r["written_graph_rel_diff"].as_f64().unwrap() <= 1e-3);

@@ -4,7 +4,7 @@
 use crate::analysis::census::{census, Census};
 use crate::analysis::cost::{CostEstimate, CostModel};
 use crate::analysis::shapes::sample_shape;
-use crate::error::{CompileError, ExitCode};
+use crate::error::{exit_code_of, CompileError, ExitCode};
 use crate::eval::compare::{compare_models_on, random_inputs, Comparison, LOSSLESS_REL_TOLERANCE};
 use crate::eval::data;
 use crate::frontend::{load_model, write_bytes_atomic};
@@ -18,6 +18,9 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+/// The data set when --data is not given.
+const DEFAULT_DATA: &str = data::FASHION_MNIST_SPEC;
 
 /// Passes that always close a pipeline: emitted graphs never hold Identity or dead nodes.
 const FINALIZE: &str = "identity-elim,dce";
@@ -48,9 +51,10 @@ pub struct CompileArgs {
     /// Allow the output path to be the input file
     #[arg(long)]
     pub force: bool,
-    /// Real images for the output check: `fashion-mnist`, an IDX directory or a .npy file
-    #[arg(long, default_value = "fashion-mnist")]
-    pub check_data: String,
+    /// Real images for the output check (any --data format) [default: --data, else
+    /// fashion-mnist]
+    #[arg(long)]
+    pub check_data: Option<String>,
     /// Remove every ReLU of these stages (lossy; stage numbers as `inspect` shows, 0 = stem)
     #[arg(long, value_delimiter = ',', help_heading = "ReLU reduction (lossy)")]
     pub cull: Vec<usize>,
@@ -96,10 +100,16 @@ pub struct CompileArgs {
     /// mapped to the original's mean and scale on calibration images, folded into the weights)
     #[arg(long, help_heading = "ReLU reduction (lossy)")]
     pub no_recalibrate: bool,
-    /// Data to measure accuracy on (test split): `fashion-mnist`, an IDX directory or a .npy
-    /// file. Lossy pipelines are always measured (default `fashion-mnist`)
+    /// Data to measure accuracy on (test split; calibration uses the training split):
+    /// `fashion-mnist`, an IDX, CIFAR or image-folder directory, or a .npy file. Lossy
+    /// pipelines are always measured (default `fashion-mnist`) unless --no-eval
     #[arg(long, help_heading = "Accuracy gate")]
     pub data: Option<String>,
+    /// Write a lossy rewrite without measuring its accuracy (when no labelled data fits the
+    /// model; implies --no-recalibrate); the report warns that accuracy was not measured.
+    /// --max-drop cannot run then
+    #[arg(long, help_heading = "Accuracy gate")]
+    pub no_eval: bool,
     /// Fail (exit 7, nothing written) when accuracy falls by more than this many points
     #[arg(long, help_heading = "Accuracy gate")]
     pub max_drop: Option<f64>,
@@ -118,6 +128,8 @@ pub struct CompileArgs {
     /// No progress bars
     #[arg(long)]
     pub no_progress: bool,
+    #[command(flatten)]
+    pub data_flags: super::data_flags::DataFlags,
     #[command(flatten)]
     pub finetune: super::finetune::FinetuneFlags,
 }
@@ -174,6 +186,9 @@ struct CompileReport {
     /// With --relu-budget: the budget, the choice and every candidate considered.
     #[serde(skip_serializing_if = "Option::is_none")]
     budget: Option<BudgetReport>,
+    /// With --no-eval on a lossy pipeline: the warning that accuracy was not measured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    accuracy_not_measured: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -219,8 +234,11 @@ pub fn run(args: &CompileArgs) -> Result<()> {
         pipeline_text(args, budget_choice.as_ref().map(|(c, _)| c.pipeline.as_str()))
     ))?;
     let lossy = pipeline.steps.iter().any(|(_, _, p)| !p.lossless());
+    // The test images are read before any pass runs: data that does not fit fails fast.
+    let test_set = test_set(&original, &sample, lossy, args)?;
 
-    let (real, real_note) = real_check_inputs(&original, &sample, &args.check_data);
+    let check_spec = args.check_data.as_deref().or(args.data.as_deref()).unwrap_or(DEFAULT_DATA);
+    let (real, real_note) = real_check_inputs(&original, &sample, check_spec, args);
     let random = random_inputs(CHECK_RANDOM * sample.iter().product::<usize>(), CHECK_SEED);
     let verify = VerifyOptions {
         structure: args.verify_each,
@@ -245,7 +263,7 @@ pub fn run(args: &CompileArgs) -> Result<()> {
         let (tuned, report) = super::finetune::finetune_model(
             &model,
             &original,
-            args.data.as_deref().unwrap_or("fashion-mnist"),
+            (args.data.as_deref().unwrap_or(DEFAULT_DATA), &args.data_flags),
             &args.finetune.train_flags(),
             args.finetune.finetune_epochs,
             args.limit,
@@ -265,11 +283,17 @@ pub fn run(args: &CompileArgs) -> Result<()> {
         .into_iter();
     let check_random = checks.next().context("the random-input comparison")?;
     let check_real = checks.next();
-    let accuracy = if lossy || args.data.is_some() || args.max_drop.is_some() {
-        Some(measure_accuracy(&original, &model, &sample, args)?)
-    } else {
-        None
+    let accuracy = match &test_set {
+        Some(set) => Some(measure_accuracy(&original, &model, set, args)?),
+        None => None,
     };
+    let accuracy_not_measured = (lossy && accuracy.is_none()).then(|| {
+        format!(
+            "the accuracy of {} was not measured (--no-eval), nor was it recalibrated: the lossy \
+             pipeline changes the network's predictions by an unknown amount",
+            output.display()
+        )
+    });
     let report = CompileReport {
         input: input.display().to_string(),
         output: output.display().to_string(),
@@ -290,6 +314,7 @@ pub fn run(args: &CompileArgs) -> Result<()> {
             chosen,
             candidates,
         }),
+        accuracy_not_measured,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -301,6 +326,9 @@ pub fn run(args: &CompileArgs) -> Result<()> {
     }
     if let Some(warning) = report.accuracy.as_ref().and_then(|a| a.warning.as_ref()) {
         eprintln!("WARNING: {warning}");
+    }
+    if let Some(warning) = &report.accuracy_not_measured {
+        eprintln!("warning: {warning}");
     }
     if let Some(acc) = report.accuracy.as_ref().filter(|a| !a.passed) {
         return Err(CompileError::new(
@@ -371,7 +399,8 @@ fn pipeline_text(args: &CompileArgs, searched: Option<&str>) -> String {
     if lossy.is_empty() {
         return args.passes.clone();
     }
-    if !args.no_recalibrate {
+    // Recalibration needs calibration images, which --no-eval (for when none fit) goes without.
+    if !args.no_recalibrate && !args.no_eval {
         lossy.push("recalibrate".into());
     }
     crate::passes::place_lossy(&args.passes, &lossy)
@@ -450,10 +479,13 @@ fn calibration_set(
         Some(path) => frontier_calibration(path)?,
         None => (args.calibration_images, args.seed),
     };
-    let spec = args.data.as_deref().unwrap_or("fashion-mnist");
-    let norm = data::try_normalisation_for(original, None, None, None)?;
-    let train = data::load(spec, data::Split::Train, None, &norm)?;
-    data::check_fits(&train, sample)?;
+    let spec = args.data.as_deref().unwrap_or(DEFAULT_DATA);
+    let train = args
+        .data_flags
+        .load(spec, data::Split::Train, None, original, sample, &input_name(args))
+        .map_err(|e| {
+            no_fitting_data(e, "gather calibration statistics from the training split", false)
+        })?;
     Ok(train.seeded_subset(count, seed))
 }
 
@@ -475,23 +507,72 @@ fn frontier_calibration(path: &Path) -> Result<(usize, u64)> {
     }
 }
 
+/// The test split of `--data` when accuracy is to be measured: always for a lossy pipeline
+/// (unless --no-eval), and whenever --data or --max-drop asks. Data that cannot be read or
+/// does not fit the model is an error naming --data and --no-eval.
+fn test_set(
+    original: &Model,
+    sample: &[usize],
+    lossy: bool,
+    args: &CompileArgs,
+) -> Result<Option<data::Dataset>> {
+    if args.no_eval {
+        if args.max_drop.is_some() {
+            return Err(CompileError::new(
+                ExitCode::Usage,
+                "--max-drop gates on the measured accuracy, but --no-eval skips measuring it: \
+                 the gate cannot run; drop one of them",
+            )
+            .into());
+        }
+        return Ok(None);
+    }
+    if !(lossy || args.data.is_some() || args.max_drop.is_some()) {
+        return Ok(None);
+    }
+    let spec = args.data.as_deref().unwrap_or(DEFAULT_DATA);
+    let what =
+        if lossy { "measure the accuracy of this lossy rewrite" } else { "measure accuracy" };
+    args.data_flags
+        .load(spec, data::Split::Test, args.limit, original, sample, &input_name(args))
+        .map(Some)
+        .map_err(|e| no_fitting_data(e, what, true))
+}
+
+/// A data error, restated as what it prevents and what to give instead.
+fn no_fitting_data(e: anyhow::Error, what: &str, no_eval: bool) -> anyhow::Error {
+    if exit_code_of(&e) != ExitCode::InvalidData {
+        return e;
+    }
+    CompileError::invalid_data(format!(
+        "cannot {what}: {e:#}\n  give --data with labelled images that fit the model ({}){}",
+        data::FORMATS,
+        if no_eval {
+            ", or --no-eval to write the result without measuring its accuracy"
+        } else {
+            ""
+        }
+    ))
+    .into()
+}
+
+fn input_name(args: &CompileArgs) -> String {
+    args.input.as_ref().map_or_else(|| "the model".into(), |p| p.display().to_string())
+}
+
 /// Accuracy of the original and the rewritten graph on the test split, in one pass each.
 fn measure_accuracy(
     original: &Model,
     model: &Model,
-    sample: &[usize],
+    set: &data::Dataset,
     args: &CompileArgs,
 ) -> Result<AccuracyReport> {
-    let spec = args.data.as_deref().unwrap_or("fashion-mnist");
-    let norm = data::try_normalisation_for(original, None, None, None)?;
-    let set = data::load(spec, data::Split::Test, args.limit, &norm)?;
-    data::check_fits(&set, sample)?;
-    let name = args.input.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+    let name = input_name(args);
     let eval = crate::eval::evaluator::evaluate(
         model,
         "rewritten",
         Some((original, &name)),
-        &set,
+        set,
         crate::eval::evaluator::DEFAULT_BATCH,
         !args.json && !args.no_progress,
     )?;
@@ -543,17 +624,28 @@ pub(crate) fn check_output_path(input: &Path, output: &Path, force: bool) -> Res
 
 /// Real images for the check when the data set is there and fits the model; otherwise `None`
 /// and a note saying why (random inputs are always used).
-fn real_check_inputs(model: &Model, sample: &[usize], spec: &str) -> (Option<Vec<f32>>, String) {
-    let norm = data::normalisation_for(model, None, None, None);
-    match data::load(spec, data::Split::Test, Some(CHECK_IMAGES), &norm) {
-        Ok(d) if d.sample_shape == sample => {
-            (Some(d.images.clone()), format!("{} real images from {spec}", d.len()))
+fn real_check_inputs(
+    model: &Model,
+    sample: &[usize],
+    spec: &str,
+    args: &CompileArgs,
+) -> (Option<Vec<f32>>, String) {
+    // As DataFlags::load, without its notes: these images only feed the output comparison.
+    let fit = args.data_flags.fit(sample, "the model");
+    let loaded = args.data_flags.normalisation(model).and_then(|norm| {
+        data::load_fitted(spec, data::Split::Test, Some(CHECK_IMAGES), &norm, &fit)
+    });
+    match loaded {
+        Ok((d, _)) if d.sample_shape == sample => {
+            let note = format!("{} real images from {spec}", d.len());
+            (Some(d.images), note)
         }
-        Ok(d) => (
+        Ok((d, _)) => (
             None,
             format!(
-                "real images from {spec} are {:?}, the model takes {sample:?}: random only",
-                d.sample_shape
+                "real images from {spec} are {}, the model takes {}: random only",
+                data::shape_text(&d.sample_shape),
+                data::shape_text(sample)
             ),
         ),
         Err(e) => (None, format!("no real images ({e:#}): random only")),

@@ -13,7 +13,8 @@ use std::path::PathBuf;
 pub struct CriticalityArgs {
     /// The ONNX model to analyse
     pub model: PathBuf,
-    /// Data set (`fashion-mnist`, an IDX directory or a .npy file); its training split is used
+    /// Data set (`fashion-mnist`, an IDX, CIFAR or image-folder directory, or a .npy file); its
+    /// training split is used
     #[arg(long, default_value = "fashion-mnist")]
     pub data: String,
     /// Calibration images taken from the training split
@@ -25,6 +26,8 @@ pub struct CriticalityArgs {
     /// Print one JSON object instead of a table
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub data_flags: super::data_flags::DataFlags,
 }
 
 pub fn run(args: &CriticalityArgs) -> Result<()> {
@@ -32,9 +35,15 @@ pub fn run(args: &CriticalityArgs) -> Result<()> {
     let sample = sample_shape(&original, args.input_shape.as_deref())?;
     let ctx = PassContext::new(sample.clone());
     let model = prepare(&original, &ctx)?;
-    let norm = data::try_normalisation_for(&model, None, None, None)?;
-    let set = data::load(&args.data, data::Split::Train, Some(args.images), &norm)?;
-    data::check_fits(&set, &sample)?;
+    let name = args.model.display().to_string();
+    let set = args.data_flags.load(
+        &args.data,
+        data::Split::Train,
+        Some(args.images),
+        &model,
+        &sample,
+        &name,
+    )?;
     let ctx =
         PassContext::with_data(sample.clone(), std::sync::Arc::new(set.images.clone()), &model);
     let c = criticality(&model, &ctx, &set)?;

@@ -17,12 +17,21 @@ difference). Batches run in parallel on every core; only inference is timed.
 
 Data (--data): `fashion-mnist` is Debian's dataset-fashion-mnist package at \
 /usr/share/datasets/fashion-mnist; a directory holds IDX files with the Fashion-MNIST names \
-(t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz], train-...); a .npy file holds \
+(t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz], train-...), CIFAR-10 binaries \
+(data_batch_1.bin .. data_batch_5.bin, test_batch.bin), CIFAR-100 binaries (train.bin, \
+test.bin; fine labels, or coarse with --coarse-labels), or an image-folder tree as \
+torchvision's ImageFolder reads it (one folder of PNG/JPEG images per class, classes numbered \
+in sorted name order; train/ and test/ or val/ folders give the splits); a .npy file holds \
 images (float32, float64 or uint8; [N,H,W] or [N,C,H,W]) with integer labels in \
 <stem>_labels.npy or labels.npy beside it. Nothing is ever downloaded.
 
+Fitting: grey images are repeated to three channels for a colour model, colour images turned \
+grey (Rec. 709 luma) for a grey one. --resize N scales every image so its shorter side is N \
+pixels (bilinear), then --center-crop N or HxW keeps the centre (the ImageNet convention); \
+otherwise images must have the model's height and width.
+
 Pixel convention: the model is fed x = (pixel * scale - mean[c]) / std[c], where pixel is the \
-value as stored (0..255 in IDX and uint8 files) and c the channel. Each of scale, mean and std \
+value as stored (0..255 in IDX, CIFAR, PNG, JPEG and uint8 files) and c the channel. Each of scale, mean and std \
 comes from its flag, else from the model's ONNX metadata (relucompile.scale, relucompile.mean, \
 relucompile.std: comma-separated floats), else the default scale 1/255, mean 0, std 1. Float \
 .npy images are taken as already normalised and fed as stored, unless a normalisation flag is \
@@ -41,70 +50,41 @@ Inputs are x = (pixel * scale - mean[c]) / std[c]; pixel as stored (0..255 for I
 pub struct EvalArgs {
     /// The ONNX model to evaluate
     pub model: PathBuf,
-    /// The data: `fashion-mnist`, a directory of IDX files, or a .npy file of images
+    /// The data: `fashion-mnist`, an IDX, CIFAR or image-folder directory, or a .npy file
     #[arg(long, value_name = "SPEC", default_value = data::FASHION_MNIST_SPEC)]
     pub data: String,
-    /// Which split of an IDX data set [default: test]
+    /// Which split to read [default: test]
     #[arg(long, value_enum)]
     pub split: Option<Split>,
     /// Evaluate the first N images only
-    #[arg(long, value_name = "N", value_parser = parse_positive)]
+    #[arg(long, value_name = "N", value_parser = super::data_flags::parse_positive)]
     pub limit: Option<usize>,
     /// Also run this model and compare: its accuracy, arg-max agreement, largest difference
     #[arg(long, value_name = "MODEL")]
     pub reference: Option<PathBuf>,
     /// Images per tract run (tract is fastest one image at a time; threads share the images)
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_BATCH, value_parser = parse_positive)]
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_BATCH, value_parser = super::data_flags::parse_positive)]
     pub batch: usize,
     /// The model's input shape with the batch, e.g. 1x1x28x28 (default: the model's own)
     #[arg(long, value_name = "SHAPE", value_parser = super::parse_shape)]
     // `::std::vec::Vec`: one value parsed whole, not a list of values (clap's derive rule).
     pub input_shape: Option<::std::vec::Vec<usize>>,
-    /// Pixel scale (x = (pixel * scale - mean) / std)
-    #[arg(long, value_name = "F", value_parser = parse_finite, allow_hyphen_values = true)]
-    pub scale: Option<f32>,
-    /// Mean subtracted after scaling: one value, or one per channel (a,b,c)
-    #[arg(long, value_name = "A[,B,C]", value_parser = data::parse_floats, allow_hyphen_values = true)]
-    pub mean: Option<::std::vec::Vec<f32>>,
-    /// Standard deviation divided by: one value, or one per channel (a,b,c)
-    #[arg(long, value_name = "A[,B,C]", value_parser = data::parse_floats)]
-    pub std: Option<::std::vec::Vec<f32>>,
     /// Print one JSON object (the report) on stdout
     #[arg(long)]
     pub json: bool,
     /// No progress bar (it is also hidden when stderr is not a terminal)
     #[arg(long)]
     pub no_progress: bool,
-}
-
-fn parse_positive(text: &str) -> std::result::Result<usize, String> {
-    match text.trim().parse::<usize>() {
-        Ok(n) if n > 0 => Ok(n),
-        _ => Err(format!("'{text}' is not a positive integer")),
-    }
-}
-
-fn parse_finite(text: &str) -> std::result::Result<f32, String> {
-    match text.trim().parse::<f32>() {
-        Ok(v) if v.is_finite() => Ok(v),
-        _ => Err(format!("'{text}' is not a number")),
-    }
+    #[command(flatten)]
+    pub data_flags: super::data_flags::DataFlags,
 }
 
 /// The normalisation for `model` on the data `args` names; see `LONG_ABOUT` for the rules.
 fn normalisation(args: &EvalArgs, model: &Model, model_path: &Path) -> Result<Normalisation> {
-    if let Some(std) = &args.std {
-        if std.contains(&0.0) {
-            return Err(CompileError::new(
-                ExitCode::Usage,
-                format!("--std {std:?}: a standard deviation of 0 divides by zero"),
-            )
-            .into());
-        }
-    }
-    let norm =
-        data::try_normalisation_for(model, args.scale, args.mean.as_deref(), args.std.as_deref())
-            .with_context(|| format!("reading the normalisation of {}", model_path.display()))?;
+    let norm = args
+        .data_flags
+        .normalisation(model)
+        .with_context(|| format!("reading the normalisation of {}", model_path.display()))?;
     if !norm.explicit && data::stores_normalised_floats(&args.data)? {
         return Ok(Normalisation::identity());
     }
@@ -113,12 +93,14 @@ fn normalisation(args: &EvalArgs, model: &Model, model_path: &Path) -> Result<No
 
 pub fn run(args: &EvalArgs) -> Result<()> {
     let source = data::resolve_spec(&args.data).context("--data")?;
-    if let (Source::Npy(path), Some(split)) = (&source, args.split) {
+    if let (false, Some(split)) = (source.has_splits(), args.split) {
         return Err(CompileError::new(
             ExitCode::Usage,
             format!(
-                "--split {split} selects files in an IDX directory, but --data {} is one .npy file",
-                path.display()
+                "--split {split} selects a split, but --data {} is one set ({} without \
+                 train/ and test/)",
+                args.data,
+                source.format()
             ),
         )
         .into());
@@ -130,8 +112,8 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     let sample = sample_shape(&model, args.input_shape.as_deref())
         .with_context(|| format!("the input shape of {model_name}"))?;
     let norm = normalisation(args, &model, &args.model)?;
-    let dataset = data::load(&args.data, split, args.limit, &norm)?;
-    data::check_fits_named(&dataset, &sample, &model_name)?;
+    let dataset =
+        args.data_flags.load(&args.data, split, args.limit, &model, &sample, &model_name)?;
 
     // The reference is loaded once, and not at all when it is the model's own file.
     let same_file = |p: &Path| match (p.canonicalize(), args.model.canonicalize()) {
@@ -150,9 +132,10 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         _ => None,
     };
     if let (Some((m, name)), Some(path)) = (reference_pair, &args.reference) {
-        let ref_norm =
-            data::try_normalisation_for(m, args.scale, args.mean.as_deref(), args.std.as_deref())
-                .with_context(|| format!("reading the normalisation of {}", path.display()))?;
+        let ref_norm = args
+            .data_flags
+            .normalisation(m)
+            .with_context(|| format!("reading the normalisation of {}", path.display()))?;
         if !ref_norm.explicit && ref_norm != norm && !data::stores_normalised_floats(&args.data)? {
             eprintln!(
                 "warning: the reference {name} declares the normalisation {ref_norm}, but both \
@@ -170,8 +153,9 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         !args.no_progress && !args.json,
     )?;
     report.split = match source {
-        Source::Idx(_) => split.name().to_string(),
         Source::Npy(_) => "npy".to_string(),
+        s if !s.has_splits() => "all".to_string(),
+        _ => split.name().to_string(),
     };
 
     if args.json {
@@ -245,8 +229,8 @@ mod tests {
         .unwrap();
         let a = w.args;
         assert_eq!(a.input_shape, Some(vec![1, 3, 32, 32]));
-        assert_eq!(a.mean, Some(vec![0.1, 0.2, 0.3]));
-        assert_eq!(a.std, Some(vec![0.5]));
+        assert_eq!(a.data_flags.mean, Some(vec![0.1, 0.2, 0.3]));
+        assert_eq!(a.data_flags.std, Some(vec![0.5]));
         assert_eq!(a.split, Some(Split::Train));
         assert_eq!((a.limit, a.batch, a.data.as_str()), (Some(10), DEFAULT_BATCH, "fashion-mnist"));
         for bad in [
@@ -261,7 +245,7 @@ mod tests {
             assert!(Wrap::try_parse_from(argv).is_err(), "{bad:?} should be refused");
         }
         let w = Wrap::try_parse_from(["x", "m.onnx", "--mean", "-0.5"]).unwrap();
-        assert_eq!(w.args.mean, Some(vec![-0.5]));
+        assert_eq!(w.args.data_flags.mean, Some(vec![-0.5]));
     }
 
     #[test]

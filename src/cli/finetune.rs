@@ -37,6 +37,8 @@ pub struct FinetuneArgs {
     /// No progress bars
     #[arg(long)]
     pub no_progress: bool,
+    #[command(flatten)]
+    pub data_flags: super::data_flags::DataFlags,
 }
 
 /// The training flags, shared by `finetune`, `compile --finetune-epochs` and `pareto`.
@@ -168,17 +170,17 @@ pub struct FinetuneReport {
 pub fn finetune_model(
     student: &Model,
     teacher: &Model,
-    data_spec: &str,
+    (data_spec, data_flags): (&str, &super::data_flags::DataFlags),
     flags: &TrainFlags,
     epochs: usize,
     limit: Option<usize>,
     progress: bool,
 ) -> Result<(Model, FinetuneReport)> {
     let sample = sample_shape(student, None)?;
-    let norm = data::try_normalisation_for(teacher, None, None, None)?;
-    let train = data::load(data_spec, Split::Train, flags.train_limit, &norm)?;
-    data::check_fits(&train, &sample)?;
-    let test = data::load(data_spec, Split::Test, limit, &norm)?;
+    let name = "the teacher";
+    let train =
+        data_flags.load(data_spec, Split::Train, flags.train_limit, teacher, &sample, name)?;
+    let test = data_flags.load(data_spec, Split::Test, limit, teacher, &sample, name)?;
     let result = Finetuner {
         student,
         teacher,
@@ -232,7 +234,7 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
     let (tuned, report) = finetune_model(
         &student,
         &teacher,
-        &args.data,
+        (&args.data, &args.data_flags),
         &args.train,
         args.train.epochs,
         args.limit,

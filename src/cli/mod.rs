@@ -2,6 +2,7 @@
 
 mod compile;
 mod criticality;
+pub mod data_flags;
 mod eval;
 pub mod finetune;
 mod inspect;
@@ -112,5 +113,16 @@ pub fn parse_shape(text: &str) -> Result<Vec<usize>, String> {
     match dims {
         Ok(d) if !d.is_empty() && d.iter().all(|&v| v > 0) => Ok(d),
         _ => Err(format!("'{text}' is not a shape like 1x3x32x32 (positive integers)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// clap's own consistency checks (duplicate flags across flattened groups, bad defaults),
+    /// which otherwise run only when a debug build parses a command line.
+    #[test]
+    fn command_line_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
     }
 }

@@ -25,7 +25,7 @@ pub struct ParetoArgs {
     /// Output directory: one ONNX file per frontier point, frontier.json/.csv/.md/.svg/.png
     #[arg(short, long)]
     pub output: PathBuf,
-    /// Data set (`fashion-mnist`, an IDX directory or a .npy file)
+    /// Data set (`fashion-mnist`, an IDX, CIFAR or image-folder directory, or a .npy file)
     #[arg(long, default_value = "fashion-mnist")]
     pub data: String,
     /// Calibration images drawn (by --seed) from the training split to choose candidates
@@ -51,6 +51,8 @@ pub struct ParetoArgs {
     #[arg(long)]
     pub no_progress: bool,
     #[command(flatten)]
+    pub data_flags: super::data_flags::DataFlags,
+    #[command(flatten)]
     pub finetune: super::finetune::FinetuneFlags,
 }
 
@@ -61,7 +63,10 @@ struct SearchKey {
     seed: u64,
     calibration_images: usize,
     data: String,
+    /// Absent in searches made before recalibration and the dimension knobs existed.
+    #[serde(default)]
     recalibrate: bool,
+    #[serde(default)]
     dimensions: bool,
 }
 
@@ -124,15 +129,18 @@ pub fn run(args: &ParetoArgs) -> Result<()> {
         model_fnv64: fnv64(&std::fs::read(&args.model)?),
         seed: args.seed,
         calibration_images: args.calibration_images,
-        data: args.data.clone(),
+        data: match args.data_flags.describe() {
+            flags if flags.is_empty() => args.data.clone(),
+            flags => format!("{} {flags}", args.data),
+        },
         recalibrate: !args.no_recalibrate,
         dimensions: !args.no_dimensions,
     };
     check_resume(&args.output, &key)?;
 
-    let norm = data::try_normalisation_for(&original, None, None, None)?;
-    let train = data::load(&args.data, data::Split::Train, None, &norm)?;
-    data::check_fits(&train, &sample)?;
+    let name = args.model.display().to_string();
+    let train =
+        args.data_flags.load(&args.data, data::Split::Train, None, &original, &sample, &name)?;
     let calibration = train.seeded_subset(args.calibration_images, args.seed);
     drop(train);
     let mut ctx =
@@ -181,7 +189,14 @@ pub fn run(args: &ParetoArgs) -> Result<()> {
         scored.iter().map(|s| (s.relus, s.calibration_accuracy)).collect();
     let chosen: Vec<&crate::search::pareto::Scored> =
         frontier_indices(&calib_points).into_iter().map(|i| &scored[i]).collect();
-    let test = data::load(&args.data, data::Split::Test, args.test_limit, &norm)?;
+    let test = args.data_flags.load(
+        &args.data,
+        data::Split::Test,
+        args.test_limit,
+        &original,
+        &sample,
+        &name,
+    )?;
     let measured: Vec<(crate::ir::Model, u64, f64)> = chosen
         .par_iter()
         .map(|s| {
@@ -208,7 +223,7 @@ pub fn run(args: &ParetoArgs) -> Result<()> {
             let (tuned, report) = super::finetune::finetune_model(
                 model,
                 &original,
-                &args.data,
+                (&args.data, &args.data_flags),
                 &args.finetune.train_flags(),
                 args.finetune.finetune_epochs,
                 args.test_limit,

@@ -86,7 +86,7 @@ pub fn tmpdir() -> tempfile::TempDir {
     tempfile::tempdir().expect("a temporary directory")
 }
 
-pub fn write_npy(path: &Path, shape: &[u64], data: &[f32]) {
+pub fn write_npy<T: npyz::AutoSerialize + Copy>(path: &Path, shape: &[u64], data: &[T]) {
     let mut w = npyz::WriteOptions::new()
         .default_dtype()
         .shape(shape)

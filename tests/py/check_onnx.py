@@ -10,10 +10,16 @@ For each case of a JSON manifest it checks that the model
      from the .npy file `relucompile run` wrote for the same inputs),
   4. when a reference model is named, gives under onnxruntime the same outputs as it,
   5. when `relus` is given, has that many ReLU elements per sample, counted here from the
-     graph with onnx's own shape inference (independently of relucompile's census).
+     graph with onnx's own shape inference (independently of relucompile's census),
+  6. when `accuracy` is given, has under onnxruntime the top-1 accuracy relucompile reported on
+     a labelled data set that this script decodes itself (CIFAR-10/100 binaries, or a uint8
+     .npy with its labels) and normalises by the model's relucompile.* metadata.
 
 Manifest: [{"model": "...", "input": "x.npy", "tract_output": "y.npy",
-            "reference": "orig.onnx" (optional)}, ...]
+            "reference": "orig.onnx" (optional),
+            "accuracy": {"data": "dir or x.npy", "format": "cifar10" | "cifar100" | "npy",
+                         "split": "test", "expected": 0.75, "images": 8} (optional)}, ...]
+"input" and "tract_output" may be left out when only the accuracy is checked.
 Exits 1 if any check fails; prints one line per case and a closing "N passed, M failed".
 """
 import json
@@ -86,6 +92,49 @@ def run_shapes(model, values):
     return {v: list(o.shape) for v, o in zip(values, outs)}
 
 
+def read_labelled(data, fmt, split):
+    """Images (uint8 [N,3,32,32] or as stored) and labels, decoded here, not by relucompile."""
+    if fmt == "npy":
+        return np.load(data), np.load(data[:-len(".npy")] + "_labels.npy")
+    if fmt == "cifar10":
+        import glob
+        import re
+        files = ([f"{data}/test_batch.bin"] if split == "test" else
+                 sorted(glob.glob(f"{data}/data_batch_*.bin"),
+                        key=lambda f: int(re.search(r"_(\d+)\.bin$", f).group(1))))
+        rec = np.concatenate([np.fromfile(f, np.uint8) for f in files]).reshape(-1, 3073)
+        return rec[:, 1:].reshape(-1, 3, 32, 32), rec[:, 0].astype(np.int64)
+    if fmt == "cifar100":
+        rec = np.fromfile(f"{data}/{split}.bin", np.uint8).reshape(-1, 3074)
+        return rec[:, 2:].reshape(-1, 3, 32, 32), rec[:, 1].astype(np.int64)
+    raise AssertionError(f"unknown data format {fmt}")
+
+
+def normalise(model, pixels):
+    """(pixel * scale - mean[c]) / std[c] in float32, from the model's relucompile.* metadata."""
+    meta = {p.key: [float(v) for v in p.value.split(",")] for p in model.metadata_props
+            if p.key.startswith("relucompile.")}
+    scale = np.float32(meta.get("relucompile.scale", [1.0 / 255.0])[0])
+    c = pixels.shape[1]
+    mean = np.array(meta.get("relucompile.mean", [0.0]), np.float32)
+    std = np.array(meta.get("relucompile.std", [1.0]), np.float32)
+    mean = np.broadcast_to(mean, (c,)).reshape(1, c, 1, 1)
+    std = np.broadcast_to(std, (c,)).reshape(1, c, 1, 1)
+    return (pixels.astype(np.float32) * scale - mean) / std
+
+
+def check_accuracy(path, model, spec):
+    pixels, labels = read_labelled(spec["data"], spec["format"], spec.get("split", "test"))
+    logits = run_ort(path, normalise(model, pixels))
+    correct = int((logits.argmax(1) == labels).sum())
+    if len(labels) != spec["images"]:
+        raise AssertionError(f"{spec['data']} holds {len(labels)} images, relucompile read {spec['images']}")
+    if abs(correct / len(labels) - spec["expected"]) > 1e-9:
+        raise AssertionError(f"onnxruntime accuracy {correct}/{len(labels)} on {spec['data']}, "
+                             f"relucompile reported {spec['expected']}")
+    return f"accuracy {correct}/{len(labels)} on {spec['data']} as reported"
+
+
 def check_case(case):
     path = case["model"]
     model = onnx.load(path)
@@ -110,13 +159,18 @@ def check_case(case):
     dead = [n.name for n in graph.node if not any(o in used for o in n.output if o)]
     if dead:
         raise AssertionError(f"dead nodes: {dead[:5]}")
+    msg = "checker ok"
+    if "accuracy" in case:
+        msg += ", " + check_accuracy(path, model, case["accuracy"])
+    if "input" not in case:
+        return msg
     x = np.load(case["input"]).astype(np.float32)
     y_ort = run_ort(path, x)
     y_tract = np.load(case["tract_output"])
     d_tract = rel_diff(y_ort, y_tract)
     if not d_tract <= REL_TOL:
         raise AssertionError(f"onnxruntime and tract differ: relative {d_tract:.3e}")
-    msg = f"ort-vs-tract {d_tract:.1e}"
+    msg += f", ort-vs-tract {d_tract:.1e}"
     if "relus" in case:
         counted = count_relus(model)
         if counted != case["relus"]:

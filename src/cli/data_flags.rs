@@ -1,0 +1,153 @@
+//! The flags that say how `--data` becomes the model's inputs, shared by every command that
+//! reads data: resizing and cropping, CIFAR-100's label set, and the normalisation.
+
+use crate::error::{CompileError, ExitCode};
+use crate::eval::data::{self, CropSize, Dataset, Fit, Normalisation, Split};
+use crate::ir::Model;
+use anyhow::{Context, Result};
+
+#[derive(clap::Args, Debug, Clone, Default, PartialEq)]
+#[command(next_help_heading = "Data")]
+pub struct DataFlags {
+    /// Resize every image so that its shorter side has N pixels (bilinear), before
+    /// --center-crop: for models trained on larger images than the data's
+    #[arg(long, value_name = "N", value_parser = parse_positive)]
+    pub resize: Option<usize>,
+    /// Keep the central N (or HxW) pixels of every image, after --resize
+    #[arg(long, value_name = "N|HxW", value_parser = CropSize::parse)]
+    pub center_crop: Option<CropSize>,
+    /// CIFAR-100 binaries: score against the 20 coarse labels instead of the 100 fine ones
+    #[arg(long)]
+    pub coarse_labels: bool,
+    /// Pixel scale (x = (pixel * scale - mean) / std) [default: the model's metadata, else 1/255]
+    #[arg(long, value_name = "F", value_parser = parse_finite, allow_hyphen_values = true)]
+    pub scale: Option<f32>,
+    /// Mean subtracted after scaling: one value, or one per channel (a,b,c)
+    #[arg(long, value_name = "A[,B,C]", value_parser = data::parse_floats, allow_hyphen_values = true)]
+    pub mean: Option<::std::vec::Vec<f32>>,
+    /// Standard deviation divided by: one value, or one per channel (a,b,c)
+    #[arg(long, value_name = "A[,B,C]", value_parser = data::parse_floats)]
+    pub std: Option<::std::vec::Vec<f32>>,
+}
+
+pub(crate) fn parse_positive(text: &str) -> std::result::Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("'{text}' is not a positive integer")),
+    }
+}
+
+fn parse_finite(text: &str) -> std::result::Result<f32, String> {
+    match text.trim().parse::<f32>() {
+        Ok(v) if v.is_finite() => Ok(v),
+        _ => Err(format!("'{text}' is not a number")),
+    }
+}
+
+impl DataFlags {
+    /// The normalisation for `model`: these flags first, then its metadata, then the default.
+    pub fn normalisation(&self, model: &Model) -> Result<Normalisation> {
+        if let Some(std) = &self.std {
+            if std.contains(&0.0) {
+                return Err(CompileError::new(
+                    ExitCode::Usage,
+                    format!("--std {std:?}: a standard deviation of 0 divides by zero"),
+                )
+                .into());
+            }
+        }
+        data::try_normalisation_for(model, self.scale, self.mean.as_deref(), self.std.as_deref())
+    }
+
+    /// How images become inputs of a model taking `sample` (`[C, H, W]`), named `model_name`.
+    pub fn fit(&self, sample: &[usize], model_name: &str) -> Fit {
+        Fit {
+            shape: Some(sample.to_vec()),
+            model: Some(model_name.to_string()),
+            resize: self.resize,
+            center_crop: self.center_crop,
+            coarse_labels: self.coarse_labels,
+        }
+    }
+
+    /// The flags given, as text for keys and reports (empty when none).
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(s) = self.resize {
+            parts.push(format!("--resize {s}"));
+        }
+        if let Some(c) = self.center_crop {
+            parts.push(format!("--center-crop {c}"));
+        }
+        if self.coarse_labels {
+            parts.push("--coarse-labels".into());
+        }
+        let list = |v: &[f32]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",");
+        if let Some(s) = self.scale {
+            parts.push(format!("--scale {s}"));
+        }
+        if let Some(m) = &self.mean {
+            parts.push(format!("--mean {}", list(m)));
+        }
+        if let Some(s) = &self.std {
+            parts.push(format!("--std {}", list(s)));
+        }
+        parts.join(" ")
+    }
+
+    /// `split` of `spec` for `model` (taking `sample`, named `model_name` in messages),
+    /// normalised, fitted and checked against the model's input; notes on conversions go to
+    /// stderr.
+    pub fn load(
+        &self,
+        spec: &str,
+        split: Split,
+        limit: Option<usize>,
+        model: &Model,
+        sample: &[usize],
+        model_name: &str,
+    ) -> Result<Dataset> {
+        let norm = self.normalisation(model).context("reading the model's normalisation")?;
+        let (set, notes) =
+            data::load_fitted(spec, split, limit, &norm, &self.fit(sample, model_name))?;
+        data::check_fits_named(&set, sample, model_name)?;
+        for note in notes {
+            eprintln!("note: {note}");
+        }
+        Ok(set)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser, Debug)]
+    struct Wrap {
+        #[command(flatten)]
+        flags: DataFlags,
+    }
+
+    fn parse(args: &[&str]) -> std::result::Result<DataFlags, clap::Error> {
+        Wrap::try_parse_from(std::iter::once("x").chain(args.iter().copied())).map(|w| w.flags)
+    }
+
+    #[test]
+    fn flags_parse_and_describe_themselves() {
+        let f =
+            parse(&["--resize", "256", "--center-crop", "224", "--mean", "0.5,0.4,0.3"]).unwrap();
+        assert_eq!(
+            (f.resize, f.center_crop),
+            (Some(256), Some(CropSize { height: 224, width: 224 }))
+        );
+        assert_eq!(f.describe(), "--resize 256 --center-crop 224x224 --mean 0.5,0.4,0.3");
+        let fit = f.fit(&[3, 224, 224], "m.onnx");
+        assert_eq!((fit.shape, fit.model.as_deref()), (Some(vec![3, 224, 224]), Some("m.onnx")));
+        assert_eq!(parse(&[]).unwrap(), DataFlags::default());
+        assert_eq!(parse(&[]).unwrap().describe(), "");
+        for bad in [&["--resize", "0"][..], &["--center-crop", "3x"], &["--std", "a"]] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+    }
+}
