@@ -3,6 +3,7 @@
 //! and the nodes are interpreted in order. Any graph the passes emit from the supported
 //! operator set trains this way, not one hand-written network.
 
+use super::conv::{conv2d, Conv2dParams};
 use crate::error::CompileError;
 use crate::ir::{DataType, Model, Node, Tensor as IrTensor};
 use anyhow::{bail, Context, Result};
@@ -394,18 +395,16 @@ fn pair(node: &Node, name: &str) -> Result<(usize, usize)> {
 fn conv(node: &Node, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     anyhow::ensure!(x.rank() == 4, "only 2-D convolutions are trainable");
     let pads = pads_of(node)?;
-    let (sh, sw) = pair(node, "strides")?;
-    let (dh, dw) = pair(node, "dilations")?;
-    anyhow::ensure!(sh == sw && dh == dw, "strides and dilations must be the same on both axes");
-    let groups = node.attr_int("group").unwrap_or(1) as usize;
-    let symmetric = pads.iter().all(|&p| p == pads[0]);
-    let (input, padding) =
-        if symmetric { (x.clone(), pads[0]) } else { (pad2d(x, &pads, 0.0)?, 0) };
-    let y = input.conv2d(w, padding, sh, dh, groups)?;
-    Ok(match b {
-        Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?,
-        None => y,
-    })
+    let params = Conv2dParams {
+        stride: pair(node, "strides")?,
+        dilation: pair(node, "dilations")?,
+        pads: [pads[0], pads[1], pads[2], pads[3]],
+        groups: usize::try_from(node.attr_int("group").unwrap_or(1))
+            .ok()
+            .filter(|&g| g > 0)
+            .context("group must be positive")?,
+    };
+    Ok(conv2d(x, w, b, params)?)
 }
 
 fn pool(node: &Node, x: &Tensor, max: bool) -> Result<Tensor> {

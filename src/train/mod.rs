@@ -7,6 +7,7 @@
 //! augmented batch. AdamW with a cosine learning-rate schedule; a seed fixes the shuffling and
 //! the augmentation, so runs repeat.
 
+pub mod conv;
 pub mod graph;
 
 use crate::eval::data::Dataset;

@@ -1,0 +1,774 @@
+//! 2-D convolution for training, as im2col / gemm / col2im on the CPU: the forward (bias fused),
+//! the input gradient and the weight and bias gradients, exposed to candle as a custom op so
+//! that autodiff calls it instead of candle's scalar `conv2d` / `conv_transpose2d`.
+//!
+//! Layouts are candle's and ONNX's: input `[N, C, H, W]`, weight `[O, C/groups, KH, KW]`,
+//! output `[N, O, OH, OW]`, all contiguous row-major.
+//!
+//! Threads: the forward and the input gradient work image by image, so any split of the batch
+//! gives the same bits. The weight and bias gradients are sums over the batch; they are summed
+//! in a fixed order that depends only on the shapes (the batch is cut into a fixed number of
+//! chunks, each chunk's partial sum is taken image by image, the partials are added in chunk
+//! order), so identical runs give identical bytes on any number of threads.
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Convolution attributes as ONNX Conv has them (2-D).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv2dParams {
+    /// (vertical, horizontal).
+    pub stride: (usize, usize),
+    /// (vertical, horizontal).
+    pub dilation: (usize, usize),
+    /// `[top, left, bottom, right]`, the order of ONNX's `pads`.
+    pub pads: [usize; 4],
+    pub groups: usize,
+}
+
+impl Default for Conv2dParams {
+    fn default() -> Self {
+        Conv2dParams { stride: (1, 1), dilation: (1, 1), pads: [0; 4], groups: 1 }
+    }
+}
+
+/// Every size of one convolution, checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvGeometry {
+    pub n: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub o: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub oh: usize,
+    pub ow: usize,
+    pub p: Conv2dParams,
+}
+
+impl ConvGeometry {
+    /// Sizes for input dims `[N, C, H, W]` and weight dims `[O, C/groups, KH, KW]`.
+    pub fn new(x: &[usize], wt: &[usize], p: Conv2dParams) -> Result<Self, String> {
+        let [n, c, h, w] =
+            <[usize; 4]>::try_from(x).map_err(|_| format!("conv input {x:?} is not 4-D"))?;
+        let [o, cg, kh, kw] =
+            <[usize; 4]>::try_from(wt).map_err(|_| format!("conv weight {wt:?} is not 4-D"))?;
+        let g = p.groups;
+        if g == 0 || c % g != 0 || o % g != 0 || cg * g != c {
+            return Err(format!("conv input {x:?} / weight {wt:?} do not fit {g} groups"));
+        }
+        if p.stride.0 == 0 || p.stride.1 == 0 || p.dilation.0 == 0 || p.dilation.1 == 0 {
+            return Err(format!("conv strides {:?} / dilations {:?}", p.stride, p.dilation));
+        }
+        let out = |len: usize, pad: usize, k: usize, s: usize, d: usize| -> Result<usize, String> {
+            let span = d * (k.max(1) - 1) + 1;
+            if k == 0 || len + pad < span {
+                return Err(format!("conv kernel {wt:?} does not fit the padded input {x:?}"));
+            }
+            Ok((len + pad - span) / s + 1)
+        };
+        let oh = out(h, p.pads[0] + p.pads[2], kh, p.stride.0, p.dilation.0)?;
+        let ow = out(w, p.pads[1] + p.pads[3], kw, p.stride.1, p.dilation.1)?;
+        Ok(ConvGeometry { n, c, h, w, o, kh, kw, oh, ow, p })
+    }
+
+    /// Input channels per group.
+    pub fn cg(&self) -> usize {
+        self.c / self.p.groups
+    }
+    /// Output channels per group.
+    pub fn og(&self) -> usize {
+        self.o / self.p.groups
+    }
+    /// Rows of one group's im2col matrix: `C/groups * KH * KW`.
+    pub fn k(&self) -> usize {
+        self.cg() * self.kh * self.kw
+    }
+    pub fn out_dims(&self) -> [usize; 4] {
+        [self.n, self.o, self.oh, self.ow]
+    }
+    /// A 1x1 kernel at stride 1 without padding reads the input itself as its im2col matrix.
+    fn pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.p.stride == (1, 1) && self.p.pads == [0; 4]
+    }
+}
+
+/// The output positions `o` in `0..out` whose input index `o * stride + offset` lies in
+/// `0..len`, as a range.
+fn valid_range(out: usize, len: usize, stride: usize, offset: isize) -> (usize, usize) {
+    let lo = if offset < 0 { ((-offset) as usize).div_ceil(stride) } else { 0 };
+    let last = len as isize - 1 - offset; // o * stride <= last
+    let hi = if last < 0 { 0 } else { (last as usize / stride + 1).min(out) };
+    (lo.min(hi), hi)
+}
+
+/// One group of one image, `[C/groups, H, W]`, unrolled into `col`, `[C/groups * KH * KW,
+/// OH * OW]`: row `(c, ki, kj)` holds the input pixel each output position reads through tap
+/// `(ki, kj)` of channel `c` (zero in the padding).
+pub fn im2col(x: &[f32], g: &ConvGeometry, col: &mut [f32]) {
+    let (cg, h, w, ohw) = (g.cg(), g.h, g.w, g.oh * g.ow);
+    assert!(x.len() == cg * h * w && col.len() == g.k() * ohw);
+    let (sh, sw) = g.p.stride;
+    let (dh, dw) = g.p.dilation;
+    let (pt, pl) = (g.p.pads[0] as isize, g.p.pads[1] as isize);
+    let mut rows = col.chunks_exact_mut(ohw);
+    for ch in 0..cg {
+        let plane = &x[ch * h * w..][..h * w];
+        for ki in 0..g.kh {
+            let yoff = (ki * dh) as isize - pt;
+            let (ylo, yhi) = valid_range(g.oh, h, sh, yoff);
+            for kj in 0..g.kw {
+                let row = rows.next().unwrap();
+                let xoff = (kj * dw) as isize - pl;
+                let (xlo, xhi) = valid_range(g.ow, w, sw, xoff);
+                row[..ylo * g.ow].fill(0.0);
+                row[yhi * g.ow..].fill(0.0);
+                for oy in ylo..yhi {
+                    let iy = ((oy * sh) as isize + yoff) as usize;
+                    let src = &plane[iy * w..][..w];
+                    let line = &mut row[oy * g.ow..][..g.ow];
+                    line[..xlo].fill(0.0);
+                    line[xhi..].fill(0.0);
+                    if xlo < xhi {
+                        let start = ((xlo * sw) as isize + xoff) as usize;
+                        if sw == 1 {
+                            line[xlo..xhi].copy_from_slice(&src[start..start + (xhi - xlo)]);
+                        } else {
+                            for (v, s) in
+                                line[xlo..xhi].iter_mut().zip(src[start..].iter().step_by(sw))
+                            {
+                                *v = *s;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The adjoint of [`im2col`]: adds every entry of `col` back onto the input pixel it was read
+/// from. `x` is `[C/groups, H, W]` and is added to, not overwritten.
+pub fn col2im(col: &[f32], g: &ConvGeometry, x: &mut [f32]) {
+    let (cg, h, w, ohw) = (g.cg(), g.h, g.w, g.oh * g.ow);
+    assert!(x.len() == cg * h * w && col.len() == g.k() * ohw);
+    let (sh, sw) = g.p.stride;
+    let (dh, dw) = g.p.dilation;
+    let (pt, pl) = (g.p.pads[0] as isize, g.p.pads[1] as isize);
+    let mut rows = col.chunks_exact(ohw);
+    for ch in 0..cg {
+        let plane = &mut x[ch * h * w..][..h * w];
+        for ki in 0..g.kh {
+            let yoff = (ki * dh) as isize - pt;
+            let (ylo, yhi) = valid_range(g.oh, h, sh, yoff);
+            for kj in 0..g.kw {
+                let row = rows.next().unwrap();
+                let xoff = (kj * dw) as isize - pl;
+                let (xlo, xhi) = valid_range(g.ow, w, sw, xoff);
+                if xlo >= xhi {
+                    continue;
+                }
+                for oy in ylo..yhi {
+                    let iy = ((oy * sh) as isize + yoff) as usize;
+                    let dst = &mut plane[iy * w..][..w];
+                    let line = &row[oy * g.ow + xlo..oy * g.ow + xhi];
+                    let start = ((xlo * sw) as isize + xoff) as usize;
+                    if sw == 1 {
+                        for (d, v) in dst[start..start + line.len()].iter_mut().zip(line) {
+                            *d += *v;
+                        }
+                    } else {
+                        for (d, v) in dst[start..].iter_mut().step_by(sw).zip(line) {
+                            *d += *v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A strided read-only matrix: element `(i, j)` is `data[i * rs + j * cs]`.
+#[derive(Clone, Copy, Debug)]
+pub struct MatRef<'a> {
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a> MatRef<'a> {
+    /// A contiguous row-major `rows x cols` matrix.
+    pub fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        assert_eq!(data.len(), rows * cols, "matrix data does not hold {rows}x{cols}");
+        MatRef { data, rows, cols, rs: cols, cs: 1 }
+    }
+    /// The transpose, as a view.
+    pub fn t(self) -> Self {
+        MatRef { data: self.data, rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs }
+    }
+    /// Whether every element lies inside `data`.
+    fn in_bounds(&self) -> bool {
+        self.rows == 0
+            || self.cols == 0
+            || (self.rows - 1)
+                .checked_mul(self.rs)
+                .zip((self.cols - 1).checked_mul(self.cs))
+                .and_then(|(a, b)| a.checked_add(b))
+                .is_some_and(|last| last < self.data.len())
+    }
+}
+
+/// `dst = a @ b`, or `dst += a @ b` when `accumulate`; `dst` is `[a.rows, b.cols]` row-major.
+pub fn matmul(dst: &mut [f32], a: MatRef, b: MatRef, accumulate: bool, par: Parallelism) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert_eq!(b.rows, k, "matmul of {m}x{k} by {}x{n}", b.rows);
+    assert_eq!(dst.len(), m * n, "matmul destination is not {m}x{n}");
+    assert!(a.in_bounds() && b.in_bounds(), "matmul operand strides run past its data");
+    assert!(
+        [a.rs, a.cs, b.rs, b.cs, n].iter().all(|&s| s <= isize::MAX as usize),
+        "matmul strides overflow"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst.fill(0.0);
+        }
+        return;
+    }
+    // SAFETY: `dst` holds exactly `m * n` elements at row stride `n` and column stride 1, `a`
+    // and `b` were checked above to address only elements inside their slices, and `dst`
+    // (borrowed mutably) cannot alias them. With `read_dst == false` gemm writes `dst`
+    // without reading it, so its previous contents need no initialisation invariant.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// Sum of `v` in a fixed order (eight interleaved lanes, then the lanes pairwise), which the
+/// compiler can vectorise.
+pub fn sum(v: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let chunks = v.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (l, x) in lanes.iter_mut().zip(c) {
+            *l += *x;
+        }
+    }
+    for (l, x) in lanes.iter_mut().zip(rest) {
+        *l += *x;
+    }
+    let q = [lanes[0] + lanes[4], lanes[1] + lanes[5], lanes[2] + lanes[6], lanes[3] + lanes[7]];
+    (q[0] + q[2]) + (q[1] + q[3])
+}
+
+/// Most chunks the batch is cut into.
+const MAX_CHUNKS: usize = 16;
+/// Most floats the per-chunk partial weight gradients may hold together.
+const MAX_PARTIAL_FLOATS: usize = 1 << 24;
+
+/// Images per chunk: a function of the shapes only, never of the thread count, so that the
+/// weight gradient's summation order is fixed.
+fn images_per_chunk(g: &ConvGeometry) -> usize {
+    let by_memory = (MAX_PARTIAL_FLOATS / (g.o * g.k()).max(1)).max(1);
+    let chunks = g.n.min(MAX_CHUNKS).min(by_memory).max(1);
+    g.n.div_ceil(chunks).max(1)
+}
+
+/// gemm's own threads when the batch gives no parallelism (one chunk), none otherwise: the
+/// chunks already run in parallel.
+fn gemm_par(chunks: usize) -> Parallelism {
+    if chunks <= 1 {
+        Parallelism::Rayon(0)
+    } else {
+        Parallelism::None
+    }
+}
+
+/// The convolution of `x` (`[N, C, H, W]`) with `w` (`[O, C/groups, KH, KW]`) plus `bias`
+/// (`[O]`), as `[N, O, OH, OW]`.
+pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeometry) -> Vec<f32> {
+    let (cg, og, k, hw, ohw) = (g.cg(), g.og(), g.k(), g.h * g.w, g.oh * g.ow);
+    let (chw, ohw_all) = (g.c * hw, g.o * ohw);
+    assert_eq!(x.len(), g.n * chw, "conv input length");
+    assert_eq!(w.len(), g.o * k, "conv weight length");
+    assert!(bias.is_none_or(|b| b.len() == g.o), "conv bias length");
+    let mut y = vec![0f32; g.n * ohw_all];
+    if y.is_empty() {
+        return y;
+    }
+    let per = images_per_chunk(g);
+    let chunks = g.n.div_ceil(per);
+    let par = gemm_par(chunks);
+    let col_len = if g.pointwise() { 0 } else { k * ohw };
+    y.par_chunks_mut(per * ohw_all).zip(x.par_chunks(per * chw)).for_each(|(ys, xs)| {
+        let mut col = vec![0f32; col_len];
+        for (yi, xi) in ys.chunks_exact_mut(ohw_all).zip(xs.chunks_exact(chw)) {
+            for grp in 0..g.p.groups {
+                let xg = &xi[grp * cg * hw..][..cg * hw];
+                let yg = &mut yi[grp * og * ohw..][..og * ohw];
+                if let Some(b) = bias {
+                    for (row, &bv) in yg.chunks_exact_mut(ohw).zip(&b[grp * og..][..og]) {
+                        row.fill(bv);
+                    }
+                }
+                let cols = if g.pointwise() {
+                    xg
+                } else {
+                    im2col(xg, g, &mut col);
+                    &col
+                };
+                let wg = MatRef::new(&w[grp * og * k..][..og * k], og, k);
+                matmul(yg, wg, MatRef::new(cols, k, ohw), bias.is_some(), par);
+            }
+        }
+    });
+    y
+}
+
+/// Gradients of a convolution's inputs given the gradient `dy` of its output.
+#[derive(Debug, Clone)]
+pub struct ConvGrads {
+    /// `[N, C, H, W]`, when asked for.
+    pub dx: Option<Vec<f32>>,
+    /// `[O, C/groups, KH, KW]`.
+    pub dw: Vec<f32>,
+    /// `[O]`, when asked for.
+    pub db: Option<Vec<f32>>,
+}
+
+/// The input gradient (if `need_dx`), the weight gradient and the bias gradient (if
+/// `need_db`) of [`forward`] at `x`, `w` for output gradient `dy`, in one pass over the batch.
+pub fn backward(
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    g: &ConvGeometry,
+    need_dx: bool,
+    need_db: bool,
+) -> ConvGrads {
+    let (cg, og, k, hw, ohw) = (g.cg(), g.og(), g.k(), g.h * g.w, g.oh * g.ow);
+    let (chw, ohw_all) = (g.c * hw, g.o * ohw);
+    assert_eq!(x.len(), g.n * chw, "conv input length");
+    assert_eq!(w.len(), g.o * k, "conv weight length");
+    assert_eq!(dy.len(), g.n * ohw_all, "conv output gradient length");
+    let per = images_per_chunk(g);
+    let chunks = g.n.div_ceil(per);
+    let par = gemm_par(chunks);
+    let col_len = if g.pointwise() { 0 } else { k * ohw };
+    let mut dx = if need_dx { vec![0f32; g.n * chw] } else { Vec::new() };
+    let dx_parts: Vec<Option<&mut [f32]>> = if need_dx && chw > 0 {
+        dx.chunks_mut(per * chw).map(Some).collect()
+    } else {
+        (0..chunks).map(|_| None).collect()
+    };
+    // Each chunk's partial weight and bias gradients, in chunk order.
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = dx_parts
+        .into_par_iter()
+        .enumerate()
+        .map(|(ci, mut dxc)| {
+            let mut dw = vec![0f32; g.o * k];
+            let mut db = vec![0f32; if need_db { g.o } else { 0 }];
+            let mut col = vec![0f32; col_len];
+            let mut dcol = vec![0f32; if need_dx { col_len } else { 0 }];
+            for (j, img) in (ci * per..((ci + 1) * per).min(g.n)).enumerate() {
+                let xi = &x[img * chw..][..chw];
+                let dyi = &dy[img * ohw_all..][..ohw_all];
+                for grp in 0..g.p.groups {
+                    let xg = &xi[grp * cg * hw..][..cg * hw];
+                    let dyg = MatRef::new(&dyi[grp * og * ohw..][..og * ohw], og, ohw);
+                    let cols = if g.pointwise() {
+                        xg
+                    } else {
+                        im2col(xg, g, &mut col);
+                        &col
+                    };
+                    // dW_g += dY_g @ col^T
+                    let dwg = &mut dw[grp * og * k..][..og * k];
+                    matmul(dwg, dyg, MatRef::new(cols, k, ohw).t(), true, par);
+                    if need_db {
+                        for (acc, row) in db[grp * og..][..og].iter_mut().zip(dyg.data.chunks(ohw))
+                        {
+                            *acc += sum(row);
+                        }
+                    }
+                    if let Some(dxc) = dxc.as_deref_mut() {
+                        // dX_g = col2im(W_g^T @ dY_g)
+                        let wg = MatRef::new(&w[grp * og * k..][..og * k], og, k).t();
+                        let dxg = &mut dxc[j * chw + grp * cg * hw..][..cg * hw];
+                        if g.pointwise() {
+                            matmul(dxg, wg, dyg, false, par);
+                        } else {
+                            matmul(&mut dcol, wg, dyg, false, par);
+                            col2im(&dcol, g, dxg);
+                        }
+                    }
+                }
+            }
+            (dw, db)
+        })
+        .collect();
+    let (dw, db) = reduce_in_order(partials);
+    ConvGrads { dx: need_dx.then_some(dx), dw, db: need_db.then_some(db) }
+}
+
+/// Element-wise sums of the partials, each element summed in the partials' order.
+fn reduce_in_order(mut partials: Vec<(Vec<f32>, Vec<f32>)>) -> (Vec<f32>, Vec<f32>) {
+    if partials.is_empty() {
+        return (Vec::new(), Vec::new());
+    }
+    let rest = partials.split_off(1);
+    let (mut dw, mut db) = partials.pop().unwrap();
+    const BLOCK: usize = 1 << 14;
+    dw.par_chunks_mut(BLOCK).enumerate().for_each(|(bi, out)| {
+        for (p, _) in &rest {
+            for (o, v) in out.iter_mut().zip(&p[bi * BLOCK..]) {
+                *o += *v;
+            }
+        }
+    });
+    for (_, p) in &rest {
+        for (o, v) in db.iter_mut().zip(p) {
+            *o += *v;
+        }
+    }
+    (dw, db)
+}
+
+/// [`forward`] and [`backward`] as a candle op over `(x, w)` or `(x, w, bias)`.
+#[derive(Clone, Copy, Debug)]
+struct ConvOp(Conv2dParams);
+
+fn cpu_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    let data = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("conv: operand is not contiguous"),
+    }
+}
+
+impl ConvOp {
+    fn geometry(&self, x: &[usize], w: &[usize]) -> candle_core::Result<ConvGeometry> {
+        ConvGeometry::new(x, w, self.0).map_err(candle_core::Error::Msg)
+    }
+
+    fn fwd(
+        &self,
+        (x, lx): (&CpuStorage, &Layout),
+        (w, lw): (&CpuStorage, &Layout),
+        bias: Option<(&CpuStorage, &Layout)>,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = self.geometry(lx.dims(), lw.dims())?;
+        let bias = bias.map(|(b, lb)| cpu_slice(b, lb)).transpose()?;
+        if bias.is_some_and(|b| b.len() != g.o) {
+            candle_core::bail!("conv: bias does not hold {} values", g.o);
+        }
+        let y = forward(cpu_slice(x, lx)?, cpu_slice(w, lw)?, bias, &g);
+        Ok((CpuStorage::F32(y), Shape::from(g.out_dims().to_vec())))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn grads(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        with_bias: bool,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Tensor, Option<Tensor>)> {
+        let g = self.geometry(x.dims(), w.dims())?;
+        let grad = grad.contiguous()?;
+        // The data fed to the network needs no gradient: skip the input gradient when nothing
+        // upstream is trainable.
+        let need_dx = x.track_op();
+        let r = {
+            let (xs, xl) = x.storage_and_layout();
+            let (ws, wl) = w.storage_and_layout();
+            let (gs, gl) = grad.storage_and_layout();
+            let (Storage::Cpu(xs), Storage::Cpu(ws), Storage::Cpu(gs)) = (&*xs, &*ws, &*gs) else {
+                candle_core::bail!("conv: only the CPU is supported");
+            };
+            backward(
+                cpu_slice(xs, xl)?,
+                cpu_slice(ws, wl)?,
+                cpu_slice(gs, gl)?,
+                &g,
+                need_dx,
+                with_bias,
+            )
+        };
+        let dx = r.dx.map(|d| Tensor::from_vec(d, x.shape(), x.device())).transpose()?;
+        let dw = Tensor::from_vec(r.dw, w.shape(), w.device())?;
+        let db = r.db.map(|d| Tensor::from_vec(d, g.o, w.device())).transpose()?;
+        Ok((dx, dw, db))
+    }
+}
+
+impl CustomOp2 for ConvOp {
+    fn name(&self) -> &'static str {
+        "im2col-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        w: &CpuStorage,
+        lw: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.fwd((x, lx), (w, lw), None)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = self.grads(x, w, false, grad)?;
+        Ok((dx, Some(dw)))
+    }
+}
+
+impl CustomOp3 for ConvOp {
+    fn name(&self) -> &'static str {
+        "im2col-conv2d-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        w: &CpuStorage,
+        lw: &Layout,
+        b: &CpuStorage,
+        lb: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.fwd((x, lx), (w, lw), Some((b, lb)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, db) = self.grads(x, w, true, grad)?;
+        Ok((dx, Some(dw), db))
+    }
+}
+
+/// The 2-D convolution of `x` (`[N, C, H, W]`, f32, CPU) with `w` plus `b`, differentiable
+/// in candle: its backward is [`backward`].
+pub fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    p: Conv2dParams,
+) -> candle_core::Result<Tensor> {
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    match b {
+        Some(b) => x.apply_op3(&w, &b.flatten_all()?.contiguous()?, ConvOp(p)),
+        None => x.apply_op2(&w, ConvOp(p)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A deterministic pseudo-random vector in [-1, 1).
+    fn rand_vec(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    fn naive_matmul(a: MatRef, b: MatRef) -> Vec<f64> {
+        let mut out = vec![0f64; a.rows * b.cols];
+        for i in 0..a.rows {
+            for j in 0..b.cols {
+                for l in 0..a.cols {
+                    out[i * b.cols + j] +=
+                        a.data[i * a.rs + l * a.cs] as f64 * b.data[l * b.rs + j * b.cs] as f64;
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn matmul_matches_a_naive_product_for_every_layout() {
+        for &(m, k, n) in &[(1, 1, 1), (3, 5, 7), (17, 33, 9), (64, 27, 100), (5, 0, 4), (0, 3, 2)]
+        {
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                let a_data = rand_vec(m * k, 1);
+                let b_data = rand_vec(k * n, 2);
+                let a =
+                    if ta { MatRef::new(&a_data, k, m).t() } else { MatRef::new(&a_data, m, k) };
+                let b =
+                    if tb { MatRef::new(&b_data, n, k).t() } else { MatRef::new(&b_data, k, n) };
+                let want = naive_matmul(a, b);
+                let start = rand_vec(m * n, 3);
+                for accumulate in [false, true] {
+                    let mut outs = vec![];
+                    for par in [Parallelism::None, Parallelism::Rayon(0), Parallelism::Rayon(3)] {
+                        let mut dst = start.clone();
+                        matmul(&mut dst, a, b, accumulate, par);
+                        for (i, (&d, &w)) in dst.iter().zip(&want).enumerate() {
+                            let w = w + if accumulate { start[i] as f64 } else { 0.0 };
+                            assert!((d as f64 - w).abs() < 1e-4 * (1.0 + w.abs()), "{m}x{k}x{n}");
+                        }
+                        outs.push(dst);
+                    }
+                    // gemm's own threads split the output, never the sums: same bits.
+                    assert!(
+                        outs.windows(2).all(|p| p[0] == p[1]),
+                        "{m}x{k}x{n} differs by threads"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "strides run past")]
+    fn matmul_rejects_views_past_their_data() {
+        let data = vec![0f32; 6];
+        let a = MatRef { data: &data, rows: 2, cols: 3, rs: 4, cs: 1 };
+        let b_data = vec![0f32; 3];
+        matmul(&mut [0.0; 2], a, MatRef::new(&b_data, 3, 1), false, Parallelism::None);
+    }
+
+    #[test]
+    fn valid_range_is_the_brute_force_range() {
+        for out in 0..6 {
+            for len in 0..6 {
+                for stride in 1..4 {
+                    for offset in -5isize..5 {
+                        let ok: Vec<usize> = (0..out)
+                            .filter(|&o| {
+                                (0..len as isize).contains(&(o as isize * stride as isize + offset))
+                            })
+                            .collect();
+                        let (lo, hi) = valid_range(out, len, stride, offset);
+                        assert_eq!(
+                            (lo..hi).collect::<Vec<_>>(),
+                            ok,
+                            "{out} {len} {stride} {offset}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn geometries() -> Vec<ConvGeometry> {
+        let mut out = vec![];
+        for stride in [(1, 1), (2, 2), (2, 1)] {
+            for pads in [[0; 4], [1; 4], [2, 0, 1, 3]] {
+                for (kh, kw) in [(1, 1), (3, 3), (2, 3)] {
+                    for dilation in [(1, 1), (2, 2), (1, 2)] {
+                        for groups in [1, 2] {
+                            let p = Conv2dParams { stride, dilation, pads, groups };
+                            if let Ok(g) =
+                                ConvGeometry::new(&[2, 4, 7, 6], &[6, 4 / groups, kh, kw], p)
+                            {
+                                out.push(g);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn naive_im2col(x: &[f32], g: &ConvGeometry) -> Vec<f32> {
+        let mut col = vec![0f32; g.k() * g.oh * g.ow];
+        for c in 0..g.cg() {
+            for ki in 0..g.kh {
+                for kj in 0..g.kw {
+                    let row = (c * g.kh + ki) * g.kw + kj;
+                    for oy in 0..g.oh {
+                        for ox in 0..g.ow {
+                            let iy = (oy * g.p.stride.0 + ki * g.p.dilation.0) as isize
+                                - g.p.pads[0] as isize;
+                            let ix = (ox * g.p.stride.1 + kj * g.p.dilation.1) as isize
+                                - g.p.pads[1] as isize;
+                            if (0..g.h as isize).contains(&iy) && (0..g.w as isize).contains(&ix) {
+                                col[(row * g.oh + oy) * g.ow + ox] =
+                                    x[(c * g.h + iy as usize) * g.w + ix as usize];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        col
+    }
+
+    #[test]
+    fn im2col_matches_a_naive_unrolling_and_col2im_is_its_adjoint() {
+        for g in geometries() {
+            let x = rand_vec(g.cg() * g.h * g.w, 5);
+            let mut col = vec![f32::NAN; g.k() * g.oh * g.ow];
+            im2col(&x, &g, &mut col);
+            assert_eq!(col, naive_im2col(&x, &g), "{g:?}");
+            // <im2col(x), c> == <x, col2im(c)>, for c and each unit x.
+            let c = rand_vec(col.len(), 6);
+            let mut back = vec![0.5f32; x.len()];
+            col2im(&c, &g, &mut back);
+            for i in 0..x.len() {
+                let mut unit = vec![0f32; x.len()];
+                unit[i] = 1.0;
+                let u = naive_im2col(&unit, &g);
+                let want: f64 = u.iter().zip(&c).map(|(a, b)| *a as f64 * *b as f64).sum();
+                assert!((back[i] as f64 - 0.5 - want).abs() < 1e-5, "{g:?} at {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn sum_matches_a_naive_sum() {
+        for len in [0, 1, 7, 8, 9, 100, 1023] {
+            let v = rand_vec(len, 9);
+            let want: f64 = v.iter().map(|&x| x as f64).sum();
+            assert!((sum(&v) as f64 - want).abs() < 1e-4, "{len}");
+        }
+    }
+}
