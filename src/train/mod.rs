@@ -3,24 +3,25 @@
 //! `alpha * T^2 * KL(teacher/T || student/T) + (1 - alpha) * CE(labels)`, as DeepReDuce does
 //! to win back the accuracy that culling costs.
 //!
-//! The student runs in candle (autodiff); the teacher runs forward only, in tract, on the same
-//! augmented batch. AdamW with a cosine learning-rate schedule; a seed fixes the shuffling and
+//! The student runs in candle (autodiff); the teacher runs forward only on the same augmented
+//! batch ([`teacher::Teacher`]). AdamW with a cosine learning-rate schedule; a seed fixes the shuffling and
 //! the augmentation, so runs repeat.
 
 pub mod conv;
 pub mod graph;
+pub mod malloc;
+pub mod teacher;
 
 use crate::eval::data::Dataset;
-use crate::eval::Runner;
 use crate::ir::Model;
 use anyhow::{Context, Result};
 use candle_core::Tensor;
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use graph::{kl_divergence, TrainGraph};
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+use teacher::Teacher;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FinetuneOptions {
@@ -158,7 +159,8 @@ impl Finetuner<'_> {
         }
         let sample = &self.train.sample_shape;
         let per = self.train.sample_len();
-        let teacher = Runner::new(self.teacher, sample, 1).context("preparing the teacher")?;
+        malloc::retain_freed_memory();
+        let teacher = Teacher::new(self.teacher, sample)?;
         let mut opt = AdamW::new(
             graph.vars(),
             ParamsAdamW { lr: opts.lr, weight_decay: opts.weight_decay, ..Default::default() },
@@ -187,19 +189,10 @@ impl Finetuner<'_> {
                     augment(self.train.sample(i), sample, opts, &mut rng, &mut x);
                 }
                 let labels: Vec<u32> = idx.iter().map(|&i| self.train.labels[i]).collect();
-                let teacher_logits: Vec<Vec<f32>> = x
-                    .par_chunks(per)
-                    .map(|img| teacher.run(img).map(|(y, _)| y))
-                    .collect::<Result<_>>()?;
-                let classes = teacher_logits[0].len();
                 let mut shape = vec![idx.len()];
                 shape.extend_from_slice(sample);
                 let xs = Tensor::from_vec(x, shape, graph.device())?;
-                let t = Tensor::from_vec(
-                    teacher_logits.concat(),
-                    (idx.len(), classes),
-                    graph.device(),
-                )?;
+                let t = teacher.logits(&xs)?;
                 let y = Tensor::from_vec(labels.clone(), idx.len(), graph.device())?;
                 let s = graph.forward(&xs)?;
                 let kd = kl_divergence(&s, &t, opts.temperature)?;
