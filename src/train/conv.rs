@@ -14,6 +14,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
+use std::cell::RefCell;
 
 /// Convolution attributes as ONNX Conv has them (2-D).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -95,99 +96,170 @@ impl ConvGeometry {
     }
 }
 
-/// The output positions `o` in `0..out` whose input index `o * stride + offset` lies in
-/// `0..len`, as a range.
-fn valid_range(out: usize, len: usize, stride: usize, offset: isize) -> (usize, usize) {
-    let lo = if offset < 0 { ((-offset) as usize).div_ceil(stride) } else { 0 };
-    let last = len as isize - 1 - offset; // o * stride <= last
-    let hi = if last < 0 { 0 } else { (last as usize / stride + 1).min(out) };
-    (lo.min(hi), hi)
+/// Sizes of a group's zero-padded input planes, `[C/groups, H + pads, W + pads]`.
+#[derive(Clone, Copy, Debug)]
+struct Padded {
+    hp: usize,
+    wp: usize,
+}
+
+impl Padded {
+    fn of(g: &ConvGeometry) -> Self {
+        Padded { hp: g.h + g.p.pads[0] + g.p.pads[2], wp: g.w + g.p.pads[1] + g.p.pads[3] }
+    }
+    fn plane(&self) -> usize {
+        self.hp * self.wp
+    }
+    fn len(&self, g: &ConvGeometry) -> usize {
+        g.cg() * self.plane()
+    }
+}
+
+/// Copy `src` (at least `dst.len()` long) into `dst` without calling `memcpy`: the rows here are
+/// 4 to 32 floats, where the call cost more than the copy. Straight-line overlapping 8- and
+/// 4-float blocks, as `memcpy` itself does for short copies.
+#[inline(always)]
+fn copy_row(dst: &mut [f32], src: &[f32]) {
+    let n = dst.len();
+    let src = &src[..n];
+    match n {
+        0 => {}
+        1..=3 => {
+            for (d, s) in dst.iter_mut().zip(src) {
+                *d = *s;
+            }
+        }
+        4..=7 => {
+            dst[..4].copy_from_slice(&src[..4]);
+            dst[n - 4..].copy_from_slice(&src[n - 4..]);
+        }
+        8..=16 => {
+            dst[..8].copy_from_slice(&src[..8]);
+            dst[n - 8..].copy_from_slice(&src[n - 8..]);
+        }
+        17..=32 => {
+            dst[..16].copy_from_slice(&src[..16]);
+            dst[n - 16..].copy_from_slice(&src[n - 16..]);
+        }
+        _ => dst.copy_from_slice(src),
+    }
+}
+
+/// `dst += src` element-wise, in 8-float blocks the compiler keeps in vector registers.
+#[inline(always)]
+fn add_row(dst: &mut [f32], src: &[f32]) {
+    let src = &src[..dst.len()];
+    let mut d8 = dst.chunks_exact_mut(8);
+    let mut s8 = src.chunks_exact(8);
+    for (d, s) in (&mut d8).zip(&mut s8) {
+        for (d, s) in d.iter_mut().zip(s) {
+            *d += *s;
+        }
+    }
+    for (d, s) in d8.into_remainder().iter_mut().zip(s8.remainder()) {
+        *d += *s;
+    }
+}
+
+/// Copy one group of one image, `[C/groups, H, W]`, into the interior of `pad`
+/// ([`Padded`] planes). The border is left as it is: zero, once the buffer was zeroed.
+fn pad_planes(x: &[f32], g: &ConvGeometry, pad: &mut [f32]) {
+    let (h, w) = (g.h, g.w);
+    let pd = Padded::of(g);
+    assert!(x.len() == g.cg() * h * w && pad.len() == pd.len(g));
+    for (src, dst) in x.chunks_exact(h * w).zip(pad.chunks_exact_mut(pd.plane())) {
+        for (s, d) in src.chunks_exact(w).zip(dst[g.p.pads[0] * pd.wp..].chunks_mut(pd.wp)) {
+            copy_row(&mut d[g.p.pads[1]..g.p.pads[1] + w], s);
+        }
+    }
+}
+
+/// [`im2col`] from planes already padded ([`pad_planes`]): no bounds to test, one short copy
+/// (stride 1) or gather (otherwise) per output row.
+fn im2col_padded(pad: &[f32], g: &ConvGeometry, col: &mut [f32]) {
+    let (ow, ohw) = (g.ow, g.oh * g.ow);
+    let pd = Padded::of(g);
+    assert!(pad.len() == pd.len(g) && col.len() == g.k() * ohw);
+    let (sh, sw) = g.p.stride;
+    let (dh, dw) = g.p.dilation;
+    let mut rows = col.chunks_exact_mut(ohw);
+    for plane in pad.chunks_exact(pd.plane()) {
+        for ki in 0..g.kh {
+            for kj in 0..g.kw {
+                let row = rows.next().unwrap();
+                let base = ki * dh * pd.wp + kj * dw;
+                for (oy, line) in row.chunks_exact_mut(ow).enumerate() {
+                    let src = &plane[base + oy * sh * pd.wp..];
+                    if sw == 1 {
+                        copy_row(line, src);
+                    } else {
+                        let src = &src[..(ow - 1) * sw + 1];
+                        for (i, d) in line.iter_mut().enumerate() {
+                            *d = src[i * sw];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The adjoint of [`im2col_padded`]: adds `col` onto the padded planes `pad`.
+fn col2im_padded(col: &[f32], g: &ConvGeometry, pad: &mut [f32]) {
+    let (ow, ohw) = (g.ow, g.oh * g.ow);
+    let pd = Padded::of(g);
+    assert!(pad.len() == pd.len(g) && col.len() == g.k() * ohw);
+    let (sh, sw) = g.p.stride;
+    let (dh, dw) = g.p.dilation;
+    let mut rows = col.chunks_exact(ohw);
+    for plane in pad.chunks_exact_mut(pd.plane()) {
+        for ki in 0..g.kh {
+            for kj in 0..g.kw {
+                let row = rows.next().unwrap();
+                let base = ki * dh * pd.wp + kj * dw;
+                for (oy, line) in row.chunks_exact(ow).enumerate() {
+                    let dst = &mut plane[base + oy * sh * pd.wp..];
+                    if sw == 1 {
+                        add_row(&mut dst[..ow], line);
+                    } else {
+                        let dst = &mut dst[..(ow - 1) * sw + 1];
+                        for (i, v) in line.iter().enumerate() {
+                            dst[i * sw] += *v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Add the interior of the padded planes `pad` onto `x`, `[C/groups, H, W]`.
+fn unpad_add(pad: &[f32], g: &ConvGeometry, x: &mut [f32]) {
+    let (h, w) = (g.h, g.w);
+    let pd = Padded::of(g);
+    assert!(x.len() == g.cg() * h * w && pad.len() == pd.len(g));
+    for (dst, src) in x.chunks_exact_mut(h * w).zip(pad.chunks_exact(pd.plane())) {
+        for (d, s) in dst.chunks_exact_mut(w).zip(src[g.p.pads[0] * pd.wp..].chunks(pd.wp)) {
+            add_row(d, &s[g.p.pads[1]..]);
+        }
+    }
 }
 
 /// One group of one image, `[C/groups, H, W]`, unrolled into `col`, `[C/groups * KH * KW,
 /// OH * OW]`: row `(c, ki, kj)` holds the input pixel each output position reads through tap
 /// `(ki, kj)` of channel `c` (zero in the padding).
 pub fn im2col(x: &[f32], g: &ConvGeometry, col: &mut [f32]) {
-    let (cg, h, w, ohw) = (g.cg(), g.h, g.w, g.oh * g.ow);
-    assert!(x.len() == cg * h * w && col.len() == g.k() * ohw);
-    let (sh, sw) = g.p.stride;
-    let (dh, dw) = g.p.dilation;
-    let (pt, pl) = (g.p.pads[0] as isize, g.p.pads[1] as isize);
-    let mut rows = col.chunks_exact_mut(ohw);
-    for ch in 0..cg {
-        let plane = &x[ch * h * w..][..h * w];
-        for ki in 0..g.kh {
-            let yoff = (ki * dh) as isize - pt;
-            let (ylo, yhi) = valid_range(g.oh, h, sh, yoff);
-            for kj in 0..g.kw {
-                let row = rows.next().unwrap();
-                let xoff = (kj * dw) as isize - pl;
-                let (xlo, xhi) = valid_range(g.ow, w, sw, xoff);
-                row[..ylo * g.ow].fill(0.0);
-                row[yhi * g.ow..].fill(0.0);
-                for oy in ylo..yhi {
-                    let iy = ((oy * sh) as isize + yoff) as usize;
-                    let src = &plane[iy * w..][..w];
-                    let line = &mut row[oy * g.ow..][..g.ow];
-                    line[..xlo].fill(0.0);
-                    line[xhi..].fill(0.0);
-                    if xlo < xhi {
-                        let start = ((xlo * sw) as isize + xoff) as usize;
-                        if sw == 1 {
-                            line[xlo..xhi].copy_from_slice(&src[start..start + (xhi - xlo)]);
-                        } else {
-                            for (v, s) in
-                                line[xlo..xhi].iter_mut().zip(src[start..].iter().step_by(sw))
-                            {
-                                *v = *s;
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
+    let mut pad = vec![0f32; Padded::of(g).len(g)];
+    pad_planes(x, g, &mut pad);
+    im2col_padded(&pad, g, col);
 }
 
 /// The adjoint of [`im2col`]: adds every entry of `col` back onto the input pixel it was read
 /// from. `x` is `[C/groups, H, W]` and is added to, not overwritten.
 pub fn col2im(col: &[f32], g: &ConvGeometry, x: &mut [f32]) {
-    let (cg, h, w, ohw) = (g.cg(), g.h, g.w, g.oh * g.ow);
-    assert!(x.len() == cg * h * w && col.len() == g.k() * ohw);
-    let (sh, sw) = g.p.stride;
-    let (dh, dw) = g.p.dilation;
-    let (pt, pl) = (g.p.pads[0] as isize, g.p.pads[1] as isize);
-    let mut rows = col.chunks_exact(ohw);
-    for ch in 0..cg {
-        let plane = &mut x[ch * h * w..][..h * w];
-        for ki in 0..g.kh {
-            let yoff = (ki * dh) as isize - pt;
-            let (ylo, yhi) = valid_range(g.oh, h, sh, yoff);
-            for kj in 0..g.kw {
-                let row = rows.next().unwrap();
-                let xoff = (kj * dw) as isize - pl;
-                let (xlo, xhi) = valid_range(g.ow, w, sw, xoff);
-                if xlo >= xhi {
-                    continue;
-                }
-                for oy in ylo..yhi {
-                    let iy = ((oy * sh) as isize + yoff) as usize;
-                    let dst = &mut plane[iy * w..][..w];
-                    let line = &row[oy * g.ow + xlo..oy * g.ow + xhi];
-                    let start = ((xlo * sw) as isize + xoff) as usize;
-                    if sw == 1 {
-                        for (d, v) in dst[start..start + line.len()].iter_mut().zip(line) {
-                            *d += *v;
-                        }
-                    } else {
-                        for (d, v) in dst[start..].iter_mut().step_by(sw).zip(line) {
-                            *d += *v;
-                        }
-                    }
-                }
-            }
-        }
-    }
+    let mut pad = vec![0f32; Padded::of(g).len(g)];
+    col2im_padded(col, g, &mut pad);
+    unpad_add(&pad, g, x);
 }
 
 /// A strided read-only matrix: element `(i, j)` is `data[i * rs + j * cs]`.
@@ -311,43 +383,147 @@ fn gemm_par(chunks: usize) -> Parallelism {
     }
 }
 
+thread_local! {
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Run `f` on `len` floats of this thread's scratch memory, kept from call to call (its
+/// contents are whatever the last user left), or on a fresh buffer when the scratch is in use
+/// further up this thread's stack (a rayon job taken up while waiting inside gemm).
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < len {
+                buf.resize(len, 0.0);
+            }
+            f(&mut buf[..len])
+        }
+        Err(_) => f(&mut vec![0f32; len]),
+    })
+}
+
+/// Working memory for unrolling one geometry's input: zero-bordered padded planes and the
+/// im2col matrix (none for a pointwise convolution, which reads its input as it is).
+struct Unroll<'a> {
+    g: ConvGeometry,
+    pad: &'a mut [f32],
+    col: &'a mut [f32],
+}
+
+impl<'a> Unroll<'a> {
+    fn len(g: &ConvGeometry) -> usize {
+        if g.pointwise() {
+            0
+        } else {
+            Padded::of(g).len(g) + g.k() * g.oh * g.ow
+        }
+    }
+
+    /// Over the first [`Unroll::len`] floats of `buf`; zeroes the padded planes (their border
+    /// stays zero from then on). Returns the rest of `buf`.
+    fn new(g: &ConvGeometry, buf: &'a mut [f32]) -> (Self, &'a mut [f32]) {
+        let (mine, rest) = buf.split_at_mut(Self::len(g));
+        let (pad, col) = mine.split_at_mut(if g.pointwise() { 0 } else { Padded::of(g).len(g) });
+        pad.fill(0.0);
+        (Unroll { g: *g, pad, col }, rest)
+    }
+
+    /// The im2col matrix, `[C/groups * KH * KW, OH * OW]`, of one group of one image.
+    fn cols<'b>(&'b mut self, x: &'b [f32]) -> &'b [f32] {
+        if self.g.pointwise() {
+            return x;
+        }
+        pad_planes(x, &self.g, self.pad);
+        im2col_padded(self.pad, &self.g, self.col);
+        self.col
+    }
+}
+
+impl ConvGeometry {
+    /// At stride 1 the input gradient is itself a convolution, of the output gradient with
+    /// the kernel flipped and its in/out channels swapped, padded by the kernel's span less
+    /// the forward padding: its geometry, when the padding is no wider than the span.
+    fn input_grad_geometry(&self) -> Option<ConvGeometry> {
+        if self.p.stride != (1, 1) {
+            return None;
+        }
+        let (sh, sw) = (self.p.dilation.0 * (self.kh - 1), self.p.dilation.1 * (self.kw - 1));
+        let [t, l, b, r] = self.p.pads;
+        let pads = [sh.checked_sub(t)?, sw.checked_sub(l)?, sh.checked_sub(b)?, sw.checked_sub(r)?];
+        let p = Conv2dParams { pads, ..self.p };
+        let gt = ConvGeometry::new(
+            &[self.n, self.o, self.oh, self.ow],
+            &[self.c, self.og(), self.kh, self.kw],
+            p,
+        )
+        .ok()?;
+        (gt.oh == self.h && gt.ow == self.w).then_some(gt)
+    }
+}
+
+/// `w` (`[O, C/groups, KH, KW]`) as the kernel of the input-gradient convolution,
+/// `[C, O/groups, KH, KW]`: channels swapped within each group, taps reversed.
+fn flip_kernel(w: &[f32], g: &ConvGeometry) -> Vec<f32> {
+    let (cg, og, taps) = (g.cg(), g.og(), g.kh * g.kw);
+    let mut out = vec![0f32; w.len()];
+    for grp in 0..g.p.groups {
+        for ci in 0..cg {
+            for oj in 0..og {
+                let src = &w[((grp * og + oj) * cg + ci) * taps..][..taps];
+                let dst = &mut out[((grp * cg + ci) * og + oj) * taps..][..taps];
+                for (d, s) in dst.iter_mut().zip(src.iter().rev()) {
+                    *d = *s;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// One image, `[C, H, W]`, convolved into `y`, `[O, OH, OW]`.
+fn conv_image(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    un: &mut Unroll,
+    y: &mut [f32],
+    par: Parallelism,
+) {
+    let g = un.g;
+    let (cg, og, k, hw, ohw) = (g.cg(), g.og(), g.k(), g.h * g.w, g.oh * g.ow);
+    for grp in 0..g.p.groups {
+        let xg = &x[grp * cg * hw..][..cg * hw];
+        let yg = &mut y[grp * og * ohw..][..og * ohw];
+        if let Some(b) = bias {
+            for (row, &bv) in yg.chunks_exact_mut(ohw).zip(&b[grp * og..][..og]) {
+                row.fill(bv);
+            }
+        }
+        let wg = MatRef::new(&w[grp * og * k..][..og * k], og, k);
+        matmul(yg, wg, MatRef::new(un.cols(xg), k, ohw), bias.is_some(), par);
+    }
+}
+
 /// The convolution of `x` (`[N, C, H, W]`) with `w` (`[O, C/groups, KH, KW]`) plus `bias`
 /// (`[O]`), as `[N, O, OH, OW]`.
 pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeometry) -> Vec<f32> {
-    let (cg, og, k, hw, ohw) = (g.cg(), g.og(), g.k(), g.h * g.w, g.oh * g.ow);
-    let (chw, ohw_all) = (g.c * hw, g.o * ohw);
+    let (chw, ohw_all) = (g.c * g.h * g.w, g.o * g.oh * g.ow);
     assert_eq!(x.len(), g.n * chw, "conv input length");
-    assert_eq!(w.len(), g.o * k, "conv weight length");
+    assert_eq!(w.len(), g.o * g.k(), "conv weight length");
     assert!(bias.is_none_or(|b| b.len() == g.o), "conv bias length");
     let mut y = vec![0f32; g.n * ohw_all];
     if y.is_empty() {
         return y;
     }
     let per = images_per_chunk(g);
-    let chunks = g.n.div_ceil(per);
-    let par = gemm_par(chunks);
-    let col_len = if g.pointwise() { 0 } else { k * ohw };
-    y.par_chunks_mut(per * ohw_all).zip(x.par_chunks(per * chw)).for_each(|(ys, xs)| {
-        let mut col = vec![0f32; col_len];
-        for (yi, xi) in ys.chunks_exact_mut(ohw_all).zip(xs.chunks_exact(chw)) {
-            for grp in 0..g.p.groups {
-                let xg = &xi[grp * cg * hw..][..cg * hw];
-                let yg = &mut yi[grp * og * ohw..][..og * ohw];
-                if let Some(b) = bias {
-                    for (row, &bv) in yg.chunks_exact_mut(ohw).zip(&b[grp * og..][..og]) {
-                        row.fill(bv);
-                    }
-                }
-                let cols = if g.pointwise() {
-                    xg
-                } else {
-                    im2col(xg, g, &mut col);
-                    &col
-                };
-                let wg = MatRef::new(&w[grp * og * k..][..og * k], og, k);
-                matmul(yg, wg, MatRef::new(cols, k, ohw), bias.is_some(), par);
+    let par = gemm_par(g.n.div_ceil(per));
+    y.par_chunks_mut(per * ohw_all).zip(x.par_chunks(per * chw.max(1))).for_each(|(ys, xs)| {
+        with_scratch(Unroll::len(g), |buf| {
+            let (mut un, _) = Unroll::new(g, buf);
+            for (i, yi) in ys.chunks_exact_mut(ohw_all).enumerate() {
+                conv_image(&xs[i * chw..][..chw], w, bias, &mut un, yi, par);
             }
-        }
+        })
     });
     y
 }
@@ -361,6 +537,19 @@ pub struct ConvGrads {
     pub dw: Vec<f32>,
     /// `[O]`, when asked for.
     pub db: Option<Vec<f32>>,
+}
+
+/// How the input gradient is computed.
+enum InputGrad {
+    /// Not asked for.
+    Skip,
+    /// `W^T @ dY`, a 1x1 kernel at stride 1 without padding.
+    Pointwise,
+    /// A stride-1 convolution of `dY` ([`ConvGeometry::input_grad_geometry`]) with the
+    /// flipped kernel.
+    Flipped(ConvGeometry, Vec<f32>),
+    /// `col2im(W^T @ dY)`.
+    Col2im,
 }
 
 /// The input gradient (if `need_dx`), the weight gradient and the bias gradient (if
@@ -381,7 +570,19 @@ pub fn backward(
     let per = images_per_chunk(g);
     let chunks = g.n.div_ceil(per);
     let par = gemm_par(chunks);
-    let col_len = if g.pointwise() { 0 } else { k * ohw };
+    let plan = match g.input_grad_geometry() {
+        _ if !need_dx => InputGrad::Skip,
+        _ if g.pointwise() => InputGrad::Pointwise,
+        Some(gt) => InputGrad::Flipped(gt, flip_kernel(w, g)),
+        None => InputGrad::Col2im,
+    };
+    let pd = Padded::of(g);
+    let scratch = Unroll::len(g)
+        + match &plan {
+            InputGrad::Flipped(gt, _) => Unroll::len(gt),
+            InputGrad::Col2im => k * ohw + pd.len(g),
+            _ => 0,
+        };
     let mut dx = if need_dx { vec![0f32; g.n * chw] } else { Vec::new() };
     let dx_parts: Vec<Option<&mut [f32]>> = if need_dx && chw > 0 {
         dx.chunks_mut(per * chw).map(Some).collect()
@@ -395,42 +596,59 @@ pub fn backward(
         .map(|(ci, mut dxc)| {
             let mut dw = vec![0f32; g.o * k];
             let mut db = vec![0f32; if need_db { g.o } else { 0 }];
-            let mut col = vec![0f32; col_len];
-            let mut dcol = vec![0f32; if need_dx { col_len } else { 0 }];
-            for (j, img) in (ci * per..((ci + 1) * per).min(g.n)).enumerate() {
-                let xi = &x[img * chw..][..chw];
-                let dyi = &dy[img * ohw_all..][..ohw_all];
-                for grp in 0..g.p.groups {
-                    let xg = &xi[grp * cg * hw..][..cg * hw];
-                    let dyg = MatRef::new(&dyi[grp * og * ohw..][..og * ohw], og, ohw);
-                    let cols = if g.pointwise() {
-                        xg
-                    } else {
-                        im2col(xg, g, &mut col);
-                        &col
-                    };
-                    // dW_g += dY_g @ col^T
-                    let dwg = &mut dw[grp * og * k..][..og * k];
-                    matmul(dwg, dyg, MatRef::new(cols, k, ohw).t(), true, par);
-                    if need_db {
-                        for (acc, row) in db[grp * og..][..og].iter_mut().zip(dyg.data.chunks(ohw))
-                        {
-                            *acc += sum(row);
-                        }
+            with_scratch(scratch, |buf| {
+                let (mut ux, rest) = Unroll::new(g, buf);
+                let (mut udy, dcol, dxpad): (Option<Unroll>, &mut [f32], &mut [f32]) = match &plan {
+                    InputGrad::Flipped(gt, _) => (Some(Unroll::new(gt, rest).0), &mut [], &mut []),
+                    InputGrad::Col2im => {
+                        let (dcol, dxpad) = rest.split_at_mut(k * ohw);
+                        (None, dcol, dxpad)
                     }
-                    if let Some(dxc) = dxc.as_deref_mut() {
-                        // dX_g = col2im(W_g^T @ dY_g)
-                        let wg = MatRef::new(&w[grp * og * k..][..og * k], og, k).t();
+                    _ => (None, &mut [], &mut []),
+                };
+                for (j, img) in (ci * per..((ci + 1) * per).min(g.n)).enumerate() {
+                    let xi = &x[img * chw..][..chw];
+                    let dyi = &dy[img * ohw_all..][..ohw_all];
+                    for grp in 0..g.p.groups {
+                        let dyg = MatRef::new(&dyi[grp * og * ohw..][..og * ohw], og, ohw);
+                        let cols = ux.cols(&xi[grp * cg * hw..][..cg * hw]);
+                        // dW_g += dY_g @ col^T
+                        let dwg = &mut dw[grp * og * k..][..og * k];
+                        matmul(dwg, dyg, MatRef::new(cols, k, ohw).t(), true, par);
+                        if need_db {
+                            let dbg = &mut db[grp * og..][..og];
+                            for (acc, row) in dbg.iter_mut().zip(dyg.data.chunks(ohw)) {
+                                *acc += sum(row);
+                            }
+                        }
+                        let Some(dxc) = dxc.as_deref_mut() else { continue };
                         let dxg = &mut dxc[j * chw + grp * cg * hw..][..cg * hw];
-                        if g.pointwise() {
-                            matmul(dxg, wg, dyg, false, par);
-                        } else {
-                            matmul(&mut dcol, wg, dyg, false, par);
-                            col2im(&dcol, g, dxg);
+                        let wt = MatRef::new(&w[grp * og * k..][..og * k], og, k).t();
+                        match &plan {
+                            InputGrad::Skip => {}
+                            InputGrad::Pointwise => matmul(dxg, wt, dyg, false, par),
+                            InputGrad::Flipped(gt, wf) => {
+                                let kt = gt.k();
+                                let wf = MatRef::new(&wf[grp * cg * kt..][..cg * kt], cg, kt);
+                                let udy = udy.as_mut().unwrap();
+                                matmul(
+                                    dxg,
+                                    wf,
+                                    MatRef::new(udy.cols(dyg.data), kt, hw),
+                                    false,
+                                    par,
+                                );
+                            }
+                            InputGrad::Col2im => {
+                                matmul(dcol, wt, dyg, false, par);
+                                dxpad.fill(0.0);
+                                col2im_padded(dcol, g, dxpad);
+                                unpad_add(dxpad, g, dxg);
+                            }
                         }
                     }
                 }
-            }
+            });
             (dw, db)
         })
         .collect();
@@ -675,24 +893,19 @@ mod tests {
     }
 
     #[test]
-    fn valid_range_is_the_brute_force_range() {
-        for out in 0..6 {
-            for len in 0..6 {
-                for stride in 1..4 {
-                    for offset in -5isize..5 {
-                        let ok: Vec<usize> = (0..out)
-                            .filter(|&o| {
-                                (0..len as isize).contains(&(o as isize * stride as isize + offset))
-                            })
-                            .collect();
-                        let (lo, hi) = valid_range(out, len, stride, offset);
-                        assert_eq!(
-                            (lo..hi).collect::<Vec<_>>(),
-                            ok,
-                            "{out} {len} {stride} {offset}"
-                        );
-                    }
-                }
+    fn copy_row_and_add_row_match_element_loops() {
+        for n in 0..80 {
+            let src = rand_vec(n + 9, n as u64);
+            let mut dst = vec![f32::NAN; n + 5];
+            copy_row(&mut dst[..n], &src);
+            assert_eq!(&dst[..n], &src[..n], "copy of {n}");
+            assert!(dst[n..].iter().all(|v| v.is_nan()), "copy of {n} wrote past the row");
+            let start = rand_vec(n + 5, 100 + n as u64);
+            let mut acc = start.clone();
+            add_row(&mut acc[..n], &src);
+            for i in 0..n + 5 {
+                let want = if i < n { start[i] + src[i] } else { start[i] };
+                assert_eq!(acc[i], want, "add of {n} at {i}");
             }
         }
     }
