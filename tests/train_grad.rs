@@ -32,9 +32,20 @@ impl Case {
     }
 }
 
-/// Every combination the brief names: stride 1/2, padding 0/1, 1x1 and 3x3 kernels, dilation
-/// 1/2, groups 1/2/depthwise, with and without bias.
+/// Every combination of stride 1/2, padding 0/1, 1x1 and 3x3 kernels, dilation 1/2, groups
+/// 1/2/depthwise (and 3 groups of one input channel each), with and without bias, on two 7x6
+/// images.
 fn cases() -> Vec<Case> {
+    cases_on(2, 7, 6)
+}
+
+/// The same on a batch of 11 small images, which the convolution puts several to a gemm (side
+/// by side in its columns) and several to a chunk.
+fn batched_cases() -> Vec<Case> {
+    cases_on(11, 5, 5).into_iter().filter(|c| c.bias == (c.p.stride.0 == 1)).collect()
+}
+
+fn cases_on(n: usize, h: usize, w: usize) -> Vec<Case> {
     let mut out = vec![];
     for stride in [1, 2] {
         for pad in [0, 1] {
@@ -49,7 +60,7 @@ fn cases() -> Vec<Case> {
                                 groups,
                             };
                             out.push(Case {
-                                x_dims: [2, c, 7, 6],
+                                x_dims: [n, c, h, w],
                                 w_dims: [o, c / groups, k, k],
                                 p,
                                 bias,
@@ -141,7 +152,7 @@ fn inputs(case: &Case, seed: u64) -> Inputs {
 
 #[test]
 fn forward_matches_a_direct_convolution() {
-    for case in cases().iter().chain(&onnx_only_cases()) {
+    for case in cases().iter().chain(&onnx_only_cases()).chain(&batched_cases()) {
         let g = case.geometry();
         let i = inputs(case, 11);
         let y = forward(&i.x, &i.w, i.b.as_deref(), &g);
@@ -179,7 +190,7 @@ fn finite_differences(i: &Inputs, g: &ConvGeometry, which: usize) -> Vec<f64> {
 
 #[test]
 fn gradients_match_finite_differences() {
-    for case in cases().iter().chain(&onnx_only_cases()) {
+    for case in cases().iter().chain(&onnx_only_cases()).chain(&batched_cases()) {
         let g = case.geometry();
         let i = inputs(case, 21);
         let grads = backward(&i.x, &i.w, &i.r, &g, true, case.bias);
@@ -227,7 +238,7 @@ fn flat(t: &Tensor) -> Vec<f32> {
 #[test]
 fn gradients_match_candle_autodiff() {
     let dev = Device::Cpu;
-    for mut case in cases() {
+    for mut case in cases().into_iter().chain(batched_cases()) {
         // candle's conv2d backward takes the output padding of both axes from the height, so
         // its input gradient is wrong for non-square inputs at stride 2: square ones here.
         case.x_dims[3] = case.x_dims[2];

@@ -175,18 +175,21 @@ fn pad_planes(x: &[f32], g: &ConvGeometry, pad: &mut [f32]) {
 }
 
 /// [`im2col`] from planes already padded ([`pad_planes`]): no bounds to test, one short copy
-/// (stride 1) or gather (otherwise) per output row.
-fn im2col_padded(pad: &[f32], g: &ConvGeometry, col: &mut [f32]) {
+/// (stride 1) or gather (otherwise) per output row. Row `r` of the matrix is
+/// `col[r * ld..r * ld + OH * OW]`, so that several images can sit side by side.
+fn im2col_padded(pad: &[f32], g: &ConvGeometry, col: &mut [f32], ld: usize) {
     let (ow, ohw) = (g.ow, g.oh * g.ow);
     let pd = Padded::of(g);
-    assert!(pad.len() == pd.len(g) && col.len() == g.k() * ohw);
+    assert!(pad.len() == pd.len(g) && ld >= ohw);
+    assert!(g.k() == 0 || col.len() >= (g.k() - 1) * ld + ohw);
     let (sh, sw) = g.p.stride;
     let (dh, dw) = g.p.dilation;
-    let mut rows = col.chunks_exact_mut(ohw);
+    let mut r = 0;
     for plane in pad.chunks_exact(pd.plane()) {
         for ki in 0..g.kh {
             for kj in 0..g.kw {
-                let row = rows.next().unwrap();
+                let row = &mut col[r * ld..r * ld + ohw];
+                r += 1;
                 let base = ki * dh * pd.wp + kj * dw;
                 for (oy, line) in row.chunks_exact_mut(ow).enumerate() {
                     let src = &plane[base + oy * sh * pd.wp..];
@@ -204,18 +207,20 @@ fn im2col_padded(pad: &[f32], g: &ConvGeometry, col: &mut [f32]) {
     }
 }
 
-/// The adjoint of [`im2col_padded`]: adds `col` onto the padded planes `pad`.
-fn col2im_padded(col: &[f32], g: &ConvGeometry, pad: &mut [f32]) {
+/// The adjoint of [`im2col_padded`]: adds `col` (rows `ld` apart) onto the padded planes.
+fn col2im_padded(col: &[f32], g: &ConvGeometry, pad: &mut [f32], ld: usize) {
     let (ow, ohw) = (g.ow, g.oh * g.ow);
     let pd = Padded::of(g);
-    assert!(pad.len() == pd.len(g) && col.len() == g.k() * ohw);
+    assert!(pad.len() == pd.len(g) && ld >= ohw);
+    assert!(g.k() == 0 || col.len() >= (g.k() - 1) * ld + ohw);
     let (sh, sw) = g.p.stride;
     let (dh, dw) = g.p.dilation;
-    let mut rows = col.chunks_exact(ohw);
+    let mut r = 0;
     for plane in pad.chunks_exact_mut(pd.plane()) {
         for ki in 0..g.kh {
             for kj in 0..g.kw {
-                let row = rows.next().unwrap();
+                let row = &col[r * ld..r * ld + ohw];
+                r += 1;
                 let base = ki * dh * pd.wp + kj * dw;
                 for (oy, line) in row.chunks_exact(ow).enumerate() {
                     let dst = &mut plane[base + oy * sh * pd.wp..];
@@ -251,14 +256,14 @@ fn unpad_add(pad: &[f32], g: &ConvGeometry, x: &mut [f32]) {
 pub fn im2col(x: &[f32], g: &ConvGeometry, col: &mut [f32]) {
     let mut pad = vec![0f32; Padded::of(g).len(g)];
     pad_planes(x, g, &mut pad);
-    im2col_padded(&pad, g, col);
+    im2col_padded(&pad, g, col, g.oh * g.ow);
 }
 
 /// The adjoint of [`im2col`]: adds every entry of `col` back onto the input pixel it was read
 /// from. `x` is `[C/groups, H, W]` and is added to, not overwritten.
 pub fn col2im(col: &[f32], g: &ConvGeometry, x: &mut [f32]) {
     let mut pad = vec![0f32; Padded::of(g).len(g)];
-    col2im_padded(col, g, &mut pad);
+    col2im_padded(col, g, &mut pad, g.oh * g.ow);
     unpad_add(&pad, g, x);
 }
 
@@ -362,24 +367,48 @@ pub fn sum(v: &[f32]) -> f32 {
 
 /// Most chunks the batch is cut into.
 const MAX_CHUNKS: usize = 16;
+/// Fewest chunks wanted when small images are batched into wider gemms instead.
+const MIN_CHUNKS: usize = 8;
+/// Output positions a gemm should span at least: images smaller than this go several to a
+/// gemm, side by side (at 4x4, one image alone left gemm's widest kernel idle).
+const GEMM_COLUMNS: usize = 256;
 /// Most floats the per-chunk partial weight gradients may hold together.
 const MAX_PARTIAL_FLOATS: usize = 1 << 24;
 
-/// Images per chunk: a function of the shapes only, never of the thread count, so that the
-/// weight gradient's summation order is fixed.
-fn images_per_chunk(g: &ConvGeometry) -> usize {
-    let by_memory = (MAX_PARTIAL_FLOATS / (g.o * g.k()).max(1)).max(1);
-    let chunks = g.n.min(MAX_CHUNKS).min(by_memory).max(1);
-    g.n.div_ceil(chunks).max(1)
+/// How the batch is cut: into chunks (the parallel tasks, and the weight gradient's partial
+/// sums), each into gemms of a few images. A function of the shapes only, never of the
+/// thread count, so that the weight gradient's summation order is fixed.
+#[derive(Clone, Copy, Debug)]
+struct Split {
+    per_chunk: usize,
+    per_gemm: usize,
+    chunks: usize,
 }
 
-/// gemm's own threads when the batch gives no parallelism (one chunk), none otherwise: the
-/// chunks already run in parallel.
-fn gemm_par(chunks: usize) -> Parallelism {
-    if chunks <= 1 {
-        Parallelism::Rayon(0)
-    } else {
-        Parallelism::None
+impl Split {
+    fn of(g: &ConvGeometry) -> Self {
+        let n = g.n.max(1);
+        let want = GEMM_COLUMNS.div_ceil((g.oh * g.ow).max(1));
+        let by_memory = (MAX_PARTIAL_FLOATS / (g.o * g.k()).max(1)).max(1);
+        let per_chunk =
+            n.div_ceil(MAX_CHUNKS).max(want.min(n.div_ceil(MIN_CHUNKS))).max(n.div_ceil(by_memory));
+        Split { per_chunk, per_gemm: want.min(per_chunk), chunks: n.div_ceil(per_chunk) }
+    }
+
+    /// gemm's own threads when the batch gives no parallelism (one chunk), none otherwise:
+    /// the chunks already run in parallel.
+    fn gemm_par(&self) -> Parallelism {
+        if self.chunks <= 1 {
+            Parallelism::Rayon(0)
+        } else {
+            Parallelism::None
+        }
+    }
+
+    /// The gemms of a chunk of `images`: (first image, images).
+    fn gemms(&self, images: usize) -> impl Iterator<Item = (usize, usize)> {
+        let per = self.per_gemm;
+        (0..images).step_by(per).map(move |s| (s, per.min(images - s)))
     }
 }
 
@@ -402,8 +431,37 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     })
 }
 
-/// Working memory for unrolling one geometry's input: zero-bordered padded planes and the
-/// im2col matrix (none for a pointwise convolution, which reads its input as it is).
+/// The first `len` floats of `buf`, leaving the rest in `buf`.
+fn take<'a>(buf: &mut &'a mut [f32], len: usize) -> &'a mut [f32] {
+    let (head, tail) = std::mem::take(buf).split_at_mut(len);
+    *buf = tail;
+    head
+}
+
+/// Copy `rows x len` blocks of `nb` images (image `b`'s at `src[b * stride + off..]`, rows
+/// `len` apart) side by side into `dst`, `[rows, nb * len]`.
+fn gather(src: &[f32], stride: usize, off: usize, rows: usize, len: usize, dst: &mut [f32]) {
+    let nb = dst.len() / (rows * len).max(1);
+    for (b, img) in (0..nb).map(|b| &src[b * stride + off..][..rows * len]).enumerate() {
+        for (r, s) in img.chunks_exact(len).enumerate() {
+            copy_row(&mut dst[r * nb * len + b * len..][..len], s);
+        }
+    }
+}
+
+/// The inverse of [`gather`]: `src`, `[rows, nb * len]`, back to the images in `dst`.
+fn scatter(src: &[f32], rows: usize, len: usize, dst: &mut [f32], stride: usize, off: usize) {
+    let nb = src.len() / (rows * len).max(1);
+    for b in 0..nb {
+        let img = &mut dst[b * stride + off..][..rows * len];
+        for (r, d) in img.chunks_exact_mut(len).enumerate() {
+            copy_row(d, &src[r * nb * len + b * len..]);
+        }
+    }
+}
+
+/// Working memory for unrolling images of one geometry: zero-bordered padded planes and the
+/// im2col matrix of up to `images` images side by side.
 struct Unroll<'a> {
     g: ConvGeometry,
     pad: &'a mut [f32],
@@ -411,31 +469,43 @@ struct Unroll<'a> {
 }
 
 impl<'a> Unroll<'a> {
-    fn len(g: &ConvGeometry) -> usize {
-        if g.pointwise() {
-            0
-        } else {
-            Padded::of(g).len(g) + g.k() * g.oh * g.ow
+    fn len(g: &ConvGeometry, images: usize) -> usize {
+        match (g.pointwise(), images) {
+            (true, 1) => 0,
+            (true, _) => g.k() * images * g.oh * g.ow,
+            (false, _) => Padded::of(g).len(g) + g.k() * images * g.oh * g.ow,
         }
     }
 
-    /// Over the first [`Unroll::len`] floats of `buf`; zeroes the padded planes (their border
-    /// stays zero from then on). Returns the rest of `buf`.
-    fn new(g: &ConvGeometry, buf: &'a mut [f32]) -> (Self, &'a mut [f32]) {
-        let (mine, rest) = buf.split_at_mut(Self::len(g));
-        let (pad, col) = mine.split_at_mut(if g.pointwise() { 0 } else { Padded::of(g).len(g) });
+    /// Carved from `buf`; zeroes the padded planes (their border stays zero from then on).
+    fn new(g: &ConvGeometry, images: usize, buf: &mut &'a mut [f32]) -> Self {
+        let pad = take(buf, if g.pointwise() { 0 } else { Padded::of(g).len(g) });
         pad.fill(0.0);
-        (Unroll { g: *g, pad, col }, rest)
+        let col = take(buf, Self::len(g, images) - pad.len());
+        Unroll { g: *g, pad, col }
     }
 
-    /// The im2col matrix, `[C/groups * KH * KW, OH * OW]`, of one group of one image.
-    fn cols<'b>(&'b mut self, x: &'b [f32]) -> &'b [f32] {
-        if self.g.pointwise() {
-            return x;
+    /// The im2col matrix, `[C/groups * KH * KW, nb * OH * OW]`, of one group of `nb` images
+    /// (image `b`'s group is `x(b)`), side by side.
+    fn cols<'b>(&'b mut self, nb: usize, x: impl Fn(usize) -> &'b [f32]) -> &'b [f32] {
+        let (g, ohw) = (self.g, self.g.oh * self.g.ow);
+        let ld = nb * ohw;
+        if g.pointwise() {
+            if nb == 1 {
+                return x(0);
+            }
+            for b in 0..nb {
+                for (r, s) in x(b).chunks_exact(ohw).enumerate() {
+                    copy_row(&mut self.col[r * ld + b * ohw..][..ohw], s);
+                }
+            }
+        } else {
+            for b in 0..nb {
+                pad_planes(x(b), &g, self.pad);
+                im2col_padded(self.pad, &g, &mut self.col[..g.k() * ld][b * ohw..], ld);
+            }
         }
-        pad_planes(x, &self.g, self.pad);
-        im2col_padded(self.pad, &self.g, self.col);
-        self.col
+        &self.col[..g.k() * ld]
     }
 }
 
@@ -480,48 +550,63 @@ fn flip_kernel(w: &[f32], g: &ConvGeometry) -> Vec<f32> {
     out
 }
 
-/// One image, `[C, H, W]`, convolved into `y`, `[O, OH, OW]`.
-fn conv_image(
-    x: &[f32],
-    w: &[f32],
+/// `out = a @ b` for the `nb` images side by side in `b`'s columns, written to the images in
+/// `dst` (image `i`'s rows at `dst[i * stride + off..]`), through `tmp` when `nb > 1`. With
+/// `bias`, each output row starts from its bias.
+#[allow(clippy::too_many_arguments)]
+fn matmul_into_images(
+    a: MatRef,
+    b: MatRef,
+    nb: usize,
     bias: Option<&[f32]>,
-    un: &mut Unroll,
-    y: &mut [f32],
+    dst: &mut [f32],
+    stride: usize,
+    off: usize,
+    tmp: &mut [f32],
     par: Parallelism,
 ) {
-    let g = un.g;
-    let (cg, og, k, hw, ohw) = (g.cg(), g.og(), g.k(), g.h * g.w, g.oh * g.ow);
-    for grp in 0..g.p.groups {
-        let xg = &x[grp * cg * hw..][..cg * hw];
-        let yg = &mut y[grp * og * ohw..][..og * ohw];
-        if let Some(b) = bias {
-            for (row, &bv) in yg.chunks_exact_mut(ohw).zip(&b[grp * og..][..og]) {
-                row.fill(bv);
-            }
+    let (rows, len) = (a.rows, b.cols / nb.max(1));
+    let out = if nb == 1 { &mut dst[off..off + rows * len] } else { &mut tmp[..rows * nb * len] };
+    if let Some(bias) = bias {
+        for (row, &v) in out.chunks_exact_mut(nb * len).zip(bias) {
+            row.fill(v);
         }
-        let wg = MatRef::new(&w[grp * og * k..][..og * k], og, k);
-        matmul(yg, wg, MatRef::new(un.cols(xg), k, ohw), bias.is_some(), par);
+    }
+    matmul(out, a, b, bias.is_some(), par);
+    if nb > 1 {
+        scatter(&tmp[..rows * nb * len], rows, len, dst, stride, off);
     }
 }
 
 /// The convolution of `x` (`[N, C, H, W]`) with `w` (`[O, C/groups, KH, KW]`) plus `bias`
 /// (`[O]`), as `[N, O, OH, OW]`.
 pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeometry) -> Vec<f32> {
-    let (chw, ohw_all) = (g.c * g.h * g.w, g.o * g.oh * g.ow);
+    let (cg, og, k, hw, ohw) = (g.cg(), g.og(), g.k(), g.h * g.w, g.oh * g.ow);
+    let (chw, ohw_all) = (g.c * hw, g.o * ohw);
     assert_eq!(x.len(), g.n * chw, "conv input length");
-    assert_eq!(w.len(), g.o * g.k(), "conv weight length");
+    assert_eq!(w.len(), g.o * k, "conv weight length");
     assert!(bias.is_none_or(|b| b.len() == g.o), "conv bias length");
     let mut y = vec![0f32; g.n * ohw_all];
     if y.is_empty() {
         return y;
     }
-    let per = images_per_chunk(g);
-    let par = gemm_par(g.n.div_ceil(per));
-    y.par_chunks_mut(per * ohw_all).zip(x.par_chunks(per * chw.max(1))).for_each(|(ys, xs)| {
-        with_scratch(Unroll::len(g), |buf| {
-            let (mut un, _) = Unroll::new(g, buf);
-            for (i, yi) in ys.chunks_exact_mut(ohw_all).enumerate() {
-                conv_image(&xs[i * chw..][..chw], w, bias, &mut un, yi, par);
+    let sp = Split::of(g);
+    let par = sp.gemm_par();
+    let pg = sp.per_gemm;
+    let tmp_len = if pg > 1 { og * pg * ohw } else { 0 };
+    y.par_chunks_mut(sp.per_chunk * ohw_all).enumerate().for_each(|(ci, ys)| {
+        let xs = &x[ci * sp.per_chunk * chw..];
+        with_scratch(Unroll::len(g, pg) + tmp_len, |mut buf| {
+            let mut un = Unroll::new(g, pg, &mut buf);
+            let tmp = take(&mut buf, tmp_len);
+            for (s, nb) in sp.gemms(ys.len() / ohw_all) {
+                for grp in 0..g.p.groups {
+                    let cols = un.cols(nb, |b| &xs[(s + b) * chw + grp * cg * hw..][..cg * hw]);
+                    let wg = MatRef::new(&w[grp * og * k..][..og * k], og, k);
+                    let bg = bias.map(|b| &b[grp * og..][..og]);
+                    let (cols, ys) = (MatRef::new(cols, k, nb * ohw), &mut ys[s * ohw_all..]);
+                    matmul_into_images(wg, cols, nb, bg, ys, ohw_all, grp * og * ohw, tmp, par);
+                }
             }
         })
     });
@@ -567,9 +652,8 @@ pub fn backward(
     assert_eq!(x.len(), g.n * chw, "conv input length");
     assert_eq!(w.len(), g.o * k, "conv weight length");
     assert_eq!(dy.len(), g.n * ohw_all, "conv output gradient length");
-    let per = images_per_chunk(g);
-    let chunks = g.n.div_ceil(per);
-    let par = gemm_par(chunks);
+    let sp = Split::of(g);
+    let (par, pg) = (sp.gemm_par(), sp.per_gemm);
     let plan = match g.input_grad_geometry() {
         _ if !need_dx => InputGrad::Skip,
         _ if g.pointwise() => InputGrad::Pointwise,
@@ -577,73 +661,92 @@ pub fn backward(
         None => InputGrad::Col2im,
     };
     let pd = Padded::of(g);
-    let scratch = Unroll::len(g)
+    let many = |len: usize| if pg > 1 { len * pg } else { 0 };
+    let scratch = Unroll::len(g, pg)
+        + many(og * ohw)
         + match &plan {
-            InputGrad::Flipped(gt, _) => Unroll::len(gt),
-            InputGrad::Col2im => k * ohw + pd.len(g),
-            _ => 0,
+            InputGrad::Skip => 0,
+            InputGrad::Pointwise => many(cg * ohw),
+            InputGrad::Flipped(gt, _) => Unroll::len(gt, pg) + many(cg * hw),
+            InputGrad::Col2im => k * pg * ohw + pd.len(g),
         };
     let mut dx = if need_dx { vec![0f32; g.n * chw] } else { Vec::new() };
     let dx_parts: Vec<Option<&mut [f32]>> = if need_dx && chw > 0 {
-        dx.chunks_mut(per * chw).map(Some).collect()
+        dx.chunks_mut(sp.per_chunk * chw).map(Some).collect()
     } else {
-        (0..chunks).map(|_| None).collect()
+        (0..sp.chunks).map(|_| None).collect()
     };
     // Each chunk's partial weight and bias gradients, in chunk order.
     let partials: Vec<(Vec<f32>, Vec<f32>)> = dx_parts
         .into_par_iter()
         .enumerate()
         .map(|(ci, mut dxc)| {
+            let first = ci * sp.per_chunk;
+            let images = sp.per_chunk.min(g.n - first);
+            let (xc, dyc) = (&x[first * chw..], &dy[first * ohw_all..]);
             let mut dw = vec![0f32; g.o * k];
             let mut db = vec![0f32; if need_db { g.o } else { 0 }];
-            with_scratch(scratch, |buf| {
-                let (mut ux, rest) = Unroll::new(g, buf);
-                let (mut udy, dcol, dxpad): (Option<Unroll>, &mut [f32], &mut [f32]) = match &plan {
-                    InputGrad::Flipped(gt, _) => (Some(Unroll::new(gt, rest).0), &mut [], &mut []),
-                    InputGrad::Col2im => {
-                        let (dcol, dxpad) = rest.split_at_mut(k * ohw);
-                        (None, dcol, dxpad)
-                    }
-                    _ => (None, &mut [], &mut []),
+            with_scratch(scratch, |mut buf| {
+                let mut ux = Unroll::new(g, pg, &mut buf);
+                let dybuf = take(&mut buf, many(og * ohw));
+                let mut udy = match &plan {
+                    InputGrad::Flipped(gt, _) => Some(Unroll::new(gt, pg, &mut buf)),
+                    _ => None,
                 };
-                for (j, img) in (ci * per..((ci + 1) * per).min(g.n)).enumerate() {
-                    let xi = &x[img * chw..][..chw];
-                    let dyi = &dy[img * ohw_all..][..ohw_all];
+                let dcol =
+                    take(&mut buf, if let InputGrad::Col2im = plan { k * pg * ohw } else { 0 });
+                let dxpad =
+                    take(&mut buf, if let InputGrad::Col2im = plan { pd.len(g) } else { 0 });
+                let tmp = buf;
+                for (s, nb) in sp.gemms(images) {
+                    let ld = nb * ohw;
                     for grp in 0..g.p.groups {
-                        let dyg = MatRef::new(&dyi[grp * og * ohw..][..og * ohw], og, ohw);
-                        let cols = ux.cols(&xi[grp * cg * hw..][..cg * hw]);
+                        let cols = ux.cols(nb, |b| &xc[(s + b) * chw + grp * cg * hw..][..cg * hw]);
+                        let dyg = if nb == 1 {
+                            MatRef::new(&dyc[s * ohw_all + grp * og * ohw..][..og * ohw], og, ohw)
+                        } else {
+                            let d = &mut dybuf[..og * ld];
+                            gather(&dyc[s * ohw_all..], ohw_all, grp * og * ohw, og, ohw, d);
+                            MatRef::new(d, og, ld)
+                        };
                         // dW_g += dY_g @ col^T
                         let dwg = &mut dw[grp * og * k..][..og * k];
-                        matmul(dwg, dyg, MatRef::new(cols, k, ohw).t(), true, par);
+                        matmul(dwg, dyg, MatRef::new(cols, k, ld).t(), true, par);
                         if need_db {
-                            let dbg = &mut db[grp * og..][..og];
-                            for (acc, row) in dbg.iter_mut().zip(dyg.data.chunks(ohw)) {
-                                *acc += sum(row);
+                            for b in s..s + nb {
+                                let dyb = &dyc[b * ohw_all + grp * og * ohw..][..og * ohw];
+                                let dbg = &mut db[grp * og..][..og];
+                                for (acc, row) in dbg.iter_mut().zip(dyb.chunks(ohw)) {
+                                    *acc += sum(row);
+                                }
                             }
                         }
                         let Some(dxc) = dxc.as_deref_mut() else { continue };
-                        let dxg = &mut dxc[j * chw + grp * cg * hw..][..cg * hw];
                         let wt = MatRef::new(&w[grp * og * k..][..og * k], og, k).t();
+                        let (dxs, off) = (&mut dxc[s * chw..], grp * cg * hw);
                         match &plan {
                             InputGrad::Skip => {}
-                            InputGrad::Pointwise => matmul(dxg, wt, dyg, false, par),
+                            InputGrad::Pointwise => {
+                                matmul_into_images(wt, dyg, nb, None, dxs, chw, off, tmp, par)
+                            }
                             InputGrad::Flipped(gt, wf) => {
                                 let kt = gt.k();
                                 let wf = MatRef::new(&wf[grp * cg * kt..][..cg * kt], cg, kt);
                                 let udy = udy.as_mut().unwrap();
-                                matmul(
-                                    dxg,
-                                    wf,
-                                    MatRef::new(udy.cols(dyg.data), kt, hw),
-                                    false,
-                                    par,
-                                );
+                                let dyb = |b: usize| {
+                                    &dyc[(s + b) * ohw_all + grp * og * ohw..][..og * ohw]
+                                };
+                                let cols = MatRef::new(udy.cols(nb, dyb), kt, nb * hw);
+                                matmul_into_images(wf, cols, nb, None, dxs, chw, off, tmp, par);
                             }
                             InputGrad::Col2im => {
+                                let dcol = &mut dcol[..k * ld];
                                 matmul(dcol, wt, dyg, false, par);
-                                dxpad.fill(0.0);
-                                col2im_padded(dcol, g, dxpad);
-                                unpad_add(dxpad, g, dxg);
+                                for b in 0..nb {
+                                    dxpad.fill(0.0);
+                                    col2im_padded(&dcol[b * ohw..], g, dxpad, ld);
+                                    unpad_add(dxpad, g, &mut dxs[b * chw + off..][..cg * hw]);
+                                }
                             }
                         }
                     }
@@ -652,14 +755,19 @@ pub fn backward(
             (dw, db)
         })
         .collect();
-    let (dw, db) = reduce_in_order(partials);
+    let (dw, db) = reduce_in_order(partials, g.o * k, if need_db { g.o } else { 0 });
     ConvGrads { dx: need_dx.then_some(dx), dw, db: need_db.then_some(db) }
 }
 
-/// Element-wise sums of the partials, each element summed in the partials' order.
-fn reduce_in_order(mut partials: Vec<(Vec<f32>, Vec<f32>)>) -> (Vec<f32>, Vec<f32>) {
+/// Element-wise sums of the partials, each element summed in the partials' order (zeros of
+/// the given lengths when there are none).
+fn reduce_in_order(
+    mut partials: Vec<(Vec<f32>, Vec<f32>)>,
+    dw_len: usize,
+    db_len: usize,
+) -> (Vec<f32>, Vec<f32>) {
     if partials.is_empty() {
-        return (Vec::new(), Vec::new());
+        return (vec![0f32; dw_len], vec![0f32; db_len]);
     }
     let rest = partials.split_off(1);
     let (mut dw, mut db) = partials.pop().unwrap();
