@@ -161,9 +161,24 @@ fn add_row(dst: &mut [f32], src: &[f32]) {
     }
 }
 
+/// [`pad_planes_body`], built for AVX2 where the CPU has it (wider moves for its short rows).
+fn pad_planes(x: &[f32], g: &ConvGeometry, pad: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        #[target_feature(enable = "avx2")]
+        unsafe fn avx2(x: &[f32], g: &ConvGeometry, pad: &mut [f32]) {
+            pad_planes_body(x, g, pad)
+        }
+        // SAFETY: the CPU supports AVX2, as just checked; the body is safe code.
+        return unsafe { avx2(x, g, pad) };
+    }
+    pad_planes_body(x, g, pad)
+}
+
 /// Copy one group of one image, `[C/groups, H, W]`, into the interior of `pad`
 /// ([`Padded`] planes). The border is left as it is: zero, once the buffer was zeroed.
-fn pad_planes(x: &[f32], g: &ConvGeometry, pad: &mut [f32]) {
+#[inline(always)]
+fn pad_planes_body(x: &[f32], g: &ConvGeometry, pad: &mut [f32]) {
     let (h, w) = (g.h, g.w);
     let pd = Padded::of(g);
     assert!(x.len() == g.cg() * h * w && pad.len() == pd.len(g));
@@ -174,10 +189,25 @@ fn pad_planes(x: &[f32], g: &ConvGeometry, pad: &mut [f32]) {
     }
 }
 
+/// [`im2col_padded_body`], built for AVX2 where the CPU has it (wider moves for its short rows).
+fn im2col_padded(pad: &[f32], g: &ConvGeometry, col: &mut [f32], ld: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        #[target_feature(enable = "avx2")]
+        unsafe fn avx2(pad: &[f32], g: &ConvGeometry, col: &mut [f32], ld: usize) {
+            im2col_padded_body(pad, g, col, ld)
+        }
+        // SAFETY: the CPU supports AVX2, as just checked; the body is safe code.
+        return unsafe { avx2(pad, g, col, ld) };
+    }
+    im2col_padded_body(pad, g, col, ld)
+}
+
 /// [`im2col`] from planes already padded ([`pad_planes`]): no bounds to test, one short copy
 /// (stride 1) or gather (otherwise) per output row. Row `r` of the matrix is
 /// `col[r * ld..r * ld + OH * OW]`, so that several images can sit side by side.
-fn im2col_padded(pad: &[f32], g: &ConvGeometry, col: &mut [f32], ld: usize) {
+#[inline(always)]
+fn im2col_padded_body(pad: &[f32], g: &ConvGeometry, col: &mut [f32], ld: usize) {
     let (ow, ohw) = (g.ow, g.oh * g.ow);
     let pd = Padded::of(g);
     assert!(pad.len() == pd.len(g) && ld >= ohw);
@@ -207,8 +237,23 @@ fn im2col_padded(pad: &[f32], g: &ConvGeometry, col: &mut [f32], ld: usize) {
     }
 }
 
-/// The adjoint of [`im2col_padded`]: adds `col` (rows `ld` apart) onto the padded planes.
+/// [`col2im_padded_body`], built for AVX2 where the CPU has it (wider moves for its short rows).
 fn col2im_padded(col: &[f32], g: &ConvGeometry, pad: &mut [f32], ld: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        #[target_feature(enable = "avx2")]
+        unsafe fn avx2(col: &[f32], g: &ConvGeometry, pad: &mut [f32], ld: usize) {
+            col2im_padded_body(col, g, pad, ld)
+        }
+        // SAFETY: the CPU supports AVX2, as just checked; the body is safe code.
+        return unsafe { avx2(col, g, pad, ld) };
+    }
+    col2im_padded_body(col, g, pad, ld)
+}
+
+/// The adjoint of [`im2col_padded`]: adds `col` (rows `ld` apart) onto the padded planes.
+#[inline(always)]
+fn col2im_padded_body(col: &[f32], g: &ConvGeometry, pad: &mut [f32], ld: usize) {
     let (ow, ohw) = (g.ow, g.oh * g.ow);
     let pd = Padded::of(g);
     assert!(pad.len() == pd.len(g) && ld >= ohw);
@@ -1081,6 +1126,26 @@ mod tests {
                 let want: f64 = u.iter().zip(&c).map(|(a, b)| *a as f64 * *b as f64).sum();
                 assert!((back[i] as f64 - 0.5 - want).abs() < 1e-5, "{g:?} at {i}");
             }
+        }
+    }
+
+    #[test]
+    fn avx2_builds_match_the_portable_bodies() {
+        for g in geometries() {
+            let pd = Padded::of(&g);
+            let x = rand_vec(g.cg() * g.h * g.w, 7);
+            let (mut a, mut b) = (vec![0f32; pd.len(&g)], vec![0f32; pd.len(&g)]);
+            pad_planes(&x, &g, &mut a);
+            pad_planes_body(&x, &g, &mut b);
+            assert_eq!(a, b, "{g:?}");
+            let (mut ca, mut cb) =
+                (vec![0f32; g.k() * g.oh * g.ow], vec![1f32; g.k() * g.oh * g.ow]);
+            im2col_padded(&a, &g, &mut ca, g.oh * g.ow);
+            im2col_padded_body(&a, &g, &mut cb, g.oh * g.ow);
+            assert_eq!(ca, cb, "{g:?}");
+            col2im_padded(&ca, &g, &mut a, g.oh * g.ow);
+            col2im_padded_body(&ca, &g, &mut b, g.oh * g.ow);
+            assert_eq!(a, b, "{g:?}");
         }
     }
 
