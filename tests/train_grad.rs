@@ -306,3 +306,238 @@ fn weight_gradient_bytes_do_not_depend_on_the_thread_count() {
         assert!(run(threads) == one, "{threads} threads gave different bits");
     }
 }
+
+// ---- The other trainable operators, through the graph interpreter (`TrainGraph`) ----
+
+mod graph_ops {
+    use super::{assert_close, flat, rand_vec};
+    use candle_core::{Tensor, Var};
+    use relucompile::ir::{Graph, Model, Node, Tensor as IrTensor};
+    use relucompile::train::graph::TrainGraph;
+    use tract_onnx::pb;
+
+    fn ints(name: &str, v: &[i64]) -> pb::AttributeProto {
+        pb::AttributeProto {
+            name: name.into(),
+            r#type: pb::attribute_proto::AttributeType::Ints as i32,
+            ints: v.to_vec(),
+            ..Default::default()
+        }
+    }
+    fn int(name: &str, i: i64) -> pb::AttributeProto {
+        pb::AttributeProto {
+            name: name.into(),
+            r#type: pb::attribute_proto::AttributeType::Int as i32,
+            i,
+            ..Default::default()
+        }
+    }
+    fn float(name: &str, f: f32) -> pb::AttributeProto {
+        pb::AttributeProto {
+            name: name.into(),
+            r#type: pb::attribute_proto::AttributeType::Float as i32,
+            f,
+            ..Default::default()
+        }
+    }
+
+    /// A one-node model `y = op(x, weights...)`, weights given as (name, dims).
+    fn model(
+        op: &str,
+        weights: &[(&str, Vec<usize>)],
+        attributes: Vec<pb::AttributeProto>,
+    ) -> Model {
+        let mut inputs = vec!["x".to_string()];
+        let mut initializers = std::collections::BTreeMap::new();
+        for (i, (name, dims)) in weights.iter().enumerate() {
+            inputs.push(name.to_string());
+            let len = dims.iter().product();
+            let mut v = rand_vec(len, 60 + i as u64);
+            if *name == "var" {
+                v.iter_mut().for_each(|x| *x = x.abs() + 0.5);
+            }
+            initializers.insert(name.to_string(), IrTensor::from_f32(dims.clone(), &v));
+        }
+        let mut node = Node::new("n", op, inputs, vec!["y".into()]);
+        node.attributes = attributes;
+        let value = |name: &str| pb::ValueInfoProto { name: name.into(), ..Default::default() };
+        Model {
+            ir_version: 8,
+            opset_imports: vec![],
+            producer_name: String::new(),
+            producer_version: String::new(),
+            domain: String::new(),
+            model_version: 0,
+            doc_string: String::new(),
+            metadata_props: vec![],
+            graph: Graph {
+                name: "g".into(),
+                inputs: vec![value("x")],
+                outputs: vec![value("y")],
+                initializers,
+                nodes: vec![node],
+            },
+        }
+    }
+
+    /// Autodiff gradients of `sum(y * r)` for `x` and every trainable weight against central
+    /// differences (in f64 over the f32 forward).
+    fn check(what: &str, m: &Model, x_dims: &[usize]) {
+        let dev = candle_core::Device::Cpu;
+        let g = TrainGraph::new(m).unwrap();
+        let x0 = rand_vec(x_dims.iter().product(), 70);
+        let x = Var::from_vec(x0.clone(), x_dims.to_vec(), &dev).unwrap();
+        let y = g.forward(x.as_tensor()).unwrap();
+        let r = Tensor::from_vec(rand_vec(y.elem_count(), 71), y.dims(), &dev).unwrap();
+        let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let r = flat(&r);
+        let loss = |g: &TrainGraph, xv: &[f32]| -> f64 {
+            let xt = Tensor::from_vec(xv.to_vec(), x_dims.to_vec(), &dev).unwrap();
+            flat(&g.forward(&xt).unwrap()).iter().zip(&r).map(|(&a, &b)| a as f64 * b as f64).sum()
+        };
+        let eps = 1e-2f32;
+        // The input.
+        let fd: Vec<f64> = (0..x0.len())
+            .map(|i| {
+                let at = |d: f32| {
+                    let mut v = x0.clone();
+                    v[i] += d;
+                    loss(&g, &v)
+                };
+                (at(eps) - at(-eps)) / (2.0 * eps as f64)
+            })
+            .collect();
+        assert_close(&format!("{what} dx"), &flat(grads.get(&x).unwrap()), &fd, 2e-3);
+        // Each trainable weight.
+        assert!(!g.params.is_empty(), "{what}: nothing trainable");
+        for (name, var) in &g.params {
+            let w0 = flat(var.as_tensor());
+            let fd: Vec<f64> = (0..w0.len())
+                .map(|i| {
+                    let at = |d: f32| {
+                        let mut v = w0.clone();
+                        v[i] += d;
+                        var.set(&Tensor::from_vec(v, var.dims(), &dev).unwrap()).unwrap();
+                        loss(&g, &x0)
+                    };
+                    let diff = (at(eps) - at(-eps)) / (2.0 * eps as f64);
+                    var.set(&Tensor::from_vec(w0.clone(), var.dims(), &dev).unwrap()).unwrap();
+                    diff
+                })
+                .collect();
+            let got = flat(grads.get(var.as_tensor()).unwrap());
+            assert_close(&format!("{what} d{name}"), &got, &fd, 2e-3);
+        }
+    }
+
+    #[test]
+    fn gemm_gradients_match_finite_differences() {
+        let m = model(
+            "Gemm",
+            &[("w", vec![5, 7]), ("b", vec![5])],
+            vec![int("transB", 1), float("alpha", 0.7), float("beta", 1.3)],
+        );
+        check("Gemm", &m, &[3, 7]);
+        check("Gemm no-trans", &model("Gemm", &[("w", vec![7, 4])], vec![]), &[3, 7]);
+    }
+
+    #[test]
+    fn batchnorm_gradients_match_finite_differences() {
+        let m = model(
+            "BatchNormalization",
+            &[("gamma", vec![3]), ("beta", vec![3]), ("mean", vec![3]), ("var", vec![3])],
+            vec![float("epsilon", 1e-3)],
+        );
+        check("BatchNormalization", &m, &[2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn conv_through_the_graph_matches_finite_differences() {
+        // Asymmetric pads, unequal strides, two groups, bias: the graph's conv wiring.
+        let m = model(
+            "Conv",
+            &[("w", vec![4, 2, 3, 2]), ("b", vec![4])],
+            vec![ints("pads", &[1, 0, 2, 1]), ints("strides", &[2, 1]), int("group", 2)],
+        );
+        check("Conv", &m, &[2, 4, 6, 5]);
+    }
+
+    /// Pools have no weights of their own: a 1x1 conv in front gives them one, and the input
+    /// gradient goes through the pool.
+    fn with_conv_before(pool: Node) -> Model {
+        let mut m = model("Conv", &[("w", vec![3, 3, 1, 1])], vec![]);
+        m.graph.nodes[0].outputs = vec!["c".into()];
+        let mut pool = pool;
+        pool.inputs = vec!["c".into()];
+        pool.outputs = vec!["y".into()];
+        m.graph.nodes.push(pool);
+        m
+    }
+
+    fn pool(op: &str, attrs: Vec<pb::AttributeProto>) -> Node {
+        let mut n = Node::new("p", op, vec![], vec![]);
+        n.attributes = attrs;
+        n
+    }
+
+    #[test]
+    fn global_and_average_pool_gradients_match_finite_differences() {
+        let cases = [
+            ("GlobalAveragePool", pool("GlobalAveragePool", vec![])),
+            ("GlobalMaxPool", pool("GlobalMaxPool", vec![])),
+            (
+                "AveragePool 2/2",
+                pool("AveragePool", vec![ints("kernel_shape", &[2, 2]), ints("strides", &[2, 2])]),
+            ),
+        ];
+        for (what, node) in cases {
+            check(what, &with_conv_before(node), &[2, 3, 4, 6]);
+        }
+    }
+
+    /// candle 0.9's pooling backward, which graph.rs's MaxPool and AveragePool use, fails
+    /// these: max-pool gradients come out scaled by (maxima in the window) / (window size),
+    /// 1/4 for 2x2 pools; kernels other than the stride have no backward at all; odd sizes
+    /// upsample the gradient onto the wrong pixels.
+    #[test]
+    #[ignore = "candle 0.9 max_pool2d/avg_pool2d backward is wrong or missing; see the doc comment"]
+    fn strided_pool_gradients_match_finite_differences() {
+        let p1 = || ints("pads", &[1, 1, 1, 1]);
+        let cases = [
+            (
+                "MaxPool 2/2",
+                pool("MaxPool", vec![ints("kernel_shape", &[2, 2]), ints("strides", &[2, 2])]),
+            ),
+            (
+                "MaxPool 3/2 pad 1",
+                pool(
+                    "MaxPool",
+                    vec![ints("kernel_shape", &[3, 3]), ints("strides", &[2, 2]), p1()],
+                ),
+            ),
+            (
+                "AveragePool 3/2 pad 1 exclusive",
+                pool(
+                    "AveragePool",
+                    vec![ints("kernel_shape", &[3, 3]), ints("strides", &[2, 2]), p1()],
+                ),
+            ),
+            (
+                "AveragePool 2/1 inclusive",
+                pool(
+                    "AveragePool",
+                    vec![
+                        ints("kernel_shape", &[2, 2]),
+                        ints("pads", &[0, 0, 1, 1]),
+                        int("count_include_pad", 1),
+                    ],
+                ),
+            ),
+        ];
+        for (what, node) in cases {
+            for dims in [[2, 3, 4, 6], [2, 3, 5, 7]] {
+                check(what, &with_conv_before(node.clone()), &dims);
+            }
+        }
+    }
+}
