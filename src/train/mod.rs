@@ -10,6 +10,7 @@
 pub mod conv;
 pub mod graph;
 pub mod malloc;
+pub mod pool;
 pub mod teacher;
 
 use crate::eval::data::Dataset;
