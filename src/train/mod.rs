@@ -4,8 +4,8 @@
 //! to win back the accuracy that culling costs.
 //!
 //! The student runs in candle (autodiff); the teacher runs forward only on the same augmented
-//! batch ([`teacher::Teacher`]). AdamW with a cosine learning-rate schedule; a seed fixes the shuffling and
-//! the augmentation, so runs repeat.
+//! batch ([`teacher::Teacher`]). AdamW with a cosine learning-rate schedule; a seed fixes the
+//! shuffling and the augmentation, so runs repeat.
 
 pub mod conv;
 pub mod graph;
