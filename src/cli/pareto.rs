@@ -43,6 +43,10 @@ pub struct ParetoArgs {
     /// Score candidates without recalibrating them to the original's channel statistics
     #[arg(long)]
     pub no_recalibrate: bool,
+    /// Which stage sets are culled: every subset (small networks) or only prefixes of the
+    /// criticality order (least critical first; much faster)
+    #[arg(long, value_enum, default_value_t = CullSearch::Subsets)]
+    pub cull_search: CullSearch,
     /// Leave the half-resolution and half-width candidates (`resolution(0.5)`, `width(0.5)`)
     /// out of the search
     #[arg(long)]
@@ -54,6 +58,12 @@ pub struct ParetoArgs {
     pub data_flags: super::data_flags::DataFlags,
     #[command(flatten)]
     pub finetune: super::finetune::FinetuneFlags,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CullSearch {
+    Subsets,
+    Prefixes,
 }
 
 /// What a search directory was made from; resuming with anything else is refused.
@@ -178,6 +188,7 @@ pub fn run(args: &ParetoArgs) -> Result<()> {
         &crit,
         residual,
         &knobs,
+        args.cull_search == CullSearch::Subsets,
         &ctx,
         &calibration,
         &args.output.join("candidates.jsonl"),

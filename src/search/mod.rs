@@ -13,6 +13,7 @@ use crate::eval::Runner;
 use crate::ir::Model;
 use crate::passes::{run_pipeline, PassContext, Pipeline, VerifyOptions};
 use anyhow::Result;
+use rayon::prelude::*;
 use serde::Serialize;
 use std::sync::Arc;
 
@@ -127,18 +128,22 @@ pub fn best_under_budget(
     calibration: &Dataset,
     progress: bool,
 ) -> Result<(Candidate, Vec<Candidate>)> {
-    let mut considered = Vec::new();
-    let mut fitting = Vec::new();
     // Counting needs the structure only; recalibration (which keeps the count) is paid for the
-    // candidates that fit.
+    // candidates that fit, when they are scored.
     let structure_only = PassContext::new(ctx.sample.clone());
-    for text in structural_candidates(base, ctx)? {
-        let (_, relus) = build_candidate(base, &text, &structure_only)?;
-        considered.push(Candidate { pipeline: text.clone(), relus, calibration_accuracy: None });
-        if relus <= budget {
-            fitting.push((considered.len() - 1, build_candidate(base, &text, ctx)?.0));
-        }
-    }
+    let mut considered: Vec<Candidate> = structural_candidates(base, ctx)?
+        .into_par_iter()
+        .map(|text| {
+            let (_, relus) = build_candidate(base, &text, &structure_only)?;
+            Ok(Candidate { pipeline: text, relus, calibration_accuracy: None })
+        })
+        .collect::<Result<_>>()?;
+    let mut fitting: Vec<(usize, Option<Model>)> = considered
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.relus <= budget)
+        .map(|(ix, _)| (ix, None))
+        .collect();
     if fitting.is_empty() {
         // Culling and thinning alone cannot get there: add channel thinning, from the least
         // lossy structural configuration down.
@@ -161,7 +166,7 @@ pub fn best_under_budget(
                 let (m, relus) = build_candidate(base, &text, &with_images)?;
                 considered.push(Candidate { pipeline: text, relus, calibration_accuracy: None });
                 if relus <= budget {
-                    fitting.push((considered.len() - 1, m));
+                    fitting.push((considered.len() - 1, Some(m)));
                 }
             }
             if fitting.len() >= 8 {
@@ -186,9 +191,22 @@ pub fn best_under_budget(
         "candidates",
         progress,
     );
-    for (ix, m) in &fitting {
-        considered[*ix].calibration_accuracy = Some(accuracy(m, calibration)?);
-        bar.inc(1);
+    let scores: Vec<f64> = fitting
+        .par_iter()
+        .map(|(ix, built)| {
+            let acc = match built {
+                Some(m) => accuracy(m, calibration)?,
+                None => accuracy(
+                    &build_candidate(base, &considered[*ix].pipeline, ctx)?.0,
+                    calibration,
+                )?,
+            };
+            bar.inc(1);
+            Ok(acc)
+        })
+        .collect::<Result<_>>()?;
+    for ((ix, _), acc) in fitting.iter().zip(scores) {
+        considered[*ix].calibration_accuracy = Some(acc);
     }
     bar.finish_and_clear();
     let best = fitting

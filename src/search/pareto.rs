@@ -49,7 +49,8 @@ pub fn frontier_indices(points: &[(u64, f64)]) -> Vec<usize> {
 }
 
 /// Up to this many stages with ReLUs, every subset of them is tried for culling (32 subsets
-/// for a ResNet-18's five); beyond it, prefixes of the criticality order only.
+/// for a ResNet-18's five) unless only prefixes are asked for; beyond it, prefixes of the
+/// criticality order only.
 pub const MAX_EXHAUSTIVE_STAGES: usize = 5;
 
 /// Dimension knobs (DeepReDuce's resolution and width) each structural configuration is also
@@ -58,10 +59,15 @@ pub const DIMENSION_KNOBS: &[&str] = &["resolution(0.5)", "width(0.5)"];
 
 /// Structural configurations: every cull subset (or, for deep networks, prefixes of the cull
 /// order), each with every thinning mode, and each of those again with every knob of `knobs`.
-pub fn structural_configs(cull_order: &[usize], residual: bool, knobs: &[&str]) -> Vec<String> {
+pub fn structural_configs(
+    cull_order: &[usize],
+    residual: bool,
+    knobs: &[&str],
+    exhaustive: bool,
+) -> Vec<String> {
     let thins: &[&str] =
         if residual { &["", "thin(bottom)", "thin(top)"] } else { &["", "thin(alternate)"] };
-    let subsets: Vec<Vec<usize>> = if cull_order.len() <= MAX_EXHAUSTIVE_STAGES {
+    let subsets: Vec<Vec<usize>> = if exhaustive && cull_order.len() <= MAX_EXHAUSTIVE_STAGES {
         let mut stages = cull_order.to_vec();
         stages.sort();
         (0u32..1 << stages.len())
@@ -113,6 +119,7 @@ pub fn score_all(
     cull_order: &[usize],
     residual: bool,
     knobs: &[&str],
+    exhaustive: bool,
     ctx: &PassContext,
     calibration: &Dataset,
     journal: &Path,
@@ -127,7 +134,7 @@ pub fn score_all(
             }
         }
     }
-    let structural = structural_configs(cull_order, residual, knobs);
+    let structural = structural_configs(cull_order, residual, knobs, exhaustive);
     // Channel thresholds on full-size configurations only: the knobs' candidates are many
     // already, and channel statistics shift with resolution and width.
     let sized = |c: &str| knobs.iter().any(|k| c.contains(k));

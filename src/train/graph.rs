@@ -4,10 +4,12 @@
 //! operator set trains this way, not one hand-written network.
 
 use super::batchnorm::InsertedBatchNorm;
+use super::conv::{conv2d, Conv2dParams};
+use super::pool::{pool2d, Pool2dParams, PoolMode};
 use crate::error::CompileError;
 use crate::ir::{DataType, Model, Node, Tensor as IrTensor};
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{Device, Tensor, Var, D};
 use std::collections::{BTreeMap, HashMap};
 
 /// Inputs (by position) of these ops that hold trainable weights.
@@ -452,29 +454,6 @@ fn clip_bounds(node: &Node, lo: &Option<Tensor>, hi: &Option<Tensor>) -> Result<
     Ok((lo, hi))
 }
 
-/// ONNX pads `[top, left, bottom, right]` applied with `value` on dims 2 and 3.
-fn pad2d(x: &Tensor, pads: &[usize], value: f32) -> Result<Tensor> {
-    if pads.iter().all(|&p| p == 0) {
-        return Ok(x.clone());
-    }
-    let mut x = x.clone();
-    for (dim, (before, after)) in [(2, (pads[0], pads[2])), (3, (pads[1], pads[3]))] {
-        let mut parts = vec![];
-        let mut shape = x.dims().to_vec();
-        if before > 0 {
-            shape[dim] = before;
-            parts.push(Tensor::full(value, shape.clone(), x.device())?);
-        }
-        parts.push(x.clone());
-        if after > 0 {
-            shape[dim] = after;
-            parts.push(Tensor::full(value, shape.clone(), x.device())?);
-        }
-        x = Tensor::cat(&parts, dim)?;
-    }
-    Ok(x)
-}
-
 fn pads_of(node: &Node) -> Result<Vec<usize>> {
     if let Some(p) = node.attr_string("auto_pad").filter(|p| p != "NOTSET") {
         bail!("auto_pad {p} is not supported by the fine-tuner; export with explicit pads");
@@ -495,18 +474,16 @@ fn pair(node: &Node, name: &str) -> Result<(usize, usize)> {
 fn conv(node: &Node, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     anyhow::ensure!(x.rank() == 4, "only 2-D convolutions are trainable");
     let pads = pads_of(node)?;
-    let (sh, sw) = pair(node, "strides")?;
-    let (dh, dw) = pair(node, "dilations")?;
-    anyhow::ensure!(sh == sw && dh == dw, "strides and dilations must be the same on both axes");
-    let groups = node.attr_int("group").unwrap_or(1) as usize;
-    let symmetric = pads.iter().all(|&p| p == pads[0]);
-    let (input, padding) =
-        if symmetric { (x.clone(), pads[0]) } else { (pad2d(x, &pads, 0.0)?, 0) };
-    let y = input.conv2d(w, padding, sh, dh, groups)?;
-    Ok(match b {
-        Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?,
-        None => y,
-    })
+    let params = Conv2dParams {
+        stride: pair(node, "strides")?,
+        dilation: pair(node, "dilations")?,
+        pads: [pads[0], pads[1], pads[2], pads[3]],
+        groups: usize::try_from(node.attr_int("group").unwrap_or(1))
+            .ok()
+            .filter(|&g| g > 0)
+            .context("group must be positive")?,
+    };
+    Ok(conv2d(x, w, b, params)?)
 }
 
 fn pool(node: &Node, x: &Tensor, max: bool) -> Result<Tensor> {
@@ -520,17 +497,16 @@ fn pool(node: &Node, x: &Tensor, max: bool) -> Result<Tensor> {
         "ceil_mode pools are not trainable"
     );
     let pads = pads_of(node)?;
-    if max {
-        return Ok(pad2d(x, &pads, f32::MIN)?.max_pool2d_with_stride(kernel, strides)?);
-    }
-    let sums = pad2d(x, &pads, 0.0)?.avg_pool2d_with_stride(kernel, strides)?;
-    if pads.iter().all(|&p| p == 0) || node.attr_int("count_include_pad").unwrap_or(0) != 0 {
-        return Ok(sums);
-    }
-    // Padding excluded from the count: divide by the share of real cells under each window.
-    let ones = Tensor::ones((1, 1, x.dim(2)?, x.dim(3)?), DType::F32, x.device())?;
-    let share = pad2d(&ones, &pads, 0.0)?.avg_pool2d_with_stride(kernel, strides)?;
-    Ok(sums.broadcast_div(&share)?)
+    let mode = if max {
+        PoolMode::Max
+    } else {
+        PoolMode::Average {
+            count_include_pad: node.attr_int("count_include_pad").unwrap_or(0) != 0,
+        }
+    };
+    let params =
+        Pool2dParams { kernel, stride: strides, pads: [pads[0], pads[1], pads[2], pads[3]], mode };
+    Ok(pool2d(x, params)?)
 }
 
 /// Mean over the batch of `KL(softmax(t/T) || softmax(s/T))`.

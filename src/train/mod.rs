@@ -3,16 +3,21 @@
 //! `alpha * T^2 * KL(teacher/T || student/T) + (1 - alpha) * CE(labels)`, as DeepReDuce does
 //! to win back the accuracy that culling costs.
 //!
-//! The student runs in candle (autodiff); the teacher runs forward only, in tract, on the same
-//! augmented batch. AdamW with a cosine learning-rate schedule; a seed fixes the shuffling and
-//! the augmentation, so runs repeat.
+//! The student runs in candle (autodiff); the teacher runs forward only on the same augmented
+//! batch ([`teacher::Teacher`]). The student is first recalibrated to the teacher's channel
+//! statistics and gets a train-mode BatchNorm after every Conv (folded back on output); SGD
+//! with Nesterov momentum and a one-cycle schedule by default, AdamW with a cosine schedule on
+//! request ([`optim`]). A seed fixes the shuffling and the augmentation, so runs repeat.
 
 pub mod batchnorm;
+pub mod conv;
 pub mod graph;
+pub mod malloc;
 pub mod optim;
+pub mod pool;
+pub mod teacher;
 
 use crate::eval::data::Dataset;
-use crate::eval::Runner;
 use crate::ir::Model;
 use crate::passes::recalibrate::Recalibrate;
 use crate::passes::{prepare, Pass, PassContext};
@@ -20,11 +25,11 @@ use anyhow::{Context, Result};
 use candle_core::Tensor;
 use graph::{kl_divergence, TrainGraph};
 use optim::{learning_rate, Optimizer, OptimizerKind, ScheduleKind};
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
+use teacher::Teacher;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FinetuneOptions {
@@ -196,7 +201,8 @@ impl Finetuner<'_> {
             graph.insert_batchnorm(&x)?;
         }
         graph.set_training(true);
-        let teacher = Runner::new(self.teacher, sample, 1).context("preparing the teacher")?;
+        malloc::retain_freed_memory();
+        let teacher = Teacher::new(self.teacher, sample)?;
         let mut opt = Optimizer::new(opts.optimizer, graph.vars(), opts.lr, opts.weight_decay)?;
         let n = self.train.len();
         let steps_per_epoch = n.div_ceil(opts.batch);
@@ -222,19 +228,10 @@ impl Finetuner<'_> {
                     augment(self.train.sample(i), sample, opts, &mut rng, &mut x);
                 }
                 let labels: Vec<u32> = idx.iter().map(|&i| self.train.labels[i]).collect();
-                let teacher_logits: Vec<Vec<f32>> = x
-                    .par_chunks(per)
-                    .map(|img| teacher.run(img).map(|(y, _)| y))
-                    .collect::<Result<_>>()?;
-                let classes = teacher_logits[0].len();
                 let mut shape = vec![idx.len()];
                 shape.extend_from_slice(sample);
                 let xs = Tensor::from_vec(x, shape, graph.device())?;
-                let t = Tensor::from_vec(
-                    teacher_logits.concat(),
-                    (idx.len(), classes),
-                    graph.device(),
-                )?;
+                let t = teacher.logits(&xs)?;
                 let y = Tensor::from_vec(labels.clone(), idx.len(), graph.device())?;
                 let s = graph.forward(&xs)?;
                 let kd = kl_divergence(&s, &t, opts.temperature)?;
