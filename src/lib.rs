@@ -9,10 +9,13 @@
 //! - [`search`]: choosing lossy configurations (ReLU budgets, frontiers) on calibration data.
 //! - [`report`]: tables for people and JSON for machines.
 //! - [`train`]: knowledge-distillation fine-tuning of reduced graphs (candle autodiff).
-//! - [`cli`]: the command-line front end.
+//! - [`driver`]: the build steps as a library: compile, eval, pareto and finetune, each an
+//!   option struct in and a typed report out.
+//! - [`cli`]: the command-line front end, a thin layer over [`driver`].
 
 pub mod analysis;
 pub mod cli;
+pub mod driver;
 pub mod error;
 pub mod eval;
 pub mod frontend;

@@ -1,35 +1,14 @@
-//! `relucompile in.onnx -o out.onnx`: run a pipeline, check the result against the original
-//! on real and random inputs, and write it only if it computes the same function.
+//! `relucompile in.onnx -o out.onnx`: flags into [`CompileOptions`], the compile driver
+//! ([`crate::driver::compile`]), then the report printed and the model written.
 
-use crate::analysis::census::{census, Census};
-use crate::analysis::cost::{CostEstimate, CostModel};
-use crate::analysis::shapes::sample_shape;
-use crate::error::{exit_code_of, CompileError, ExitCode};
-use crate::eval::compare::{compare_models_on, random_inputs, Comparison, LOSSLESS_REL_TOLERANCE};
-use crate::eval::data;
-use crate::frontend::{load_model, write_bytes_atomic};
-use crate::ir::Model;
-use crate::passes::{
-    prepare, run_pipeline, PassContext, PassRecord, Pipeline, VerifyOptions, DEFAULT_PIPELINE,
-};
+use crate::analysis::census::Census;
+use crate::driver::compile::{compile, CompileOptions, CompileReport, ThinMode as Thin};
+use crate::eval::compare::Comparison;
+use crate::frontend::write_bytes_atomic;
+use crate::passes::DEFAULT_PIPELINE;
 use crate::report::{table, thousands};
-use crate::search::{best_under_budget, parse_budget, Candidate};
 use anyhow::{Context, Result};
-use serde::Serialize;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-
-/// The data set when --data is not given.
-const DEFAULT_DATA: &str = data::FASHION_MNIST_SPEC;
-
-/// Passes that always close a pipeline: emitted graphs never hold Identity or dead nodes.
-const FINALIZE: &str = "identity-elim,dce";
-
-/// Real images used by the differential check: enough to cover every class several times.
-const CHECK_IMAGES: usize = 64;
-/// Random inputs: they reach activations real images never do.
-const CHECK_RANDOM: usize = 16;
-const CHECK_SEED: u64 = 0x5EED;
+use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
 pub struct CompileArgs {
@@ -141,188 +120,61 @@ pub enum ThinMode {
     Alternate,
 }
 
-#[derive(Serialize)]
-struct AccuracyReport {
-    data: String,
-    images: usize,
-    before: f64,
-    after: f64,
-    /// Percentage points lost.
-    drop_points: f64,
-    /// Fraction of images where both graphs predict the same class.
-    agreement: f64,
-    max_drop: Option<f64>,
-    passed: bool,
-    /// Set when accuracy fell by more than [`LOUD_DROP_POINTS`] and no gate was asked for.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    warning: Option<String>,
+impl From<ThinMode> for Thin {
+    fn from(mode: ThinMode) -> Self {
+        match mode {
+            ThinMode::Bottom => Thin::Bottom,
+            ThinMode::Top => Thin::Top,
+            ThinMode::Alternate => Thin::Alternate,
+        }
+    }
 }
 
-/// A lossy compile that loses more than this many points without `--max-drop` is reported
-/// loudly: it is most likely a broken network rather than an intended trade.
-const LOUD_DROP_POINTS: f64 = 5.0;
-
-#[derive(Serialize)]
-struct CompileReport {
-    input: String,
-    output: String,
-    pipeline: String,
-    passes: Vec<PassRecord>,
-    before: CensusSummary,
-    after: CensusSummary,
-    /// Outputs compared on real images (absent when none fit the model).
-    check_real: Option<Comparison>,
-    check_random: Comparison,
-    check_tolerance: f32,
-    /// Whether the pipeline holds lossy passes (then accuracy, not output equality, decides).
-    lossy: bool,
-    accuracy: Option<AccuracyReport>,
-    /// Estimated private-inference cost of both graphs, per layer and in total.
-    cost_before: CostEstimate,
-    cost_after: CostEstimate,
-    /// With --finetune-epochs: the fine-tuning run (the accuracy above is the tuned graph's).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    finetune: Option<super::finetune::FinetuneReport>,
-    /// With --relu-budget: the budget, the choice and every candidate considered.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    budget: Option<BudgetReport>,
-    /// With --no-eval on a lossy pipeline: the warning that accuracy was not measured.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    accuracy_not_measured: Option<String>,
-}
-
-#[derive(Serialize)]
-struct BudgetReport {
-    relus: u64,
-    chosen: Candidate,
-    candidates: Vec<Candidate>,
-}
-
-#[derive(Serialize)]
-struct CensusSummary {
-    total_relus: u64,
-    total_macs: u64,
-    nodes: usize,
-    stages: Vec<u64>,
-}
-
-fn summary(model: &Model, c: &Census) -> CensusSummary {
-    CensusSummary {
-        total_relus: c.total_relus,
-        total_macs: c.total_macs,
-        nodes: model.graph.nodes.len(),
-        stages: c.stages.iter().map(|s| s.relus).collect(),
+impl CompileArgs {
+    /// The driver's options; fails when the input or the output is missing.
+    pub fn options(&self) -> Result<CompileOptions> {
+        Ok(CompileOptions {
+            input: self.input.clone().context("no input model given")?,
+            output: self.output.clone().context("no output path given (-o out.onnx)")?,
+            passes: self.passes.clone(),
+            input_shape: self.input_shape.clone(),
+            verify_each: self.verify_each,
+            force: self.force,
+            check_data: self.check_data.clone(),
+            cull: self.cull.clone(),
+            thin: self.thin.map(Thin::from),
+            thin_stages: self.thin_stages.clone(),
+            channel_threshold: self.channel_threshold,
+            resolution: self.resolution,
+            width: self.width,
+            avg_pool: self.avg_pool,
+            calibration_images: self.calibration_images,
+            seed: self.seed,
+            relu_budget: self.relu_budget.clone(),
+            frontier: self.frontier.clone(),
+            recalibrate: !self.no_recalibrate,
+            data: self.data.clone(),
+            evaluate: !self.no_eval,
+            max_drop: self.max_drop,
+            limit: self.limit,
+            cost_model: self.cost_model.clone(),
+            progress: !self.json && !self.no_progress,
+            data_options: (&self.data_flags).into(),
+            finetune: self.finetune.training(),
+        })
     }
 }
 
 pub fn run(args: &CompileArgs) -> Result<()> {
-    let input = args.input.as_deref().context("no input model given")?;
-    let output = args.output.as_deref().context("no output path given (-o out.onnx)")?;
-    check_output_path(input, output, args.force)?;
-    let original = load_model(input)?;
-    let sample = sample_shape(&original, args.input_shape.as_deref())?;
-    let before =
-        census(&original, &sample).with_context(|| format!("in model {}", input.display()))?;
-    let cost_model = CostModel::load(&args.cost_model)?;
-    let budget = args.relu_budget.as_ref().map(|_| budget_relus(args, &before)).transpose()?;
-    let budget_choice = match budget {
-        Some(relus) => Some(choose_for_budget(&original, &sample, relus, args)?),
-        None => None,
-    };
-    let pipeline = Pipeline::parse(&format!(
-        "{},{FINALIZE}",
-        pipeline_text(args, budget_choice.as_ref().map(|(c, _)| c.pipeline.as_str()))
-    ))?;
-    let lossy = pipeline.steps.iter().any(|(_, _, p)| !p.lossless());
-    // The test images are read before any pass runs: data that does not fit fails fast.
-    let test_set = test_set(&original, &sample, lossy, args)?;
-
-    let check_spec = args.check_data.as_deref().or(args.data.as_deref()).unwrap_or(DEFAULT_DATA);
-    let (real, real_note) = real_check_inputs(&original, &sample, check_spec, args);
-    let random = random_inputs(CHECK_RANDOM * sample.iter().product::<usize>(), CHECK_SEED);
-    let verify = VerifyOptions {
-        structure: args.verify_each,
-        outputs: args.verify_each.then(|| random.clone()),
-    };
-    let mut model = original.clone();
-    let mut ctx = PassContext::new(sample.clone());
-    let data_driven = ["channel-thin", "recalibrate"];
-    if pipeline.steps.iter().any(|(name, _, _)| data_driven.contains(&name.as_str())) {
-        let images = Arc::new(calibration_set(&original, &sample, args)?.images);
-        ctx = PassContext::with_data(sample.clone(), images, &prepare(&original, &ctx)?);
-    }
-    let records = run_pipeline(&mut model, &pipeline, &ctx, &verify)?;
-    let finetune = if args.finetune.finetune_epochs > 0 {
-        if !lossy {
-            return Err(CompileError::new(
-                ExitCode::Usage,
-                "--finetune-epochs needs a lossy pipeline: a lossless one computes the original already",
-            )
-            .into());
-        }
-        let (tuned, report) = super::finetune::finetune_model(
-            &model,
-            &original,
-            (args.data.as_deref().unwrap_or(DEFAULT_DATA), &args.data_flags),
-            &args.finetune.train_flags(),
-            args.finetune.finetune_epochs,
-            args.limit,
-            !args.json && !args.no_progress,
-        )?;
-        model = tuned;
-        Some(report)
-    } else {
-        None
-    };
-    let after = census(&model, &sample)?;
-
-    let mut sets: Vec<&[f32]> = vec![&random];
-    sets.extend(real.as_deref());
-    let mut checks = compare_models_on(&original, &model, &sample, &sets)
-        .with_context(|| format!("running {} and its rewrite", input.display()))?
-        .into_iter();
-    let check_random = checks.next().context("the random-input comparison")?;
-    let check_real = checks.next();
-    let accuracy = match &test_set {
-        Some(set) => Some(measure_accuracy(&original, &model, set, args)?),
-        None => None,
-    };
-    let accuracy_not_measured = (lossy && accuracy.is_none()).then(|| {
-        format!(
-            "the accuracy of {} was not measured (--no-eval), nor was it recalibrated: the lossy \
-             pipeline changes the network's predictions by an unknown amount",
-            output.display()
-        )
-    });
-    let report = CompileReport {
-        input: input.display().to_string(),
-        output: output.display().to_string(),
-        pipeline: pipeline.text(),
-        passes: records,
-        before: summary(&original, &before),
-        after: summary(&model, &after),
-        check_real,
-        check_random,
-        check_tolerance: LOSSLESS_REL_TOLERANCE,
-        lossy,
-        accuracy,
-        cost_before: cost_model.estimate(&before),
-        cost_after: cost_model.estimate(&after),
-        finetune,
-        budget: budget.zip(budget_choice).map(|(relus, (chosen, candidates))| BudgetReport {
-            relus,
-            chosen,
-            candidates,
-        }),
-        accuracy_not_measured,
-    };
+    let compiled = compile(&args.options()?)?;
+    let report = &compiled.report;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        println!("{}", serde_json::to_string_pretty(report)?);
     } else {
-        print_report(&report, &before, &after, &real_note);
+        print_report(report, &compiled.census_before, &compiled.census_after, &compiled.check_note);
     }
     if let Some(path) = &args.report {
-        write_bytes_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+        write_bytes_atomic(path, serde_json::to_string_pretty(report)?.as_bytes())?;
     }
     if let Some(warning) = report.accuracy.as_ref().and_then(|a| a.warning.as_ref()) {
         eprintln!("WARNING: {warning}");
@@ -330,326 +182,11 @@ pub fn run(args: &CompileArgs) -> Result<()> {
     if let Some(warning) = &report.accuracy_not_measured {
         eprintln!("warning: {warning}");
     }
-    if let Some(acc) = report.accuracy.as_ref().filter(|a| !a.passed) {
-        return Err(CompileError::new(
-            ExitCode::AccuracyGate,
-            format!(
-                "accuracy fell by {:.2} points ({:.2}% -> {:.2}%), more than --max-drop {}; {} was not written",
-                acc.drop_points,
-                100.0 * acc.before,
-                100.0 * acc.after,
-                acc.max_drop.unwrap_or(f64::NAN),
-                output.display()
-            ),
-        )
-        .into());
-    }
-    let checks = std::iter::once(&report.check_random).chain(report.check_real.as_ref());
-    let mismatch = checks.into_iter().find(|c| !c.within(LOSSLESS_REL_TOLERANCE));
-    if let Some(bad) = mismatch.filter(|_| !lossy) {
-        return Err(CompileError::new(
-            ExitCode::OutputMismatch,
-            format!(
-                "the rewritten graph's outputs differ from the original's by up to {:.3e} \
-                 (tolerance {:.0e} relative); {} was not written. Rerun with --verify-each \
-                 to find the pass at fault",
-                bad.max_abs_diff,
-                LOSSLESS_REL_TOLERANCE,
-                output.display()
-            ),
-        )
-        .into());
-    }
-    crate::frontend::write_model_atomic(output, &model)?;
+    compiled.write()?;
     if !args.json {
-        println!("wrote {}", output.display());
+        println!("wrote {}", compiled.output().display());
     }
     Ok(())
-}
-
-/// The pipeline text: `--passes`, with the lossy flags' passes placed after BatchNorm folding
-/// (so stage numbers are those `inspect` shows for the input) or first when there is none.
-fn pipeline_text(args: &CompileArgs, searched: Option<&str>) -> String {
-    let mut lossy: Vec<String> =
-        searched.into_iter().filter(|s| !s.is_empty()).map(String::from).collect();
-    let list = |v: &[usize]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(",");
-    if !args.cull.is_empty() {
-        lossy.push(format!("cull({})", list(&args.cull)));
-    }
-    if let Some(mode) = args.thin {
-        let mode = format!("{mode:?}").to_lowercase();
-        if args.thin_stages.is_empty() {
-            lossy.push(format!("thin({mode})"));
-        } else {
-            lossy.push(format!("thin({mode},{})", list(&args.thin_stages)));
-        }
-    }
-    if let Some(t) = args.channel_threshold {
-        lossy.push(format!("channel-thin({t})"));
-    }
-    if let Some(f) = args.resolution {
-        lossy.push(format!("resolution({f})"));
-    }
-    if let Some(f) = args.width {
-        lossy.push(format!("width({f})"));
-    }
-    if args.avg_pool {
-        lossy.push("maxpool-to-avgpool".into());
-    }
-    if lossy.is_empty() {
-        return args.passes.clone();
-    }
-    // Recalibration needs calibration images, which --no-eval (for when none fit) goes without.
-    if !args.no_recalibrate && !args.no_eval {
-        lossy.push("recalibrate".into());
-    }
-    crate::passes::place_lossy(&args.passes, &lossy)
-}
-
-fn budget_relus(args: &CompileArgs, before: &Census) -> Result<u64> {
-    let text = args.relu_budget.as_deref().unwrap_or_default();
-    parse_budget(text, before.total_relus)
-        .map_err(|e| CompileError::new(ExitCode::Usage, format!("--relu-budget: {e}")).into())
-}
-
-/// Search the lossy configurations for the best one under `--relu-budget`, on calibration
-/// images from the training split. The lossless passes before the lossy ones run first.
-fn choose_for_budget(
-    original: &Model,
-    sample: &[usize],
-    budget: u64,
-    args: &CompileArgs,
-) -> Result<(Candidate, Vec<Candidate>)> {
-    if let Some(path) = &args.frontier {
-        return choose_from_frontier(path, budget);
-    }
-    let calib = calibration_set(original, sample, args)?;
-    let base = prepare(original, &PassContext::new(sample.to_vec()))?;
-    let mut ctx = PassContext::with_data(sample.to_vec(), Arc::new(calib.images.clone()), &base);
-    if args.no_recalibrate {
-        ctx.reference = None;
-    }
-    best_under_budget(&base, budget, &ctx, &calib, !args.json && !args.no_progress)
-}
-
-/// The most accurate point of a written frontier whose ReLU count fits the budget.
-fn choose_from_frontier(path: &Path, budget: u64) -> Result<(Candidate, Vec<Candidate>)> {
-    let file = if path.is_dir() { path.join("frontier.json") } else { path.to_path_buf() };
-    let text = std::fs::read_to_string(&file)
-        .with_context(|| format!("cannot read the frontier {}", file.display()))?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not a frontier.json", file.display()))?;
-    let points: Vec<Candidate> = v["points"]
-        .as_array()
-        .with_context(|| format!("{} has no points", file.display()))?
-        .iter()
-        .filter_map(|p| {
-            let config = p["config"].as_str()?;
-            Some(Candidate {
-                pipeline: if config == "original" { String::new() } else { config.to_string() },
-                relus: p["relus"].as_u64()?,
-                calibration_accuracy: p["accuracy"].as_f64(),
-            })
-        })
-        .collect();
-    let best = points
-        .iter()
-        .filter(|p| p.relus <= budget)
-        .max_by(|a, b| {
-            a.calibration_accuracy.unwrap_or(0.0).total_cmp(&b.calibration_accuracy.unwrap_or(0.0))
-        })
-        .cloned()
-        .ok_or_else(|| {
-            CompileError::new(
-                ExitCode::Usage,
-                format!("no point of {} has at most {budget} ReLUs", file.display()),
-            )
-        })?;
-    Ok((best, points))
-}
-
-/// The seeded draw is the one `pareto` makes, so a frontier point's channel decisions are
-/// reproduced exactly when its seed and count are used.
-fn calibration_set(
-    original: &Model,
-    sample: &[usize],
-    args: &CompileArgs,
-) -> Result<data::Dataset> {
-    let (count, seed) = match &args.frontier {
-        Some(path) => frontier_calibration(path)?,
-        None => (args.calibration_images, args.seed),
-    };
-    let spec = args.data.as_deref().unwrap_or(DEFAULT_DATA);
-    let train = args
-        .data_flags
-        .load(spec, data::Split::Train, None, original, sample, &input_name(args))
-        .map_err(|e| {
-            no_fitting_data(e, "gather calibration statistics from the training split", false)
-        })?;
-    Ok(train.seeded_subset(count, seed))
-}
-
-/// The calibration count and seed a frontier was searched with.
-fn frontier_calibration(path: &Path) -> Result<(usize, u64)> {
-    let file = if path.is_dir() { path.join("frontier.json") } else { path.to_path_buf() };
-    let v: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(&file)
-            .with_context(|| format!("cannot read {}", file.display()))?,
-    )
-    .with_context(|| format!("{} is not a frontier.json", file.display()))?;
-    match (v["calibration_images"].as_u64(), v["seed"].as_u64()) {
-        (Some(n), Some(seed)) => Ok((n as usize, seed)),
-        _ => Err(CompileError::new(
-            ExitCode::Usage,
-            format!("{} lacks calibration_images or seed", file.display()),
-        )
-        .into()),
-    }
-}
-
-/// The test split of `--data` when accuracy is to be measured: always for a lossy pipeline
-/// (unless --no-eval), and whenever --data or --max-drop asks. Data that cannot be read or
-/// does not fit the model is an error naming --data and --no-eval.
-fn test_set(
-    original: &Model,
-    sample: &[usize],
-    lossy: bool,
-    args: &CompileArgs,
-) -> Result<Option<data::Dataset>> {
-    if args.no_eval {
-        if args.max_drop.is_some() {
-            return Err(CompileError::new(
-                ExitCode::Usage,
-                "--max-drop gates on the measured accuracy, but --no-eval skips measuring it: \
-                 the gate cannot run; drop one of them",
-            )
-            .into());
-        }
-        return Ok(None);
-    }
-    if !(lossy || args.data.is_some() || args.max_drop.is_some()) {
-        return Ok(None);
-    }
-    let spec = args.data.as_deref().unwrap_or(DEFAULT_DATA);
-    let what =
-        if lossy { "measure the accuracy of this lossy rewrite" } else { "measure accuracy" };
-    args.data_flags
-        .load(spec, data::Split::Test, args.limit, original, sample, &input_name(args))
-        .map(Some)
-        .map_err(|e| no_fitting_data(e, what, true))
-}
-
-/// A data error, restated as what it prevents and what to give instead.
-fn no_fitting_data(e: anyhow::Error, what: &str, no_eval: bool) -> anyhow::Error {
-    if exit_code_of(&e) != ExitCode::InvalidData {
-        return e;
-    }
-    CompileError::invalid_data(format!(
-        "cannot {what}: {e:#}\n  give --data with labelled images that fit the model ({}){}",
-        data::FORMATS,
-        if no_eval {
-            ", or --no-eval to write the result without measuring its accuracy"
-        } else {
-            ""
-        }
-    ))
-    .into()
-}
-
-fn input_name(args: &CompileArgs) -> String {
-    args.input.as_ref().map_or_else(|| "the model".into(), |p| p.display().to_string())
-}
-
-/// Accuracy of the original and the rewritten graph on the test split, in one pass each.
-fn measure_accuracy(
-    original: &Model,
-    model: &Model,
-    set: &data::Dataset,
-    args: &CompileArgs,
-) -> Result<AccuracyReport> {
-    let name = input_name(args);
-    let eval = crate::eval::evaluator::evaluate(
-        model,
-        "rewritten",
-        Some((original, &name)),
-        set,
-        crate::eval::evaluator::DEFAULT_BATCH,
-        !args.json && !args.no_progress,
-    )?;
-    let reference = eval.reference.as_ref().context("the evaluator returned no reference")?;
-    let drop_points = 100.0 * (reference.accuracy - eval.accuracy);
-    Ok(AccuracyReport {
-        data: set.source.clone(),
-        images: eval.images,
-        before: reference.accuracy,
-        after: eval.accuracy,
-        drop_points,
-        agreement: reference.agreement,
-        max_drop: args.max_drop,
-        passed: args.max_drop.is_none_or(|m| drop_points <= m),
-        warning: (args.max_drop.is_none() && drop_points > LOUD_DROP_POINTS).then(|| {
-            format!(
-                "accuracy fell by {drop_points:.2} points ({:.2}% -> {:.2}%) and no --max-drop \
-                 gate was set; fine-tune the result (--finetune-epochs 2) or gate the build \
-                 with --max-drop",
-                100.0 * reference.accuracy,
-                100.0 * eval.accuracy
-            )
-        }),
-    })
-}
-
-/// Refuse to overwrite the input (unless forced) or to write into a directory.
-pub(crate) fn check_output_path(input: &Path, output: &Path, force: bool) -> Result<()> {
-    if output.is_dir() {
-        return Err(CompileError::new(
-            ExitCode::Usage,
-            format!("output path {} is a directory; give a file name", output.display()),
-        )
-        .into());
-    }
-    let same = match (input.canonicalize(), output.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
-    };
-    if same && !force {
-        return Err(CompileError::new(
-            ExitCode::Usage,
-            format!("refusing to overwrite the input {} (use --force)", input.display()),
-        )
-        .into());
-    }
-    Ok(())
-}
-
-/// Real images for the check when the data set is there and fits the model; otherwise `None`
-/// and a note saying why (random inputs are always used).
-fn real_check_inputs(
-    model: &Model,
-    sample: &[usize],
-    spec: &str,
-    args: &CompileArgs,
-) -> (Option<Vec<f32>>, String) {
-    // As DataFlags::load, without its notes: these images only feed the output comparison.
-    let fit = args.data_flags.fit(sample, "the model");
-    let loaded = args.data_flags.normalisation(model).and_then(|norm| {
-        data::load_fitted(spec, data::Split::Test, Some(CHECK_IMAGES), &norm, &fit)
-    });
-    match loaded {
-        Ok((d, _)) if d.sample_shape == sample => {
-            let note = format!("{} real images from {spec}", d.len());
-            (Some(d.images), note)
-        }
-        Ok((d, _)) => (
-            None,
-            format!(
-                "real images from {spec} are {}, the model takes {}: random only",
-                data::shape_text(&d.sample_shape),
-                data::shape_text(sample)
-            ),
-        ),
-        Err(e) => (None, format!("no real images ({e:#}): random only")),
-    }
 }
 
 fn print_report(r: &CompileReport, before: &Census, after: &Census, real_note: &str) {

@@ -36,7 +36,7 @@ pub fn run(args: &CriticalityArgs) -> Result<()> {
     let ctx = PassContext::new(sample.clone());
     let model = prepare(&original, &ctx)?;
     let name = args.model.display().to_string();
-    let set = args.data_flags.load(
+    let set = crate::driver::DataOptions::from(&args.data_flags).load(
         &args.data,
         data::Split::Train,
         Some(args.images),

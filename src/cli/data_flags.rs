@@ -1,10 +1,9 @@
 //! The flags that say how `--data` becomes the model's inputs, shared by every command that
-//! reads data: resizing and cropping, CIFAR-100's label set, and the normalisation.
+//! reads data: resizing and cropping, CIFAR-100's label set, and the normalisation. They
+//! become a [`DataOptions`], which does the work.
 
-use crate::error::{CompileError, ExitCode};
-use crate::eval::data::{self, CropSize, Dataset, Fit, Normalisation, Split};
-use crate::ir::Model;
-use anyhow::{Context, Result};
+use crate::driver::DataOptions;
+use crate::eval::data::{self, CropSize};
 
 #[derive(clap::Args, Debug, Clone, Default, PartialEq)]
 #[command(next_help_heading = "Data")]
@@ -44,77 +43,16 @@ fn parse_finite(text: &str) -> std::result::Result<f32, String> {
     }
 }
 
-impl DataFlags {
-    /// The normalisation for `model`: these flags first, then its metadata, then the default.
-    pub fn normalisation(&self, model: &Model) -> Result<Normalisation> {
-        if let Some(std) = &self.std {
-            if std.contains(&0.0) {
-                return Err(CompileError::new(
-                    ExitCode::Usage,
-                    format!("--std {std:?}: a standard deviation of 0 divides by zero"),
-                )
-                .into());
-            }
+impl From<&DataFlags> for DataOptions {
+    fn from(f: &DataFlags) -> Self {
+        DataOptions {
+            resize: f.resize,
+            center_crop: f.center_crop,
+            coarse_labels: f.coarse_labels,
+            scale: f.scale,
+            mean: f.mean.clone(),
+            std: f.std.clone(),
         }
-        data::try_normalisation_for(model, self.scale, self.mean.as_deref(), self.std.as_deref())
-    }
-
-    /// How images become inputs of a model taking `sample` (`[C, H, W]`), named `model_name`.
-    pub fn fit(&self, sample: &[usize], model_name: &str) -> Fit {
-        Fit {
-            shape: Some(sample.to_vec()),
-            model: Some(model_name.to_string()),
-            resize: self.resize,
-            center_crop: self.center_crop,
-            coarse_labels: self.coarse_labels,
-        }
-    }
-
-    /// The flags given, as text for keys and reports (empty when none).
-    pub fn describe(&self) -> String {
-        let mut parts = Vec::new();
-        if let Some(s) = self.resize {
-            parts.push(format!("--resize {s}"));
-        }
-        if let Some(c) = self.center_crop {
-            parts.push(format!("--center-crop {c}"));
-        }
-        if self.coarse_labels {
-            parts.push("--coarse-labels".into());
-        }
-        let list = |v: &[f32]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",");
-        if let Some(s) = self.scale {
-            parts.push(format!("--scale {s}"));
-        }
-        if let Some(m) = &self.mean {
-            parts.push(format!("--mean {}", list(m)));
-        }
-        if let Some(s) = &self.std {
-            parts.push(format!("--std {}", list(s)));
-        }
-        parts.join(" ")
-    }
-
-    /// `split` of `spec` for `model` (taking `sample`, named `model_name` in messages),
-    /// normalised, fitted and checked against the model's input; notes on conversions go to
-    /// stderr.
-    pub fn load(
-        &self,
-        spec: &str,
-        split: Split,
-        limit: Option<usize>,
-        model: &Model,
-        sample: &[usize],
-        model_name: &str,
-    ) -> Result<Dataset> {
-        let norm = self.normalisation(model).context("reading the model's normalisation")?;
-        let (set, notes) =
-            data::load_fitted(spec, split, limit, &norm, &self.fit(sample, model_name))?;
-        data::check_fits_named(&set, sample, model_name)?;
-        for note in notes {
-            eprintln!("note: {note}");
-        }
-        Ok(set)
     }
 }
 
@@ -141,11 +79,12 @@ mod tests {
             (f.resize, f.center_crop),
             (Some(256), Some(CropSize { height: 224, width: 224 }))
         );
+        let f = DataOptions::from(&f);
         assert_eq!(f.describe(), "--resize 256 --center-crop 224x224 --mean 0.5,0.4,0.3");
         let fit = f.fit(&[3, 224, 224], "m.onnx");
         assert_eq!((fit.shape, fit.model.as_deref()), (Some(vec![3, 224, 224]), Some("m.onnx")));
         assert_eq!(parse(&[]).unwrap(), DataFlags::default());
-        assert_eq!(parse(&[]).unwrap().describe(), "");
+        assert_eq!(DataOptions::from(&parse(&[]).unwrap()).describe(), "");
         for bad in [&["--resize", "0"][..], &["--center-crop", "3x"], &["--std", "a"]] {
             assert!(parse(bad).is_err(), "{bad:?}");
         }

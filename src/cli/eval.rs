@@ -1,14 +1,11 @@
 //! `relucompile eval model.onnx --data fashion-mnist`: top-1 accuracy and throughput under
 //! tract, optionally against a reference model.
 
-use crate::analysis::shapes::sample_shape;
-use crate::error::{CompileError, ExitCode};
-use crate::eval::data::{self, Normalisation, Source, Split};
-use crate::eval::evaluator::{evaluate, EvalReport, DEFAULT_BATCH};
-use crate::frontend::load_model;
-use crate::ir::Model;
-use anyhow::{Context, Result};
-use std::path::{Path, PathBuf};
+use crate::driver::eval::{eval, EvalOptions, Evaluation};
+use crate::eval::data::{self, Normalisation, Split};
+use crate::eval::evaluator::{EvalReport, DEFAULT_BATCH};
+use anyhow::Result;
+use std::path::PathBuf;
 
 const LONG_ABOUT: &str = "\
 Measure a model's top-1 accuracy and throughput under tract on a labelled image set, and \
@@ -79,89 +76,28 @@ pub struct EvalArgs {
     pub data_flags: super::data_flags::DataFlags,
 }
 
-/// The normalisation for `model` on the data `args` names; see `LONG_ABOUT` for the rules.
-fn normalisation(args: &EvalArgs, model: &Model, model_path: &Path) -> Result<Normalisation> {
-    let norm = args
-        .data_flags
-        .normalisation(model)
-        .with_context(|| format!("reading the normalisation of {}", model_path.display()))?;
-    if !norm.explicit && data::stores_normalised_floats(&args.data)? {
-        return Ok(Normalisation::identity());
+impl From<&EvalArgs> for EvalOptions {
+    fn from(a: &EvalArgs) -> Self {
+        EvalOptions {
+            model: a.model.clone(),
+            data: a.data.clone(),
+            split: a.split,
+            limit: a.limit,
+            reference: a.reference.clone(),
+            batch: a.batch,
+            input_shape: a.input_shape.clone(),
+            data_options: (&a.data_flags).into(),
+            progress: !a.no_progress && !a.json,
+        }
     }
-    Ok(norm)
 }
 
 pub fn run(args: &EvalArgs) -> Result<()> {
-    let source = data::resolve_spec(&args.data).context("--data")?;
-    if let (false, Some(split)) = (source.has_splits(), args.split) {
-        return Err(CompileError::new(
-            ExitCode::Usage,
-            format!(
-                "--split {split} selects a split, but --data {} is one set ({} without \
-                 train/ and test/)",
-                args.data,
-                source.format()
-            ),
-        )
-        .into());
-    }
-    let split = args.split.unwrap_or(Split::Test);
-
-    let model_name = args.model.display().to_string();
-    let model = load_model(&args.model)?;
-    let sample = sample_shape(&model, args.input_shape.as_deref())
-        .with_context(|| format!("the input shape of {model_name}"))?;
-    let norm = normalisation(args, &model, &args.model)?;
-    let dataset =
-        args.data_flags.load(&args.data, split, args.limit, &model, &sample, &model_name)?;
-
-    // The reference is loaded once, and not at all when it is the model's own file.
-    let same_file = |p: &Path| match (p.canonicalize(), args.model.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
-    };
-    let reference = match &args.reference {
-        Some(p) if same_file(p) => None,
-        Some(p) => Some(load_model(p).context("--reference")?),
-        None => None,
-    };
-    let reference_name = args.reference.as_ref().map(|p| p.display().to_string());
-    let reference_pair = match (&reference_name, &reference) {
-        (Some(name), Some(m)) => Some((m, name.as_str())),
-        (Some(name), None) => Some((&model, name.as_str())),
-        _ => None,
-    };
-    if let (Some((m, name)), Some(path)) = (reference_pair, &args.reference) {
-        let ref_norm = args
-            .data_flags
-            .normalisation(m)
-            .with_context(|| format!("reading the normalisation of {}", path.display()))?;
-        if !ref_norm.explicit && ref_norm != norm && !data::stores_normalised_floats(&args.data)? {
-            eprintln!(
-                "warning: the reference {name} declares the normalisation {ref_norm}, but both \
-                 models are fed {norm}"
-            );
-        }
-    }
-
-    let mut report = evaluate(
-        &model,
-        &model_name,
-        reference_pair,
-        &dataset,
-        args.batch,
-        !args.no_progress && !args.json,
-    )?;
-    report.split = match source {
-        Source::Npy(_) => "npy".to_string(),
-        s if !s.has_splits() => "all".to_string(),
-        _ => split.name().to_string(),
-    };
-
+    let Evaluation { report, normalisation } = eval(&args.into())?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print!("{}", human(&report, &norm));
+        print!("{}", human(&report, &normalisation));
     }
     Ok(())
 }

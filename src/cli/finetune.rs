@@ -1,15 +1,12 @@
 //! `relucompile finetune reduced.onnx --teacher original.onnx -o tuned.onnx --epochs N`:
 //! knowledge-distillation fine-tuning of a reduced graph (see `crate::train`).
 
-use crate::analysis::{census::census, shapes::sample_shape};
-use crate::eval::data::{self, Split};
-use crate::eval::evaluator::{evaluate, DEFAULT_BATCH};
-use crate::frontend::{load_model, write_model_atomic};
-use crate::ir::Model;
+use crate::driver::finetune::{finetune, FinetuneJob, FinetuneReport};
+use crate::driver::TrainOptions;
+use crate::eval::data;
 use crate::train::optim::{default_lr, OptimizerKind, ScheduleKind};
-use crate::train::{candle_logits, EpochRecord, FinetuneOptions, Finetuner};
-use anyhow::{Context, Result};
-use serde::Serialize;
+use crate::train::FinetuneOptions;
+use anyhow::Result;
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
@@ -108,140 +105,57 @@ pub struct FinetuneFlags {
 }
 
 impl FinetuneFlags {
-    pub fn train_flags(&self) -> TrainFlags {
-        let d = FinetuneOptions::default();
-        TrainFlags {
-            epochs: self.finetune_epochs,
-            batch: d.batch,
-            optimizer: d.optimizer,
-            schedule: d.schedule,
-            lr: None,
-            weight_decay: d.weight_decay,
-            no_batchnorm: !d.batchnorm,
-            no_recalibrate: !d.recalibrate,
-            temperature: d.temperature,
-            alpha: d.alpha,
-            seed: d.seed,
+    /// The fine-tuning `compile` and `pareto` run: none without `--finetune-epochs`.
+    pub fn training(&self) -> Option<TrainOptions> {
+        (self.finetune_epochs > 0).then(|| TrainOptions {
             train_limit: self.finetune_train_limit,
-            crop_padding: d.crop_padding,
-            no_flip: !d.hflip,
-            checkpoint_dir: None,
-            resume: false,
+            ..TrainOptions::epochs(self.finetune_epochs)
+        })
+    }
+}
+
+impl From<&TrainFlags> for TrainOptions {
+    fn from(f: &TrainFlags) -> Self {
+        TrainOptions {
+            recipe: FinetuneOptions {
+                epochs: f.epochs,
+                batch: f.batch,
+                lr: f.lr.unwrap_or(default_lr(f.optimizer)),
+                weight_decay: f.weight_decay,
+                optimizer: f.optimizer,
+                schedule: f.schedule,
+                batchnorm: !f.no_batchnorm,
+                recalibrate: !f.no_recalibrate,
+                temperature: f.temperature,
+                alpha: f.alpha,
+                seed: f.seed,
+                crop_padding: f.crop_padding,
+                hflip: !f.no_flip,
+            },
+            train_limit: f.train_limit,
+            checkpoint_dir: f.checkpoint_dir.clone(),
+            resume: f.resume,
         }
     }
 }
 
-impl TrainFlags {
-    pub fn options(&self, epochs: usize) -> FinetuneOptions {
-        FinetuneOptions {
-            epochs,
-            batch: self.batch,
-            lr: self.lr.unwrap_or(default_lr(self.optimizer)),
-            weight_decay: self.weight_decay,
-            optimizer: self.optimizer,
-            schedule: self.schedule,
-            batchnorm: !self.no_batchnorm,
-            recalibrate: !self.no_recalibrate,
-            temperature: self.temperature,
-            alpha: self.alpha,
-            seed: self.seed,
-            crop_padding: self.crop_padding,
-            hflip: !self.no_flip,
+impl From<&FinetuneArgs> for FinetuneJob {
+    fn from(a: &FinetuneArgs) -> Self {
+        FinetuneJob {
+            model: a.model.clone(),
+            teacher: a.teacher.clone(),
+            output: a.output.clone(),
+            data: a.data.clone(),
+            data_options: (&a.data_flags).into(),
+            training: (&a.train).into(),
+            limit: a.limit,
+            progress: !a.json && !a.no_progress,
         }
     }
-}
-
-#[derive(Serialize)]
-pub struct FinetuneReport {
-    pub options: FinetuneOptions,
-    pub train_images: usize,
-    pub epochs: Vec<EpochRecord>,
-    pub test_images: usize,
-    pub teacher_accuracy: f64,
-    pub accuracy_before: f64,
-    pub accuracy_after: f64,
-    /// Largest relative difference between the fine-tuner's forward pass and tract's run of
-    /// the written graph: the weights were written back faithfully.
-    pub written_graph_rel_diff: f64,
-    pub relus: u64,
-}
-
-/// Fine-tune `student` against `teacher` and measure it; shared with compile and pareto.
-pub fn finetune_model(
-    student: &Model,
-    teacher: &Model,
-    (data_spec, data_flags): (&str, &super::data_flags::DataFlags),
-    flags: &TrainFlags,
-    epochs: usize,
-    limit: Option<usize>,
-    progress: bool,
-) -> Result<(Model, FinetuneReport)> {
-    let sample = sample_shape(student, None)?;
-    let name = "the teacher";
-    let train =
-        data_flags.load(data_spec, Split::Train, flags.train_limit, teacher, &sample, name)?;
-    let test = data_flags.load(data_spec, Split::Test, limit, teacher, &sample, name)?;
-    let result = Finetuner {
-        student,
-        teacher,
-        train: &train,
-        options: flags.options(epochs),
-        checkpoint_dir: flags.checkpoint_dir.clone(),
-        resume: flags.resume,
-        progress,
-    }
-    .run()?;
-    let tuned = result.model;
-    crate::ir::verify(&tuned).map_err(|e| anyhow::anyhow!("the tuned graph is invalid: {e}"))?;
-    // The written weights must give under tract what the fine-tuner computed.
-    let probe = &test.images[..test.sample_len() * test.len().min(16)];
-    let ours = candle_logits(&tuned, probe, &sample)?;
-    let runner = crate::eval::Runner::new(&tuned, &sample, 1)?;
-    let mut theirs = vec![];
-    for img in probe.chunks(test.sample_len()) {
-        theirs.extend(runner.run(img)?.0);
-    }
-    let scale = theirs.iter().fold(1f32, |m, v| m.max(v.abs()));
-    let rel = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale;
-    anyhow::ensure!(
-        rel <= 1e-3,
-        "the tuned graph's outputs under tract differ from the fine-tuner's by {rel:.2e}"
-    );
-    let after =
-        evaluate(&tuned, "tuned", Some((student, "before")), &test, DEFAULT_BATCH, progress)?;
-    let teacher_eval = evaluate(teacher, "teacher", None, &test, DEFAULT_BATCH, progress)?;
-    let before = after.reference.as_ref().context("no reference evaluation")?.accuracy;
-    let relus = census(&tuned, &sample)?.total_relus;
-    let report = FinetuneReport {
-        options: flags.options(epochs),
-        train_images: train.len(),
-        epochs: result.history,
-        test_images: test.len(),
-        teacher_accuracy: teacher_eval.accuracy,
-        accuracy_before: before,
-        accuracy_after: after.accuracy,
-        written_graph_rel_diff: rel as f64,
-        relus,
-    };
-    Ok((tuned, report))
 }
 
 pub fn run(args: &FinetuneArgs) -> Result<()> {
-    super::compile::check_output_path(&args.model, &args.output, false)?;
-    let student = load_model(&args.model)?;
-    let teacher = load_model(&args.teacher)?;
-    let progress = !args.json && !args.no_progress;
-    let (tuned, report) = finetune_model(
-        &student,
-        &teacher,
-        (&args.data, &args.data_flags),
-        &args.train,
-        args.train.epochs,
-        args.limit,
-        progress,
-    )
-    .with_context(|| format!("fine-tuning {}", args.model.display()))?;
-    write_model_atomic(&args.output, &tuned)?;
+    let report = finetune(&args.into())?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

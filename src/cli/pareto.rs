@@ -1,22 +1,10 @@
-//! `relucompile pareto`: the frontier of networks trading ReLUs against accuracy.
+//! `relucompile pareto`: flags into [`ParetoOptions`], the frontier search
+//! ([`crate::driver::pareto`]), then the frontier printed.
 
-use crate::analysis::census::census;
-use crate::analysis::shapes::sample_shape;
-use crate::analysis::stages::residual_adds;
-use crate::error::{CompileError, ExitCode};
-use crate::eval::data;
-use crate::frontend::{load_model, write_bytes_atomic, write_model_atomic};
-use crate::passes::{prepare, run_pipeline, PassContext, Pipeline, VerifyOptions};
-use crate::report::plot::{frontier_plot, PlotPoint};
+use crate::driver::pareto::{pareto, Frontier, ParetoOptions};
 use crate::report::{table, thousands};
-use crate::search::criticality::criticality;
-use crate::search::pareto::{frontier_indices, score_all};
-use crate::search::{accuracy, build_candidate};
-use anyhow::{Context, Result};
-use rayon::prelude::*;
-use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use anyhow::Result;
+use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
 pub struct ParetoArgs {
@@ -66,219 +54,29 @@ pub enum CullSearch {
     Prefixes,
 }
 
-/// What a search directory was made from; resuming with anything else is refused.
-#[derive(Serialize, Deserialize, PartialEq, Debug)]
-struct SearchKey {
-    model_fnv64: String,
-    seed: u64,
-    calibration_images: usize,
-    data: String,
-    /// Absent in searches made before recalibration and the dimension knobs existed.
-    #[serde(default)]
-    recalibrate: bool,
-    #[serde(default)]
-    dimensions: bool,
-}
-
-#[derive(Serialize)]
-struct FrontierPoint {
-    relus: u64,
-    accuracy: f64,
-    /// With --finetune-epochs: the test accuracy before fine-tuning (`accuracy` is after).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    accuracy_before_finetune: Option<f64>,
-    calibration_accuracy: f64,
-    file: String,
-    config: String,
-}
-
-#[derive(Serialize)]
-struct Frontier {
-    model: String,
-    seed: u64,
-    calibration_images: usize,
-    test_images: usize,
-    original: OriginalPoint,
-    cull_order: Vec<usize>,
-    candidates: usize,
-    points: Vec<FrontierPoint>,
-}
-
-#[derive(Serialize)]
-struct OriginalPoint {
-    relus: u64,
-    accuracy: f64,
-}
-
-fn fnv64(bytes: &[u8]) -> String {
-    let hash = bytes
-        .iter()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
-    format!("{hash:016x}")
-}
-
-fn label(config: &str) -> String {
-    if config.is_empty() {
-        "original".into()
-    } else {
-        config.to_string()
+impl From<&ParetoArgs> for ParetoOptions {
+    fn from(a: &ParetoArgs) -> Self {
+        ParetoOptions {
+            model: a.model.clone(),
+            output: a.output.clone(),
+            data: a.data.clone(),
+            calibration_images: a.calibration_images,
+            seed: a.seed,
+            test_limit: a.test_limit,
+            input_shape: a.input_shape.clone(),
+            recalibrate: !a.no_recalibrate,
+            dimensions: !a.no_dimensions,
+            exhaustive_culls: a.cull_search == CullSearch::Subsets,
+            progress: !a.no_progress,
+            data_options: (&a.data_flags).into(),
+            finetune: a.finetune.training(),
+        }
     }
 }
 
 pub fn run(args: &ParetoArgs) -> Result<()> {
     let started = std::time::Instant::now();
-    let progress = !args.no_progress;
-    let original = load_model(&args.model)?;
-    let sample = sample_shape(&original, args.input_shape.as_deref())?;
-    let ctx = PassContext::new(sample.clone());
-    let base = prepare(&original, &ctx)?;
-
-    std::fs::create_dir_all(&args.output)
-        .with_context(|| format!("cannot create the output directory {}", args.output.display()))?;
-    let key = SearchKey {
-        model_fnv64: fnv64(&std::fs::read(&args.model)?),
-        seed: args.seed,
-        calibration_images: args.calibration_images,
-        data: match args.data_flags.describe() {
-            flags if flags.is_empty() => args.data.clone(),
-            flags => format!("{} {flags}", args.data),
-        },
-        recalibrate: !args.no_recalibrate,
-        dimensions: !args.no_dimensions,
-    };
-    check_resume(&args.output, &key)?;
-
-    let name = args.model.display().to_string();
-    let train =
-        args.data_flags.load(&args.data, data::Split::Train, None, &original, &sample, &name)?;
-    let calibration = train.seeded_subset(args.calibration_images, args.seed);
-    drop(train);
-    let mut ctx =
-        PassContext::with_data(sample.clone(), Arc::new(calibration.images.clone()), &base);
-    if args.no_recalibrate {
-        ctx.reference = None;
-    }
-
-    let crit_path = args.output.join("criticality.json");
-    let crit = match std::fs::read_to_string(&crit_path)
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-    {
-        Some(v) => serde_json::from_value::<Vec<usize>>(v["cull_order"].clone())?,
-        None => {
-            let c = criticality(&base, &ctx, &calibration)?;
-            write_bytes_atomic(&crit_path, serde_json::to_string_pretty(&c)?.as_bytes())?;
-            c.cull_order
-        }
-    };
-    let shapes = crate::analysis::shapes::infer_shapes(&base, &sample, 1)?;
-    let residual = !residual_adds(&base.graph, &shapes).is_empty();
-    // The dimension knobs enter the search where the graph takes them.
-    let knobs: Vec<&str> = if args.no_dimensions {
-        vec![]
-    } else {
-        crate::search::pareto::DIMENSION_KNOBS
-            .iter()
-            .copied()
-            .filter(|k| build_candidate(&base, k, &PassContext::new(sample.clone())).is_ok())
-            .collect()
-    };
-    let scored = score_all(
-        &base,
-        &crit,
-        residual,
-        &knobs,
-        args.cull_search == CullSearch::Subsets,
-        &ctx,
-        &calibration,
-        &args.output.join("candidates.jsonl"),
-        progress,
-    )?;
-
-    // Frontier on calibration data, then each of its points measured once on the test split.
-    let calib_points: Vec<(u64, f64)> =
-        scored.iter().map(|s| (s.relus, s.calibration_accuracy)).collect();
-    let chosen: Vec<&crate::search::pareto::Scored> =
-        frontier_indices(&calib_points).into_iter().map(|i| &scored[i]).collect();
-    let test = args.data_flags.load(
-        &args.data,
-        data::Split::Test,
-        args.test_limit,
-        &original,
-        &sample,
-        &name,
-    )?;
-    let measured: Vec<(crate::ir::Model, u64, f64)> = chosen
-        .par_iter()
-        .map(|s| {
-            let (m, _) = build_candidate(&base, &s.config, &ctx)?;
-            let mut m = m;
-            run_pipeline(
-                &mut m,
-                &Pipeline::parse(crate::passes::DEFAULT_PIPELINE)?,
-                &ctx,
-                &VerifyOptions::default(),
-            )?;
-            let relus = census(&m, &sample)?.total_relus;
-            let acc = accuracy(&m, &test)?;
-            Ok((m, relus, acc))
-        })
-        .collect::<Result<_>>()?;
-    let test_points: Vec<(u64, f64)> = measured.iter().map(|(_, r, a)| (*r, *a)).collect();
-    let mut points = Vec::new();
-    for (k, i) in frontier_indices(&test_points).into_iter().enumerate() {
-        let (model, relus, acc) = &measured[i];
-        let file = format!("point-{k:02}.onnx");
-        // Fine-tuning runs on every core, so the points take their turn.
-        let (model, acc, before) = if args.finetune.finetune_epochs > 0 {
-            let (tuned, report) = super::finetune::finetune_model(
-                model,
-                &original,
-                (&args.data, &args.data_flags),
-                &args.finetune.train_flags(),
-                args.finetune.finetune_epochs,
-                args.test_limit,
-                progress,
-            )
-            .with_context(|| format!("fine-tuning frontier point {file}"))?;
-            (tuned, report.accuracy_after, Some(*acc))
-        } else {
-            (model.clone(), *acc, None)
-        };
-        write_model_atomic(&args.output.join(&file), &model)?;
-        points.push(FrontierPoint {
-            relus: *relus,
-            accuracy: acc,
-            accuracy_before_finetune: before,
-            calibration_accuracy: chosen[i].calibration_accuracy,
-            file,
-            config: label(&chosen[i].config),
-        });
-    }
-    // Points of an earlier, interrupted or different run must not linger beside this frontier.
-    let written: Vec<&str> = points.iter().map(|p| p.file.as_str()).collect();
-    for entry in std::fs::read_dir(&args.output)?.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with("point-")
-            && name.ends_with(".onnx")
-            && !written.contains(&name.as_str())
-        {
-            std::fs::remove_file(entry.path())?;
-        }
-    }
-    let original_relus = census(&original, &sample)?.total_relus;
-    let original_acc = accuracy(&original, &test)?;
-    let frontier = Frontier {
-        model: args.model.display().to_string(),
-        seed: args.seed,
-        calibration_images: calibration.len(),
-        test_images: test.len(),
-        original: OriginalPoint { relus: original_relus, accuracy: original_acc },
-        cull_order: crit,
-        candidates: scored.len(),
-        points,
-    };
-    write_outputs(&args.output, &frontier)?;
+    let frontier = pareto(&args.into())?;
     print_frontier(&frontier);
     println!(
         "search took {:.1}s; wrote {}",
@@ -286,80 +84,6 @@ pub fn run(args: &ParetoArgs) -> Result<()> {
         args.output.display()
     );
     Ok(())
-}
-
-fn check_resume(dir: &Path, key: &SearchKey) -> Result<()> {
-    let path = dir.join("search.json");
-    match std::fs::read_to_string(&path) {
-        Ok(text) => {
-            let old: SearchKey = serde_json::from_str(&text).with_context(|| {
-                format!("{} is not a relucompile search header", path.display())
-            })?;
-            if &old != key {
-                return Err(CompileError::new(
-                    ExitCode::Usage,
-                    format!(
-                        "{} holds a search of another model, seed or data ({old:?}); \
-                         remove it or choose another -o to start afresh",
-                        dir.display()
-                    ),
-                )
-                .into());
-            }
-            Ok(())
-        }
-        Err(_) => write_bytes_atomic(&path, serde_json::to_string_pretty(key)?.as_bytes()),
-    }
-}
-
-fn write_outputs(dir: &Path, f: &Frontier) -> Result<()> {
-    write_bytes_atomic(
-        &dir.join("frontier.json"),
-        (serde_json::to_string_pretty(f)? + "\n").as_bytes(),
-    )?;
-    let mut csv = String::from("relus,accuracy,calibration_accuracy,file,config\n");
-    for p in &f.points {
-        csv += &format!(
-            "{},{:.4},{:.4},{},\"{}\"\n",
-            p.relus, p.accuracy, p.calibration_accuracy, p.file, p.config
-        );
-    }
-    write_bytes_atomic(&dir.join("frontier.csv"), csv.as_bytes())?;
-    let mut md = format!(
-        "# ReLU/accuracy frontier of {}\n\nOriginal: {} ReLUs, {:.2}% on {} test images.\n\n\
-         | ReLUs | test accuracy | calibration accuracy | configuration | file |\n|---:|---:|---:|---|---|\n",
-        f.model,
-        thousands(f.original.relus),
-        100.0 * f.original.accuracy,
-        f.test_images
-    );
-    for p in &f.points {
-        md += &format!(
-            "| {} | {:.2}% | {:.2}% | `{}` | {} |\n",
-            thousands(p.relus),
-            100.0 * p.accuracy,
-            100.0 * p.calibration_accuracy,
-            p.config,
-            p.file
-        );
-    }
-    write_bytes_atomic(&dir.join("frontier.md"), md.as_bytes())?;
-    let plot_points: Vec<PlotPoint> = f
-        .points
-        .iter()
-        .map(|p| PlotPoint { relus: p.relus, accuracy: p.accuracy, label: p.config.clone() })
-        .collect();
-    let original = PlotPoint {
-        relus: f.original.relus,
-        accuracy: f.original.accuracy,
-        label: "original".into(),
-    };
-    frontier_plot(
-        &dir.join("frontier"),
-        &format!("ReLU/accuracy frontier: {}", f.model),
-        &original,
-        &plot_points,
-    )
 }
 
 fn print_frontier(f: &Frontier) {

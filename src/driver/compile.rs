@@ -1,0 +1,673 @@
+//! Compile a model (`relucompile in.onnx -o out.onnx`): run a pipeline, check the result
+//! against the original on real and random inputs and, for lossy pipelines, measure both
+//! accuracies; [`Compilation::write`] writes it only if it computes the same function (or
+//! passed the accuracy gate).
+
+use super::finetune::{finetune_model, FinetuneReport};
+use super::{check_output_path, DataOptions, TrainOptions, DEFAULT_DATA};
+use crate::analysis::census::{census, Census};
+use crate::analysis::cost::{CostEstimate, CostModel};
+use crate::analysis::shapes::sample_shape;
+use crate::error::{exit_code_of, CompileError, ExitCode};
+use crate::eval::compare::{compare_models_on, random_inputs, Comparison, LOSSLESS_REL_TOLERANCE};
+use crate::eval::data;
+use crate::frontend::load_model;
+use crate::ir::Model;
+use crate::passes::{
+    prepare, run_pipeline, PassContext, PassRecord, Pipeline, VerifyOptions, DEFAULT_PIPELINE,
+};
+use crate::search::{best_under_budget, parse_budget, Candidate};
+use anyhow::{Context, Result};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Passes that always close a pipeline: emitted graphs never hold Identity or dead nodes.
+const FINALIZE: &str = "identity-elim,dce";
+
+/// Real images used by the differential check: enough to cover every class several times.
+const CHECK_IMAGES: usize = 64;
+/// Random inputs: they reach activations real images never do.
+const CHECK_RANDOM: usize = 16;
+const CHECK_SEED: u64 = 0x5EED;
+
+/// A compile: the input, the output and the pipeline that rewrites one into the other. Start
+/// from [`CompileOptions::new`] (the lossless default pipeline) and set what differs.
+#[derive(Debug, Clone)]
+pub struct CompileOptions {
+    /// The ONNX model to rewrite.
+    pub input: PathBuf,
+    /// Where [`Compilation::write`] writes the rewritten model.
+    pub output: PathBuf,
+    /// The pass pipeline (see `relucompile passes`); the lossy options' passes are placed in
+    /// it after BatchNorm folding.
+    pub passes: String,
+    /// Input shape with batch (`None`: the model's declared shape).
+    pub input_shape: Option<Vec<usize>>,
+    /// Verify the IR and compare outputs after every pass, naming the first that breaks.
+    pub verify_each: bool,
+    /// Allow the output path to be the input file.
+    pub force: bool,
+    /// Real images for the output check (`None`: `data`, else Fashion-MNIST).
+    pub check_data: Option<String>,
+    /// Remove every ReLU of these stages (stage numbers as `inspect` shows, 0 = stem).
+    pub cull: Vec<usize>,
+    /// Thin the kept stages.
+    pub thin: Option<ThinMode>,
+    /// Limit `thin` to these stages (empty: all).
+    pub thin_stages: Vec<usize>,
+    /// Per-channel ReLU reduction threshold (`channel-thin`).
+    pub channel_threshold: Option<f64>,
+    /// Run the network on its input downsampled by this factor per side.
+    pub resolution: Option<f64>,
+    /// Keep this fraction of the channels of every channel group.
+    pub width: Option<f64>,
+    /// Replace every MaxPool by an AveragePool of the same window.
+    pub avg_pool: bool,
+    /// Calibration images, drawn from the training split of `data`.
+    pub calibration_images: usize,
+    /// Seed of the calibration draw.
+    pub seed: u64,
+    /// Search the lossy configuration that meets this ReLU budget (a count or `25%`) instead of
+    /// taking `cull`/`thin`/`channel_threshold`.
+    pub relu_budget: Option<String>,
+    /// With `relu_budget`: choose from the frontier `pareto` wrote here instead of searching.
+    pub frontier: Option<PathBuf>,
+    /// Recalibrate after lossy passes (map every Conv/Gemm output channel to the original's
+    /// mean and scale on calibration images).
+    pub recalibrate: bool,
+    /// Data to measure accuracy on (test split; calibration uses the training split). `None`:
+    /// Fashion-MNIST, measured only for lossy pipelines or with `max_drop`.
+    pub data: Option<String>,
+    /// Measure accuracy (and recalibrate); `false` writes a lossy rewrite unmeasured.
+    pub evaluate: bool,
+    /// The accuracy gate: [`Compilation::write`] fails (exit 7) when accuracy falls by more
+    /// than this many points.
+    pub max_drop: Option<f64>,
+    /// Evaluate on the first N test images only.
+    pub limit: Option<usize>,
+    /// The PI cost model: `crypten` or a JSON file.
+    pub cost_model: String,
+    /// Show progress bars on stderr.
+    pub progress: bool,
+    pub data_options: DataOptions,
+    /// Fine-tune the reduced graph with the original as teacher (lossy pipelines only).
+    pub finetune: Option<TrainOptions>,
+}
+
+impl CompileOptions {
+    /// Compile `input` to `output` with the default lossless pipeline.
+    pub fn new(input: impl Into<PathBuf>, output: impl Into<PathBuf>) -> Self {
+        CompileOptions { input: input.into(), output: output.into(), ..Default::default() }
+    }
+}
+
+impl Default for CompileOptions {
+    /// The command line's defaults, with empty paths.
+    fn default() -> Self {
+        CompileOptions {
+            input: PathBuf::new(),
+            output: PathBuf::new(),
+            passes: DEFAULT_PIPELINE.into(),
+            input_shape: None,
+            verify_each: false,
+            force: false,
+            check_data: None,
+            cull: vec![],
+            thin: None,
+            thin_stages: vec![],
+            channel_threshold: None,
+            resolution: None,
+            width: None,
+            avg_pool: false,
+            calibration_images: 512,
+            seed: 0,
+            relu_budget: None,
+            frontier: None,
+            recalibrate: true,
+            data: None,
+            evaluate: true,
+            max_drop: None,
+            limit: None,
+            cost_model: "crypten".into(),
+            progress: false,
+            data_options: DataOptions::default(),
+            finetune: None,
+        }
+    }
+}
+
+/// Which ReLUs `thin` drops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThinMode {
+    /// The ReLU after each residual add.
+    Bottom,
+    /// The ReLU after each block's first conv.
+    Top,
+    /// Every other ReLU layer of a plain chain.
+    Alternate,
+}
+
+impl ThinMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            ThinMode::Bottom => "bottom",
+            ThinMode::Top => "top",
+            ThinMode::Alternate => "alternate",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AccuracyReport {
+    pub data: String,
+    pub images: usize,
+    pub before: f64,
+    pub after: f64,
+    /// Percentage points lost.
+    pub drop_points: f64,
+    /// Fraction of images where both graphs predict the same class.
+    pub agreement: f64,
+    pub max_drop: Option<f64>,
+    pub passed: bool,
+    /// Set when accuracy fell by more than [`LOUD_DROP_POINTS`] and no gate was asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
+}
+
+/// A lossy compile that loses more than this many points without `--max-drop` is reported
+/// loudly: it is most likely a broken network rather than an intended trade.
+const LOUD_DROP_POINTS: f64 = 5.0;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CompileReport {
+    pub input: String,
+    pub output: String,
+    pub pipeline: String,
+    pub passes: Vec<PassRecord>,
+    pub before: CensusSummary,
+    pub after: CensusSummary,
+    /// Outputs compared on real images (absent when none fit the model).
+    pub check_real: Option<Comparison>,
+    pub check_random: Comparison,
+    pub check_tolerance: f32,
+    /// Whether the pipeline holds lossy passes (then accuracy, not output equality, decides).
+    pub lossy: bool,
+    pub accuracy: Option<AccuracyReport>,
+    /// Estimated private-inference cost of both graphs, per layer and in total.
+    pub cost_before: CostEstimate,
+    pub cost_after: CostEstimate,
+    /// With --finetune-epochs: the fine-tuning run (the accuracy above is the tuned graph's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finetune: Option<FinetuneReport>,
+    /// With --relu-budget: the budget, the choice and every candidate considered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget: Option<BudgetReport>,
+    /// With --no-eval on a lossy pipeline: the warning that accuracy was not measured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accuracy_not_measured: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BudgetReport {
+    pub relus: u64,
+    pub chosen: Candidate,
+    pub candidates: Vec<Candidate>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CensusSummary {
+    pub total_relus: u64,
+    pub total_macs: u64,
+    pub nodes: usize,
+    pub stages: Vec<u64>,
+}
+
+fn summary(model: &Model, c: &Census) -> CensusSummary {
+    CensusSummary {
+        total_relus: c.total_relus,
+        total_macs: c.total_macs,
+        nodes: model.graph.nodes.len(),
+        stages: c.stages.iter().map(|s| s.relus).collect(),
+    }
+}
+
+/// A compiled model, not yet written: its report, the rewritten graph and what printing the
+/// report needs beyond its JSON.
+#[derive(Debug, Clone)]
+pub struct Compilation {
+    pub report: CompileReport,
+    pub model: Model,
+    pub census_before: Census,
+    pub census_after: Census,
+    /// Why the check ran on random inputs only, or which real images it used.
+    pub check_note: String,
+    output: PathBuf,
+}
+
+impl Compilation {
+    /// `Ok` when the result may be written: the accuracy gate passed (else exit 7) and, for a
+    /// lossless pipeline, the outputs matched the original's (else exit 5).
+    pub fn verdict(&self) -> Result<()> {
+        let (report, output) = (&self.report, &self.output);
+        if let Some(acc) = report.accuracy.as_ref().filter(|a| !a.passed) {
+            return Err(CompileError::new(
+                ExitCode::AccuracyGate,
+                format!(
+                    "accuracy fell by {:.2} points ({:.2}% -> {:.2}%), more than --max-drop {}; {} was not written",
+                    acc.drop_points,
+                    100.0 * acc.before,
+                    100.0 * acc.after,
+                    acc.max_drop.unwrap_or(f64::NAN),
+                    output.display()
+                ),
+            )
+            .into());
+        }
+        let checks = std::iter::once(&report.check_random).chain(report.check_real.as_ref());
+        let mismatch = checks.into_iter().find(|c| !c.within(LOSSLESS_REL_TOLERANCE));
+        if let Some(bad) = mismatch.filter(|_| !report.lossy) {
+            return Err(CompileError::new(
+                ExitCode::OutputMismatch,
+                format!(
+                    "the rewritten graph's outputs differ from the original's by up to {:.3e} \
+                     (tolerance {:.0e} relative); {} was not written. Rerun with --verify-each \
+                     to find the pass at fault",
+                    bad.max_abs_diff,
+                    LOSSLESS_REL_TOLERANCE,
+                    output.display()
+                ),
+            )
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Write the rewritten model to the options' output (atomically) if [`Self::verdict`]
+    /// allows it; nothing is written otherwise.
+    pub fn write(&self) -> Result<()> {
+        self.verdict()?;
+        crate::frontend::write_model_atomic(&self.output, &self.model)
+    }
+
+    /// Where [`Self::write`] writes.
+    pub fn output(&self) -> &Path {
+        &self.output
+    }
+}
+
+/// Run the pipeline `opts` describes on `opts.input` and check the result: the census before
+/// and after, outputs compared on real and random inputs, accuracy measured (lossy pipelines,
+/// or when data or a gate is asked for), fine-tuning when asked. Nothing is written: see
+/// [`Compilation::write`].
+pub fn compile(opts: &CompileOptions) -> Result<Compilation> {
+    let (input, output) = (opts.input.as_path(), opts.output.as_path());
+    check_output_path(input, output, opts.force)?;
+    let original = load_model(input)?;
+    let sample = sample_shape(&original, opts.input_shape.as_deref())?;
+    let before =
+        census(&original, &sample).with_context(|| format!("in model {}", input.display()))?;
+    let cost_model = CostModel::load(&opts.cost_model)?;
+    let budget = opts.relu_budget.as_ref().map(|_| budget_relus(opts, &before)).transpose()?;
+    let budget_choice = match budget {
+        Some(relus) => Some(choose_for_budget(&original, &sample, relus, opts)?),
+        None => None,
+    };
+    let pipeline = Pipeline::parse(&format!(
+        "{},{FINALIZE}",
+        pipeline_text(opts, budget_choice.as_ref().map(|(c, _)| c.pipeline.as_str()))
+    ))?;
+    let lossy = pipeline.steps.iter().any(|(_, _, p)| !p.lossless());
+    // The test images are read before any pass runs: data that does not fit fails fast.
+    let test_set = test_set(&original, &sample, lossy, opts)?;
+
+    let check_spec = opts.check_data.as_deref().or(opts.data.as_deref()).unwrap_or(DEFAULT_DATA);
+    let (real, check_note) = real_check_inputs(&original, &sample, check_spec, opts);
+    let random = random_inputs(CHECK_RANDOM * sample.iter().product::<usize>(), CHECK_SEED);
+    let verify = VerifyOptions {
+        structure: opts.verify_each,
+        outputs: opts.verify_each.then(|| random.clone()),
+    };
+    let mut model = original.clone();
+    let mut ctx = PassContext::new(sample.clone());
+    let data_driven = ["channel-thin", "recalibrate"];
+    if pipeline.steps.iter().any(|(name, _, _)| data_driven.contains(&name.as_str())) {
+        let images = Arc::new(calibration_set(&original, &sample, opts)?.images);
+        ctx = PassContext::with_data(sample.clone(), images, &prepare(&original, &ctx)?);
+    }
+    let records = run_pipeline(&mut model, &pipeline, &ctx, &verify)?;
+    let finetune = match &opts.finetune {
+        Some(_) if !lossy => {
+            return Err(CompileError::new(
+                ExitCode::Usage,
+                "--finetune-epochs needs a lossy pipeline: a lossless one computes the original already",
+            )
+            .into());
+        }
+        Some(training) => {
+            let (tuned, report) = finetune_model(
+                &model,
+                &original,
+                (opts.data.as_deref().unwrap_or(DEFAULT_DATA), &opts.data_options),
+                training,
+                opts.limit,
+                opts.progress,
+            )?;
+            model = tuned;
+            Some(report)
+        }
+        None => None,
+    };
+    let after = census(&model, &sample)?;
+
+    let mut sets: Vec<&[f32]> = vec![&random];
+    sets.extend(real.as_deref());
+    let mut checks = compare_models_on(&original, &model, &sample, &sets)
+        .with_context(|| format!("running {} and its rewrite", input.display()))?
+        .into_iter();
+    let check_random = checks.next().context("the random-input comparison")?;
+    let check_real = checks.next();
+    let accuracy = match &test_set {
+        Some(set) => Some(measure_accuracy(&original, &model, set, opts)?),
+        None => None,
+    };
+    let accuracy_not_measured = (lossy && accuracy.is_none()).then(|| {
+        format!(
+            "the accuracy of {} was not measured (--no-eval), nor was it recalibrated: the lossy \
+             pipeline changes the network's predictions by an unknown amount",
+            output.display()
+        )
+    });
+    let report = CompileReport {
+        input: input.display().to_string(),
+        output: output.display().to_string(),
+        pipeline: pipeline.text(),
+        passes: records,
+        before: summary(&original, &before),
+        after: summary(&model, &after),
+        check_real,
+        check_random,
+        check_tolerance: LOSSLESS_REL_TOLERANCE,
+        lossy,
+        accuracy,
+        cost_before: cost_model.estimate(&before),
+        cost_after: cost_model.estimate(&after),
+        finetune,
+        budget: budget.zip(budget_choice).map(|(relus, (chosen, candidates))| BudgetReport {
+            relus,
+            chosen,
+            candidates,
+        }),
+        accuracy_not_measured,
+    };
+    Ok(Compilation {
+        report,
+        model,
+        census_before: before,
+        census_after: after,
+        check_note,
+        output: output.to_path_buf(),
+    })
+}
+
+/// The pipeline text: `--passes`, with the lossy flags' passes placed after BatchNorm folding
+/// (so stage numbers are those `inspect` shows for the input) or first when there is none.
+fn pipeline_text(opts: &CompileOptions, searched: Option<&str>) -> String {
+    let mut lossy: Vec<String> =
+        searched.into_iter().filter(|s| !s.is_empty()).map(String::from).collect();
+    let list = |v: &[usize]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(",");
+    if !opts.cull.is_empty() {
+        lossy.push(format!("cull({})", list(&opts.cull)));
+    }
+    if let Some(mode) = opts.thin {
+        let mode = mode.name();
+        if opts.thin_stages.is_empty() {
+            lossy.push(format!("thin({mode})"));
+        } else {
+            lossy.push(format!("thin({mode},{})", list(&opts.thin_stages)));
+        }
+    }
+    if let Some(t) = opts.channel_threshold {
+        lossy.push(format!("channel-thin({t})"));
+    }
+    if let Some(f) = opts.resolution {
+        lossy.push(format!("resolution({f})"));
+    }
+    if let Some(f) = opts.width {
+        lossy.push(format!("width({f})"));
+    }
+    if opts.avg_pool {
+        lossy.push("maxpool-to-avgpool".into());
+    }
+    if lossy.is_empty() {
+        return opts.passes.clone();
+    }
+    // Recalibration needs calibration images, which --no-eval (for when none fit) goes without.
+    if opts.recalibrate && opts.evaluate {
+        lossy.push("recalibrate".into());
+    }
+    crate::passes::place_lossy(&opts.passes, &lossy)
+}
+
+fn budget_relus(opts: &CompileOptions, before: &Census) -> Result<u64> {
+    let text = opts.relu_budget.as_deref().unwrap_or_default();
+    parse_budget(text, before.total_relus)
+        .map_err(|e| CompileError::new(ExitCode::Usage, format!("--relu-budget: {e}")).into())
+}
+
+/// Search the lossy configurations for the best one under `--relu-budget`, on calibration
+/// images from the training split. The lossless passes before the lossy ones run first.
+fn choose_for_budget(
+    original: &Model,
+    sample: &[usize],
+    budget: u64,
+    opts: &CompileOptions,
+) -> Result<(Candidate, Vec<Candidate>)> {
+    if let Some(path) = &opts.frontier {
+        return choose_from_frontier(path, budget);
+    }
+    let calib = calibration_set(original, sample, opts)?;
+    let base = prepare(original, &PassContext::new(sample.to_vec()))?;
+    let mut ctx = PassContext::with_data(sample.to_vec(), Arc::new(calib.images.clone()), &base);
+    if !opts.recalibrate {
+        ctx.reference = None;
+    }
+    best_under_budget(&base, budget, &ctx, &calib, opts.progress)
+}
+
+/// The most accurate point of a written frontier whose ReLU count fits the budget.
+fn choose_from_frontier(path: &Path, budget: u64) -> Result<(Candidate, Vec<Candidate>)> {
+    let file = if path.is_dir() { path.join("frontier.json") } else { path.to_path_buf() };
+    let text = std::fs::read_to_string(&file)
+        .with_context(|| format!("cannot read the frontier {}", file.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a frontier.json", file.display()))?;
+    let points: Vec<Candidate> = v["points"]
+        .as_array()
+        .with_context(|| format!("{} has no points", file.display()))?
+        .iter()
+        .filter_map(|p| {
+            let config = p["config"].as_str()?;
+            Some(Candidate {
+                pipeline: if config == "original" { String::new() } else { config.to_string() },
+                relus: p["relus"].as_u64()?,
+                calibration_accuracy: p["accuracy"].as_f64(),
+            })
+        })
+        .collect();
+    let best = points
+        .iter()
+        .filter(|p| p.relus <= budget)
+        .max_by(|a, b| {
+            a.calibration_accuracy.unwrap_or(0.0).total_cmp(&b.calibration_accuracy.unwrap_or(0.0))
+        })
+        .cloned()
+        .ok_or_else(|| {
+            CompileError::new(
+                ExitCode::Usage,
+                format!("no point of {} has at most {budget} ReLUs", file.display()),
+            )
+        })?;
+    Ok((best, points))
+}
+
+/// The seeded draw is the one `pareto` makes, so a frontier point's channel decisions are
+/// reproduced exactly when its seed and count are used.
+fn calibration_set(
+    original: &Model,
+    sample: &[usize],
+    opts: &CompileOptions,
+) -> Result<data::Dataset> {
+    let (count, seed) = match &opts.frontier {
+        Some(path) => frontier_calibration(path)?,
+        None => (opts.calibration_images, opts.seed),
+    };
+    let spec = opts.data.as_deref().unwrap_or(DEFAULT_DATA);
+    let train = opts
+        .data_options
+        .load(spec, data::Split::Train, None, original, sample, &input_name(opts))
+        .map_err(|e| {
+            no_fitting_data(e, "gather calibration statistics from the training split", false)
+        })?;
+    Ok(train.seeded_subset(count, seed))
+}
+
+/// The calibration count and seed a frontier was searched with.
+fn frontier_calibration(path: &Path) -> Result<(usize, u64)> {
+    let file = if path.is_dir() { path.join("frontier.json") } else { path.to_path_buf() };
+    let v: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&file)
+            .with_context(|| format!("cannot read {}", file.display()))?,
+    )
+    .with_context(|| format!("{} is not a frontier.json", file.display()))?;
+    match (v["calibration_images"].as_u64(), v["seed"].as_u64()) {
+        (Some(n), Some(seed)) => Ok((n as usize, seed)),
+        _ => Err(CompileError::new(
+            ExitCode::Usage,
+            format!("{} lacks calibration_images or seed", file.display()),
+        )
+        .into()),
+    }
+}
+
+/// The test split of `--data` when accuracy is to be measured: always for a lossy pipeline
+/// (unless --no-eval), and whenever --data or --max-drop asks. Data that cannot be read or
+/// does not fit the model is an error naming --data and --no-eval.
+fn test_set(
+    original: &Model,
+    sample: &[usize],
+    lossy: bool,
+    opts: &CompileOptions,
+) -> Result<Option<data::Dataset>> {
+    if !opts.evaluate {
+        if opts.max_drop.is_some() {
+            return Err(CompileError::new(
+                ExitCode::Usage,
+                "--max-drop gates on the measured accuracy, but --no-eval skips measuring it: \
+                 the gate cannot run; drop one of them",
+            )
+            .into());
+        }
+        return Ok(None);
+    }
+    if !(lossy || opts.data.is_some() || opts.max_drop.is_some()) {
+        return Ok(None);
+    }
+    let spec = opts.data.as_deref().unwrap_or(DEFAULT_DATA);
+    let what =
+        if lossy { "measure the accuracy of this lossy rewrite" } else { "measure accuracy" };
+    opts.data_options
+        .load(spec, data::Split::Test, opts.limit, original, sample, &input_name(opts))
+        .map(Some)
+        .map_err(|e| no_fitting_data(e, what, true))
+}
+
+/// A data error, restated as what it prevents and what to give instead.
+fn no_fitting_data(e: anyhow::Error, what: &str, no_eval: bool) -> anyhow::Error {
+    if exit_code_of(&e) != ExitCode::InvalidData {
+        return e;
+    }
+    CompileError::invalid_data(format!(
+        "cannot {what}: {e:#}\n  give --data with labelled images that fit the model ({}){}",
+        data::FORMATS,
+        if no_eval {
+            ", or --no-eval to write the result without measuring its accuracy"
+        } else {
+            ""
+        }
+    ))
+    .into()
+}
+
+fn input_name(opts: &CompileOptions) -> String {
+    opts.input.display().to_string()
+}
+
+/// Accuracy of the original and the rewritten graph on the test split, in one pass each.
+fn measure_accuracy(
+    original: &Model,
+    model: &Model,
+    set: &data::Dataset,
+    opts: &CompileOptions,
+) -> Result<AccuracyReport> {
+    let name = input_name(opts);
+    let eval = crate::eval::evaluator::evaluate(
+        model,
+        "rewritten",
+        Some((original, &name)),
+        set,
+        crate::eval::evaluator::DEFAULT_BATCH,
+        opts.progress,
+    )?;
+    let reference = eval.reference.as_ref().context("the evaluator returned no reference")?;
+    let drop_points = 100.0 * (reference.accuracy - eval.accuracy);
+    Ok(AccuracyReport {
+        data: set.source.clone(),
+        images: eval.images,
+        before: reference.accuracy,
+        after: eval.accuracy,
+        drop_points,
+        agreement: reference.agreement,
+        max_drop: opts.max_drop,
+        passed: opts.max_drop.is_none_or(|m| drop_points <= m),
+        warning: (opts.max_drop.is_none() && drop_points > LOUD_DROP_POINTS).then(|| {
+            format!(
+                "accuracy fell by {drop_points:.2} points ({:.2}% -> {:.2}%) and no --max-drop \
+                 gate was set; fine-tune the result (--finetune-epochs 2) or gate the build \
+                 with --max-drop",
+                100.0 * reference.accuracy,
+                100.0 * eval.accuracy
+            )
+        }),
+    })
+}
+
+/// Real images for the check when the data set is there and fits the model; otherwise `None`
+/// and a note saying why (random inputs are always used).
+fn real_check_inputs(
+    model: &Model,
+    sample: &[usize],
+    spec: &str,
+    opts: &CompileOptions,
+) -> (Option<Vec<f32>>, String) {
+    // As DataFlags::load, without its notes: these images only feed the output comparison.
+    let fit = opts.data_options.fit(sample, "the model");
+    let loaded = opts.data_options.normalisation(model).and_then(|norm| {
+        data::load_fitted(spec, data::Split::Test, Some(CHECK_IMAGES), &norm, &fit)
+    });
+    match loaded {
+        Ok((d, _)) if d.sample_shape == sample => {
+            let note = format!("{} real images from {spec}", d.len());
+            (Some(d.images), note)
+        }
+        Ok((d, _)) => (
+            None,
+            format!(
+                "real images from {spec} are {}, the model takes {}: random only",
+                data::shape_text(&d.sample_shape),
+                data::shape_text(sample)
+            ),
+        ),
+        Err(e) => (None, format!("no real images ({e:#}): random only")),
+    }
+}

@@ -1,0 +1,363 @@
+//! The frontier of networks trading ReLUs against accuracy (`relucompile pareto`).
+
+use super::finetune::finetune_model;
+use super::{DataOptions, TrainOptions, DEFAULT_DATA};
+use crate::analysis::census::census;
+use crate::analysis::shapes::sample_shape;
+use crate::analysis::stages::residual_adds;
+use crate::error::{CompileError, ExitCode};
+use crate::eval::data;
+use crate::frontend::{load_model, write_bytes_atomic, write_model_atomic};
+use crate::passes::{prepare, run_pipeline, PassContext, Pipeline, VerifyOptions};
+use crate::report::plot::{frontier_plot, PlotPoint};
+use crate::report::thousands;
+use crate::search::criticality::criticality;
+use crate::search::pareto::{frontier_indices, score_all};
+use crate::search::{accuracy, build_candidate};
+use anyhow::{Context, Result};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// A frontier search: candidates scored on calibration images, the frontier measured on the
+/// test split, one ONNX file per point and `frontier.json/.csv/.md/.svg/.png` in `output`.
+#[derive(Debug, Clone)]
+pub struct ParetoOptions {
+    /// The ONNX model to reduce.
+    pub model: PathBuf,
+    /// The output directory; a search interrupted there resumes.
+    pub output: PathBuf,
+    /// The data set (`fashion-mnist`, an IDX, CIFAR or image-folder directory, or a .npy file).
+    pub data: String,
+    /// Calibration images drawn (by `seed`) from the training split to choose candidates.
+    pub calibration_images: usize,
+    /// Seed of the calibration draw; the same seed gives the same frontier.
+    pub seed: u64,
+    /// Measure the frontier on the first N test images only (`None`: the whole split).
+    pub test_limit: Option<usize>,
+    /// Input shape with batch (`None`: the model's declared shape).
+    pub input_shape: Option<Vec<usize>>,
+    /// Recalibrate candidates to the original's channel statistics before scoring them.
+    pub recalibrate: bool,
+    /// Try the half-resolution and half-width candidates where the graph takes them.
+    pub dimensions: bool,
+    /// Cull every subset of the stages (up to `search::pareto::MAX_EXHAUSTIVE_STAGES`), not
+    /// only prefixes of the criticality order.
+    pub exhaustive_culls: bool,
+    /// Show progress bars on stderr.
+    pub progress: bool,
+    pub data_options: DataOptions,
+    /// Fine-tune every frontier point with the original as teacher.
+    pub finetune: Option<TrainOptions>,
+}
+
+impl ParetoOptions {
+    /// Search the frontier of `model` into the directory `output` with the defaults.
+    pub fn new(model: impl Into<PathBuf>, output: impl Into<PathBuf>) -> Self {
+        ParetoOptions {
+            model: model.into(),
+            output: output.into(),
+            data: DEFAULT_DATA.into(),
+            calibration_images: 2000,
+            seed: 0,
+            test_limit: None,
+            input_shape: None,
+            recalibrate: true,
+            dimensions: true,
+            exhaustive_culls: true,
+            progress: false,
+            data_options: DataOptions::default(),
+            finetune: None,
+        }
+    }
+}
+
+/// What a search directory was made from; resuming with anything else is refused.
+#[derive(Serialize, Deserialize, PartialEq, Debug)]
+struct SearchKey {
+    model_fnv64: String,
+    seed: u64,
+    calibration_images: usize,
+    data: String,
+    /// Absent in searches made before recalibration and the dimension knobs existed.
+    #[serde(default)]
+    recalibrate: bool,
+    #[serde(default)]
+    dimensions: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FrontierPoint {
+    pub relus: u64,
+    pub accuracy: f64,
+    /// With --finetune-epochs: the test accuracy before fine-tuning (`accuracy` is after).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accuracy_before_finetune: Option<f64>,
+    pub calibration_accuracy: f64,
+    pub file: String,
+    pub config: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Frontier {
+    pub model: String,
+    pub seed: u64,
+    pub calibration_images: usize,
+    pub test_images: usize,
+    pub original: OriginalPoint,
+    pub cull_order: Vec<usize>,
+    pub candidates: usize,
+    pub points: Vec<FrontierPoint>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct OriginalPoint {
+    pub relus: u64,
+    pub accuracy: f64,
+}
+
+fn fnv64(bytes: &[u8]) -> String {
+    let hash = bytes
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    format!("{hash:016x}")
+}
+
+fn label(config: &str) -> String {
+    if config.is_empty() {
+        "original".into()
+    } else {
+        config.to_string()
+    }
+}
+
+/// Search the frontier and write it to `opts.output`; returns what `frontier.json` holds.
+pub fn pareto(opts: &ParetoOptions) -> Result<Frontier> {
+    let progress = opts.progress;
+    let original = load_model(&opts.model)?;
+    let sample = sample_shape(&original, opts.input_shape.as_deref())?;
+    let ctx = PassContext::new(sample.clone());
+    let base = prepare(&original, &ctx)?;
+
+    std::fs::create_dir_all(&opts.output)
+        .with_context(|| format!("cannot create the output directory {}", opts.output.display()))?;
+    let key = SearchKey {
+        model_fnv64: fnv64(&std::fs::read(&opts.model)?),
+        seed: opts.seed,
+        calibration_images: opts.calibration_images,
+        data: match opts.data_options.describe() {
+            flags if flags.is_empty() => opts.data.clone(),
+            flags => format!("{} {flags}", opts.data),
+        },
+        recalibrate: opts.recalibrate,
+        dimensions: opts.dimensions,
+    };
+    check_resume(&opts.output, &key)?;
+
+    let name = opts.model.display().to_string();
+    let train =
+        opts.data_options.load(&opts.data, data::Split::Train, None, &original, &sample, &name)?;
+    let calibration = train.seeded_subset(opts.calibration_images, opts.seed);
+    drop(train);
+    let mut ctx =
+        PassContext::with_data(sample.clone(), Arc::new(calibration.images.clone()), &base);
+    if !opts.recalibrate {
+        ctx.reference = None;
+    }
+
+    let crit_path = opts.output.join("criticality.json");
+    let crit = match std::fs::read_to_string(&crit_path)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+    {
+        Some(v) => serde_json::from_value::<Vec<usize>>(v["cull_order"].clone())?,
+        None => {
+            let c = criticality(&base, &ctx, &calibration)?;
+            write_bytes_atomic(&crit_path, serde_json::to_string_pretty(&c)?.as_bytes())?;
+            c.cull_order
+        }
+    };
+    let shapes = crate::analysis::shapes::infer_shapes(&base, &sample, 1)?;
+    let residual = !residual_adds(&base.graph, &shapes).is_empty();
+    // The dimension knobs enter the search where the graph takes them.
+    let knobs: Vec<&str> = if !opts.dimensions {
+        vec![]
+    } else {
+        crate::search::pareto::DIMENSION_KNOBS
+            .iter()
+            .copied()
+            .filter(|k| build_candidate(&base, k, &PassContext::new(sample.clone())).is_ok())
+            .collect()
+    };
+    let scored = score_all(
+        &base,
+        &crit,
+        residual,
+        &knobs,
+        opts.exhaustive_culls,
+        &ctx,
+        &calibration,
+        &opts.output.join("candidates.jsonl"),
+        progress,
+    )?;
+
+    // Frontier on calibration data, then each of its points measured once on the test split.
+    let calib_points: Vec<(u64, f64)> =
+        scored.iter().map(|s| (s.relus, s.calibration_accuracy)).collect();
+    let chosen: Vec<&crate::search::pareto::Scored> =
+        frontier_indices(&calib_points).into_iter().map(|i| &scored[i]).collect();
+    let test = opts.data_options.load(
+        &opts.data,
+        data::Split::Test,
+        opts.test_limit,
+        &original,
+        &sample,
+        &name,
+    )?;
+    let measured: Vec<(crate::ir::Model, u64, f64)> = chosen
+        .par_iter()
+        .map(|s| {
+            let (m, _) = build_candidate(&base, &s.config, &ctx)?;
+            let mut m = m;
+            run_pipeline(
+                &mut m,
+                &Pipeline::parse(crate::passes::DEFAULT_PIPELINE)?,
+                &ctx,
+                &VerifyOptions::default(),
+            )?;
+            let relus = census(&m, &sample)?.total_relus;
+            let acc = accuracy(&m, &test)?;
+            Ok((m, relus, acc))
+        })
+        .collect::<Result<_>>()?;
+    let test_points: Vec<(u64, f64)> = measured.iter().map(|(_, r, a)| (*r, *a)).collect();
+    let mut points = Vec::new();
+    for (k, i) in frontier_indices(&test_points).into_iter().enumerate() {
+        let (model, relus, acc) = &measured[i];
+        let file = format!("point-{k:02}.onnx");
+        // Fine-tuning runs on every core, so the points take their turn.
+        let (model, acc, before) = if let Some(training) = &opts.finetune {
+            let (tuned, report) = finetune_model(
+                model,
+                &original,
+                (&opts.data, &opts.data_options),
+                training,
+                opts.test_limit,
+                progress,
+            )
+            .with_context(|| format!("fine-tuning frontier point {file}"))?;
+            (tuned, report.accuracy_after, Some(*acc))
+        } else {
+            (model.clone(), *acc, None)
+        };
+        write_model_atomic(&opts.output.join(&file), &model)?;
+        points.push(FrontierPoint {
+            relus: *relus,
+            accuracy: acc,
+            accuracy_before_finetune: before,
+            calibration_accuracy: chosen[i].calibration_accuracy,
+            file,
+            config: label(&chosen[i].config),
+        });
+    }
+    // Points of an earlier, interrupted or different run must not linger beside this frontier.
+    let written: Vec<&str> = points.iter().map(|p| p.file.as_str()).collect();
+    for entry in std::fs::read_dir(&opts.output)?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("point-")
+            && name.ends_with(".onnx")
+            && !written.contains(&name.as_str())
+        {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    let original_relus = census(&original, &sample)?.total_relus;
+    let original_acc = accuracy(&original, &test)?;
+    let frontier = Frontier {
+        model: opts.model.display().to_string(),
+        seed: opts.seed,
+        calibration_images: calibration.len(),
+        test_images: test.len(),
+        original: OriginalPoint { relus: original_relus, accuracy: original_acc },
+        cull_order: crit,
+        candidates: scored.len(),
+        points,
+    };
+    write_outputs(&opts.output, &frontier)?;
+    Ok(frontier)
+}
+
+fn check_resume(dir: &Path, key: &SearchKey) -> Result<()> {
+    let path = dir.join("search.json");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let old: SearchKey = serde_json::from_str(&text).with_context(|| {
+                format!("{} is not a relucompile search header", path.display())
+            })?;
+            if &old != key {
+                return Err(CompileError::new(
+                    ExitCode::Usage,
+                    format!(
+                        "{} holds a search of another model, seed or data ({old:?}); \
+                         remove it or choose another -o to start afresh",
+                        dir.display()
+                    ),
+                )
+                .into());
+            }
+            Ok(())
+        }
+        Err(_) => write_bytes_atomic(&path, serde_json::to_string_pretty(key)?.as_bytes()),
+    }
+}
+
+fn write_outputs(dir: &Path, f: &Frontier) -> Result<()> {
+    write_bytes_atomic(
+        &dir.join("frontier.json"),
+        (serde_json::to_string_pretty(f)? + "\n").as_bytes(),
+    )?;
+    let mut csv = String::from("relus,accuracy,calibration_accuracy,file,config\n");
+    for p in &f.points {
+        csv += &format!(
+            "{},{:.4},{:.4},{},\"{}\"\n",
+            p.relus, p.accuracy, p.calibration_accuracy, p.file, p.config
+        );
+    }
+    write_bytes_atomic(&dir.join("frontier.csv"), csv.as_bytes())?;
+    let mut md = format!(
+        "# ReLU/accuracy frontier of {}\n\nOriginal: {} ReLUs, {:.2}% on {} test images.\n\n\
+         | ReLUs | test accuracy | calibration accuracy | configuration | file |\n|---:|---:|---:|---|---|\n",
+        f.model,
+        thousands(f.original.relus),
+        100.0 * f.original.accuracy,
+        f.test_images
+    );
+    for p in &f.points {
+        md += &format!(
+            "| {} | {:.2}% | {:.2}% | `{}` | {} |\n",
+            thousands(p.relus),
+            100.0 * p.accuracy,
+            100.0 * p.calibration_accuracy,
+            p.config,
+            p.file
+        );
+    }
+    write_bytes_atomic(&dir.join("frontier.md"), md.as_bytes())?;
+    let plot_points: Vec<PlotPoint> = f
+        .points
+        .iter()
+        .map(|p| PlotPoint { relus: p.relus, accuracy: p.accuracy, label: p.config.clone() })
+        .collect();
+    let original = PlotPoint {
+        relus: f.original.relus,
+        accuracy: f.original.accuracy,
+        label: "original".into(),
+    };
+    frontier_plot(
+        &dir.join("frontier"),
+        &format!("ReLU/accuracy frontier: {}", f.model),
+        &original,
+        &plot_points,
+    )
+}
