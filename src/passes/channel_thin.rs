@@ -22,13 +22,11 @@ pub struct ChannelThin {
 
 impl ChannelThin {
     pub fn from_args(args: &[String]) -> Result<Box<dyn Pass>> {
-        let usage = |m: String| anyhow::Error::from(CompileError::new(ExitCode::Usage, m));
-        let [arg] = args else {
-            return Err(usage("channel-thin takes one threshold, e.g. channel-thin(0.99)".into()));
-        };
-        let threshold: f64 = arg.parse().map_err(|_| usage(format!("'{arg}' is not a number")))?;
+        let threshold = super::one_number_arg(args, "channel-thin", "channel-thin(0.99)")?;
         if !(0.5..=1.0).contains(&threshold) {
-            return Err(usage(format!("channel-thin threshold {threshold} must lie in [0.5, 1]")));
+            return Err(super::usage(format!(
+                "channel-thin threshold {threshold} must lie in [0.5, 1]"
+            )));
         }
         Ok(Box::new(ChannelThin { threshold }))
     }

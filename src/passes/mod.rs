@@ -116,7 +116,15 @@ fn no_args<P: Pass + Default + 'static>(args: &[String]) -> Result<Box<dyn Pass>
     Ok(Box::new(P::default()))
 }
 
-fn usage(msg: String) -> anyhow::Error {
+/// The one number a pass like `width(0.5)` takes; `example` is shown when it is missing.
+pub(crate) fn one_number_arg(args: &[String], pass: &str, example: &str) -> Result<f64> {
+    let [arg] = args else {
+        return Err(usage(format!("{pass} takes one number, e.g. {example}")));
+    };
+    arg.parse().map_err(|_| usage(format!("{pass}: '{arg}' is not a number")))
+}
+
+pub(crate) fn usage(msg: String) -> anyhow::Error {
     CompileError::new(ExitCode::Usage, msg).into()
 }
 

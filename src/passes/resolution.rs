@@ -17,14 +17,10 @@ pub struct Resolution {
 
 impl Resolution {
     pub fn from_args(args: &[String]) -> Result<Box<dyn Pass>> {
-        let usage = |m: String| anyhow::Error::from(CompileError::new(ExitCode::Usage, m));
-        let [arg] = args else {
-            return Err(usage("resolution takes one factor, e.g. resolution(0.5)".into()));
-        };
-        let factor: f64 = arg.parse().map_err(|_| usage(format!("'{arg}' is not a number")))?;
+        let factor = super::one_number_arg(args, "resolution", "resolution(0.5)")?;
         let divisor = (1.0 / factor).round();
         if !(factor > 0.0 && factor < 1.0) || ((1.0 / factor) - divisor).abs() > 1e-6 {
-            return Err(usage(format!(
+            return Err(super::usage(format!(
                 "resolution factor {factor} must be 1/k for an integer k >= 2 (0.5, 0.25, ...)"
             )));
         }

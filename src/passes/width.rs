@@ -24,13 +24,9 @@ pub struct Width {
 
 impl Width {
     pub fn from_args(args: &[String]) -> Result<Box<dyn Pass>> {
-        let usage = |m: String| anyhow::Error::from(CompileError::new(ExitCode::Usage, m));
-        let [arg] = args else {
-            return Err(usage("width takes one fraction, e.g. width(0.5)".into()));
-        };
-        let fraction: f64 = arg.parse().map_err(|_| usage(format!("'{arg}' is not a number")))?;
+        let fraction = super::one_number_arg(args, "width", "width(0.5)")?;
         if !(fraction > 0.0 && fraction < 1.0) {
-            return Err(usage(format!("width fraction {fraction} must lie in (0, 1)")));
+            return Err(super::usage(format!("width fraction {fraction} must lie in (0, 1)")));
         }
         Ok(Box::new(Width { fraction }))
     }
