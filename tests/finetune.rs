@@ -6,7 +6,8 @@ mod common;
 use common::*;
 use std::path::{Path, PathBuf};
 
-/// The VGG with stage 1 culled (32,768 ReLUs; recalibrated, 91% on the training subset).
+/// The VGG with stage 1 culled (32,768 ReLUs), not recalibrated, so that what the tests see is
+/// distillation's doing (80.5% on the training subset).
 fn reduced(dir: &Path) -> PathBuf {
     let out = dir.join("reduced.onnx");
     let o = relucompile(&[
@@ -17,6 +18,7 @@ fn reduced(dir: &Path) -> PathBuf {
         "1",
         "--limit",
         "64",
+        "--no-recalibrate",
         "--no-progress",
     ]);
     assert_eq!(o.code, 0, "{}", o.stderr);
@@ -57,16 +59,30 @@ fn distillation_lowers_kd_loss_and_raises_accuracy_on_the_subset() {
     let dir = tmpdir();
     let reduced = reduced(dir.path());
     let tuned = dir.path().join("tuned.onnx");
-    let r =
-        finetune(&reduced, &tuned, &["--epochs", "3", "--train-limit", "256", "--limit", "200"]);
+    let r = finetune(
+        &reduced,
+        &tuned,
+        // The default recipe (SGD, one-cycle, BatchNorm re-inserted) at a peak rate suited to
+        // 24 steps on 256 images: measured 80.5% -> 92.2% on them (76.5% -> 87.5% on 200 test
+        // images); at the default 0.02 so short a run overshoots (68%).
+        &[
+            "--epochs",
+            "3",
+            "--train-limit",
+            "256",
+            "--limit",
+            "200",
+            "--no-recalibrate",
+            "--lr",
+            "0.005",
+        ],
+    );
     let epochs = r["epochs"].as_array().unwrap();
     assert_eq!(epochs.len(), 3);
     let kd: Vec<f64> = epochs.iter().map(|e| e["kd_loss"].as_f64().unwrap()).collect();
     assert!(kd[2] < kd[0] * 0.8, "KD loss did not fall: {kd:?}");
     let (before, after) = (train_subset_accuracy(&reduced), train_subset_accuracy(&tuned));
-    // The reduced graph is recalibrated already (91.0% on these 256 images); measured after
-    // three epochs of SGD + one-cycle with BatchNorm re-inserted: 94.1%.
-    assert!(after >= before + 0.02, "subset accuracy {before} -> {after}");
+    assert!(after >= before + 0.05, "subset accuracy {before} -> {after}");
     assert!(r["accuracy_after"].as_f64() > r["accuracy_before"].as_f64());
     // The weights written are the ones trained (checked inside too: outputs under tract).
     assert!(r["written_graph_rel_diff"].as_f64().unwrap() <= 1e-3);
