@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import sys
 import time
 
@@ -214,16 +215,23 @@ def main():
     ap.add_argument("--train-limit", type=int, help="first N training images only (smoke tests)")
     ap.add_argument("--test-limit", type=int, help="first N test images only (smoke tests)")
     ap.add_argument("--count-only", action="store_true", help="print the ReLU counts and stop")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the configurations --out already holds (same recipe, seed and data) and run the rest")
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "deepreduce_reference.json"))
     args = ap.parse_args()
     configs = args.configs or DEFAULT_CONFIGS
     for c in configs:
         parse_config(c)  # fail before any work
 
+    def on_signal(signum, _frame):  # say so in the log when a long run is stopped from outside
+        print(f"stopped by signal {signal.Signals(signum).name} after {time.time() - t_start:.0f}s", flush=True)
+        sys.exit(128 + signum)
+
+    t_start = time.time()
+    signal.signal(signal.SIGTERM, on_signal)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    t_start = time.time()
 
     original = load_original()
     orig_relus, orig_stages = relu_census(original)
@@ -265,8 +273,23 @@ def main():
         "original": {"relus": orig_relus, "relus_per_stage": orig_stages, "accuracy": orig_acc},
         "configs": [],
     }
+    prior_seconds = 0.0
+    if args.resume and os.path.exists(args.out):
+        with open(args.out) as f:
+            old = json.load(f)
+        same = all(old.get(k) == report[k] for k in ("recipe", "seed", "train_images", "test_images", "original"))
+        if not same:
+            sys.exit(f"--resume: {args.out} was made with another recipe, seed or data; not resuming")
+        report["configs"] = [r for r in old["configs"] if r["config"] in configs]
+        prior_seconds = old.get("total_seconds", 0.0)
+        report["resumed"] = old.get("resumed", 0) + 1
+        print(f"resuming from {args.out}: {', '.join(r['config'] for r in report['configs']) or 'nothing'} "
+              f"already measured ({prior_seconds:.0f}s)", flush=True)
+    done = {r["config"] for r in report["configs"]}
     teacher = original.eval()
     for c, relus, stages in reduced:
+        if c in done:
+            continue
         student = reduce(load_original(), c)
         before = float(train.evaluate_torch(student, xte, yte))
         print(f"{c}: {relus:,} ReLUs, test accuracy before KD {100 * before:.2f}%", flush=True)
@@ -277,9 +300,11 @@ def main():
             "config": c, "relus": relus, "relu_fraction": round(relus / orig_relus, 5),
             "relus_per_stage": stages, "accuracy_before_kd": before, "accuracy_after_kd": after,
             "train_seconds": round(wall, 1), "epochs": history})
-        report["total_seconds"] = round(time.time() - t_start, 1)
+        report["total_seconds"] = round(prior_seconds + time.time() - t_start, 1)
         write_json(args.out, report)  # after every configuration: a partial run keeps what it measured
-    report["total_seconds"] = round(time.time() - t_start, 1)
+    order = {c: i for i, c in enumerate(configs)}
+    report["configs"].sort(key=lambda r: order[r["config"]])
+    report["total_seconds"] = round(prior_seconds + time.time() - t_start, 1)
     write_json(args.out, report)
     print()
     print(table(report))
