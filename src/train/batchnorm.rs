@@ -10,8 +10,10 @@
 
 use crate::passes::recalibrate::channel_moments;
 use anyhow::Result;
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape};
 use candle_core::{Tensor, Var};
-use std::sync::Mutex;
+use rayon::prelude::*;
+use std::sync::{Arc, Mutex};
 
 /// PyTorch's defaults.
 pub const BN_MOMENTUM: f32 = 0.1;
@@ -45,26 +47,19 @@ impl InsertedBatchNorm {
         shape
     }
 
-    /// Training: normalise by the batch's statistics and update the running ones.
+    /// Training: normalise by the batch's statistics and update the running ones. One fused,
+    /// parallel op ([`BatchNormTrainOp`]) instead of a dozen single-threaded elementwise ones.
     pub fn forward_train(&self, y: &Tensor) -> Result<Tensor> {
-        let shape = Self::channel_shape(y);
-        let mut mean = y.mean_keepdim(0)?;
-        for axis in 2..y.rank() {
-            mean = mean.mean_keepdim(axis)?;
-        }
-        let centered = y.broadcast_sub(&mean)?;
-        let mut var = centered.sqr()?.mean_keepdim(0)?;
-        for axis in 2..y.rank() {
-            var = var.mean_keepdim(axis)?;
-        }
-        let out = centered
-            .broadcast_div(&(&var + BN_EPS)?.sqrt()?)?
-            .broadcast_mul(&self.gamma.as_tensor().reshape(shape.clone())?)?
-            .broadcast_add(&self.beta.as_tensor().reshape(shape)?)?;
+        let stats = Arc::new(Mutex::new((vec![], vec![])));
+        let op = BatchNormTrainOp { stats: stats.clone() };
+        let out = y.contiguous()?.apply_op3(
+            &self.gamma.as_tensor().contiguous()?,
+            &self.beta.as_tensor().contiguous()?,
+            op,
+        )?;
         let count = y.elem_count() / y.dim(1)?;
         let unbiased = count as f32 / (count.max(2) - 1) as f32;
-        let batch_mean: Vec<f32> = mean.flatten_all()?.to_vec1()?;
-        let batch_var: Vec<f32> = var.flatten_all()?.to_vec1()?;
+        let (batch_mean, batch_var) = stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
         let (rm, rv) = &mut *running;
         for c in 0..rm.len() {
@@ -95,6 +90,126 @@ impl InsertedBatchNorm {
     }
 }
 
+/// Per-channel batch mean and biased variance of a contiguous `[N, C, S...]` array, each
+/// channel summed in a fixed order (in f64), channels in parallel.
+fn channel_stats(x: &[f32], n: usize, c: usize, spatial: usize) -> (Vec<f64>, Vec<f64>) {
+    (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let (mut sum, mut sq) = (0.0f64, 0.0f64);
+            for i in 0..n {
+                for &v in &x[(i * c + ch) * spatial..(i * c + ch + 1) * spatial] {
+                    sum += v as f64;
+                    sq += v as f64 * v as f64;
+                }
+            }
+            let m = (n * spatial) as f64;
+            let mean = sum / m;
+            (mean, (sq / m - mean * mean).max(0.0))
+        })
+        .unzip()
+}
+
+/// `gamma * (x - mean) / sqrt(var + eps) + beta` with the batch's per-channel statistics, and
+/// its exact gradient for `x`, `gamma` and `beta`. The batch statistics it used are left in
+/// `stats` for the running averages.
+struct BatchNormTrainOp {
+    stats: Arc<Mutex<(Vec<f32>, Vec<f32>)>>,
+}
+
+fn dims_ncs(dims: &[usize]) -> (usize, usize, usize) {
+    (dims[0], dims[1], dims[2..].iter().product())
+}
+
+impl CustomOp3 for BatchNormTrainOp {
+    fn name(&self) -> &'static str {
+        "batchnorm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let slice = |s: &CpuStorage, l: &Layout| -> candle_core::Result<Vec<f32>> {
+            let Some((a, b)) = l.contiguous_offsets() else {
+                candle_core::bail!("batchnorm: operand is not contiguous")
+            };
+            Ok(s.as_slice::<f32>()?[a..b].to_vec())
+        };
+        let (x, gamma, beta) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let (n, c, spatial) = dims_ncs(l1.dims());
+        let (mean, var) = channel_stats(&x, n, c, spatial);
+        let scale: Vec<f32> =
+            (0..c).map(|ch| gamma[ch] / ((var[ch] + BN_EPS).sqrt() as f32)).collect();
+        let shift: Vec<f32> = (0..c).map(|ch| beta[ch] - mean[ch] as f32 * scale[ch]).collect();
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(spatial.max(1)).zip(x.par_chunks(spatial.max(1))).enumerate().for_each(
+            |(plane, (out, inp))| {
+                let ch = plane % c;
+                for (o, &v) in out.iter_mut().zip(inp) {
+                    *o = v * scale[ch] + shift[ch];
+                }
+            },
+        );
+        *self.stats.lock().unwrap_or_else(|e| e.into_inner()) =
+            (mean.iter().map(|&m| m as f32).collect(), var.iter().map(|&v| v as f32).collect());
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, c, spatial) = dims_ncs(x.dims());
+        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let g: Vec<f32> = gamma.flatten_all()?.to_vec1()?;
+        let dy: Vec<f32> = grad.contiguous()?.flatten_all()?.to_vec1()?;
+        let (mean, var) = channel_stats(&xs, n, c, spatial);
+        let invstd: Vec<f64> = var.iter().map(|v| 1.0 / (v + BN_EPS).sqrt()).collect();
+        // Per channel: sum(dy) and sum(dy * xhat), in a fixed order.
+        let (sum_dy, sum_dy_xhat): (Vec<f64>, Vec<f64>) = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let (mut a, mut b) = (0.0f64, 0.0f64);
+                for i in 0..n {
+                    let at = (i * c + ch) * spatial;
+                    for (&d, &v) in dy[at..at + spatial].iter().zip(&xs[at..at + spatial]) {
+                        a += d as f64;
+                        b += d as f64 * (v as f64 - mean[ch]) * invstd[ch];
+                    }
+                }
+                (a, b)
+            })
+            .unzip();
+        let m = (n * spatial) as f64;
+        let mut dx = vec![0f32; xs.len()];
+        dx.par_chunks_mut(spatial.max(1)).enumerate().for_each(|(plane, out)| {
+            let ch = plane % c;
+            let at = plane * spatial;
+            let k = g[ch] as f64 * invstd[ch];
+            for (s, o) in out.iter_mut().enumerate() {
+                let xhat = (xs[at + s] as f64 - mean[ch]) * invstd[ch];
+                *o = (k * (dy[at + s] as f64 - sum_dy[ch] / m - xhat * sum_dy_xhat[ch] / m)) as f32;
+            }
+        });
+        let to_f32 = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
+            Some(Tensor::from_vec(to_f32(sum_dy_xhat), c, x.device())?),
+            Some(Tensor::from_vec(to_f32(sum_dy), c, x.device())?),
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,6 +234,68 @@ mod tests {
             bn.forward_train(&y).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         for (a, b) in train.iter().zip(&orig) {
             assert!((a - b).abs() < 1e-3, "{a} vs {b}");
+        }
+    }
+    /// The fused op's outputs and gradients equal those of the same formula written with
+    /// candle's elementwise ops.
+    #[test]
+    fn fused_op_matches_the_composed_formula() {
+        let dev = Device::Cpu;
+        let xv: Vec<f32> = (0..2 * 3 * 4 * 5).map(|i| ((i * 29 % 17) as f32 - 8.0) * 0.3).collect();
+        let x = Var::from_vec(xv, (2, 3, 4, 5), &dev).unwrap();
+        let gamma = Var::from_vec(vec![0.5f32, 1.5, -2.0], 3, &dev).unwrap();
+        let beta = Var::from_vec(vec![0.1f32, -0.2, 0.3], 3, &dev).unwrap();
+        let w = Tensor::from_vec(
+            (0..120).map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.1).collect::<Vec<_>>(),
+            (2, 3, 4, 5),
+            &dev,
+        )
+        .unwrap();
+        let fused = x
+            .as_tensor()
+            .apply_op3(
+                gamma.as_tensor(),
+                beta.as_tensor(),
+                BatchNormTrainOp { stats: Arc::new(Mutex::new((vec![], vec![]))) },
+            )
+            .unwrap();
+        let shape = (1, 3, 1, 1);
+        let mean = x
+            .as_tensor()
+            .mean_keepdim(0)
+            .unwrap()
+            .mean_keepdim(2)
+            .unwrap()
+            .mean_keepdim(3)
+            .unwrap();
+        let centered = x.as_tensor().broadcast_sub(&mean).unwrap();
+        let var = centered
+            .sqr()
+            .unwrap()
+            .mean_keepdim(0)
+            .unwrap()
+            .mean_keepdim(2)
+            .unwrap()
+            .mean_keepdim(3)
+            .unwrap();
+        let composed = centered
+            .broadcast_div(&(var + BN_EPS).unwrap().sqrt().unwrap())
+            .unwrap()
+            .broadcast_mul(&gamma.as_tensor().reshape(shape).unwrap())
+            .unwrap()
+            .broadcast_add(&beta.as_tensor().reshape(shape).unwrap())
+            .unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (a, b) in flat(&fused).iter().zip(flat(&composed)) {
+            assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+        }
+        let gf = (fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let gc = (composed * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [&x, &gamma, &beta] {
+            let (a, b) = (flat(gf.get(v).unwrap()), flat(gc.get(v).unwrap()));
+            for (p, q) in a.iter().zip(&b) {
+                assert!((p - q).abs() < 1e-4, "{p} vs {q}");
+            }
         }
     }
 }
