@@ -26,6 +26,11 @@ time) and writes it as JSON to --out.
     python3 scripts/deepreduce_reference.py                        # the default configurations
     python3 scripts/deepreduce_reference.py 'cull(1,2),thin(bottom)' 'cull(1,2,3)' --epochs 1
     python3 scripts/deepreduce_reference.py --count-only           # ReLU counts only, no training
+    python3 scripts/deepreduce_reference.py ... --resume           # keep what --out holds, run the rest
+
+The JSON is rewritten after every configuration, so a run stopped from outside loses only the
+configuration in progress; each configuration starts from the same seed, so a resumed run
+measures what an uninterrupted one would (wall times aside).
 """
 import argparse
 import json
