@@ -973,11 +973,11 @@ pub fn conv2d(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    /// A deterministic pseudo-random vector in [-1, 1).
-    fn rand_vec(len: usize, seed: u64) -> Vec<f32> {
+    /// A deterministic pseudo-random vector in [-1, 1) (also used by `pool`'s tests).
+    pub(crate) fn rand_vec(len: usize, seed: u64) -> Vec<f32> {
         let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         (0..len)
             .map(|_| {

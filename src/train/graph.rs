@@ -365,25 +365,6 @@ impl TrainGraph {
         out.graph.remove_unused_initializers();
         Ok(out)
     }
-
-    /// Copy the weights of `model` (same graph) into the variables: resuming from a checkpoint.
-    pub fn load_weights(&self, model: &Model) -> Result<()> {
-        for (name, var) in &self.params {
-            let t = model
-                .graph
-                .initializers
-                .get(name)
-                .with_context(|| format!("the checkpoint lacks weight '{name}'"))?;
-            anyhow::ensure!(
-                t.dims == var.dims(),
-                "checkpoint weight '{name}' has dims {:?}, the graph {:?}",
-                t.dims,
-                var.dims()
-            );
-            var.set(&to_candle(t, &self.device)?)?;
-        }
-        Ok(())
-    }
 }
 
 const SUPPORTED: &[&str] = &[

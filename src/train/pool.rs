@@ -215,17 +215,7 @@ mod tests {
         out
     }
 
-    fn rand_vec(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect()
-    }
+    use crate::train::conv::tests::rand_vec;
 
     fn params() -> Vec<Pool2dParams> {
         let mut out = vec![];
