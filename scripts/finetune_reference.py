@@ -64,6 +64,30 @@ def augment(img, p, hflip, rng):
     return out[:, :, ::-1] if flip else out
 
 
+def epoch_order(seed, epoch, n):
+    """relucompile's shuffle of `n` training images for `epoch` (0-based): the order, and the
+    generator, whose next draws are that epoch's augmentation."""
+    rng = Rng(seed ^ ((epoch * 0x2545F4914F6CDD1D) & MASK))
+    order = list(range(n))
+    for i in range(n - 1, 0, -1):
+        j = rng.below(i + 1)
+        order[i], order[j] = order[j], order[i]
+    return order, rng
+
+
+def make_batch(xtr, ytr, idx, crop_padding, hflip, rng):
+    """The augmented batch of training images `idx`, drawing from `rng` as relucompile does."""
+    xb = torch.from_numpy(np.stack([augment(xtr[i], crop_padding, hflip, rng) for i in idx]))
+    return xb, torch.from_numpy(ytr[idx].astype(np.int64))
+
+
+def distillation_loss(s, t, y, temperature, alpha):
+    """alpha * T^2 * KL(teacher/T || student/T) (batch mean) + (1 - alpha) * CE; and the KL."""
+    kd = F.kl_div(F.log_softmax(s / temperature, 1), F.log_softmax(t / temperature, 1),
+                  log_target=True, reduction="batchmean")
+    return alpha * temperature ** 2 * kd + (1 - alpha) * F.cross_entropy(s, y), kd
+
+
 def accuracy(model, x, y):
     with torch.no_grad():
         pred = torch.cat([model(torch.from_numpy(x[i:i + 500])).argmax(1) for i in range(0, len(x), 500)])
@@ -78,26 +102,18 @@ def finetune_torch(args, xtr, ytr):
     n = len(xtr)
     steps_per_epoch = math.ceil(n / args.batch)
     total = steps_per_epoch * args.epochs
-    t2 = args.temperature ** 2
     history = []
     for epoch in range(args.epochs):
-        rng = Rng(args.train_seed ^ ((epoch * 0x2545F4914F6CDD1D) & MASK))
-        order = list(range(n))
-        for i in range(n - 1, 0, -1):
-            j = rng.below(i + 1)
-            order[i], order[j] = order[j], order[i]
+        order, rng = epoch_order(args.train_seed, epoch, n)
         started = time.perf_counter()
         loss_sum = kd_sum = 0.0
         for b in range(steps_per_epoch):
             idx = order[b * args.batch:(b + 1) * args.batch]
-            xb = torch.from_numpy(np.stack([augment(xtr[i], args.crop_padding, not args.no_flip, rng) for i in idx]))
-            yb = torch.from_numpy(ytr[idx].astype(np.int64))
+            xb, yb = make_batch(xtr, ytr, idx, args.crop_padding, not args.no_flip, rng)
             with torch.no_grad():
                 t = teacher(xb)
             s = student(xb)
-            kd = F.kl_div(F.log_softmax(s / args.temperature, 1), F.log_softmax(t / args.temperature, 1),
-                          log_target=True, reduction="batchmean")
-            loss = args.alpha * t2 * kd + (1 - args.alpha) * F.cross_entropy(s, yb)
+            loss, kd = distillation_loss(s, t, yb, args.temperature, args.alpha)
             for g in opt.param_groups:
                 g["lr"] = 0.5 * args.lr * (1 + math.cos(math.pi * (epoch * steps_per_epoch + b) / total))
             opt.zero_grad()

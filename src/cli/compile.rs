@@ -7,6 +7,7 @@ use crate::eval::compare::Comparison;
 use crate::frontend::write_bytes_atomic;
 use crate::passes::DEFAULT_PIPELINE;
 use crate::report::{table, thousands};
+use crate::search::objective::Budget;
 use anyhow::{Context, Result};
 use std::path::PathBuf;
 
@@ -69,11 +70,18 @@ pub struct CompileArgs {
     pub seed: u64,
     /// Pick the culling/thinning/channel combination that meets this ReLU budget (a count or
     /// a percentage like 25%) with the least accuracy loss on calibration images
-    #[arg(long, help_heading = "ReLU reduction (lossy)", conflicts_with_all = ["cull", "thin", "channel_threshold"])]
+    #[arg(long, group = "budget", help_heading = "ReLU reduction (lossy)", conflicts_with_all = ["cull", "thin", "channel_threshold"])]
     pub relu_budget: Option<String>,
-    /// With --relu-budget: take the most accurate point under the budget from a frontier that
+    /// Pick the combination (max-pool replacement included) whose estimated PI bytes per image
+    /// meet this budget, e.g. 30MB or 25%, with the least accuracy loss
+    #[arg(long, group = "budget", value_name = "BYTES", help_heading = "ReLU reduction (lossy)", conflicts_with_all = ["cull", "thin", "channel_threshold"])]
+    pub bytes_budget: Option<String>,
+    /// The same for estimated PI latency per image, e.g. 0.3s, 300ms or 25%
+    #[arg(long, group = "budget", value_name = "SECONDS", help_heading = "ReLU reduction (lossy)", conflicts_with_all = ["cull", "thin", "channel_threshold"])]
+    pub latency_budget: Option<String>,
+    /// With a budget: take the most accurate point under it from a frontier that
     /// `relucompile pareto` wrote (its directory or frontier.json) instead of searching
-    #[arg(long, requires = "relu_budget", help_heading = "ReLU reduction (lossy)")]
+    #[arg(long, requires = "budget", help_heading = "ReLU reduction (lossy)")]
     pub frontier: Option<PathBuf>,
     /// Do not recalibrate after lossy passes (by default every Conv/Gemm output channel is
     /// mapped to the original's mean and scale on calibration images, folded into the weights)
@@ -151,6 +159,8 @@ impl CompileArgs {
             calibration_images: self.calibration_images,
             seed: self.seed,
             relu_budget: self.relu_budget.clone(),
+            bytes_budget: self.bytes_budget.clone(),
+            latency_budget: self.latency_budget.clone(),
             frontier: self.frontier.clone(),
             recalibrate: !self.no_recalibrate,
             data: self.data.clone(),
@@ -193,11 +203,14 @@ fn print_report(r: &CompileReport, before: &Census, after: &Census, real_note: &
     println!("{} -> {}", r.input, r.output);
     println!("pipeline: {}\n", r.pipeline);
     if let Some(b) = &r.budget {
+        let budget = Budget { objective: b.objective, limit: b.limit };
         println!(
-            "budget {} ReLUs: chose '{}' ({} ReLUs, {:.2}% on calibration images) among {} candidates\n",
-            thousands(b.relus),
+            "budget {}: chose '{}' ({} ReLUs, est. {:.1} MB, {:.3} s; {:.2}% on calibration images) among {} candidates\n",
+            budget.describe(),
             b.chosen.pipeline,
             thousands(b.chosen.relus),
+            b.chosen.bytes / 1e6,
+            b.chosen.seconds,
             100.0 * b.chosen.calibration_accuracy.unwrap_or(f64::NAN),
             b.candidates.len()
         );

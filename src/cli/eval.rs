@@ -3,7 +3,8 @@
 
 use crate::driver::eval::{eval, EvalOptions, Evaluation};
 use crate::eval::data::{self, Normalisation, Split};
-use crate::eval::evaluator::{EvalReport, DEFAULT_BATCH};
+use crate::eval::evaluator::EvalReport;
+use crate::eval::EngineChoice;
 use anyhow::Result;
 use std::path::PathBuf;
 
@@ -59,9 +60,14 @@ pub struct EvalArgs {
     /// Also run this model and compare: its accuracy, arg-max agreement, largest difference
     #[arg(long, value_name = "MODEL")]
     pub reference: Option<PathBuf>,
-    /// Images per tract run (tract is fastest one image at a time; threads share the images)
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_BATCH, value_parser = super::data_flags::parse_positive)]
-    pub batch: usize,
+    /// Images per run, one run per thread at a time (default: the engine's best, 32 native,
+    /// 1 for tract)
+    #[arg(long, value_name = "N", value_parser = super::data_flags::parse_positive)]
+    pub batch: Option<usize>,
+    /// Which engine runs the models: the native engine when it takes the graph (else tract),
+    /// only the native engine, or only tract
+    #[arg(long, value_enum, default_value_t = EngineChoice::Auto)]
+    pub engine: EngineChoice,
     /// The model's input shape with the batch, e.g. 1x1x28x28 (default: the model's own)
     #[arg(long, value_name = "SHAPE", value_parser = super::parse_shape)]
     // `::std::vec::Vec`: one value parsed whole, not a list of values (clap's derive rule).
@@ -85,6 +91,7 @@ impl From<&EvalArgs> for EvalOptions {
             limit: a.limit,
             reference: a.reference.clone(),
             batch: a.batch,
+            engine: a.engine,
             input_shape: a.input_shape.clone(),
             data_options: (&a.data_flags).into(),
             progress: !a.no_progress && !a.json,
@@ -112,8 +119,8 @@ fn human(r: &EvalReport, norm: &Normalisation) -> String {
         (
             "speed",
             format!(
-                "{:.1} images/s  ({:.2} s, batch {}, {} threads)",
-                r.images_per_second, r.seconds, r.batch, r.threads
+                "{:.1} images/s  ({:.2} s, {} engine, batch {}, {} threads)",
+                r.images_per_second, r.seconds, r.engine, r.batch, r.threads
             ),
         ),
     ];
@@ -168,7 +175,7 @@ mod tests {
         assert_eq!(a.data_flags.mean, Some(vec![0.1, 0.2, 0.3]));
         assert_eq!(a.data_flags.std, Some(vec![0.5]));
         assert_eq!(a.split, Some(Split::Train));
-        assert_eq!((a.limit, a.batch, a.data.as_str()), (Some(10), DEFAULT_BATCH, "fashion-mnist"));
+        assert_eq!((a.limit, a.batch, a.data.as_str()), (Some(10), None, "fashion-mnist"));
         for bad in [
             &["--input-shape", "1x3xq"][..],
             &["--mean", "a,b"],
@@ -197,6 +204,7 @@ mod tests {
             images_per_second: 20.0,
             batch: 10,
             threads: 2,
+            engine: "native".into(),
             reference: Some(crate::eval::evaluator::ReferenceReport {
                 model: "r.onnx".into(),
                 accuracy: 0.8,

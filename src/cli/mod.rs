@@ -46,17 +46,19 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Rewrite a model (the same as giving no subcommand)
-    Compile(compile::CompileArgs),
+    Compile(Box<compile::CompileArgs>),
     /// Print the ReLU census: every ReLU layer with its stage, shape and count, and MACs
     Inspect(inspect::InspectArgs),
-    /// Measure top-1 accuracy and throughput with the tract evaluator
+    /// Measure top-1 accuracy and throughput (native engine, tract for graphs it does not take)
     Eval(eval::EvalArgs),
     /// Per-stage ReLU criticality (DeepReDuce) on calibration images, and the cull order
     Criticality(criticality::CriticalityArgs),
-    /// Search the Pareto frontier of ReLU count against accuracy and write one model per point
+    /// Search the Pareto frontier of ReLUs (or estimated PI bytes or latency) against accuracy
+    /// and write one model per point
     Pareto(pareto::ParetoArgs),
-    /// Fine-tune a reduced graph by knowledge distillation from the original (AdamW, cosine
-    /// schedule, crop + flip augmentation), checkpointing every epoch
+    /// Fine-tune a reduced graph by knowledge distillation from the original (BatchNorm
+    /// re-inserted, SGD with Nesterov momentum and a one-cycle schedule, crop + flip
+    /// augmentation), checkpointing every epoch
     Finetune(finetune::FinetuneArgs),
     /// List every pass a pipeline (--passes) can name
     Passes,

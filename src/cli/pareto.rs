@@ -3,6 +3,7 @@
 
 use crate::driver::pareto::{pareto, Frontier, ParetoOptions};
 use crate::report::{table, thousands};
+use crate::search::objective::Objective;
 use anyhow::Result;
 use std::path::PathBuf;
 
@@ -39,6 +40,13 @@ pub struct ParetoArgs {
     /// out of the search
     #[arg(long)]
     pub no_dimensions: bool,
+    /// The cost on the frontier's axis: ReLUs, or the PI bytes or latency per image the cost
+    /// model estimates (bytes and latency also try replacing max-pooling with averaging)
+    #[arg(long, value_enum, default_value_t = Objective::Relus)]
+    pub objective: Objective,
+    /// PI cost model for the bytes and latency estimates: `crypten` (built in) or a JSON file
+    #[arg(long, default_value = "crypten", value_name = "MODEL")]
+    pub cost_model: String,
     /// No progress bars
     #[arg(long)]
     pub no_progress: bool,
@@ -70,6 +78,8 @@ impl From<&ParetoArgs> for ParetoOptions {
             progress: !a.no_progress,
             data_options: (&a.data_flags).into(),
             finetune: a.finetune.training(),
+            objective: a.objective,
+            cost_model: a.cost_model.clone(),
         }
     }
 }
@@ -91,19 +101,23 @@ fn print_frontier(f: &Frontier) {
         "{}: {} candidates scored on {} calibration images; cull order {:?}",
         f.model, f.candidates, f.calibration_images, f.cull_order
     );
-    let mut rows = vec![vec![
-        "original".to_string(),
-        thousands(f.original.relus),
-        format!("{:.2}%", 100.0 * f.original.accuracy),
-        String::new(),
-    ]];
-    rows.extend(f.points.iter().map(|p| {
+    let row = |config: &str, relus: u64, bytes: f64, seconds: f64, acc: f64, file: &str| {
         vec![
-            p.config.clone(),
-            thousands(p.relus),
-            format!("{:.2}%", 100.0 * p.accuracy),
-            p.file.clone(),
+            config.to_string(),
+            thousands(relus),
+            format!("{:.1}", bytes / 1e6),
+            format!("{seconds:.3}"),
+            format!("{:.2}%", 100.0 * acc),
+            file.to_string(),
         ]
-    }));
-    print!("{}", table(&["configuration", "relus", "test accuracy", "file"], &rows));
+    };
+    let o = &f.original;
+    let mut rows = vec![row("original", o.relus, o.bytes, o.seconds, o.accuracy, "")];
+    rows.extend(
+        f.points.iter().map(|p| row(&p.config, p.relus, p.bytes, p.seconds, p.accuracy, &p.file)),
+    );
+    print!(
+        "{}",
+        table(&["configuration", "relus", "est. MB", "est. s", "test accuracy", "file"], &rows)
+    );
 }

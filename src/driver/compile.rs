@@ -16,7 +16,8 @@ use crate::ir::Model;
 use crate::passes::{
     prepare, run_pipeline, PassContext, PassRecord, Pipeline, VerifyOptions, DEFAULT_PIPELINE,
 };
-use crate::search::{best_under_budget, parse_budget, Candidate};
+use crate::search::objective::{Budget, Cost, Objective};
+use crate::search::{best_under_budget, Candidate};
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -71,7 +72,12 @@ pub struct CompileOptions {
     /// Search the lossy configuration that meets this ReLU budget (a count or `25%`) instead of
     /// taking `cull`/`thin`/`channel_threshold`.
     pub relu_budget: Option<String>,
-    /// With `relu_budget`: choose from the frontier `pareto` wrote here instead of searching.
+    /// Search the lossy configuration (max-pool replacement included) whose estimated PI bytes
+    /// per image meet this budget (`30MB`, `25%`); exclusive with the other budgets.
+    pub bytes_budget: Option<String>,
+    /// The same for estimated PI latency per image (`0.3s`, `300ms`, `25%`).
+    pub latency_budget: Option<String>,
+    /// With a budget: choose from the frontier `pareto` wrote here instead of searching.
     pub frontier: Option<PathBuf>,
     /// Recalibrate after lossy passes (map every Conv/Gemm output channel to the original's
     /// mean and scale on calibration images).
@@ -123,6 +129,8 @@ impl Default for CompileOptions {
             calibration_images: 512,
             seed: 0,
             relu_budget: None,
+            bytes_budget: None,
+            latency_budget: None,
             frontier: None,
             recalibrate: true,
             data: None,
@@ -200,7 +208,7 @@ pub struct CompileReport {
     /// With --finetune-epochs: the fine-tuning run (the accuracy above is the tuned graph's).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub finetune: Option<FinetuneReport>,
-    /// With --relu-budget: the budget, the choice and every candidate considered.
+    /// With a budget: the budget, the choice and every candidate considered.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub budget: Option<BudgetReport>,
     /// With --no-eval on a lossy pipeline: the warning that accuracy was not measured.
@@ -210,7 +218,12 @@ pub struct CompileReport {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct BudgetReport {
-    pub relus: u64,
+    pub objective: Objective,
+    /// In the objective's unit: ReLUs, bytes or seconds per image.
+    pub limit: f64,
+    /// The limit of a ReLU budget.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relus: Option<u64>,
     pub chosen: Candidate,
     pub candidates: Vec<Candidate>,
 }
@@ -308,9 +321,9 @@ pub fn compile(opts: &CompileOptions) -> Result<Compilation> {
     let before =
         census(&original, &sample).with_context(|| format!("in model {}", input.display()))?;
     let cost_model = CostModel::load(&opts.cost_model)?;
-    let budget = opts.relu_budget.as_ref().map(|_| budget_relus(opts, &before)).transpose()?;
-    let budget_choice = match budget {
-        Some(relus) => Some(choose_for_budget(&original, &sample, relus, opts)?),
+    let budget = budget_of(opts, &Cost::of(&original, &sample, &cost_model)?)?;
+    let budget_choice = match &budget {
+        Some(b) => Some(choose_for_budget(&original, &sample, b, &cost_model, opts)?),
         None => None,
     };
     let pipeline = Pipeline::parse(&format!(
@@ -393,8 +406,10 @@ pub fn compile(opts: &CompileOptions) -> Result<Compilation> {
         cost_before: cost_model.estimate(&before),
         cost_after: cost_model.estimate(&after),
         finetune,
-        budget: budget.zip(budget_choice).map(|(relus, (chosen, candidates))| BudgetReport {
-            relus,
+        budget: budget.zip(budget_choice).map(|(b, (chosen, candidates))| BudgetReport {
+            objective: b.objective,
+            limit: b.limit,
+            relus: (b.objective == Objective::Relus).then_some(b.limit as u64),
             chosen,
             candidates,
         }),
@@ -436,7 +451,7 @@ fn pipeline_text(opts: &CompileOptions, searched: Option<&str>) -> String {
     if let Some(f) = opts.width {
         lossy.push(format!("width({f})"));
     }
-    if opts.avg_pool {
+    if opts.avg_pool && !lossy.iter().any(|l| l.contains("maxpool-to-avgpool")) {
         lossy.push("maxpool-to-avgpool".into());
     }
     if lossy.is_empty() {
@@ -449,18 +464,39 @@ fn pipeline_text(opts: &CompileOptions, searched: Option<&str>) -> String {
     crate::passes::place_lossy(&opts.passes, &lossy)
 }
 
-fn budget_relus(opts: &CompileOptions, before: &Census) -> Result<u64> {
-    let text = opts.relu_budget.as_deref().unwrap_or_default();
-    parse_budget(text, before.total_relus)
-        .map_err(|e| CompileError::new(ExitCode::Usage, format!("--relu-budget: {e}")).into())
+/// The one budget asked for (`--relu-budget`, `--bytes-budget` or `--latency-budget`), if any.
+fn budget_of(opts: &CompileOptions, original: &Cost) -> Result<Option<Budget>> {
+    let asked: Vec<(Objective, &str, &String)> = [
+        (Objective::Relus, "--relu-budget", &opts.relu_budget),
+        (Objective::Bytes, "--bytes-budget", &opts.bytes_budget),
+        (Objective::Latency, "--latency-budget", &opts.latency_budget),
+    ]
+    .into_iter()
+    .filter_map(|(o, flag, v)| v.as_ref().map(|v| (o, flag, v)))
+    .collect();
+    match asked.as_slice() {
+        [] => Ok(None),
+        [(objective, flag, text)] => Budget::parse(*objective, text, original)
+            .map(Some)
+            .map_err(|e| CompileError::new(ExitCode::Usage, format!("{flag}: {e}")).into()),
+        _ => {
+            let flags: Vec<&str> = asked.iter().map(|(_, f, _)| *f).collect();
+            Err(CompileError::new(
+                ExitCode::Usage,
+                format!("{} cannot be combined: give one budget", flags.join(" and ")),
+            )
+            .into())
+        }
+    }
 }
 
-/// Search the lossy configurations for the best one under `--relu-budget`, on calibration
-/// images from the training split. The lossless passes before the lossy ones run first.
+/// Search the lossy configurations for the best one under the budget, on calibration images
+/// from the training split. The lossless passes before the lossy ones run first.
 fn choose_for_budget(
     original: &Model,
     sample: &[usize],
-    budget: u64,
+    budget: &Budget,
+    cost_model: &CostModel,
     opts: &CompileOptions,
 ) -> Result<(Candidate, Vec<Candidate>)> {
     if let Some(path) = &opts.frontier {
@@ -472,11 +508,11 @@ fn choose_for_budget(
     if !opts.recalibrate {
         ctx.reference = None;
     }
-    best_under_budget(&base, budget, &ctx, &calib, opts.progress)
+    best_under_budget(&base, budget, cost_model, &ctx, &calib, opts.progress)
 }
 
-/// The most accurate point of a written frontier whose ReLU count fits the budget.
-fn choose_from_frontier(path: &Path, budget: u64) -> Result<(Candidate, Vec<Candidate>)> {
+/// The most accurate point of a written frontier whose cost fits the budget.
+fn choose_from_frontier(path: &Path, budget: &Budget) -> Result<(Candidate, Vec<Candidate>)> {
     let file = if path.is_dir() { path.join("frontier.json") } else { path.to_path_buf() };
     let text = std::fs::read_to_string(&file)
         .with_context(|| format!("cannot read the frontier {}", file.display()))?;
@@ -491,13 +527,17 @@ fn choose_from_frontier(path: &Path, budget: u64) -> Result<(Candidate, Vec<Cand
             Some(Candidate {
                 pipeline: if config == "original" { String::new() } else { config.to_string() },
                 relus: p["relus"].as_u64()?,
+                // Frontiers written before the cost objectives lack these: no bytes or latency
+                // budget can be met from them.
+                bytes: p["bytes"].as_f64().unwrap_or(f64::INFINITY),
+                seconds: p["seconds"].as_f64().unwrap_or(f64::INFINITY),
                 calibration_accuracy: p["accuracy"].as_f64(),
             })
         })
         .collect();
     let best = points
         .iter()
-        .filter(|p| p.relus <= budget)
+        .filter(|p| budget.fits(&p.cost()))
         .max_by(|a, b| {
             a.calibration_accuracy.unwrap_or(0.0).total_cmp(&b.calibration_accuracy.unwrap_or(0.0))
         })
@@ -505,7 +545,7 @@ fn choose_from_frontier(path: &Path, budget: u64) -> Result<(Candidate, Vec<Cand
         .ok_or_else(|| {
             CompileError::new(
                 ExitCode::Usage,
-                format!("no point of {} has at most {budget} ReLUs", file.display()),
+                format!("no point of {} fits a budget of {}", file.display(), budget.describe()),
             )
         })?;
     Ok((best, points))
@@ -616,7 +656,7 @@ fn measure_accuracy(
         "rewritten",
         Some((original, &name)),
         set,
-        crate::eval::evaluator::DEFAULT_BATCH,
+        crate::eval::RunSpec::default(),
         opts.progress,
     )?;
     let reference = eval.reference.as_ref().context("the evaluator returned no reference")?;

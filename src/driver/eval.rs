@@ -5,7 +5,8 @@ use super::{DataOptions, DEFAULT_DATA};
 use crate::analysis::shapes::sample_shape;
 use crate::error::{CompileError, ExitCode};
 use crate::eval::data::{self, Normalisation, Source, Split};
-use crate::eval::evaluator::{evaluate, EvalReport, DEFAULT_BATCH};
+use crate::eval::evaluator::{evaluate, EvalReport};
+use crate::eval::{EngineChoice, RunSpec};
 use crate::frontend::load_model;
 use crate::ir::Model;
 use anyhow::{Context, Result};
@@ -24,8 +25,10 @@ pub struct EvalOptions {
     pub limit: Option<usize>,
     /// Also run this model and compare: its accuracy, arg-max agreement, largest difference.
     pub reference: Option<PathBuf>,
-    /// Images per tract run.
-    pub batch: usize,
+    /// Images per run (`None`: the engine's best).
+    pub batch: Option<usize>,
+    /// Which engine runs the models.
+    pub engine: EngineChoice,
     /// The model's input shape with the batch (`None`: the model's own).
     pub input_shape: Option<Vec<usize>>,
     pub data_options: DataOptions,
@@ -34,7 +37,7 @@ pub struct EvalOptions {
 }
 
 impl EvalOptions {
-    /// Evaluate `model` on the whole Fashion-MNIST test split, one image per tract run.
+    /// Evaluate `model` on the whole Fashion-MNIST test split with the fastest engine.
     pub fn new(model: impl Into<PathBuf>) -> Self {
         EvalOptions {
             model: model.into(),
@@ -42,7 +45,8 @@ impl EvalOptions {
             split: None,
             limit: None,
             reference: None,
-            batch: DEFAULT_BATCH,
+            batch: None,
+            engine: EngineChoice::Auto,
             input_shape: None,
             data_options: DataOptions::default(),
             progress: false,
@@ -126,8 +130,14 @@ pub fn eval(opts: &EvalOptions) -> Result<Evaluation> {
         }
     }
 
-    let mut report =
-        evaluate(&model, &model_name, reference_pair, &dataset, opts.batch, opts.progress)?;
+    let mut report = evaluate(
+        &model,
+        &model_name,
+        reference_pair,
+        &dataset,
+        RunSpec { batch: opts.batch, engine: opts.engine },
+        opts.progress,
+    )?;
     report.split = match source {
         Source::Npy(_) => "npy".to_string(),
         s if !s.has_splits() => "all".to_string(),

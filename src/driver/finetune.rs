@@ -5,7 +5,8 @@
 use super::{check_output_path, DataOptions, TrainOptions, DEFAULT_DATA};
 use crate::analysis::{census::census, shapes::sample_shape};
 use crate::eval::data::Split;
-use crate::eval::evaluator::{evaluate, DEFAULT_BATCH};
+use crate::eval::evaluator::evaluate;
+use crate::eval::RunSpec;
 use crate::frontend::{load_model, write_model_atomic};
 use crate::ir::Model;
 use crate::train::{candle_logits, EpochRecord, FinetuneOptions, Finetuner};
@@ -109,8 +110,8 @@ pub fn finetune_model(
         "the tuned graph's outputs under tract differ from the fine-tuner's by {rel:.2e}"
     );
     let after =
-        evaluate(&tuned, "tuned", Some((student, "before")), &test, DEFAULT_BATCH, progress)?;
-    let teacher_eval = evaluate(teacher, "teacher", None, &test, DEFAULT_BATCH, progress)?;
+        evaluate(&tuned, "tuned", Some((student, "before")), &test, RunSpec::default(), progress)?;
+    let teacher_eval = evaluate(teacher, "teacher", None, &test, RunSpec::default(), progress)?;
     let before = after.reference.as_ref().context("no reference evaluation")?.accuracy;
     let relus = census(&tuned, &sample)?.total_relus;
     let report = FinetuneReport {

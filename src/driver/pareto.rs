@@ -1,17 +1,19 @@
-//! The frontier of networks trading ReLUs against accuracy (`relucompile pareto`).
+//! The frontier of networks trading ReLUs, or estimated PI bytes or latency, against accuracy
+//! (`relucompile pareto`).
 
 use super::finetune::finetune_model;
 use super::{DataOptions, TrainOptions, DEFAULT_DATA};
-use crate::analysis::census::census;
+use crate::analysis::cost::CostModel;
 use crate::analysis::shapes::sample_shape;
 use crate::analysis::stages::residual_adds;
 use crate::error::{CompileError, ExitCode};
 use crate::eval::data;
 use crate::frontend::{load_model, write_bytes_atomic, write_model_atomic};
 use crate::passes::{prepare, run_pipeline, PassContext, Pipeline, VerifyOptions};
-use crate::report::plot::{frontier_plot, PlotPoint};
+use crate::report::plot::{frontier_plot, Axis, PlotPoint};
 use crate::report::thousands;
 use crate::search::criticality::criticality;
+use crate::search::objective::{Cost, Objective};
 use crate::search::pareto::{frontier_indices, score_all};
 use crate::search::{accuracy, build_candidate};
 use anyhow::{Context, Result};
@@ -50,6 +52,10 @@ pub struct ParetoOptions {
     pub data_options: DataOptions,
     /// Fine-tune every frontier point with the original as teacher.
     pub finetune: Option<TrainOptions>,
+    /// The cost on the frontier's axis.
+    pub objective: Objective,
+    /// The PI cost model (`crypten` or a JSON file) for the bytes and latency estimates.
+    pub cost_model: String,
 }
 
 impl ParetoOptions {
@@ -69,6 +75,8 @@ impl ParetoOptions {
             progress: false,
             data_options: DataOptions::default(),
             finetune: None,
+            objective: Objective::Relus,
+            cost_model: "crypten".into(),
         }
     }
 }
@@ -90,6 +98,10 @@ struct SearchKey {
 #[derive(Debug, Clone, Serialize)]
 pub struct FrontierPoint {
     pub relus: u64,
+    /// Estimated PI bytes per image.
+    pub bytes: f64,
+    /// Estimated PI seconds per image.
+    pub seconds: f64,
     pub accuracy: f64,
     /// With --finetune-epochs: the test accuracy before fine-tuning (`accuracy` is after).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -102,6 +114,8 @@ pub struct FrontierPoint {
 #[derive(Debug, Clone, Serialize)]
 pub struct Frontier {
     pub model: String,
+    /// The cost the frontier minimises.
+    pub objective: Objective,
     pub seed: u64,
     pub calibration_images: usize,
     pub test_images: usize,
@@ -114,6 +128,8 @@ pub struct Frontier {
 #[derive(Debug, Clone, Serialize)]
 pub struct OriginalPoint {
     pub relus: u64,
+    pub bytes: f64,
+    pub seconds: f64,
     pub accuracy: f64,
 }
 
@@ -135,6 +151,8 @@ fn label(config: &str) -> String {
 /// Search the frontier and write it to `opts.output`; returns what `frontier.json` holds.
 pub fn pareto(opts: &ParetoOptions) -> Result<Frontier> {
     let progress = opts.progress;
+    let cost_model = CostModel::load(&opts.cost_model)?;
+    let objective = opts.objective;
     let original = load_model(&opts.model)?;
     let sample = sample_shape(&original, opts.input_shape.as_deref())?;
     let ctx = PassContext::new(sample.clone());
@@ -190,6 +208,10 @@ pub fn pareto(opts: &ParetoOptions) -> Result<Frontier> {
             .filter(|k| build_candidate(&base, k, &PassContext::new(sample.clone())).is_ok())
             .collect()
     };
+    let mut knobs = knobs;
+    if objective.values_pooling() && base.graph.nodes.iter().any(|n| n.op_type == "MaxPool") {
+        knobs.push(crate::search::pareto::POOLING_KNOB);
+    }
     let scored = score_all(
         &base,
         &crit,
@@ -198,13 +220,15 @@ pub fn pareto(opts: &ParetoOptions) -> Result<Frontier> {
         opts.exhaustive_culls,
         &ctx,
         &calibration,
+        &cost_model,
         &opts.output.join("candidates.jsonl"),
         progress,
     )?;
 
     // Frontier on calibration data, then each of its points measured once on the test split.
-    let calib_points: Vec<(u64, f64)> =
-        scored.iter().map(|s| (s.relus, s.calibration_accuracy)).collect();
+    let cost_of = |s: &crate::search::pareto::Scored| s.cost.unwrap_or_default().get(objective);
+    let calib_points: Vec<(f64, f64)> =
+        scored.iter().map(|s| (cost_of(s), s.calibration_accuracy)).collect();
     let chosen: Vec<&crate::search::pareto::Scored> =
         frontier_indices(&calib_points).into_iter().map(|i| &scored[i]).collect();
     let test = opts.data_options.load(
@@ -215,7 +239,7 @@ pub fn pareto(opts: &ParetoOptions) -> Result<Frontier> {
         &sample,
         &name,
     )?;
-    let measured: Vec<(crate::ir::Model, u64, f64)> = chosen
+    let measured: Vec<(crate::ir::Model, Cost, f64)> = chosen
         .par_iter()
         .map(|s| {
             let (m, _) = build_candidate(&base, &s.config, &ctx)?;
@@ -226,15 +250,16 @@ pub fn pareto(opts: &ParetoOptions) -> Result<Frontier> {
                 &ctx,
                 &VerifyOptions::default(),
             )?;
-            let relus = census(&m, &sample)?.total_relus;
+            let cost = Cost::of(&m, &sample, &cost_model)?;
             let acc = accuracy(&m, &test)?;
-            Ok((m, relus, acc))
+            Ok((m, cost, acc))
         })
         .collect::<Result<_>>()?;
-    let test_points: Vec<(u64, f64)> = measured.iter().map(|(_, r, a)| (*r, *a)).collect();
+    let test_points: Vec<(f64, f64)> =
+        measured.iter().map(|(_, c, a)| (c.get(objective), *a)).collect();
     let mut points = Vec::new();
     for (k, i) in frontier_indices(&test_points).into_iter().enumerate() {
-        let (model, relus, acc) = &measured[i];
+        let (model, cost, acc) = &measured[i];
         let file = format!("point-{k:02}.onnx");
         // Fine-tuning runs on every core, so the points take their turn.
         let (model, acc, before) = if let Some(training) = &opts.finetune {
@@ -253,7 +278,9 @@ pub fn pareto(opts: &ParetoOptions) -> Result<Frontier> {
         };
         write_model_atomic(&opts.output.join(&file), &model)?;
         points.push(FrontierPoint {
-            relus: *relus,
+            relus: cost.relus,
+            bytes: cost.bytes,
+            seconds: cost.seconds,
             accuracy: acc,
             accuracy_before_finetune: before,
             calibration_accuracy: chosen[i].calibration_accuracy,
@@ -272,14 +299,20 @@ pub fn pareto(opts: &ParetoOptions) -> Result<Frontier> {
             std::fs::remove_file(entry.path())?;
         }
     }
-    let original_relus = census(&original, &sample)?.total_relus;
+    let original_cost = Cost::of(&original, &sample, &cost_model)?;
     let original_acc = accuracy(&original, &test)?;
     let frontier = Frontier {
         model: opts.model.display().to_string(),
+        objective,
         seed: opts.seed,
         calibration_images: calibration.len(),
         test_images: test.len(),
-        original: OriginalPoint { relus: original_relus, accuracy: original_acc },
+        original: OriginalPoint {
+            relus: original_cost.relus,
+            bytes: original_cost.bytes,
+            seconds: original_cost.seconds,
+            accuracy: original_acc,
+        },
         cull_order: crit,
         candidates: scored.len(),
         points,
@@ -317,26 +350,31 @@ fn write_outputs(dir: &Path, f: &Frontier) -> Result<()> {
         &dir.join("frontier.json"),
         (serde_json::to_string_pretty(f)? + "\n").as_bytes(),
     )?;
-    let mut csv = String::from("relus,accuracy,calibration_accuracy,file,config\n");
+    let mut csv = String::from("relus,bytes,seconds,accuracy,calibration_accuracy,file,config\n");
     for p in &f.points {
         csv += &format!(
-            "{},{:.4},{:.4},{},\"{}\"\n",
-            p.relus, p.accuracy, p.calibration_accuracy, p.file, p.config
+            "{},{:.0},{:.4},{:.4},{:.4},{},\"{}\"\n",
+            p.relus, p.bytes, p.seconds, p.accuracy, p.calibration_accuracy, p.file, p.config
         );
     }
     write_bytes_atomic(&dir.join("frontier.csv"), csv.as_bytes())?;
     let mut md = format!(
-        "# ReLU/accuracy frontier of {}\n\nOriginal: {} ReLUs, {:.2}% on {} test images.\n\n\
-         | ReLUs | test accuracy | calibration accuracy | configuration | file |\n|---:|---:|---:|---|---|\n",
+        "# {} frontier of {}\n\nOriginal: {} ReLUs, est. {:.1} MB and {:.3} s per image, {:.2}% on {} test images.\n\n\
+         | ReLUs | est. MB | est. s | test accuracy | calibration accuracy | configuration | file |\n|---:|---:|---:|---:|---:|---|---|\n",
+        title_cost(f.objective),
         f.model,
         thousands(f.original.relus),
+        f.original.bytes / 1e6,
+        f.original.seconds,
         100.0 * f.original.accuracy,
         f.test_images
     );
     for p in &f.points {
         md += &format!(
-            "| {} | {:.2}% | {:.2}% | `{}` | {} |\n",
+            "| {} | {:.1} | {:.3} | {:.2}% | {:.2}% | `{}` | {} |\n",
             thousands(p.relus),
+            p.bytes / 1e6,
+            p.seconds,
             100.0 * p.accuracy,
             100.0 * p.calibration_accuracy,
             p.config,
@@ -344,20 +382,37 @@ fn write_outputs(dir: &Path, f: &Frontier) -> Result<()> {
         );
     }
     write_bytes_atomic(&dir.join("frontier.md"), md.as_bytes())?;
+    let o = f.objective;
+    let cost = |relus: u64, bytes: f64, seconds: f64| Cost { relus, bytes, seconds }.get(o);
     let plot_points: Vec<PlotPoint> = f
         .points
         .iter()
-        .map(|p| PlotPoint { relus: p.relus, accuracy: p.accuracy, label: p.config.clone() })
+        .map(|p| PlotPoint {
+            cost: cost(p.relus, p.bytes, p.seconds),
+            accuracy: p.accuracy,
+            label: p.config.clone(),
+        })
         .collect();
     let original = PlotPoint {
-        relus: f.original.relus,
+        cost: cost(f.original.relus, f.original.bytes, f.original.seconds),
         accuracy: f.original.accuracy,
         label: "original".into(),
     };
+    let format = move |v: f64| o.show(v);
     frontier_plot(
         &dir.join("frontier"),
-        &format!("ReLU/accuracy frontier: {}", f.model),
+        &format!("{} frontier: {}", title_cost(o), f.model),
+        &Axis { desc: o.axis(), format: &format },
         &original,
         &plot_points,
     )
+}
+
+/// "ReLU/accuracy", "PI bytes/accuracy", "PI latency/accuracy".
+fn title_cost(o: Objective) -> &'static str {
+    match o {
+        Objective::Relus => "ReLU/accuracy",
+        Objective::Bytes => "PI bytes/accuracy",
+        Objective::Latency => "PI latency/accuracy",
+    }
 }

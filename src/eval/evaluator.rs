@@ -1,13 +1,13 @@
-//! Top-1 accuracy and throughput of a model under tract, optionally against a reference model.
+//! Top-1 accuracy and throughput of a model, optionally against a reference model.
 //!
 //! Inference is batched and spread over every core: the batches of a data set are independent,
-//! so rayon hands them to its threads and every thread runs the same shared [`Runner`] plan
-//! (see [`DEFAULT_BATCH`] for the batch size).
+//! so rayon hands them to its threads and every thread runs the same shared [`Backend`] (the
+//! native engine, or tract for graphs it does not take; see [`super::backend`] for batch sizes).
 //! Only inference is timed (not loading, normalising or preparing the plan).
 
 use super::compare::argmax;
 use super::data::{check_fits_named, Dataset};
-use super::Runner;
+use super::{Backend, RunSpec};
 use crate::analysis::shapes::declared_input_shape;
 use crate::error::CompileError;
 use crate::frontend::to_bytes;
@@ -18,13 +18,6 @@ use rayon::prelude::*;
 use serde::Serialize;
 use std::io::IsTerminal;
 use std::time::Instant;
-
-/// Images per tract run when the caller has no preference. One, because tract runs a batch
-/// of N as N times the work on N times the memory, so larger batches only lose cache: measured
-/// with the release build on the shipped models (1,024 test images, one thread), ResNet-18 w16
-/// runs at about 700 images/s at batch 1, 520 at 4, 490 at 8 and 365 at 64; the VGG at 960,
-/// 760, 590 and 530. Parallelism comes from the threads sharing the images, not from batching.
-pub const DEFAULT_BATCH: usize = 1;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct EvalReport {
@@ -41,6 +34,8 @@ pub struct EvalReport {
     pub images_per_second: f64,
     pub batch: usize,
     pub threads: usize,
+    /// `native` or `tract`: what ran the model.
+    pub engine: String,
     pub reference: Option<ReferenceReport>,
 }
 
@@ -57,7 +52,7 @@ pub struct ReferenceReport {
 /// Run `runner` over every image of `data`, batches in parallel. Returns every image's outputs
 /// (row-major) and the number of outputs per image.
 pub fn predict(
-    runner: &Runner,
+    runner: &Backend,
     data: &Dataset,
     progress: Option<&ProgressBar>,
 ) -> Result<(Vec<f32>, usize)> {
@@ -102,19 +97,19 @@ pub fn evaluate(
     model_name: &str,
     reference: Option<(&Model, &str)>,
     data: &Dataset,
-    batch: usize,
+    spec: RunSpec,
     show_progress: bool,
 ) -> Result<EvalReport> {
     if data.is_empty() {
         return Err(CompileError::invalid_data(format!("{} holds no images", data.source)).into());
     }
-    anyhow::ensure!(batch > 0, "the batch size must be at least 1");
+    anyhow::ensure!(spec.batch != Some(0), "the batch size must be at least 1");
     // A batch larger than the data would only run padding.
-    let batch = batch.min(data.len());
-    let runner = prepare(model, model_name, data, batch)?;
+    let spec = RunSpec { batch: spec.batch.map(|b| b.min(data.len())), ..spec };
+    let runner = prepare(model, model_name, data, spec)?;
     // A reference that serialises to the same bytes computes the same outputs.
     let ref_runner = match reference {
-        Some((r, name)) if to_bytes(r) != to_bytes(model) => Some(prepare(r, name, data, batch)?),
+        Some((r, name)) if to_bytes(r) != to_bytes(model) => Some(prepare(r, name, data, spec)?),
         _ => None,
     };
 
@@ -183,19 +178,21 @@ pub fn evaluate(
         accuracy: correct as f64 / data.len() as f64,
         seconds,
         images_per_second: data.len() as f64 / seconds.max(f64::MIN_POSITIVE),
-        batch,
+        batch: runner.batch(),
         threads: rayon::current_num_threads(),
+        engine: runner.name().to_string(),
         reference,
     })
 }
 
-/// A runner for `model` on samples of the data's shape. A model may well run on another size
-/// than it declares (`--input-shape`), so the declaration is consulted only when tract refuses:
-/// then a data shape that differs from it is the error to report (exit 6), naming both shapes.
-fn prepare(model: &Model, name: &str, data: &Dataset, batch: usize) -> Result<Runner> {
-    Runner::new(model, &data.sample_shape, batch)
+/// A backend for `model` on samples of the data's shape. A model may well run on another size
+/// than it declares (`--input-shape`), so the declaration is consulted only when the engines
+/// refuse: then a data shape that differs from it is the error to report (exit 6), naming both
+/// shapes.
+fn prepare(model: &Model, name: &str, data: &Dataset, spec: RunSpec) -> Result<Backend> {
+    Backend::new(model, &data.sample_shape, spec)
         .or_else(|e| check_declared_shape(model, name, data).and(Err(e)))
-        .with_context(|| format!("preparing {name} for tract"))
+        .with_context(|| format!("preparing {name} to run"))
 }
 
 /// When the model declares a concrete per-sample input shape, the data must have it.
@@ -285,10 +282,11 @@ mod tests {
         let model = load_model(Path::new(TINY)).unwrap();
         let sample = crate::analysis::shapes::sample_shape(&model, None).unwrap();
         let data = tiny_data(37, &sample, 1);
-        let whole = Runner::new(&model, &sample, 8).unwrap();
+        let spec = RunSpec { batch: Some(8), ..RunSpec::default() };
+        let whole = Backend::new(&model, &sample, spec).unwrap();
         let (logits, classes) = predict(&whole, &data, None).unwrap();
         assert_eq!(logits.len(), 37 * classes);
-        let single = Runner::new(&model, &sample, 1).unwrap();
+        let single = crate::eval::Runner::new(&model, &sample, 1).unwrap();
         for i in [0, 8, 36] {
             let (y, _) = single.run(data.sample(i)).unwrap();
             for (a, b) in y.iter().zip(&logits[i * classes..(i + 1) * classes]) {
@@ -296,7 +294,7 @@ mod tests {
             }
         }
         let data = tiny_data(37, &sample, classes as u32);
-        let report = evaluate(&model, "tiny", Some((&model, "tiny")), &data, 8, false).unwrap();
+        let report = evaluate(&model, "tiny", Some((&model, "tiny")), &data, spec, false).unwrap();
         assert_eq!(report.images, 37);
         let preds: Vec<usize> = logits.chunks(classes).map(argmax).collect();
         let want = preds.iter().zip(&data.labels).filter(|(p, l)| **p == **l as usize).count();
@@ -311,13 +309,20 @@ mod tests {
         let sample = crate::analysis::shapes::sample_shape(&model, None).unwrap();
         let mut data = tiny_data(4, &sample, 1);
         data.labels[2] = 10;
-        let e = evaluate(&model, "tiny", None, &data, 64, false).unwrap_err();
+        let e = evaluate(&model, "tiny", None, &data, RunSpec::default(), false).unwrap_err();
         assert_eq!(crate::error::exit_code_of(&e), crate::error::ExitCode::InvalidData, "{e:#}");
         assert!(format!("{e:#}").contains("label 10 of image 2"), "{e:#}");
         let mut wrong = sample.clone();
         *wrong.last_mut().unwrap() += 4;
-        let e =
-            evaluate(&model, "tiny.onnx", None, &tiny_data(2, &wrong, 1), 64, false).unwrap_err();
+        let e = evaluate(
+            &model,
+            "tiny.onnx",
+            None,
+            &tiny_data(2, &wrong, 1),
+            RunSpec::default(),
+            false,
+        )
+        .unwrap_err();
         assert_eq!(crate::error::exit_code_of(&e), crate::error::ExitCode::InvalidData, "{e:#}");
         assert!(format!("{e:#}").contains("tiny.onnx expects"), "{e:#}");
     }

@@ -1,10 +1,13 @@
-//! Running graphs: the tract runner, data sets, the accuracy evaluator and differential checks.
+//! Running graphs: the native engine, the tract runner, data sets, the accuracy evaluator and differential checks.
 
+pub mod backend;
 pub mod compare;
 pub mod data;
+pub mod engine;
 pub mod evaluator;
 pub mod runner;
 
+pub use backend::{Backend, EngineChoice, RunSpec};
 pub use runner::Runner;
 
 thread_local! {

@@ -92,6 +92,15 @@ impl Node {
             ..Default::default()
         });
     }
+    pub fn set_attr_float(&mut self, name: &str, f: f32) {
+        self.attributes.retain(|a| a.name != name);
+        self.attributes.push(pb::AttributeProto {
+            name: name.to_string(),
+            r#type: pb::attribute_proto::AttributeType::Float as i32,
+            f,
+            ..Default::default()
+        });
+    }
     pub fn set_attr_int(&mut self, name: &str, i: i64) {
         self.attributes.retain(|a| a.name != name);
         self.attributes.push(pb::AttributeProto {

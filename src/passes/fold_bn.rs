@@ -144,8 +144,10 @@ pub(crate) fn apply_channel_affine(
         node.inputs.resize(3, String::new());
     }
     node.inputs[2] = b_name;
-    if !is_conv {
-        node.attributes.retain(|a| a.name != "beta");
+    if !is_conv && node.attr("beta").is_some() {
+        // The bias now holds beta's factor. Written out rather than dropped: ONNX defaults it
+        // to 1, but CrypTen 0.4.1's Gemm import requires the attribute.
+        node.set_attr_float("beta", 1.0);
     }
     Some(())
 }

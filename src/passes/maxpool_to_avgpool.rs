@@ -5,8 +5,11 @@
 //!
 //! Padding: the average divides by the whole window (`count_include_pad = 1`, zeros in the
 //! padding), the convention every PI engine's average pool implements as a fixed convolution,
-//! so the emitted graph means the same thing everywhere. Placed after `relu-after-maxpool`, so
-//! the ReLUs a max-pool had gathered behind it stay there (4x fewer for a 2x2 pool).
+//! so the emitted graph means the same thing everywhere. Placed before `relu-after-maxpool`, so
+//! the ReLUs stay in front of the pool: moving them behind an average pool would cut them 4x
+//! but is itself lossy. Measured on the shipped VGG without training: ReLUs in front 91.85%
+//! (81,792 ReLUs, 45.7 MB in CrypTen), behind 69.69% (48,448 ReLUs, 30.2 MB); original 93.07%,
+//! 108.2 MB.
 
 use super::{Pass, PassContext};
 use crate::ir::Model;

@@ -236,9 +236,11 @@ pub fn prepare(model: &Model, ctx: &PassContext) -> Result<Model> {
 /// thinning comes after them so that ReLUs have already moved behind max-pools.
 pub const AFTER_STRUCTURAL: &str = "relu-after-maxpool,nonneg-relu,dedup-relu,dce";
 
-/// Place lossy steps into `base`: culling and thinning right after BatchNorm folding (stage
-/// numbers are then those `inspect` shows for the input), channel thinning before the final
-/// dead-node elimination, after ReLUs have been moved behind pools.
+/// Place lossy steps into `base`: culling, thinning and max-pool replacement right after
+/// BatchNorm folding (stage numbers are then those `inspect` shows for the input; a pool
+/// replaced before `relu-after-maxpool` keeps its ReLUs in front of it, since moving a ReLU
+/// behind an average pool is not lossless), recalibration and channel thinning before the
+/// final dead-node elimination, after ReLUs have been moved behind the remaining pools.
 pub fn place_lossy(base: &str, lossy: &[String]) -> String {
     let step_text = |(name, args): (String, Vec<String>)| {
         if args.is_empty() {
@@ -257,10 +259,9 @@ pub fn place_lossy(base: &str, lossy: &[String]) -> String {
                 .unwrap_or_default()
         })
         .collect::<Vec<String>>();
-    // Late steps, in this order: max-pool replacement once ReLUs sit behind the pools;
-    // recalibration once the structure is final; channel thinning last, on the sign
-    // statistics of the recalibrated graph.
-    const LATE: [&str; 3] = ["maxpool-to-avgpool", "recalibrate", "channel-thin"];
+    // Late steps, in this order: recalibration once the structure is final; channel thinning
+    // last, on the sign statistics of the recalibrated graph.
+    const LATE: [&str; 2] = ["recalibrate", "channel-thin"];
     let rank = |s: &String| LATE.iter().position(|p| s.starts_with(p));
     let (mut late, structural): (Vec<String>, Vec<String>) =
         lossy.into_iter().partition(|s| rank(s).is_some());
@@ -444,8 +445,8 @@ mod tests {
                 .to_vec();
         assert_eq!(
             place_lossy(DEFAULT_PIPELINE, &lossy),
-            "const-fold,identity-elim,fold-bn,resolution(0.5),relu-after-maxpool,nonneg-relu,\
-             dedup-relu,maxpool-to-avgpool,recalibrate,channel-thin(0.9),dce"
+            "const-fold,identity-elim,fold-bn,resolution(0.5),maxpool-to-avgpool,\
+             relu-after-maxpool,nonneg-relu,dedup-relu,recalibrate,channel-thin(0.9),dce"
         );
     }
 

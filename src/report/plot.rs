@@ -1,4 +1,5 @@
-//! The frontier plot: accuracy against ReLU count (log scale), as SVG and PNG.
+//! The frontier plot: accuracy against a cost (ReLU count, or estimated PI bytes or latency; log
+//! scale), as SVG and PNG.
 
 use anyhow::{Context, Result};
 use plotters::prelude::*;
@@ -7,7 +8,8 @@ use std::sync::Once;
 
 /// A labelled point of the plot.
 pub struct PlotPoint {
-    pub relus: u64,
+    /// The cost on the x axis.
+    pub cost: f64,
     pub accuracy: f64,
     pub label: String,
 }
@@ -30,9 +32,16 @@ fn register_font() -> Result<()> {
     result
 }
 
+/// The x axis: its description and how its tick values are written.
+pub struct Axis<'a> {
+    pub desc: &'a str,
+    pub format: &'a dyn Fn(f64) -> String,
+}
+
 fn draw<DB: DrawingBackend>(
     root: DrawingArea<DB, plotters::coord::Shift>,
     title: &str,
+    axis: &Axis,
     original: &PlotPoint,
     points: &[PlotPoint],
 ) -> Result<()>
@@ -41,8 +50,9 @@ where
 {
     root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let all = points.iter().chain(std::iter::once(original));
-    let min_r = all.clone().map(|p| p.relus.max(1)).min().unwrap_or(1) as f64;
-    let max_r = all.clone().map(|p| p.relus.max(1)).max().unwrap_or(10) as f64;
+    let x = |p: &PlotPoint| p.cost.max(f64::MIN_POSITIVE);
+    let min_r = all.clone().map(x).fold(f64::INFINITY, f64::min);
+    let max_r = all.clone().map(x).fold(f64::NEG_INFINITY, f64::max);
     let min_a = all.clone().map(|p| p.accuracy).fold(f64::INFINITY, f64::min);
     let max_a = all.map(|p| p.accuracy).fold(f64::NEG_INFINITY, f64::max);
     let pad = ((max_a - min_a) * 0.08).max(0.005);
@@ -58,25 +68,24 @@ where
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     chart
         .configure_mesh()
-        .x_desc("ReLUs per image (log scale)")
+        .x_desc(format!("{} (log scale)", axis.desc))
         .y_desc("test accuracy (%)")
-        .x_label_formatter(&|v| crate::report::thousands(*v as u64))
+        .x_label_formatter(&|v| (axis.format)(*v))
         .draw()
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    let series: Vec<(f64, f64)> =
-        points.iter().map(|p| (p.relus.max(1) as f64, 100.0 * p.accuracy)).collect();
+    let series: Vec<(f64, f64)> = points.iter().map(|p| (x(p), 100.0 * p.accuracy)).collect();
     chart
         .draw_series(LineSeries::new(series.clone(), &BLUE))
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     chart
         .draw_series(points.iter().map(|p| {
-            let at = (p.relus.max(1) as f64, 100.0 * p.accuracy);
+            let at = (x(p), 100.0 * p.accuracy);
             EmptyElement::at(at)
                 + Circle::new((0, 0), 4, BLUE.filled())
                 + Text::new(p.label.clone(), (6, -14), ("sans-serif", 11))
         }))
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    let at = (original.relus.max(1) as f64, 100.0 * original.accuracy);
+    let at = (x(original), 100.0 * original.accuracy);
     chart
         .draw_series(std::iter::once(
             EmptyElement::at(at)
@@ -92,15 +101,16 @@ where
 pub fn frontier_plot(
     stem: &Path,
     title: &str,
+    axis: &Axis,
     original: &PlotPoint,
     points: &[PlotPoint],
 ) -> Result<()> {
     register_font()?;
     let svg = stem.with_extension("svg");
-    draw(SVGBackend::new(&svg, (960, 600)).into_drawing_area(), title, original, points)
+    draw(SVGBackend::new(&svg, (960, 600)).into_drawing_area(), title, axis, original, points)
         .with_context(|| format!("drawing {}", svg.display()))?;
     let png = stem.with_extension("png");
-    draw(BitMapBackend::new(&png, (960, 600)).into_drawing_area(), title, original, points)
+    draw(BitMapBackend::new(&png, (960, 600)).into_drawing_area(), title, axis, original, points)
         .with_context(|| format!("drawing {}", png.display()))?;
     Ok(())
 }

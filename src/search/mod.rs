@@ -1,18 +1,21 @@
-//! Searching combinations of lossy passes: the configuration that meets a ReLU budget with
-//! the least accuracy loss, measured on calibration data (training split), never on test data.
+//! Searching combinations of lossy passes: the configuration that meets a budget (ReLUs, or
+//! estimated PI bytes or latency) with the least accuracy loss, measured on calibration data
+//! (training split), never on test data.
 
 pub mod criticality;
+pub mod objective;
 pub mod pareto;
 
 use crate::analysis::census::census;
+use crate::analysis::cost::CostModel;
 use crate::analysis::stages::residual_adds;
 use crate::eval::compare::argmax;
 use crate::eval::data::Dataset;
 use crate::eval::evaluator::predict;
-use crate::eval::Runner;
 use crate::ir::Model;
 use crate::passes::{run_pipeline, PassContext, Pipeline, VerifyOptions};
 use anyhow::Result;
+use objective::{Budget, Cost};
 use rayon::prelude::*;
 use serde::Serialize;
 use std::sync::Arc;
@@ -26,23 +29,27 @@ pub struct Candidate {
     pub pipeline: String,
     /// Counted from the candidate's graph.
     pub relus: u64,
+    /// Estimated PI bytes per image (the cost model's).
+    pub bytes: f64,
+    /// Estimated PI seconds per image (the cost model's).
+    pub seconds: f64,
     /// Top-1 accuracy on the calibration images; absent when not evaluated.
     pub calibration_accuracy: Option<f64>,
 }
 
-/// A budget: an absolute ReLU count or a percentage of the original's.
-pub fn parse_budget(text: &str, original: u64) -> Result<u64, String> {
-    let t = text.trim();
-    let bad = || format!("'{text}' is not a ReLU budget like 20000 or 25%");
-    match t.strip_suffix('%') {
-        Some(p) => {
-            let p: f64 = p.trim().parse().map_err(|_| bad())?;
-            if !(0.0..=100.0).contains(&p) {
-                return Err(bad());
-            }
-            Ok((original as f64 * p / 100.0).floor() as u64)
+impl Candidate {
+    fn new(pipeline: String, cost: Cost) -> Self {
+        Candidate {
+            pipeline,
+            relus: cost.relus,
+            bytes: cost.bytes,
+            seconds: cost.seconds,
+            calibration_accuracy: None,
         }
-        None => t.replace(['_', ','], "").parse().map_err(|_| bad()),
+    }
+
+    pub fn cost(&self) -> Cost {
+        Cost { relus: self.relus, bytes: self.bytes, seconds: self.seconds }
     }
 }
 
@@ -63,8 +70,7 @@ pub fn build_candidate(base: &Model, lossy: &str, ctx: &PassContext) -> Result<(
 
 /// Top-1 accuracy of `model` on `data`.
 pub fn accuracy(model: &Model, data: &Dataset) -> Result<f64> {
-    let batch = crate::eval::evaluator::DEFAULT_BATCH.min(data.len().max(1));
-    let runner = Runner::new(model, &data.sample_shape, batch)?;
+    let runner = crate::eval::Backend::new(model, &data.sample_shape, Default::default())?;
     let (logits, classes) = predict(&runner, data, None)?;
     let correct = logits
         .chunks(classes.max(1))
@@ -75,8 +81,9 @@ pub fn accuracy(model: &Model, data: &Dataset) -> Result<f64> {
 }
 
 /// Every cull subset combined with each thinning, each also at half resolution and half width
-/// where the graph allows them.
-fn structural_candidates(base: &Model, ctx: &PassContext) -> Result<Vec<String>> {
+/// where the graph allows them, and with max-pooling replaced when `pooling` (a bytes or
+/// latency budget) and the graph has MaxPool.
+fn structural_candidates(base: &Model, ctx: &PassContext, pooling: bool) -> Result<Vec<String>> {
     let shapes = crate::analysis::shapes::infer_shapes(base, &ctx.sample, 1)?;
     let stages = crate::analysis::stages::find_stages(&base.graph, &shapes).count();
     let thins: &[&str] = if residual_adds(&base.graph, &shapes).is_empty() {
@@ -105,7 +112,9 @@ fn structural_candidates(base: &Model, ctx: &PassContext) -> Result<Vec<String>>
     // DeepReDuce's resolution and width knobs, where the graph takes them.
     let structure_only = PassContext::new(ctx.sample.clone());
     let plain = out.clone();
-    for knob in pareto::DIMENSION_KNOBS {
+    let has_maxpool = base.graph.nodes.iter().any(|n| n.op_type == "MaxPool");
+    let pool_knob = (pooling && has_maxpool).then_some(pareto::POOLING_KNOB);
+    for knob in pareto::DIMENSION_KNOBS.iter().chain(pool_knob.as_ref()) {
         if build_candidate(base, knob, &structure_only).is_ok() {
             out.extend(plain.iter().map(|c| {
                 if c.is_empty() {
@@ -119,29 +128,31 @@ fn structural_candidates(base: &Model, ctx: &PassContext) -> Result<Vec<String>>
     Ok(out)
 }
 
-/// The configuration meeting `budget` with the best calibration accuracy (ties: fewer ReLUs).
-/// Returns it and every candidate considered.
+/// The configuration meeting `budget` with the best calibration accuracy (ties: the lower
+/// cost). Returns it and every candidate considered.
 pub fn best_under_budget(
     base: &Model,
-    budget: u64,
+    budget: &Budget,
+    cost_model: &CostModel,
     ctx: &PassContext,
     calibration: &Dataset,
     progress: bool,
 ) -> Result<(Candidate, Vec<Candidate>)> {
-    // Counting needs the structure only; recalibration (which keeps the count) is paid for the
+    // Costing needs the structure only; recalibration (which keeps the cost) is paid for the
     // candidates that fit, when they are scored.
     let structure_only = PassContext::new(ctx.sample.clone());
-    let mut considered: Vec<Candidate> = structural_candidates(base, ctx)?
+    let pooling = budget.objective.values_pooling();
+    let mut considered: Vec<Candidate> = structural_candidates(base, ctx, pooling)?
         .into_par_iter()
         .map(|text| {
-            let (_, relus) = build_candidate(base, &text, &structure_only)?;
-            Ok(Candidate { pipeline: text, relus, calibration_accuracy: None })
+            let (m, _) = build_candidate(base, &text, &structure_only)?;
+            Ok(Candidate::new(text, Cost::of(&m, &ctx.sample, cost_model)?))
         })
         .collect::<Result<_>>()?;
     let mut fitting: Vec<(usize, Option<Model>)> = considered
         .iter()
         .enumerate()
-        .filter(|(_, c)| c.relus <= budget)
+        .filter(|(_, c)| budget.fits(&c.cost()))
         .map(|(ix, _)| (ix, None))
         .collect();
     if fitting.is_empty() {
@@ -163,9 +174,10 @@ pub fn best_under_budget(
                     .copied()
                     .collect::<Vec<_>>()
                     .join(",");
-                let (m, relus) = build_candidate(base, &text, &with_images)?;
-                considered.push(Candidate { pipeline: text, relus, calibration_accuracy: None });
-                if relus <= budget {
+                let (m, _) = build_candidate(base, &text, &with_images)?;
+                let cost = Cost::of(&m, &ctx.sample, cost_model)?;
+                considered.push(Candidate::new(text, cost));
+                if budget.fits(&cost) {
                     fitting.push((considered.len() - 1, Some(m)));
                 }
             }
@@ -175,12 +187,16 @@ pub fn best_under_budget(
         }
     }
     if fitting.is_empty() {
-        let least = considered.iter().map(|c| c.relus).min().unwrap_or(0);
+        let o = budget.objective;
+        let least = considered.iter().map(|c| c.cost().get(o)).fold(f64::INFINITY, f64::min);
         return Err(crate::error::CompileError::new(
             crate::error::ExitCode::Usage,
             format!(
-                "no combination of culling, thinning and channel thinning meets a budget of {budget} ReLUs \
-                 (the fewest reached is {least})"
+                "no combination of culling, thinning, channel thinning{} meets a budget of {} \
+                 (the least reached is {})",
+                if pooling { " and max-pool replacement" } else { "" },
+                budget.describe(),
+                o.show(least),
             ),
         )
         .into());
@@ -215,7 +231,8 @@ pub fn best_under_budget(
         .max_by(|a, b| {
             let (x, y) =
                 (a.calibration_accuracy.unwrap_or(0.0), b.calibration_accuracy.unwrap_or(0.0));
-            x.total_cmp(&y).then(b.relus.cmp(&a.relus))
+            let o = budget.objective;
+            x.total_cmp(&y).then(b.cost().get(o).total_cmp(&a.cost().get(o)))
         })
         .cloned()
         .expect("fitting is not empty");

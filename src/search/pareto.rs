@@ -1,4 +1,5 @@
-//! The Pareto frontier of ReLU count against accuracy (DeepReDuce's output).
+//! The Pareto frontier of a cost (ReLU count, or estimated PI bytes or latency) against
+//! accuracy (DeepReDuce's output, on ReLUs).
 //!
 //! Guided by criticality, the search tries culling the least critical stages first (prefixes
 //! of the cull order), each combined with thinning and channel thresholds. Candidates are
@@ -7,7 +8,9 @@
 //! structural configuration and reused for every threshold, and finished candidates are
 //! appended to a journal so an interrupted search resumes where it stopped.
 
+use super::objective::Cost;
 use super::{accuracy, build_candidate};
+use crate::analysis::cost::CostModel;
 use crate::eval::data::Dataset;
 use crate::ir::Model;
 use crate::passes::channel_thin::{apply_channel_thin, channel_stats};
@@ -27,15 +30,23 @@ pub struct Scored {
     /// Lossy passes as pipeline text ("" is the original).
     pub config: String,
     pub relus: u64,
+    /// Estimated PI cost (ReLUs again, bytes, seconds). Absent from journals written before
+    /// the cost objectives; such entries are scored again.
+    #[serde(default)]
+    pub cost: Option<Cost>,
     pub calibration_accuracy: f64,
 }
 
-/// Indices of the points no other point dominates (fewer or equal ReLUs and higher or equal
-/// accuracy, one of them strictly), sorted by ReLU count. Among equal points the first wins.
-pub fn frontier_indices(points: &[(u64, f64)]) -> Vec<usize> {
+/// Indices of the points no other point dominates (lower or equal cost and higher or equal
+/// accuracy, one of them strictly), sorted by cost. Among equal points the first wins.
+pub fn frontier_indices(points: &[(f64, f64)]) -> Vec<usize> {
     let mut order: Vec<usize> = (0..points.len()).collect();
     order.sort_by(|&a, &b| {
-        points[a].0.cmp(&points[b].0).then(points[b].1.total_cmp(&points[a].1)).then(a.cmp(&b))
+        points[a]
+            .0
+            .total_cmp(&points[b].0)
+            .then(points[b].1.total_cmp(&points[a].1))
+            .then(a.cmp(&b))
     });
     let mut best = f64::NEG_INFINITY;
     let mut out = Vec::new();
@@ -56,6 +67,10 @@ pub const MAX_EXHAUSTIVE_STAGES: usize = 5;
 /// Dimension knobs (DeepReDuce's resolution and width) each structural configuration is also
 /// tried with, where the graph takes them.
 pub const DIMENSION_KNOBS: &[&str] = &["resolution(0.5)", "width(0.5)"];
+
+/// Max-pool replacement, tried with every structural configuration when the search minimises
+/// PI bytes or latency (it leaves the ReLU count as it is).
+pub const POOLING_KNOB: &str = "maxpool-to-avgpool";
 
 /// Structural configurations: every cull subset (or, for deep networks, prefixes of the cull
 /// order), each with every thinning mode, and each of those again with every knob of `knobs`.
@@ -122,6 +137,7 @@ pub fn score_all(
     exhaustive: bool,
     ctx: &PassContext,
     calibration: &Dataset,
+    cost_model: &CostModel,
     journal: &Path,
     progress: bool,
 ) -> Result<Vec<Scored>> {
@@ -130,7 +146,9 @@ pub fn score_all(
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
             // A line cut short by an interruption is simply redone.
             if let Ok(s) = serde_json::from_str::<Scored>(line) {
-                done.insert(s.config.clone(), s);
+                if s.cost.is_some() {
+                    done.insert(s.config.clone(), s);
+                }
             }
         }
     }
@@ -177,6 +195,7 @@ pub fn score_all(
                 let s = Scored {
                     config: config.clone(),
                     relus,
+                    cost: Some(Cost::of(&model, &ctx.sample, cost_model)?),
                     calibration_accuracy: accuracy(&model, calibration)?,
                 };
                 record(&s)?;
@@ -196,10 +215,11 @@ pub fn score_all(
                 let mut m = model.clone();
                 apply_channel_thin(&mut m, &stats, *t);
                 m.graph.remove_dead();
-                let relus = crate::analysis::census::census(&m, &ctx.sample)?.total_relus;
+                let cost = Cost::of(&m, &ctx.sample, cost_model)?;
                 let s = Scored {
                     config: name,
-                    relus,
+                    relus: cost.relus,
+                    cost: Some(cost),
                     calibration_accuracy: accuracy(&m, calibration)?,
                 };
                 record(&s)?;

@@ -11,6 +11,7 @@
 //! chunks, each chunk's partial sum is taken image by image, the partials are added in chunk
 //! order), so identical runs give identical bytes on any number of threads.
 
+use super::elementwise::relu_in_place;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -626,6 +627,18 @@ fn matmul_into_images(
 /// The convolution of `x` (`[N, C, H, W]`) with `w` (`[O, C/groups, KH, KW]`) plus `bias`
 /// (`[O]`), as `[N, O, OH, OW]`.
 pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeometry) -> Vec<f32> {
+    forward_fused(x, w, bias, g, false)
+}
+
+/// [`forward`], with a ReLU applied to each gemm's output while it is still in cache when
+/// `relu` (the inference engine fuses a Conv's sole Relu consumer this way).
+pub fn forward_fused(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    g: &ConvGeometry,
+    relu: bool,
+) -> Vec<f32> {
     let (cg, og, k, hw, ohw) = (g.cg(), g.og(), g.k(), g.h * g.w, g.oh * g.ow);
     let (chw, ohw_all) = (g.c * hw, g.o * ohw);
     assert_eq!(x.len(), g.n * chw, "conv input length");
@@ -651,6 +664,9 @@ pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeometry) -> 
                     let bg = bias.map(|b| &b[grp * og..][..og]);
                     let (cols, ys) = (MatRef::new(cols, k, nb * ohw), &mut ys[s * ohw_all..]);
                     matmul_into_images(wg, cols, nb, bg, ys, ohw_all, grp * og * ohw, tmp, par);
+                }
+                if relu {
+                    relu_in_place(&mut ys[s * ohw_all..(s + nb) * ohw_all]);
                 }
             }
         })

@@ -405,13 +405,13 @@ fn check_supported(node: &Node) -> Result<()> {
     Ok(())
 }
 
-fn axis(a: i64, rank: usize) -> Result<usize> {
+pub(crate) fn axis(a: i64, rank: usize) -> Result<usize> {
     let r = rank as i64;
     anyhow::ensure!((-r..r).contains(&a), "axis {a} out of range for rank {rank}");
     Ok(if a < 0 { (a + r) as usize } else { a as usize })
 }
 
-fn reshape_dims(dims: &[usize], target: &[i64]) -> Result<Vec<usize>> {
+pub(crate) fn reshape_dims(dims: &[usize], target: &[i64]) -> Result<Vec<usize>> {
     let total: usize = dims.iter().product();
     let mut out: Vec<usize> = target
         .iter()
@@ -452,10 +452,10 @@ fn pair(node: &Node, name: &str) -> Result<(usize, usize)> {
     }
 }
 
-fn conv(node: &Node, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    anyhow::ensure!(x.rank() == 4, "only 2-D convolutions are trainable");
+/// A Conv node's 2-D attributes.
+pub(crate) fn conv_params(node: &Node) -> Result<Conv2dParams> {
     let pads = pads_of(node)?;
-    let params = Conv2dParams {
+    Ok(Conv2dParams {
         stride: pair(node, "strides")?,
         dilation: pair(node, "dilations")?,
         pads: [pads[0], pads[1], pads[2], pads[3]],
@@ -463,11 +463,16 @@ fn conv(node: &Node, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tenso
             .ok()
             .filter(|&g| g > 0)
             .context("group must be positive")?,
-    };
-    Ok(conv2d(x, w, b, params)?)
+    })
 }
 
-fn pool(node: &Node, x: &Tensor, max: bool) -> Result<Tensor> {
+fn conv(node: &Node, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    anyhow::ensure!(x.rank() == 4, "only 2-D convolutions are trainable");
+    Ok(conv2d(x, w, b, conv_params(node)?)?)
+}
+
+/// A MaxPool (`max`) or AveragePool node's 2-D attributes.
+pub(crate) fn pool_params(node: &Node, max: bool) -> Result<Pool2dParams> {
     let kernel = pair(node, "kernel_shape")?;
     let strides = match node.attr_ints("strides") {
         Some(_) => pair(node, "strides")?,
@@ -475,7 +480,11 @@ fn pool(node: &Node, x: &Tensor, max: bool) -> Result<Tensor> {
     };
     anyhow::ensure!(
         node.attr_int("ceil_mode").unwrap_or(0) == 0,
-        "ceil_mode pools are not trainable"
+        "ceil_mode pools are not supported"
+    );
+    anyhow::ensure!(
+        node.attr_ints("dilations").is_none_or(|d| d.iter().all(|&v| v == 1)),
+        "dilated pools are not supported"
     );
     let pads = pads_of(node)?;
     let mode = if max {
@@ -485,9 +494,11 @@ fn pool(node: &Node, x: &Tensor, max: bool) -> Result<Tensor> {
             count_include_pad: node.attr_int("count_include_pad").unwrap_or(0) != 0,
         }
     };
-    let params =
-        Pool2dParams { kernel, stride: strides, pads: [pads[0], pads[1], pads[2], pads[3]], mode };
-    Ok(pool2d(x, params)?)
+    Ok(Pool2dParams { kernel, stride: strides, pads: [pads[0], pads[1], pads[2], pads[3]], mode })
+}
+
+fn pool(node: &Node, x: &Tensor, max: bool) -> Result<Tensor> {
+    Ok(pool2d(x, pool_params(node, max)?)?)
 }
 
 /// Mean over the batch of `KL(softmax(t/T) || softmax(s/T))`.

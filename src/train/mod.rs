@@ -11,6 +11,7 @@
 
 pub mod batchnorm;
 pub mod conv;
+pub mod elementwise;
 pub mod graph;
 pub mod malloc;
 pub mod optim;
