@@ -43,9 +43,11 @@ ratio; --full-epoch adds one epoch over all 60,000 training images at batch 64 o
 (minutes) and prints both training-loop wall times.
 """
 import argparse
+import atexit
 import copy
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -229,6 +231,7 @@ def main():
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
     work = tempfile.mkdtemp(prefix="bench_ft_")
+    atexit.register(shutil.rmtree, work, True)
     student = args.student
     if student is None:
         student = os.path.join(work, "reduced.onnx")
@@ -240,6 +243,13 @@ def main():
     xall, yall = ref.model_train.load_split("train")
     xtr, ytr = xall[:args.images], yall[:args.images]
     teacher = onnx2torch.convert(onnx.load(args.teacher)).eval()
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        # PyTorch's OpenMP threads spin at barriers: with another job on the cores it can run 10x
+        # slower than alone (measured: 22 img/s with 2 threads against 290 with 1, load 5 on 2 cores).
+        print(f"warning: load average {load:.1f} before starting: the machine is not idle, and PyTorch "
+              "(OpenMP, all cores) suffers far more from that than relucompile; the numbers will not be "
+              "representative", file=sys.stderr, flush=True)
     print(f"KD fine-tuning throughput, 1 epoch on {len(xtr)} Fashion-MNIST training images; student {student}, "
           f"teacher {args.teacher}; {os.cpu_count()} cores, PyTorch {torch.__version__} "
           f"({torch.get_num_threads()} threads)")

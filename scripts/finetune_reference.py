@@ -161,7 +161,11 @@ def main():
     flags = ["--epochs", str(args.epochs), "--batch", str(args.batch), "--lr", str(args.lr),
              "--weight-decay", str(args.weight_decay), "--temperature", str(args.temperature),
              "--alpha", str(args.alpha), "--train-seed", str(args.train_seed),
-             "--crop-padding", str(args.crop_padding)]
+             "--crop-padding", str(args.crop_padding),
+             # This script's recipe: AdamW and cosine on the graph as emitted (relucompile's
+             # defaults are now SGD + one-cycle with BatchNorm re-inserted and recalibration;
+             # scripts/bench_finetune.py compares those).
+             "--optimizer", "adamw", "--schedule", "cosine", "--no-batchnorm", "--no-recalibrate"]
     flags += ["--no-flip"] if args.no_flip else []
     flags += ["--train-limit", str(args.train_limit)] if args.train_limit else []
     flags += ["--limit", str(args.limit)] if args.limit else []

@@ -159,6 +159,66 @@ fn relu_budget_meets_the_budget() {
 }
 
 #[test]
+fn bytes_budget_picks_the_best_point_under_it_with_pools_replaced() {
+    let dir = tmpdir();
+    let out = dir.path().join("o.onnx");
+    let r = relucompile_json(&[
+        "models/vgg.onnx",
+        "-o",
+        out.to_str().unwrap(),
+        "--bytes-budget",
+        "50%",
+        "--calibration-images",
+        "128",
+        "--limit",
+        "300",
+        "--json",
+    ]);
+    let b = &r["budget"];
+    assert_eq!(b["objective"], "bytes");
+    let original = r["cost_before"]["bytes"].as_f64().unwrap();
+    let limit = b["limit"].as_f64().unwrap();
+    assert_eq!(limit, original / 2.0);
+    // The written graph is under the budget, by the estimate of the report and of `inspect`.
+    assert!(r["cost_after"]["bytes"].as_f64().unwrap() <= limit);
+    let inspected = relucompile_json(&["inspect", out.to_str().unwrap(), "--json"]);
+    assert!(inspected["cost"]["bytes"].as_f64().unwrap() <= limit);
+    let candidates = b["candidates"].as_array().unwrap();
+    // Max-pool replacement was searched: the VGG's pools are 58% of its bytes.
+    assert!(candidates
+        .iter()
+        .any(|c| c["pipeline"].as_str().unwrap().contains("maxpool-to-avgpool")));
+    let best = candidates
+        .iter()
+        .filter(|c| c["bytes"].as_f64().unwrap() <= limit)
+        .filter_map(|c| c["calibration_accuracy"].as_f64())
+        .fold(0.0, f64::max);
+    assert_eq!(b["chosen"]["calibration_accuracy"].as_f64().unwrap(), best);
+}
+
+#[test]
+fn budgets_are_exclusive_and_checked() {
+    let dir = tmpdir();
+    let out = dir.path().join("o.onnx");
+    let o = out.to_str().unwrap();
+    let both = relucompile(&[
+        "models/vgg.onnx",
+        "-o",
+        o,
+        "--relu-budget",
+        "25%",
+        "--bytes-budget",
+        "30MB",
+    ]);
+    assert_eq!(both.code, 2, "{}", both.stderr);
+    let bad = relucompile(&["models/vgg.onnx", "-o", o, "--latency-budget", "fast"]);
+    assert_eq!(bad.code, 2);
+    let err = &bad.stderr;
+    assert!(err.contains("--latency-budget") && err.contains("'fast'"), "{err}");
+    assert!(!out.exists());
+}
+
+#[test]
 fn channels_that_are_almost_always_zero_lose_their_filters() {
     // At 0.6 the VGG has channels negative on >= 60% of calibration inputs whose producer and
     // readers are plain convolutions: their filters go, so the linear cost falls too.
