@@ -178,7 +178,7 @@ fn bytes_budget_picks_the_best_point_under_it_with_pools_replaced() {
     assert_eq!(b["objective"], "bytes");
     let original = r["cost_before"]["bytes"].as_f64().unwrap();
     let limit = b["limit"].as_f64().unwrap();
-    assert_eq!(limit, original / 2.0);
+    assert!((limit - original / 2.0).abs() <= 1e-9 * original, "{limit} vs {original} / 2");
     // The written graph is under the budget, by the estimate of the report and of `inspect`.
     assert!(r["cost_after"]["bytes"].as_f64().unwrap() <= limit);
     let inspected = relucompile_json(&["inspect", out.to_str().unwrap(), "--json"]);
