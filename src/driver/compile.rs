@@ -321,7 +321,7 @@ pub fn compile(opts: &CompileOptions) -> Result<Compilation> {
     let before =
         census(&original, &sample).with_context(|| format!("in model {}", input.display()))?;
     let cost_model = CostModel::load(&opts.cost_model)?;
-    let budget = budget_of(opts, &Cost::of(&original, &sample, &cost_model)?)?;
+    let budget = budget_of(opts, &Cost::from_census(&before, &cost_model))?;
     let budget_choice = match &budget {
         Some(b) => Some(choose_for_budget(&original, &sample, b, &cost_model, opts)?),
         None => None,

@@ -2,7 +2,7 @@
 //! estimates. ReLU count is a proxy; a PI user pays in bytes and seconds, where max-pooling
 //! weighs as much as the ReLUs (the shipped VGG's pools are 58% of its bytes).
 
-use crate::analysis::census::census;
+use crate::analysis::census::{census, Census};
 use crate::analysis::cost::CostModel;
 use crate::ir::Model;
 use anyhow::Result;
@@ -61,9 +61,13 @@ pub struct Cost {
 
 impl Cost {
     pub fn of(model: &Model, sample: &[usize], cost_model: &CostModel) -> Result<Self> {
-        let c = census(model, sample)?;
-        let e = cost_model.estimate(&c);
-        Ok(Cost { relus: c.total_relus, bytes: e.bytes, seconds: e.seconds })
+        Ok(Self::from_census(&census(model, sample)?, cost_model))
+    }
+
+    /// The cost of a graph whose census is already taken.
+    pub fn from_census(c: &Census, cost_model: &CostModel) -> Self {
+        let e = cost_model.estimate(c);
+        Cost { relus: c.total_relus, bytes: e.bytes, seconds: e.seconds }
     }
 
     pub fn get(&self, objective: Objective) -> f64 {
