@@ -38,6 +38,23 @@ pub struct Axis<'a> {
     pub format: &'a dyn Fn(f64) -> String,
 }
 
+/// Where a point that costs nothing (every ReLU culled) sits on the log axis: half the cheapest
+/// point that costs something, so the axis spans the real points' decades and no more (a floor
+/// of `f64::MIN_POSITIVE` gave plotters 600 decades of ticks to lay out, which never ended).
+fn zero_cost_at(points: &[PlotPoint], original: &PlotPoint) -> f64 {
+    let cheapest = points
+        .iter()
+        .chain(std::iter::once(original))
+        .map(|p| p.cost)
+        .filter(|&c| c > 0.0 && c.is_finite())
+        .fold(f64::INFINITY, f64::min);
+    if cheapest.is_finite() {
+        cheapest / 2.0
+    } else {
+        1.0
+    }
+}
+
 fn draw<DB: DrawingBackend>(
     root: DrawingArea<DB, plotters::coord::Shift>,
     title: &str,
@@ -50,7 +67,7 @@ where
 {
     root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let all = points.iter().chain(std::iter::once(original));
-    let x = |p: &PlotPoint| p.cost.max(f64::MIN_POSITIVE);
+    let x = |p: &PlotPoint| p.cost.max(zero_cost_at(points, original));
     let min_r = all.clone().map(x).fold(f64::INFINITY, f64::min);
     let max_r = all.clone().map(x).fold(f64::NEG_INFINITY, f64::max);
     let min_a = all.clone().map(|p| p.accuracy).fold(f64::INFINITY, f64::min);
@@ -113,4 +130,32 @@ pub fn frontier_plot(
     draw(BitMapBackend::new(&png, (960, 600)).into_drawing_area(), title, axis, original, points)
         .with_context(|| format!("drawing {}", png.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(cost: f64, accuracy: f64) -> PlotPoint {
+        PlotPoint { cost, accuracy, label: format!("{cost}") }
+    }
+
+    #[test]
+    fn a_point_without_relus_sits_half_a_step_below_the_cheapest() {
+        let points = [point(0.0, 0.1), point(4000.0, 0.5), point(9000.0, 0.8)];
+        let original = point(20000.0, 0.9);
+        assert_eq!(zero_cost_at(&points, &original), 2000.0);
+        assert_eq!(zero_cost_at(&[point(0.0, 0.1)], &point(0.0, 0.2)), 1.0);
+    }
+
+    #[test]
+    fn a_frontier_with_a_zero_cost_point_is_drawn() {
+        let dir = tempfile::tempdir().unwrap();
+        let format = |v: f64| format!("{v:.0}");
+        let axis = Axis { desc: "ReLUs", format: &format };
+        let points = [point(0.0, 0.1), point(4000.0, 0.5), point(9000.0, 0.8)];
+        frontier_plot(&dir.path().join("f"), "t", &axis, &point(20000.0, 0.9), &points).unwrap();
+        assert!(dir.path().join("f.svg").metadata().unwrap().len() > 1000);
+        assert!(dir.path().join("f.png").metadata().unwrap().len() > 1000);
+    }
 }
