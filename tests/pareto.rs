@@ -5,9 +5,13 @@ mod common;
 use common::*;
 
 fn pareto(dir: &std::path::Path) -> serde_json::Value {
-    let o = relucompile(&[
+    pareto_of("models/resnet18w16.onnx", dir, &[])
+}
+
+fn pareto_of(model: &str, dir: &std::path::Path, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
         "pareto",
-        "models/resnet18w16.onnx",
+        model,
         "-o",
         dir.to_str().unwrap(),
         "--calibration-images",
@@ -22,7 +26,9 @@ fn pareto(dir: &std::path::Path) -> serde_json::Value {
         "prefixes",
         "--no-dimensions",
         "--no-progress",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let o = relucompile(&args);
     assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
     serde_json::from_str(&std::fs::read_to_string(dir.join("frontier.json")).unwrap()).unwrap()
 }
@@ -127,4 +133,61 @@ fn criticality_orders_every_stage() {
     order.sort();
     assert_eq!(order, vec![0, 1, 2, 3, 4]);
     assert!(v["accuracy_original"].as_f64().unwrap() > 0.85);
+}
+
+/// `--objective latency` on the shipped VGG: the frontier is non-dominated in estimated
+/// seconds and accuracy, each point carries the cost model's estimate of its own file,
+/// max-pool replacement reaches the frontier (pooling is most of this network's PI cost), and
+/// the points match the golden: configurations, ReLUs and estimated costs exactly, accuracy
+/// within 0.3 points (500 test images).
+#[test]
+fn latency_frontier_of_the_vgg_matches_its_golden() {
+    let dir = tmpdir();
+    let f = pareto_of("models/vgg.onnx", dir.path(), &["--objective", "latency"]);
+    assert_eq!(f["objective"], "latency");
+    let points = f["points"].as_array().unwrap();
+    let num = |p: &serde_json::Value, k: &str| p[k].as_f64().unwrap();
+    for p in points {
+        for q in points {
+            let better = num(q, "seconds") <= num(p, "seconds")
+                && num(q, "accuracy") >= num(p, "accuracy")
+                && (num(q, "seconds") < num(p, "seconds")
+                    || num(q, "accuracy") > num(p, "accuracy"));
+            assert!(!better, "{p} is dominated by {q}");
+        }
+        let file = dir.path().join(p["file"].as_str().unwrap());
+        let census = relucompile_json(&["inspect", file.to_str().unwrap(), "--json"]);
+        assert_eq!(census["total_relus"], p["relus"], "{p}");
+        assert_eq!(census["cost"]["seconds"], p["seconds"], "{p}");
+        assert_eq!(census["cost"]["bytes"], p["bytes"], "{p}");
+    }
+    assert!(
+        points.iter().any(|p| p["config"].as_str().unwrap().contains("maxpool-to-avgpool")),
+        "{f}"
+    );
+    let cheapest = points.iter().map(|p| num(p, "seconds")).fold(f64::INFINITY, f64::min);
+    assert!(cheapest < 0.5 * num(&f["original"], "seconds"), "{f}");
+    let summary: Vec<serde_json::Value> = points
+        .iter()
+        .map(|p| {
+            serde_json::json!({"config": p["config"], "relus": p["relus"], "bytes": p["bytes"],
+                "seconds": p["seconds"], "accuracy": p["accuracy"]})
+        })
+        .collect();
+    let name = "fixtures/golden/vgg.frontier.latency.json";
+    if std::env::var("UPDATE_GOLDEN").as_deref() == Ok("1") {
+        assert_golden(name, &serde_json::Value::Array(summary));
+        return;
+    }
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path(name)).unwrap()).unwrap();
+    let golden = golden.as_array().unwrap();
+    assert_eq!(golden.len(), summary.len(), "{name}: {summary:?}");
+    for (g, a) in golden.iter().zip(&summary) {
+        for key in ["config", "relus", "bytes", "seconds"] {
+            assert_eq!(g[key], a[key], "{name}: {key} of {a}");
+        }
+        let (ga, aa) = (num(g, "accuracy"), num(a, "accuracy"));
+        assert!((ga - aa).abs() <= 0.003, "{name}: accuracy {aa} vs golden {ga} for {a}");
+    }
 }

@@ -83,8 +83,8 @@ pub struct CompileArgs {
     /// `relucompile pareto` wrote (its directory or frontier.json) instead of searching
     #[arg(long, requires = "budget", help_heading = "ReLU reduction (lossy)")]
     pub frontier: Option<PathBuf>,
-    /// Do not recalibrate after lossy passes (by default every Conv/Gemm output channel is
-    /// mapped to the original's mean and scale on calibration images, folded into the weights)
+    /// Do not recalibrate after lossy passes (by default every Conv/Gemm is refitted by least
+    /// squares to the original's output on calibration images, in its own weights)
     #[arg(long, help_heading = "ReLU reduction (lossy)")]
     pub no_recalibrate: bool,
     /// Data to measure accuracy on (test split; calibration uses the training split):

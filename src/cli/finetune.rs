@@ -62,7 +62,7 @@ pub struct TrainFlags {
     /// Train the graph as it is, without a BatchNorm re-inserted after every Conv
     #[arg(long)]
     pub no_batchnorm: bool,
-    /// Do not recalibrate the student to the teacher's channel statistics before training
+    /// Do not recalibrate the student to the teacher's outputs before training
     #[arg(long)]
     pub no_recalibrate: bool,
     /// Distillation temperature

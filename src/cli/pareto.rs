@@ -29,7 +29,7 @@ pub struct ParetoArgs {
     /// Input shape with batch, e.g. 1x3x32x32 (default: the model's declared shape)
     #[arg(long, value_parser = super::parse_shape)]
     pub input_shape: Option<::std::vec::Vec<usize>>,
-    /// Score candidates without recalibrating them to the original's channel statistics
+    /// Score candidates without recalibrating them to the original's outputs
     #[arg(long)]
     pub no_recalibrate: bool,
     /// Which stage sets are culled: every subset (small networks) or only prefixes of the

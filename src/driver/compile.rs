@@ -79,8 +79,8 @@ pub struct CompileOptions {
     pub latency_budget: Option<String>,
     /// With a budget: choose from the frontier `pareto` wrote here instead of searching.
     pub frontier: Option<PathBuf>,
-    /// Recalibrate after lossy passes (map every Conv/Gemm output channel to the original's
-    /// mean and scale on calibration images).
+    /// Recalibrate after lossy passes (refit every Conv/Gemm by least squares to the
+    /// original's output on calibration images).
     pub recalibrate: bool,
     /// Data to measure accuracy on (test split; calibration uses the training split). `None`:
     /// Fashion-MNIST, measured only for lossy pipelines or with `max_drop`.

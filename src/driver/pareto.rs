@@ -40,7 +40,7 @@ pub struct ParetoOptions {
     pub test_limit: Option<usize>,
     /// Input shape with batch (`None`: the model's declared shape).
     pub input_shape: Option<Vec<usize>>,
-    /// Recalibrate candidates to the original's channel statistics before scoring them.
+    /// Recalibrate candidates to the original's outputs before scoring them.
     pub recalibrate: bool,
     /// Try the half-resolution and half-width candidates where the graph takes them.
     pub dimensions: bool,

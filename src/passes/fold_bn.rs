@@ -128,17 +128,31 @@ pub(crate) fn apply_channel_affine(
         None => vec![0.0; channels],
     };
     let bias: Vec<f32> = (0..channels).map(|c| old_bias[c] * scale[c] + shift[c]).collect();
-    // A negative variance or an overflow would bake NaN or infinity into the weights (which
-    // no loader accepts back); such a node stays as it is.
-    if !w.iter().chain(&bias).all(|v| v.is_finite()) {
+    replace_linear_params(graph, l, &w, &bias, tag)
+}
+
+/// Give the Conv or Gemm at `l` the weight `w` (its current weight's layout) and the bias
+/// `bias`, as fresh initializers (`<node>.weight_<tag>`, `<node>.bias_<tag>`); a Gemm's `beta`
+/// becomes 1. `None` (and nothing changed) when a value is not finite: a negative variance or
+/// an overflow would bake NaN or infinity into the weights, which no loader accepts back.
+pub(crate) fn replace_linear_params(
+    graph: &mut Graph,
+    l: usize,
+    w: &[f32],
+    bias: &[f32],
+    tag: &str,
+) -> Option<()> {
+    if !w.iter().chain(bias).all(|v| v.is_finite()) {
         return None;
     }
-
+    let lin = &graph.nodes[l];
+    let weight_dims = graph.constant(lin.input(1)?)?.dims;
     let w_name = graph.fresh_name(&format!("{}.weight_{tag}", lin.name));
     let b_name = graph.fresh_name(&format!("{}.bias_{tag}", lin.name));
-    graph.initializers.insert(w_name.clone(), Tensor::from_f32(weight.dims.clone(), &w));
-    graph.initializers.insert(b_name.clone(), Tensor::from_f32(vec![channels], &bias));
+    graph.initializers.insert(w_name.clone(), Tensor::from_f32(weight_dims, w));
+    graph.initializers.insert(b_name.clone(), Tensor::from_f32(vec![bias.len()], bias));
     let node = &mut graph.nodes[l];
+    let is_conv = node.op_type == "Conv";
     node.inputs[1] = w_name;
     if node.inputs.len() < 3 {
         node.inputs.resize(3, String::new());

@@ -72,11 +72,12 @@ impl PassContext {
 pub struct Reference {
     pub model: Model,
     moments: Mutex<Option<Arc<HashMap<String, recalibrate::Moments>>>>,
+    activations: Mutex<Option<Arc<recalibrate::Activations>>>,
 }
 
 impl Reference {
     pub fn new(model: Model) -> Self {
-        Reference { model, moments: Mutex::new(None) }
+        Reference { model, moments: Mutex::new(None), activations: Mutex::new(None) }
     }
 
     /// Moments of every Conv/Gemm output on `images` (the context's calibration images).
@@ -92,6 +93,21 @@ impl Reference {
         let m = Arc::new(recalibrate::reference_moments(&self.model, sample, images)?);
         *cached = Some(m.clone());
         Ok(m)
+    }
+
+    /// Outputs of every Conv/Gemm on (at most [`recalibrate::MAX_REFIT_IMAGES`] of) `images`.
+    pub fn activations(
+        &self,
+        sample: &[usize],
+        images: &[f32],
+    ) -> Result<Arc<recalibrate::Activations>> {
+        let mut cached = self.activations.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(a) = cached.as_ref() {
+            return Ok(a.clone());
+        }
+        let a = Arc::new(recalibrate::reference_activations(&self.model, sample, images)?);
+        *cached = Some(a.clone());
+        Ok(a)
     }
 }
 
@@ -205,7 +221,7 @@ pub const REGISTRY: &[PassInfo] = &[
     PassInfo {
         name: "recalibrate",
         lossless: false,
-        description: "recalibrate(rectified|scale|mean): map every Conv/Gemm output channel to the original graph's mean and scale on calibration images (where its ReLU was removed: the rectified value's), folded into the weights; runs after lossy passes by default",
+        description: "recalibrate(refit|rectified|scale|mean): refit every Conv/Gemm's weights by least squares to the original graph's output on calibration images (the rectified output where its ReLU was removed); or only map each output channel's mean and scale; runs after lossy passes by default",
         make: recalibrate::Recalibrate::from_args,
     },
     PassInfo {

@@ -12,19 +12,30 @@
 //! Which statistics are matched was chosen by measurement, on the shipped ResNet with stages 1,2
 //! culled and bottom-thinned (93.30% before; 512 calibration images; test accuracy without
 //! training): nothing 10.0%, mean and scale of every conv output (`recalibrate(scale)`) 33.0%,
-//! mean only (`recalibrate(mean)`) 37.1%, and the default `recalibrate(rectified)` 37.7%: mean
-//! and scale, where a layer's ReLU was removed those of the value its readers were trained on,
-//! the rectified one.
+//! mean only (`recalibrate(mean)`) 37.1%, and `recalibrate(rectified)` 37.7%: mean and scale,
+//! where a layer's ReLU was removed those of the value its readers were trained on, the
+//! rectified one.
+//!
+//! Matching two moments per channel leaves most of the damage in place. The default,
+//! `recalibrate(refit)`, refits every Conv and Gemm's whole weight and bias by ridge least
+//! squares so that, given the reduced graph's own input at that node, its output is closest to
+//! the original's output there (the rectified output where the ReLU after it was removed, so
+//! the linear layer learns the best linear stand-in for the missing ReLU). Same configuration,
+//! a PyTorch prototype of both: moments 37.3%, a least-squares per-channel affine 56.5%, the
+//! whole-weight refit 88.6%, still with no training, in seconds. Layers it cannot refit
+//! (grouped convolutions, shapes that differ from the original's) fall back to `rectified`.
 
-use super::fold_bn::apply_channel_affine;
+use super::fold_bn::{apply_channel_affine, replace_linear_params};
 use super::{Pass, PassContext};
 use crate::error::{CompileError, ExitCode};
-use crate::ir::{Model, Node};
-use crate::train::graph::TrainGraph;
+use crate::ir::{Graph, Model, Node};
+use crate::train::conv::{self, Conv2dParams, ConvGeometry};
+use crate::train::graph::{conv_params, TrainGraph};
+use crate::train::least_squares::{conv_normal_equations, ridge_solve};
 use anyhow::Result;
 use candle_core::Tensor;
 use rayon::prelude::*;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 /// Which statistics are matched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +44,9 @@ pub enum Matched {
     Mean,
     /// Mean and scale; where the ReLU after a layer was removed, those of the rectified value.
     Rectified,
+    /// The whole weight and bias refitted by least squares to the original's output (the
+    /// rectified output where the ReLU was removed); `Rectified` where a layer cannot be.
+    Refit,
 }
 
 pub struct Recalibrate {
@@ -41,14 +55,15 @@ pub struct Recalibrate {
 
 impl Default for Recalibrate {
     fn default() -> Self {
-        Recalibrate { matched: Matched::Rectified }
+        Recalibrate { matched: Matched::Refit }
     }
 }
 
 impl Recalibrate {
     pub fn from_args(args: &[String]) -> Result<Box<dyn Pass>> {
         let matched = match args {
-            [] => Matched::Rectified,
+            [] => Matched::Refit,
+            [a] if a == "refit" => Matched::Refit,
             [a] if a == "mean" => Matched::Mean,
             [a] if a == "scale" => Matched::MeanAndScale,
             [a] if a == "rectified" => Matched::Rectified,
@@ -56,7 +71,8 @@ impl Recalibrate {
                 return Err(CompileError::new(
                     ExitCode::Usage,
                     format!(
-                        "recalibrate takes no argument, `rectified`, `scale` or `mean`, got ({})",
+                        "recalibrate takes no argument, `refit`, `rectified`, `scale` or `mean`, \
+                         got ({})",
                         args.join(",")
                     ),
                 )
@@ -70,6 +86,16 @@ impl Recalibrate {
 /// Calibration images used at most: the statistics of 1,024 images move by well under 1% of a
 /// channel's standard deviation when more are added, and memory grows with the count.
 pub const MAX_RECALIBRATION_IMAGES: usize = 1024;
+
+/// Calibration images the refit uses at most: it keeps the original's output at every refitted
+/// layer for each of them (about 0.5 MB an image for the shipped ResNet). The prototype measured
+/// 88.6% with 1,024 images and 87.7% with 512.
+pub const MAX_REFIT_IMAGES: usize = 512;
+
+/// Ridge strength of the refit, relative to the mean diagonal of its normal equations; it pulls
+/// the weights towards their trained values where the calibration data says little. Measured
+/// in the prototype: 1e-3 88.3%, 1e-2 88.1%.
+const REFIT_RIDGE: f64 = 1e-3;
 
 /// A channel whose standard deviation is below this (in the reduced graph) is only shifted:
 /// scaling a constant channel up would amplify rounding noise.
@@ -121,9 +147,9 @@ pub fn reference_moments(
     images: &[f32],
 ) -> Result<HashMap<String, Moments>> {
     let graph = TrainGraph::new(model)?;
-    let x = batch_tensor(images, sample)?;
+    let x = batch_tensor(images, sample, MAX_RECALIBRATION_IMAGES)?;
     let mut out = HashMap::new();
-    graph.forward_observed(&x, |node, y| {
+    graph.forward_observed(&x, |node, _, y| {
         if is_matched(node) {
             out.insert(node.outputs[0].clone(), channel_moments(y)?);
         } else if node.op_type == "Relu" && y.rank() >= 2 {
@@ -134,14 +160,46 @@ pub fn reference_moments(
     Ok(out)
 }
 
+/// The original graph's outputs at every Conv/Gemm on the refit's images, and which of those
+/// values a ReLU reads.
+pub struct Activations {
+    pub outputs: HashMap<String, Tensor>,
+    pub rectified: HashSet<String>,
+}
+
+/// [`Activations`] of `model` on at most [`MAX_REFIT_IMAGES`] of `images`.
+pub fn reference_activations(
+    model: &Model,
+    sample: &[usize],
+    images: &[f32],
+) -> Result<Activations> {
+    let graph = TrainGraph::new(model)?;
+    let x = batch_tensor(images, sample, MAX_REFIT_IMAGES)?;
+    let mut outputs = HashMap::new();
+    graph.forward_observed(&x, |node, _, y| {
+        if is_matched(node) {
+            outputs.insert(node.outputs[0].clone(), y.clone());
+        }
+        Ok(None)
+    })?;
+    let rectified = model
+        .graph
+        .nodes
+        .iter()
+        .filter(|n| n.op_type == "Relu")
+        .filter_map(|n| n.input(0).map(str::to_string))
+        .collect();
+    Ok(Activations { outputs, rectified })
+}
+
 /// The key under which [`reference_moments`] keeps the moments of `relu(value)`.
 fn rectified_key(value: &str) -> String {
     format!("relu({value})")
 }
 
-fn batch_tensor(images: &[f32], sample: &[usize]) -> Result<Tensor> {
+fn batch_tensor(images: &[f32], sample: &[usize], max: usize) -> Result<Tensor> {
     let per: usize = sample.iter().product();
-    let n = (images.len() / per).min(MAX_RECALIBRATION_IMAGES);
+    let n = (images.len() / per).min(max);
     let mut shape = vec![n];
     shape.extend_from_slice(sample);
     Ok(Tensor::from_vec(images[..n * per].to_vec(), shape, &candle_core::Device::Cpu)?)
@@ -156,7 +214,9 @@ fn channel_map(current: &Moments, target: &Moments, matched: Matched) -> (Vec<f3
         .zip(target.mean.iter().zip(&target.std))
         .map(|((&m, &s), (&mt, &st))| {
             let a = match matched {
-                Matched::MeanAndScale | Matched::Rectified if s > MIN_STD => st / s,
+                Matched::MeanAndScale | Matched::Rectified | Matched::Refit if s > MIN_STD => {
+                    st / s
+                }
                 _ => 1.0,
             };
             (a as f32, (mt - a * m) as f32)
@@ -185,11 +245,19 @@ impl Pass for Recalibrate {
         let reference = ctx.reference.as_deref().ok_or_else(|| missing("the original graph"))?;
         let targets = reference.moments(&ctx.sample, images)?;
         let targets = targets.as_ref();
+        let refit_targets = match self.matched {
+            Matched::Refit => Some(reference.activations(&ctx.sample, images)?),
+            _ => None,
+        };
         let graph = TrainGraph::new(model)?;
-        let x = batch_tensor(images, &ctx.sample)?;
+        let max_images = match self.matched {
+            Matched::Refit => MAX_REFIT_IMAGES,
+            _ => MAX_RECALIBRATION_IMAGES,
+        };
+        let x = batch_tensor(images, &ctx.sample, max_images)?;
         // A linear layer whose ReLU was removed feeds its readers directly: they were trained
         // on the rectified value, so that is the one whose moments it takes on.
-        let rectified_here: std::collections::HashSet<&str> = model
+        let rectified_here: HashSet<&str> = model
             .graph
             .nodes
             .iter()
@@ -199,17 +267,36 @@ impl Pass for Recalibrate {
         let target_of = |value: &str| {
             let culled = !rectified_here.contains(value);
             match targets.get(&rectified_key(value)) {
-                Some(t) if culled && self.matched == Matched::Rectified => Some(t),
+                Some(t)
+                    if culled && matches!(self.matched, Matched::Rectified | Matched::Refit) =>
+                {
+                    Some(t)
+                }
                 _ => targets.get(value),
             }
         };
-        let mut maps: Vec<(String, Vec<f32>, Vec<f32>)> = Vec::new();
-        graph.forward_observed(&x, |node, y| {
-            let Some(target) =
-                Some(node).filter(|n| is_matched(n)).and_then(|n| target_of(&n.outputs[0]))
-            else {
+        let mut rewrites: Vec<(String, Rewrite)> = Vec::new();
+        graph.forward_observed(&x, |node, input, y| {
+            if !is_matched(node) {
                 return Ok(None);
-            };
+            }
+            let value = node.outputs[0].as_str();
+            if let (Some(acts), Some(input)) = (refit_targets.as_deref(), input) {
+                if let Some(original) = acts.outputs.get(value) {
+                    let culled = acts.rectified.contains(value) && !rectified_here.contains(value);
+                    let target = if culled { original.relu()? } else { original.clone() };
+                    if target.dims() == y.dims() && same_values(&target, y)? {
+                        return Ok(None); // untouched so far: nothing to refit
+                    }
+                    if target.dims() == y.dims() {
+                        if let Some((w, b, refitted)) = refit(&model.graph, node, input, &target)? {
+                            rewrites.push((node.name.clone(), Rewrite::Weights(w, b)));
+                            return Ok(Some(refitted));
+                        }
+                    }
+                }
+            }
+            let Some(target) = target_of(value) else { return Ok(None) };
             let (scale, shift) = channel_map(&channel_moments(y)?, target, self.matched);
             if scale.iter().all(|&a| a == 1.0) && shift.iter().all(|&b| b == 0.0) {
                 return Ok(None);
@@ -218,19 +305,122 @@ impl Pass for Recalibrate {
             shape[1] = scale.len();
             let a = Tensor::from_vec(scale.clone(), shape.clone(), y.device())?;
             let b = Tensor::from_vec(shift.clone(), shape, y.device())?;
-            maps.push((node.name.clone(), scale, shift));
+            rewrites.push((node.name.clone(), Rewrite::Affine(scale, shift)));
             Ok(Some(y.broadcast_mul(&a)?.broadcast_add(&b)?))
         })?;
-        let mut rewrites = 0;
-        for (name, scale, shift) in maps {
+        let mut count = 0;
+        for (name, rewrite) in rewrites {
             let Some(l) = model.graph.nodes.iter().position(|n| n.name == name) else { continue };
-            if apply_channel_affine(&mut model.graph, l, &scale, &shift, "rc").is_some() {
-                rewrites += 1;
-            }
+            let done = match rewrite {
+                Rewrite::Affine(scale, shift) => {
+                    apply_channel_affine(&mut model.graph, l, &scale, &shift, "rc")
+                }
+                Rewrite::Weights(w, b) => replace_linear_params(&mut model.graph, l, &w, &b, "rf"),
+            };
+            count += done.is_some() as usize;
         }
         model.graph.remove_unused_initializers();
-        Ok(rewrites)
+        Ok(count)
     }
+}
+
+/// What recalibration does to one layer.
+enum Rewrite {
+    /// `a * y + b` per output channel.
+    Affine(Vec<f32>, Vec<f32>),
+    /// A new weight (in the node's layout) and bias.
+    Weights(Vec<f32>, Vec<f32>),
+}
+
+/// Refit the Conv or Gemm `node` of `graph` by ridge least squares so that its output on `x` is
+/// closest to `target`: its new weight (in the node's own layout), bias and output. `None`
+/// where the node's form is not handled (grouped convolutions, a transposed or scaled Gemm
+/// input, a weight that is not a constant) or the system is degenerate.
+fn refit(
+    graph: &Graph,
+    node: &Node,
+    x: &Tensor,
+    target: &Tensor,
+) -> Result<Option<(Vec<f32>, Vec<f32>, Tensor)>> {
+    let Some(weight) = node.input(1).and_then(|w| graph.constant(w)) else { return Ok(None) };
+    let w = weight.to_f32();
+    let bias = match node.input(2).filter(|b| !b.is_empty()) {
+        Some(b) => match graph.constant(b) {
+            Some(t) => Some(t.to_f32()),
+            None => return Ok(None),
+        },
+        None => None,
+    };
+    let n = x.dims()[0];
+    let weight_in_by_out = node.attr_int("transB").unwrap_or(0) == 0;
+    // Both layers as a convolution with weight `[O, K]` (a Gemm is a 1x1 convolution).
+    let (g, w_ok, bias_factor) = match node.op_type.as_str() {
+        "Conv" => {
+            let p = conv_params(node)?;
+            if p.groups != 1 || x.rank() != 4 || weight.dims.len() != 4 {
+                return Ok(None);
+            }
+            let g = ConvGeometry::new(x.dims(), &weight.dims, p).map_err(anyhow::Error::msg)?;
+            (g, w.clone(), 1.0)
+        }
+        "Gemm" => {
+            if node.attr_int("transA").unwrap_or(0) != 0
+                || node.attr_float("alpha").unwrap_or(1.0) != 1.0
+                || weight.dims.len() != 2
+                || x.rank() != 2
+            {
+                return Ok(None);
+            }
+            let (rows, cols) = (weight.dims[0], weight.dims[1]);
+            let (o, k) = if weight_in_by_out { (cols, rows) } else { (rows, cols) };
+            let w_ok = if weight_in_by_out { transpose(&w, rows, cols) } else { w.clone() };
+            let g = ConvGeometry::new(&[n, k, 1, 1], &[o, k, 1, 1], Conv2dParams::default())
+                .map_err(anyhow::Error::msg)?;
+            (g, w_ok, node.attr_float("beta").unwrap_or(1.0))
+        }
+        _ => return Ok(None),
+    };
+    let (o, k) = (g.o, g.k());
+    let bias: Vec<f32> = match bias {
+        Some(b) if b.len() == o => b.iter().map(|v| v * bias_factor).collect(),
+        Some(b) if b.len() == 1 => vec![b[0] * bias_factor; o],
+        Some(_) => return Ok(None),
+        None => vec![0.0; o],
+    };
+    let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+    let ts: Vec<f32> = target.flatten_all()?.to_vec1()?;
+    let eq = conv_normal_equations(&xs, &ts, &g);
+    let mut w0 = vec![0f64; (k + 1) * o];
+    for c in 0..o {
+        for j in 0..k {
+            w0[j * o + c] = w_ok[c * k + j] as f64;
+        }
+        w0[k * o + c] = bias[c] as f64;
+    }
+    let Some(fit) = ridge_solve(&eq, &w0, REFIT_RIDGE) else { return Ok(None) };
+    let mut w_new = vec![0f32; o * k];
+    for c in 0..o {
+        for j in 0..k {
+            w_new[c * k + j] = fit[j * o + c] as f32;
+        }
+    }
+    let b_new: Vec<f32> = (0..o).map(|c| fit[k * o + c] as f32).collect();
+    let y = conv::forward(&xs, &w_new, Some(&b_new), &g);
+    let y = Tensor::from_vec(y, target.dims(), target.device())?;
+    let w_layout = match node.op_type.as_str() {
+        "Gemm" if weight_in_by_out => transpose(&w_new, o, k),
+        _ => w_new,
+    };
+    Ok(Some((w_layout, b_new, y)))
+}
+
+fn same_values(a: &Tensor, b: &Tensor) -> Result<bool> {
+    Ok(a.flatten_all()?.to_vec1::<f32>()? == b.flatten_all()?.to_vec1::<f32>()?)
+}
+
+/// The transpose of a row-major `rows x cols` matrix.
+fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    (0..cols).flat_map(|c| (0..rows).map(move |r| m[r * cols + c])).collect()
 }
 
 #[cfg(test)]

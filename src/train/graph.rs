@@ -148,7 +148,7 @@ impl TrainGraph {
             .map(|n| n.name.clone())
             .collect();
         let mut inserted = BTreeMap::new();
-        self.forward_observed(&x.detach(), |node, y| {
+        self.forward_observed(&x.detach(), |node, _, y| {
             if eligible.contains(&node.name) {
                 inserted.insert(node.name.clone(), InsertedBatchNorm::identity_for(y)?);
             }
@@ -161,16 +161,17 @@ impl TrainGraph {
 
     /// Logits for a batch `x` of shape `[N, C, H, W]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_observed(x, |_, _| Ok(None))
+        self.forward_observed(x, |_, _, _| Ok(None))
     }
 
-    /// The forward pass with a hook on every node's output: `observe` sees the node and its
-    /// value and may return a replacement that later nodes read instead. Values are dropped
+    /// The forward pass with a hook on every node's output: `observe` sees the node, its first
+    /// input (when that is an activation, not a constant) and its value, and may return a
+    /// replacement that later nodes read instead. Values are dropped
     /// after their last reader, so a forward-only pass holds only the live activations.
     pub fn forward_observed(
         &self,
         x: &Tensor,
-        mut observe: impl FnMut(&Node, &Tensor) -> Result<Option<Tensor>>,
+        mut observe: impl FnMut(&Node, Option<&Tensor>, &Tensor) -> Result<Option<Tensor>>,
     ) -> Result<Tensor> {
         let mut last_use: HashMap<&str, usize> = HashMap::new();
         for (ix, node) in self.nodes.iter().enumerate() {
@@ -186,7 +187,8 @@ impl TrainGraph {
             if let Some(bn) = self.batchnorms.get(&node.name) {
                 y = if self.training { bn.forward_train(&y)? } else { bn.forward_eval(&y)? };
             }
-            let y = observe(node, &y)
+            let x = node.input(0).and_then(|i| values.get(i));
+            let y = observe(node, x, &y)
                 .with_context(|| format!("observing node {}", node.label()))?
                 .unwrap_or(y);
             for input in &node.inputs {

@@ -13,6 +13,7 @@ pub mod batchnorm;
 pub mod conv;
 pub mod elementwise;
 pub mod graph;
+pub mod least_squares;
 pub mod malloc;
 pub mod optim;
 pub mod pool;
