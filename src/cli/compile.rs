@@ -61,9 +61,10 @@ pub struct CompileArgs {
     /// tree of comparisons, averaging is linear
     #[arg(long, help_heading = "ReLU reduction (lossy)")]
     pub avg_pool: bool,
-    /// Calibration images for --channel-threshold and --relu-budget, drawn from the training
-    /// split of --data
-    #[arg(long, default_value_t = 512, help_heading = "ReLU reduction (lossy)")]
+    /// Calibration images drawn from the training split of --data: recalibration and
+    /// --channel-threshold fit on the first half (at most 512), a budget search scores its
+    /// candidates on the rest
+    #[arg(long, default_value_t = 1024, help_heading = "ReLU reduction (lossy)")]
     pub calibration_images: usize,
     /// Seed of the calibration draw (the same as `pareto --seed` reproduces its points)
     #[arg(long, default_value_t = 0, help_heading = "ReLU reduction (lossy)")]

@@ -44,9 +44,8 @@ pub fn run(args: &CriticalityArgs) -> Result<()> {
         &sample,
         &name,
     )?;
-    let ctx =
-        PassContext::with_data(sample.clone(), std::sync::Arc::new(set.images.clone()), &model);
-    let c = criticality(&model, &ctx, &set)?;
+    let (ctx, scoring) = PassContext::fitted_on(sample.clone(), &set, &model);
+    let c = criticality(&model, &ctx, &scoring)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&c)?);
         return Ok(());

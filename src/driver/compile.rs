@@ -21,7 +21,6 @@ use crate::search::{best_under_budget, Candidate};
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 /// Passes that always close a pipeline: emitted graphs never hold Identity or dead nodes.
 const FINALIZE: &str = "identity-elim,dce";
@@ -126,7 +125,7 @@ impl Default for CompileOptions {
             resolution: None,
             width: None,
             avg_pool: false,
-            calibration_images: 512,
+            calibration_images: 1024,
             seed: 0,
             relu_budget: None,
             bytes_budget: None,
@@ -345,8 +344,8 @@ pub fn compile(opts: &CompileOptions) -> Result<Compilation> {
     let mut ctx = PassContext::new(sample.clone());
     let data_driven = ["channel-thin", "recalibrate"];
     if pipeline.steps.iter().any(|(name, _, _)| data_driven.contains(&name.as_str())) {
-        let images = Arc::new(calibration_set(&original, &sample, opts)?.images);
-        ctx = PassContext::with_data(sample.clone(), images, &prepare(&original, &ctx)?);
+        let draw = calibration_set(&original, &sample, opts)?;
+        ctx = PassContext::fitted_on(sample.clone(), &draw, &prepare(&original, &ctx)?).0;
     }
     let records = run_pipeline(&mut model, &pipeline, &ctx, &verify)?;
     let finetune = match &opts.finetune {
@@ -504,7 +503,7 @@ fn choose_for_budget(
     }
     let calib = calibration_set(original, sample, opts)?;
     let base = prepare(original, &PassContext::new(sample.to_vec()))?;
-    let mut ctx = PassContext::with_data(sample.to_vec(), Arc::new(calib.images.clone()), &base);
+    let (mut ctx, calib) = PassContext::fitted_on(sample.to_vec(), &calib, &base);
     if !opts.recalibrate {
         ctx.reference = None;
     }

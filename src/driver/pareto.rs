@@ -20,7 +20,6 @@ use anyhow::{Context, Result};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 /// A frontier search: candidates scored on calibration images, the frontier measured on the
 /// test split, one ONNX file per point and `frontier.json/.csv/.md/.svg/.png` in `output`.
@@ -176,10 +175,9 @@ pub fn pareto(opts: &ParetoOptions) -> Result<Frontier> {
     let name = opts.model.display().to_string();
     let train =
         opts.data_options.load(&opts.data, data::Split::Train, None, &original, &sample, &name)?;
-    let calibration = train.seeded_subset(opts.calibration_images, opts.seed);
+    let draw = train.seeded_subset(opts.calibration_images, opts.seed);
     drop(train);
-    let mut ctx =
-        PassContext::with_data(sample.clone(), Arc::new(calibration.images.clone()), &base);
+    let (mut ctx, calibration) = PassContext::fitted_on(sample.clone(), &draw, &base);
     if !opts.recalibrate {
         ctx.reference = None;
     }
@@ -305,7 +303,7 @@ pub fn pareto(opts: &ParetoOptions) -> Result<Frontier> {
         model: opts.model.display().to_string(),
         objective,
         seed: opts.seed,
-        calibration_images: calibration.len(),
+        calibration_images: draw.len(),
         test_images: test.len(),
         original: OriginalPoint {
             relus: original_cost.relus,

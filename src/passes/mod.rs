@@ -57,6 +57,19 @@ impl PassContext {
         PassContext { sample, calibration: None, reference: None }
     }
 
+    /// A context that fits on the first [`fitting_images`] of the calibration draw `set`, and
+    /// the held-out rest of the draw, on which a search scores its candidates.
+    pub fn fitted_on(
+        sample: Vec<usize>,
+        set: &crate::eval::data::Dataset,
+        reference: &Model,
+    ) -> (Self, crate::eval::data::Dataset) {
+        let fit = fitting_images(set.len());
+        let ctx = Self::with_data(sample, Arc::new(set.subset(0..fit).images), reference);
+        let score = if fit < set.len() { set.subset(fit..set.len()) } else { set.clone() };
+        (ctx, score)
+    }
+
     /// With calibration images and the original graph: what data-driven lossy passes need.
     pub fn with_data(sample: Vec<usize>, calibration: Arc<Vec<f32>>, reference: &Model) -> Self {
         PassContext {
@@ -64,6 +77,18 @@ impl PassContext {
             calibration: Some(calibration),
             reference: Some(Arc::new(Reference::new(reference.clone()))),
         }
+    }
+}
+
+/// How many of a draw of `n` calibration images the data-driven passes fit on (recalibration,
+/// channel statistics): the first half, at most [`recalibrate::MAX_REFIT_IMAGES`]. A search
+/// scores its candidates on the rest: scored on the images it was refitted to, every candidate
+/// looks alike (the VGG's 45 latency candidates all scored 123/128 on 128 images).
+pub fn fitting_images(n: usize) -> usize {
+    if n < 2 {
+        n
+    } else {
+        (n / 2).min(recalibrate::MAX_REFIT_IMAGES)
     }
 }
 

@@ -16,15 +16,16 @@
 //! where a layer's ReLU was removed those of the value its readers were trained on, the
 //! rectified one.
 //!
-//! Matching two moments per channel leaves most of the damage in place. `recalibrate(refit)`
-//! (opt-in: not yet the default, because a search scores candidates on the same calibration
-//! images the refit was fitted to, where every candidate looks alike) refits every Conv and
-//! Gemm's whole weight and bias by ridge least squares so that, given the reduced graph's own input at that node, its output is closest to
+//! Matching two moments per channel leaves most of the damage in place. The default,
+//! `recalibrate(refit)`, refits every Conv and Gemm's whole weight and bias by ridge least
+//! squares so that, given the reduced graph's own input at that node, its output is closest to
 //! the original's output there (the rectified output where the ReLU after it was removed, so
 //! the linear layer learns the best linear stand-in for the missing ReLU). Same configuration,
 //! a PyTorch prototype of both: moments 37.3%, a least-squares per-channel affine 56.5%, the
 //! whole-weight refit 88.6%, still with no training, in seconds. Layers it cannot refit
 //! (grouped convolutions, shapes that differ from the original's) fall back to `rectified`.
+//! A search scores its candidates on calibration images the refit did not see
+//! ([`super::fitting_images`]).
 
 use super::fold_bn::{apply_channel_affine, replace_linear_params};
 use super::{Pass, PassContext};
@@ -56,14 +57,14 @@ pub struct Recalibrate {
 
 impl Default for Recalibrate {
     fn default() -> Self {
-        Recalibrate { matched: Matched::Rectified }
+        Recalibrate { matched: Matched::Refit }
     }
 }
 
 impl Recalibrate {
     pub fn from_args(args: &[String]) -> Result<Box<dyn Pass>> {
         let matched = match args {
-            [] => Matched::Rectified,
+            [] => Matched::Refit,
             [a] if a == "refit" => Matched::Refit,
             [a] if a == "mean" => Matched::Mean,
             [a] if a == "scale" => Matched::MeanAndScale,

@@ -205,8 +205,10 @@ pub fn score_all(
             if thresholds.is_empty() {
                 return Ok(out);
             }
-            // Channel statistics once per structural configuration, for every threshold.
-            let stats = channel_stats(&model, &ctx.sample, &calibration.images)?;
+            // Channel statistics once per structural configuration, for every threshold, on
+            // the images the `channel-thin` pass itself measures (so a rebuilt point is this one).
+            let fitting = ctx.calibration.as_deref().unwrap_or(&calibration.images);
+            let stats = channel_stats(&model, &ctx.sample, fitting)?;
             for t in thresholds {
                 let name = join(config, &format!("channel-thin({t})"));
                 if !wanted.contains(&name) {
