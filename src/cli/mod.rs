@@ -6,6 +6,7 @@ pub mod data_flags;
 mod eval;
 pub mod finetune;
 mod inspect;
+mod linearize;
 mod pareto;
 mod run;
 
@@ -60,6 +61,10 @@ enum Command {
     /// re-inserted, SGD with Nesterov momentum and a one-cycle schedule, crop + flip
     /// augmentation), checkpointing every epoch
     Finetune(finetune::FinetuneArgs),
+    /// Learn per-channel ReLU masks to a ReLU budget with the weights, under distillation
+    /// (beyond DeepReDuce's whole-stage culling), and write the graph with ReLUs only on the
+    /// kept channels
+    Linearize(linearize::LinearizeArgs),
     /// List every pass a pipeline (--passes) can name
     Passes,
     /// Run a model under tract on inputs from a .npy file and write its outputs as .npy
@@ -83,6 +88,7 @@ pub fn main() -> Result<()> {
         Some(Command::Criticality(args)) => criticality::run(&args),
         Some(Command::Pareto(args)) => pareto::run(&args),
         Some(Command::Finetune(args)) => finetune::run(&args),
+        Some(Command::Linearize(args)) => linearize::run(&args),
         Some(Command::Passes) => {
             print_passes();
             Ok(())

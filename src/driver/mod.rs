@@ -24,6 +24,7 @@
 pub mod compile;
 pub mod eval;
 pub mod finetune;
+pub mod linearize;
 pub mod pareto;
 
 use crate::error::{CompileError, ExitCode};

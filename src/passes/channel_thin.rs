@@ -171,6 +171,31 @@ pub fn apply_channel_thin(model: &mut Model, stats: &ChannelStats, threshold: f6
     rewritten
 }
 
+/// Keep the ReLU of Relu `relu` (reading `input`, of `rank` dimensions and `channels`
+/// channels) on the channels `kept` alone, the others becoming the identity: the graph gathers
+/// the kept channels for the Relu, as channel thinning does. No channel kept removes the Relu;
+/// all kept changes nothing. For learned masks (`relucompile linearize`).
+pub fn keep_relu_channels(
+    model: &mut Model,
+    relu: &str,
+    input: &str,
+    rank: usize,
+    channels: usize,
+    kept: &[usize],
+) {
+    if kept.len() == channels {
+        return;
+    }
+    if kept.is_empty() {
+        super::bypass_named(model, &[relu.to_string()]);
+        return;
+    }
+    // Positive "almost always" at any threshold: the linear channels are the identity.
+    let frac: Vec<f64> = (0..channels).map(|c| if kept.contains(&c) { 0.5 } else { 1.0 }).collect();
+    let keep: Vec<i64> = kept.iter().map(|&c| c as i64).collect();
+    split_relu(model, relu, input, &frac, &keep, 1.0, rank);
+}
+
 /// Drop channels `zero` (whose ReLU output is almost always 0) from the Conv producing `x`
 /// and from every Conv reading the ReLU's output, so neither computes them any more. Only
 /// done when the producer is a Conv read by this ReLU alone and every reader of the ReLU is a

@@ -20,6 +20,7 @@ mod resolution;
 mod thin;
 mod width;
 
+pub(crate) use cull::bypass_named;
 pub(crate) use fold_bn::apply_channel_affine;
 
 use crate::error::{CompileError, ExitCode};

@@ -339,6 +339,9 @@ enum Rewrite {
     Weights(Vec<f32>, Vec<f32>),
 }
 
+/// A refitted node's weight (in its own layout), bias and output on the fitting images.
+type Refitted = (Vec<f32>, Vec<f32>, Tensor);
+
 /// Refit the Conv or Gemm `node` of `graph` by ridge least squares so that its output on `x` is
 /// closest to `target`: its new weight (in the node's own layout), bias and output. `None`
 /// where the node's form is not handled (grouped convolutions, a transposed or scaled Gemm
@@ -348,7 +351,7 @@ fn refit(
     node: &Node,
     x: &Tensor,
     target: &Tensor,
-) -> Result<Option<(Vec<f32>, Vec<f32>, Tensor)>> {
+) -> Result<Option<Refitted>> {
     let Some(weight) = node.input(1).and_then(|w| graph.constant(w)) else { return Ok(None) };
     let w = weight.to_f32();
     let bias = match node.input(2).filter(|b| !b.is_empty()) {

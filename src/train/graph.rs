@@ -37,6 +37,8 @@ pub struct TrainGraph {
     batchnorms: BTreeMap<String, InsertedBatchNorm>,
     /// Inserted BatchNorms use batch statistics (training) or their running ones.
     training: bool,
+    /// Learnable per-channel ReLU masks by Relu node name (see [`super::masks`]).
+    masks: BTreeMap<String, Var>,
 }
 
 fn to_candle(t: &IrTensor, device: &Device) -> Result<Tensor> {
@@ -104,6 +106,7 @@ impl TrainGraph {
             device,
             batchnorms: BTreeMap::new(),
             training: false,
+            masks: BTreeMap::new(),
         })
     }
 
@@ -157,6 +160,37 @@ impl TrainGraph {
         let count = inserted.len();
         self.batchnorms = inserted;
         Ok(count)
+    }
+
+    /// Give every Relu reading an `[N, C, ...]` value a learnable per-channel mask, all ones
+    /// (the function is unchanged). Returns each masked Relu's site, in graph order.
+    pub fn insert_relu_masks(&mut self, x: &Tensor) -> Result<Vec<super::masks::MaskSite>> {
+        let mut sites = vec![];
+        self.forward_observed(&x.detach(), |node, input, _| {
+            if let (true, Some(input)) = (node.op_type == "Relu", input) {
+                if input.rank() >= 2 {
+                    sites.push(super::masks::MaskSite {
+                        relu: node.name.clone(),
+                        input: node.inputs[0].clone(),
+                        rank: input.rank(),
+                        channels: input.dim(1)?,
+                        relus_per_channel: input.dims()[2..].iter().product(),
+                    });
+                }
+            }
+            Ok(None)
+        })?;
+        self.masks.clear();
+        for site in &sites {
+            let ones = Tensor::ones(site.channels, candle_core::DType::F32, &self.device)?;
+            self.masks.insert(site.relu.clone(), Var::from_tensor(&ones)?);
+        }
+        Ok(sites)
+    }
+
+    /// The masks [`Self::insert_relu_masks`] made, by Relu node name.
+    pub fn masks(&self) -> &BTreeMap<String, Var> {
+        &self.masks
     }
 
     /// Logits for a batch `x` of shape `[N, C, H, W]`.
@@ -234,7 +268,10 @@ impl TrainGraph {
         let x = || arg(0);
         Ok(match node.op_type.as_str() {
             "Identity" | "Dropout" => x()?,
-            "Relu" => x()?.relu()?,
+            "Relu" => match self.masks.get(&node.name) {
+                Some(a) => super::masks::masked_relu(&x()?, a.as_tensor())?,
+                None => x()?.relu()?,
+            },
             "Clip" => {
                 let (lo, hi) = clip_bounds(node, &opt_arg(1)?, &opt_arg(2)?)?;
                 x()?.clamp(lo, hi)?

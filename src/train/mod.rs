@@ -15,6 +15,7 @@ pub mod elementwise;
 pub mod graph;
 pub mod least_squares;
 pub mod malloc;
+pub mod masks;
 pub mod optim;
 pub mod pool;
 pub mod teacher;
@@ -24,6 +25,7 @@ use crate::ir::Model;
 use crate::passes::recalibrate::Recalibrate;
 use crate::passes::{prepare, Pass, PassContext};
 use anyhow::{Context, Result};
+use candle_core::backprop::GradStore;
 use candle_core::Tensor;
 use graph::{kl_divergence, TrainGraph};
 use optim::{learning_rate, Optimizer, OptimizerKind, ScheduleKind};
@@ -90,7 +92,7 @@ pub struct EpochRecord {
 }
 
 /// Training images whose statistics initialise the inserted BatchNorms.
-const BATCHNORM_INIT_IMAGES: usize = 512;
+pub(crate) const BATCHNORM_INIT_IMAGES: usize = 512;
 
 /// What a checkpoint directory holds besides `student.onnx`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -206,69 +208,14 @@ impl Finetuner<'_> {
         malloc::retain_freed_memory();
         let teacher = Teacher::new(self.teacher, sample)?;
         let mut opt = Optimizer::new(opts.optimizer, graph.vars(), opts.lr, opts.weight_decay)?;
-        let n = self.train.len();
-        let steps_per_epoch = n.div_ceil(opts.batch);
-        let total_steps = steps_per_epoch * opts.epochs;
-        let t2 = opts.temperature * opts.temperature;
+        let distiller = Distiller {
+            teacher: &teacher,
+            train: self.train,
+            options: opts,
+            progress: self.progress,
+        };
         for epoch in start..opts.epochs {
-            let mut rng = Rng(opts.seed ^ (epoch as u64).wrapping_mul(0x2545_F491_4F6C_DD1D));
-            let mut order: Vec<usize> = (0..n).collect();
-            for i in (1..n).rev() {
-                order.swap(i, rng.below(i + 1));
-            }
-            let bar = crate::eval::evaluator::counted_progress_bar(
-                n,
-                &format!("epoch {}/{}", epoch + 1, opts.epochs),
-                "images",
-                self.progress,
-            );
-            let started = Instant::now();
-            let (mut loss_sum, mut kd_sum, mut correct, mut seen) = (0.0, 0.0, 0usize, 0usize);
-            for (b, idx) in order.chunks(opts.batch).enumerate() {
-                let mut x = Vec::with_capacity(idx.len() * per);
-                for &i in idx {
-                    augment(self.train.sample(i), sample, opts, &mut rng, &mut x);
-                }
-                let labels: Vec<u32> = idx.iter().map(|&i| self.train.labels[i]).collect();
-                let mut shape = vec![idx.len()];
-                shape.extend_from_slice(sample);
-                let xs = Tensor::from_vec(x, shape, graph.device())?;
-                let t = teacher.logits(&xs)?;
-                let y = Tensor::from_vec(labels.clone(), idx.len(), graph.device())?;
-                let s = graph.forward(&xs)?;
-                let kd = kl_divergence(&s, &t, opts.temperature)?;
-                let ce = candle_nn::loss::cross_entropy(&s, &y)?;
-                let loss = ((&kd * (opts.alpha * t2))? + (ce * (1.0 - opts.alpha))?)?;
-                opt.set_learning_rate(learning_rate(
-                    opts.schedule,
-                    opts.lr,
-                    epoch * steps_per_epoch + b,
-                    total_steps,
-                ));
-                opt.backward_step(&loss)?;
-                let pred: Vec<u32> = s.argmax(1)?.to_vec1()?;
-                correct += pred.iter().zip(&labels).filter(|(p, l)| p == l).count();
-                seen += idx.len();
-                loss_sum += loss.to_scalar::<f32>()? as f64 * idx.len() as f64;
-                kd_sum += kd.to_scalar::<f32>()? as f64 * idx.len() as f64;
-                bar.inc(idx.len() as u64);
-                bar.set_message(format!(
-                    "loss {:.4}  acc {:.2}%  {:.0} img/s",
-                    loss_sum / seen as f64,
-                    100.0 * correct as f64 / seen as f64,
-                    seen as f64 / started.elapsed().as_secs_f64()
-                ));
-            }
-            bar.finish_and_clear();
-            let seconds = started.elapsed().as_secs_f64();
-            history.push(EpochRecord {
-                epoch: epoch + 1,
-                loss: loss_sum / seen as f64,
-                kd_loss: kd_sum / seen as f64,
-                train_accuracy: correct as f64 / seen as f64,
-                images_per_second: seen as f64 / seconds,
-                seconds,
-            });
+            history.push(distiller.epoch(&graph, &mut opt, epoch, &mut NoHook)?);
             if let Some(dir) = &self.checkpoint_dir {
                 let state = CheckpointState {
                     epochs_done: epoch + 1,
@@ -279,6 +226,114 @@ impl Finetuner<'_> {
             }
         }
         Ok(FinetuneResult { model: graph.write_back(&student)?, history })
+    }
+}
+
+/// What a distillation loop adds to each step besides the weights' update (mask learning).
+pub trait StepHook {
+    /// A term added to this step's loss.
+    fn extra_loss(&mut self) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+    /// Called after the weights' update with the step's gradients, at `step` of `total`.
+    fn after_step(&mut self, _grads: &GradStore, _step: usize, _total: usize) -> Result<()> {
+        Ok(())
+    }
+    /// Appended to the progress bar's message.
+    fn status(&self) -> String {
+        String::new()
+    }
+}
+
+/// Plain distillation.
+pub struct NoHook;
+impl StepHook for NoHook {}
+
+/// One epoch at a time of distillation from a teacher on augmented training batches.
+pub struct Distiller<'a> {
+    pub teacher: &'a Teacher,
+    pub train: &'a Dataset,
+    /// The recipe; `epochs` sets the length of the learning-rate schedule.
+    pub options: &'a FinetuneOptions,
+    pub progress: bool,
+}
+
+impl Distiller<'_> {
+    /// Train `graph` for epoch `epoch` (0-based) of `options.epochs`.
+    pub fn epoch(
+        &self,
+        graph: &TrainGraph,
+        opt: &mut Optimizer,
+        epoch: usize,
+        hook: &mut dyn StepHook,
+    ) -> Result<EpochRecord> {
+        let opts = self.options;
+        let sample = &self.train.sample_shape;
+        let per = self.train.sample_len();
+        let n = self.train.len();
+        let steps_per_epoch = n.div_ceil(opts.batch);
+        let total_steps = steps_per_epoch * opts.epochs;
+        let t2 = opts.temperature * opts.temperature;
+        let mut rng = Rng(opts.seed ^ (epoch as u64).wrapping_mul(0x2545_F491_4F6C_DD1D));
+        let mut order: Vec<usize> = (0..n).collect();
+        for i in (1..n).rev() {
+            order.swap(i, rng.below(i + 1));
+        }
+        let bar = crate::eval::evaluator::counted_progress_bar(
+            n,
+            &format!("epoch {}/{}", epoch + 1, opts.epochs),
+            "images",
+            self.progress,
+        );
+        let started = Instant::now();
+        let (mut loss_sum, mut kd_sum, mut correct, mut seen) = (0.0, 0.0, 0usize, 0usize);
+        for (b, idx) in order.chunks(opts.batch).enumerate() {
+            let mut x = Vec::with_capacity(idx.len() * per);
+            for &i in idx {
+                augment(self.train.sample(i), sample, opts, &mut rng, &mut x);
+            }
+            let labels: Vec<u32> = idx.iter().map(|&i| self.train.labels[i]).collect();
+            let mut shape = vec![idx.len()];
+            shape.extend_from_slice(sample);
+            let xs = Tensor::from_vec(x, shape, graph.device())?;
+            let t = self.teacher.logits(&xs)?;
+            let y = Tensor::from_vec(labels.clone(), idx.len(), graph.device())?;
+            let s = graph.forward(&xs)?;
+            let kd = kl_divergence(&s, &t, opts.temperature)?;
+            let ce = candle_nn::loss::cross_entropy(&s, &y)?;
+            let mut loss = ((&kd * (opts.alpha * t2))? + (ce * (1.0 - opts.alpha))?)?;
+            let distill_loss = loss.to_scalar::<f32>()? as f64;
+            if let Some(extra) = hook.extra_loss()? {
+                loss = (loss + extra)?;
+            }
+            let step = epoch * steps_per_epoch + b;
+            opt.set_learning_rate(learning_rate(opts.schedule, opts.lr, step, total_steps));
+            let grads = opt.backward_step(&loss)?;
+            hook.after_step(&grads, step, total_steps)?;
+            let pred: Vec<u32> = s.argmax(1)?.to_vec1()?;
+            correct += pred.iter().zip(&labels).filter(|(p, l)| p == l).count();
+            seen += idx.len();
+            loss_sum += distill_loss * idx.len() as f64;
+            kd_sum += kd.to_scalar::<f32>()? as f64 * idx.len() as f64;
+            bar.inc(idx.len() as u64);
+            bar.set_message(format!(
+                "loss {:.4}  acc {:.2}%  {:.0} img/s{}",
+                loss_sum / seen as f64,
+                100.0 * correct as f64 / seen as f64,
+                seen as f64 / started.elapsed().as_secs_f64(),
+                hook.status()
+            ));
+        }
+        bar.finish_and_clear();
+        let seconds = started.elapsed().as_secs_f64();
+        Ok(EpochRecord {
+            epoch: epoch + 1,
+            loss: loss_sum / seen as f64,
+            kd_loss: kd_sum / seen as f64,
+            train_accuracy: correct as f64 / seen as f64,
+            images_per_second: seen as f64 / seconds,
+            seconds,
+        })
     }
 }
 

@@ -128,12 +128,15 @@ impl Optimizer {
         }
     }
 
-    pub fn backward_step(&mut self, loss: &Tensor) -> Result<()> {
+    /// Back-propagate `loss`, update the weights, and return the gradients (of every variable
+    /// the loss reads, weights or not) for whoever updates the rest.
+    pub fn backward_step(&mut self, loss: &Tensor) -> Result<GradStore> {
         let grads = loss.backward()?;
         match self {
-            Optimizer::Sgd(s) => s.step(&grads),
-            Optimizer::AdamW(a) => Ok(a.step(&grads)?),
+            Optimizer::Sgd(s) => s.step(&grads)?,
+            Optimizer::AdamW(a) => a.step(&grads)?,
         }
+        Ok(grads)
     }
 }
 

@@ -14,7 +14,7 @@ use candle_core::Tensor;
 use rayon::prelude::*;
 
 pub enum Teacher {
-    Graph(TrainGraph),
+    Graph(Box<TrainGraph>),
     Tract(Runner),
 }
 
@@ -22,7 +22,7 @@ impl Teacher {
     /// The teacher for inputs of shape `[N] + sample`.
     pub fn new(model: &Model, sample: &[usize]) -> Result<Self> {
         match TrainGraph::new(model) {
-            Ok(graph) => Ok(Teacher::Graph(graph)),
+            Ok(graph) => Ok(Teacher::Graph(Box::new(graph))),
             Err(_) => {
                 Ok(Teacher::Tract(Runner::new(model, sample, 1).context("preparing the teacher")?))
             }

@@ -1,0 +1,110 @@
+//! `relucompile linearize in.onnx -o out.onnx --relu-budget 10%`: per-channel ReLU masks
+//! learned jointly with the weights under distillation, made binary within the budget, then
+//! distilled again (see `crate::train::masks`).
+
+use super::finetune::TrainFlags;
+use crate::driver::linearize::{linearize, LinearizeJob, LinearizeReport};
+use crate::eval::data;
+use crate::report::{table, thousands};
+use crate::train::masks::DEFAULT_MASK_LR;
+use anyhow::Result;
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug)]
+#[command(after_help = super::EXIT_CODES_HELP)]
+pub struct LinearizeArgs {
+    /// The trained ONNX model
+    pub model: PathBuf,
+    /// Where to write the graph with ReLUs only on the kept channels
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// ReLUs to keep: a count (20000) or a share of the model's (10%)
+    #[arg(long, value_name = "N|P%")]
+    pub relu_budget: String,
+    /// Epochs that learn the masks together with the weights, before they are made binary;
+    /// --epochs then distils the binarised graph
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub mask_epochs: usize,
+    /// Adam's learning rate for the masks
+    #[arg(long, default_value_t = DEFAULT_MASK_LR)]
+    pub mask_lr: f64,
+    /// Training data (its train split) and test data for the accuracies
+    #[arg(long, default_value = data::FASHION_MNIST_SPEC)]
+    pub data: String,
+    #[command(flatten)]
+    pub train: TrainFlags,
+    /// Evaluate on the first N test images [default: all]
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+    /// Print the report as JSON
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bars
+    #[arg(long)]
+    pub no_progress: bool,
+    #[command(flatten)]
+    pub data_flags: super::data_flags::DataFlags,
+}
+
+impl From<&LinearizeArgs> for LinearizeJob {
+    fn from(a: &LinearizeArgs) -> Self {
+        LinearizeJob {
+            mask_epochs: a.mask_epochs,
+            mask_lr: a.mask_lr,
+            data: a.data.clone(),
+            data_options: (&a.data_flags).into(),
+            training: (&a.train).into(),
+            limit: a.limit,
+            progress: !a.json && !a.no_progress,
+            ..LinearizeJob::new(&a.model, &a.output, &a.relu_budget)
+        }
+    }
+}
+
+pub fn run(args: &LinearizeArgs) -> Result<()> {
+    let report = linearize(&args.into())?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&report);
+        println!("wrote {}", args.output.display());
+    }
+    Ok(())
+}
+
+fn print_report(r: &LinearizeReport) {
+    let rows: Vec<Vec<String>> = r
+        .layers
+        .iter()
+        .map(|l| {
+            vec![
+                l.relu.clone(),
+                format!("{}/{}", l.kept.len(), l.channels),
+                format!("{:.3}", l.mean_mask),
+                thousands(l.relus() as u64),
+            ]
+        })
+        .collect();
+    print!("{}", table(&["relu", "channels kept", "mean mask", "ReLUs"], &rows));
+    println!(
+        "ReLUs {} -> {} (budget {}; soft count {:.0} after the mask epochs)",
+        thousands(r.relus_before),
+        thousands(r.relus_after),
+        thousands(r.relu_budget),
+        r.soft_relus
+    );
+    println!("mask epochs:");
+    for e in &r.mask_epochs {
+        println!(
+            "  {}: loss {:.4}, train acc {:.2}%, {:.0} img/s, {:.1} s",
+            e.epoch,
+            e.loss,
+            100.0 * e.train_accuracy,
+            e.images_per_second,
+            e.seconds
+        );
+    }
+    println!("distillation after binarisation:");
+    super::finetune::print_report(&r.finetune);
+    println!("{:.1} s in all", r.seconds);
+}

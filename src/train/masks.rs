@@ -1,0 +1,345 @@
+//! Learned per-channel ReLU masks (`relucompile linearize`), after SNL (Cho et al., ICML
+//! 2022): every masked ReLU computes `a * relu(x) + (1 - a) * x` with a trainable `a` per
+//! channel, initialised to 1; the distillation loss gains `lambda * sum(a * w)` with `w` a
+//! channel's share of the ReLUs, so that a channel is cheap to keep in proportion to what it
+//! costs a PI engine. `lambda` follows a controller that walks the soft ReLU count
+//! `sum(a * relus_per_channel)` down to the budget over the mask epochs; then the masks are
+//! made binary (the channels with the largest `a` that fit the budget keep their ReLU) and the
+//! graph is rewritten so that only those channels compute one.
+
+use super::graph::TrainGraph;
+use super::optim::Optimizer;
+use super::teacher::Teacher;
+use super::{Distiller, EpochRecord, FinetuneOptions, StepHook, BATCHNORM_INIT_IMAGES};
+use crate::eval::data::Dataset;
+use crate::ir::Model;
+use anyhow::Result;
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+use candle_nn::{AdamW, Optimizer as _, ParamsAdamW};
+use serde::Serialize;
+
+/// A Relu that carries a mask: its node, its input value, and the ReLUs each channel costs
+/// per image.
+#[derive(Debug, Clone, Serialize)]
+pub struct MaskSite {
+    pub relu: String,
+    pub input: String,
+    pub rank: usize,
+    pub channels: usize,
+    pub relus_per_channel: usize,
+}
+
+/// `a * relu(x) + (1 - a) * x`, written `x + a * relu(-x)`, with `a` per channel (axis 1).
+pub fn masked_relu(x: &Tensor, a: &Tensor) -> candle_core::Result<Tensor> {
+    let mut shape = vec![1; x.rank()];
+    shape[1] = a.dim(0)?;
+    x + x.neg()?.relu()?.broadcast_mul(&a.reshape(shape)?)?
+}
+
+/// Adam's step on the masks. 0.01 moves an unopposed mask from 1 to 0 in about 100 steps
+/// (6,400 images at batch 64), a tenth of an epoch of Fashion-MNIST, so the controller has the
+/// rest of the mask epochs to settle the count.
+pub const DEFAULT_MASK_LR: f64 = 0.01;
+/// The controller multiplies or divides `lambda` by this after every step.
+const LAMBDA_STEP: f64 = 1.02;
+/// `lambda` at the first step (in units of the distillation loss per average channel).
+const LAMBDA_START: f64 = 1e-3;
+/// Share of the mask steps over which the target soft count falls from the original's to the
+/// budget; the rest holds it there so the masks settle near 0 or 1.
+const RAMP: f64 = 0.7;
+/// A channel whose mask ends at or below this is linear whatever the budget (SNL's 0.01).
+pub const MASK_FLOOR: f32 = 0.01;
+
+/// The mask phase's extra loss term, mask updates and `lambda` controller.
+struct MaskHook {
+    vars: Vec<Var>,
+    /// Per site, each channel's penalty weight: its ReLUs over the average channel's.
+    weights: Vec<Tensor>,
+    relus_per_channel: Vec<usize>,
+    total: f64,
+    budget: f64,
+    lambda: f64,
+    soft: f64,
+    adam: AdamW,
+}
+
+impl MaskHook {
+    fn new(graph: &TrainGraph, sites: &[MaskSite], budget: u64, lr: f64) -> Result<Self> {
+        let total: usize = sites.iter().map(|s| s.channels * s.relus_per_channel).sum();
+        let channels: usize = sites.iter().map(|s| s.channels).sum();
+        let average = total as f64 / channels.max(1) as f64;
+        let vars: Vec<Var> = sites.iter().map(|s| graph.masks()[&s.relu].clone()).collect();
+        let weights = sites
+            .iter()
+            .map(|s| {
+                let w = (s.relus_per_channel as f64 / average) as f32;
+                Ok(Tensor::full(w, s.channels, graph.device())?)
+            })
+            .collect::<Result<_>>()?;
+        let adam =
+            AdamW::new(vars.clone(), ParamsAdamW { lr, weight_decay: 0.0, ..Default::default() })?;
+        Ok(MaskHook {
+            vars,
+            weights,
+            relus_per_channel: sites.iter().map(|s| s.relus_per_channel).collect(),
+            total: total as f64,
+            budget: budget as f64,
+            lambda: LAMBDA_START,
+            soft: total as f64,
+            adam,
+        })
+    }
+}
+
+impl StepHook for MaskHook {
+    fn extra_loss(&mut self) -> Result<Option<Tensor>> {
+        let mut sum: Option<Tensor> = None;
+        for (a, w) in self.vars.iter().zip(&self.weights) {
+            let term = (a.as_tensor() * w)?.sum_all()?;
+            sum = Some(match sum {
+                Some(s) => (s + term)?,
+                None => term,
+            });
+        }
+        Ok(match sum {
+            Some(s) => Some((s * self.lambda)?),
+            None => None,
+        })
+    }
+
+    fn after_step(&mut self, grads: &GradStore, step: usize, total: usize) -> Result<()> {
+        self.adam.step(grads)?;
+        let mut soft = 0.0;
+        for (a, &n) in self.vars.iter().zip(&self.relus_per_channel) {
+            let clamped = a.as_tensor().clamp(0f32, 1f32)?;
+            soft += clamped.sum_all()?.to_scalar::<f32>()? as f64 * n as f64;
+            a.set(&clamped)?;
+        }
+        self.soft = soft;
+        let progress = (step + 1) as f64 / (RAMP * total as f64);
+        let target = self.total - (self.total - self.budget) * progress.min(1.0);
+        self.lambda =
+            if soft > target { self.lambda * LAMBDA_STEP } else { self.lambda / LAMBDA_STEP };
+        Ok(())
+    }
+
+    fn status(&self) -> String {
+        format!("  soft ReLUs {:.0}  lambda {:.1e}", self.soft, self.lambda)
+    }
+}
+
+/// What the mask phase decided for one Relu.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerMask {
+    pub relu: String,
+    pub channels: usize,
+    pub relus_per_channel: usize,
+    /// Channels that keep their ReLU, in channel order.
+    pub kept: Vec<usize>,
+    /// The mean of the learned masks before they were made binary.
+    pub mean_mask: f64,
+}
+
+impl LayerMask {
+    pub fn relus(&self) -> usize {
+        self.kept.len() * self.relus_per_channel
+    }
+}
+
+/// Binary masks within `budget` ReLUs: channels by decreasing mask value (ties in graph and
+/// channel order), each kept if it still fits and its mask is above [`MASK_FLOOR`].
+pub fn choose_kept(sites: &[MaskSite], values: &[Vec<f32>], budget: u64) -> Vec<LayerMask> {
+    let mut order: Vec<(usize, usize)> = sites
+        .iter()
+        .enumerate()
+        .flat_map(|(s, site)| (0..site.channels).map(move |c| (s, c)))
+        .filter(|&(s, c)| values[s][c] > MASK_FLOOR)
+        .collect();
+    order.sort_by(|&(s1, c1), &(s2, c2)| values[s2][c2].total_cmp(&values[s1][c1]));
+    let mut kept: Vec<Vec<usize>> = vec![vec![]; sites.len()];
+    let mut used = 0u64;
+    for (s, c) in order {
+        let cost = sites[s].relus_per_channel as u64;
+        if used + cost <= budget {
+            used += cost;
+            kept[s].push(c);
+        }
+    }
+    sites
+        .iter()
+        .zip(kept)
+        .zip(values)
+        .map(|((site, mut kept), v)| {
+            kept.sort_unstable();
+            LayerMask {
+                relu: site.relu.clone(),
+                channels: site.channels,
+                relus_per_channel: site.relus_per_channel,
+                kept,
+                mean_mask: v.iter().map(|&a| a as f64).sum::<f64>() / v.len().max(1) as f64,
+            }
+        })
+        .collect()
+}
+
+/// The mask phase: train the weights and the masks of `model` together under distillation
+/// from `teacher`, then make the masks binary within `budget` ReLUs.
+pub struct MaskLearning<'a> {
+    pub model: &'a Model,
+    pub teacher: &'a Model,
+    pub train: &'a Dataset,
+    /// The recipe of the mask epochs (`epochs` is their number).
+    pub options: FinetuneOptions,
+    pub budget: u64,
+    pub mask_lr: f64,
+    pub progress: bool,
+}
+
+pub struct MaskResult {
+    /// `model` with the trained weights (BatchNorm folded) and the binary masks applied.
+    pub model: Model,
+    pub history: Vec<EpochRecord>,
+    pub layers: Vec<LayerMask>,
+    /// The soft ReLU count and `lambda` after the last step.
+    pub soft_relus: f64,
+    pub lambda: f64,
+}
+
+impl MaskLearning<'_> {
+    pub fn run(&self) -> Result<MaskResult> {
+        let opts = &self.options;
+        anyhow::ensure!(
+            opts.batch > 0 && opts.epochs > 0,
+            "mask epochs and batch must be positive"
+        );
+        let sample = &self.train.sample_shape;
+        let per = self.train.sample_len();
+        let mut graph = TrainGraph::new(self.model)?;
+        let n = self.train.len().min(BATCHNORM_INIT_IMAGES);
+        let mut shape = vec![n];
+        shape.extend_from_slice(sample);
+        let x = Tensor::from_vec(self.train.images[..n * per].to_vec(), shape, graph.device())?;
+        if opts.batchnorm {
+            graph.insert_batchnorm(&x)?;
+        }
+        let sites = graph.insert_relu_masks(&x.narrow(0, 0, 1)?)?;
+        anyhow::ensure!(!sites.is_empty(), "the graph has no ReLU on a channel axis to mask");
+        graph.set_training(true);
+        super::malloc::retain_freed_memory();
+        let teacher = Teacher::new(self.teacher, sample)?;
+        let mut opt = Optimizer::new(opts.optimizer, graph.vars(), opts.lr, opts.weight_decay)?;
+        let mut hook = MaskHook::new(&graph, &sites, self.budget, self.mask_lr)?;
+        let distiller = Distiller {
+            teacher: &teacher,
+            train: self.train,
+            options: opts,
+            progress: self.progress,
+        };
+        let mut history = vec![];
+        for epoch in 0..opts.epochs {
+            history.push(distiller.epoch(&graph, &mut opt, epoch, &mut hook)?);
+        }
+        let values: Vec<Vec<f32>> = sites
+            .iter()
+            .map(|s| Ok(graph.masks()[&s.relu].as_tensor().to_vec1::<f32>()?))
+            .collect::<Result<_>>()?;
+        let layers = choose_kept(&sites, &values, self.budget);
+        let mut model = graph.write_back(self.model)?;
+        for (site, layer) in sites.iter().zip(&layers) {
+            crate::passes::channel_thin::keep_relu_channels(
+                &mut model,
+                &site.relu,
+                &site.input,
+                site.rank,
+                site.channels,
+                &layer.kept,
+            );
+        }
+        Ok(MaskResult { model, history, layers, soft_relus: hook.soft, lambda: hook.lambda })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masked_relu_interpolates_between_identity_and_relu() {
+        let dev = candle_core::Device::Cpu;
+        let x = Tensor::new(&[[[[-2.0f32, 3.0]], [[-1.0, 0.5]]]], &dev).unwrap(); // [1,2,1,2]
+        let a = Tensor::new(&[1.0f32, 0.25], &dev).unwrap();
+        let y: Vec<f32> = masked_relu(&x, &a).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        // Channel 0 is a ReLU; channel 1 is 0.25 * relu(x) + 0.75 * x.
+        assert_eq!(y, vec![0.0, 3.0, -0.75, 0.5]);
+    }
+
+    #[test]
+    fn mask_and_input_gradients_match_finite_differences() {
+        let dev = candle_core::Device::Cpu;
+        // Values away from 0, where relu is differentiable; a weighted sum as the loss.
+        let xs: Vec<f32> = (0..12)
+            .map(|i| [-1.3f32, 0.7, -0.4, 2.1, 0.9, -2.2][i % 6] * (1.0 + i as f32 / 10.0))
+            .collect();
+        let r: Vec<f32> = (0..12).map(|i| 0.3 + 0.1 * i as f32).collect();
+        let a0 = [0.8f32, 0.3, 0.55];
+        let loss = |x: &[f32], a: &[f32]| -> f64 {
+            let x = Tensor::from_slice(x, (1, 3, 2, 2), &dev).unwrap();
+            let a = Tensor::from_slice(a, 3, &dev).unwrap();
+            let y: Vec<f32> =
+                masked_relu(&x, &a).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            y.iter().zip(&r).map(|(y, r)| (y * r) as f64).sum()
+        };
+        let x = Var::from_slice(&xs, (1, 3, 2, 2), &dev).unwrap();
+        let a = Var::from_slice(&a0, 3, &dev).unwrap();
+        let rt = Tensor::from_slice(&r, (1, 3, 2, 2), &dev).unwrap();
+        let l =
+            (masked_relu(x.as_tensor(), a.as_tensor()).unwrap() * rt).unwrap().sum_all().unwrap();
+        let g = l.backward().unwrap();
+        let ga: Vec<f32> = g.get(&a).unwrap().to_vec1().unwrap();
+        let gx: Vec<f32> = g.get(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let h = 1e-3f32;
+        for c in 0..3 {
+            let (mut up, mut down) = (a0, a0);
+            up[c] += h;
+            down[c] -= h;
+            let fd = (loss(&xs, &up) - loss(&xs, &down)) / (2.0 * h as f64);
+            assert!(
+                (fd - ga[c] as f64).abs() < 1e-3 * (1.0 + fd.abs()),
+                "a[{c}]: {fd} vs {}",
+                ga[c]
+            );
+        }
+        for i in 0..12 {
+            let (mut up, mut down) = (xs.clone(), xs.clone());
+            up[i] += h;
+            down[i] -= h;
+            let fd = (loss(&up, &a0) - loss(&down, &a0)) / (2.0 * h as f64);
+            assert!(
+                (fd - gx[i] as f64).abs() < 1e-3 * (1.0 + fd.abs()),
+                "x[{i}]: {fd} vs {}",
+                gx[i]
+            );
+        }
+    }
+
+    #[test]
+    fn binary_masks_fill_the_budget_by_mask_value() {
+        let site = |name: &str, c, n| MaskSite {
+            relu: name.into(),
+            input: format!("{name}_in"),
+            rank: 4,
+            channels: c,
+            relus_per_channel: n,
+        };
+        let sites = [site("a", 3, 100), site("b", 2, 10)];
+        let values = vec![vec![0.9, 0.005, 0.5], vec![0.95, 0.6]];
+        // By value: b0 (10), a0 (100), b1 (10), a2 (100: does not fit 150), a1 (below floor).
+        let layers = choose_kept(&sites, &values, 150);
+        assert_eq!(layers[0].kept, vec![0]);
+        assert_eq!(layers[1].kept, vec![0, 1]);
+        assert_eq!(layers.iter().map(LayerMask::relus).sum::<usize>(), 120);
+        let all = choose_kept(&sites, &values, 1000);
+        assert_eq!(all[0].kept, vec![0, 2], "a mask at the floor stays linear");
+    }
+}

@@ -1,0 +1,94 @@
+//! `relucompile linearize`: learned per-channel ReLU masks to a budget. The written graph meets
+//! the budget (counted from the file, by relucompile and by the Python harness), fills it to
+//! within one channel, computes ReLUs only on the kept channels, passes onnx.checker and
+//! onnxruntime against tract, and repeats byte for byte.
+
+mod common;
+use common::*;
+use std::path::Path;
+
+/// 20% of the VGG's 81,792 ReLUs, as `Budget::parse` floors it.
+const VGG_BUDGET_20: u64 = 16_358;
+/// The VGG's dearest channel: 28x28 ReLUs.
+const VGG_LARGEST_CHANNEL: u64 = 784;
+
+fn linearize(out: &Path, budget: &str) -> serde_json::Value {
+    relucompile_json(&[
+        "linearize",
+        "models/vgg.onnx",
+        "-o",
+        out.to_str().unwrap(),
+        "--relu-budget",
+        budget,
+        "--train-limit",
+        "256",
+        "--batch",
+        "32",
+        "--limit",
+        "64",
+        "--json",
+    ])
+}
+
+#[test]
+fn the_budget_is_met_from_the_file_and_the_graph_passes_the_harness() {
+    let dir = tmpdir();
+    let out = dir.path().join("vgg.lin20.onnx");
+    let r = linearize(&out, "20%");
+    assert_eq!(r["relus_before"], 81_792);
+    assert_eq!(r["relu_budget"], VGG_BUDGET_20);
+    let after = r["relus_after"].as_u64().unwrap();
+    assert!(after <= VGG_BUDGET_20, "{after} ReLUs over the budget");
+    assert!(after > VGG_BUDGET_20 - VGG_LARGEST_CHANNEL, "budget not filled: {after}");
+    // The layers' decisions add up to the graph's count, and the file says the same.
+    let layers = r["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 6, "every VGG ReLU carries a mask");
+    let by_layers: u64 = layers
+        .iter()
+        .map(|l| {
+            l["kept"].as_array().unwrap().len() as u64 * l["relus_per_channel"].as_u64().unwrap()
+        })
+        .sum();
+    assert_eq!(by_layers, after);
+    let census = relucompile_json(&["inspect", out.to_str().unwrap(), "--json"]);
+    assert_eq!(census["total_relus"].as_u64(), Some(after));
+    assert_eq!(r["finetune"]["relus"].as_u64(), Some(after));
+    assert!(r["finetune"]["written_graph_rel_diff"].as_f64().unwrap() <= 1e-3);
+    // Masks started at 1 and a penalty pulled them down; none rose above 1.
+    for l in layers {
+        let m = l["mean_mask"].as_f64().unwrap();
+        assert!((0.0..1.0).contains(&m), "mean mask {m} of {}", l["relu"]);
+    }
+    if python_ready(&["onnx", "onnxruntime", "numpy"]) {
+        let real = path("fixtures/images/fmnist_test_64.npy");
+        let mut case = tract_case(&out, &real, &dir.path().join("y.npy"));
+        case["relus"] = serde_json::json!(after);
+        cross_check(dir.path(), &[case]);
+    }
+    // Same flags, same bytes.
+    let again = dir.path().join("again.onnx");
+    linearize(&again, "20%");
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&again).unwrap());
+}
+
+#[test]
+fn a_count_budget_is_met_and_bad_budgets_are_usage_errors() {
+    let dir = tmpdir();
+    let out = dir.path().join("vgg.lin.onnx");
+    let r = linearize(&out, "5000");
+    let after = r["relus_after"].as_u64().unwrap();
+    assert!(after <= 5000 && after > 5000 - VGG_LARGEST_CHANNEL, "{after}");
+    for bad in ["lots", "150%", "12.5"] {
+        let o = relucompile(&[
+            "linearize",
+            "models/vgg.onnx",
+            "-o",
+            dir.path().join("bad.onnx").to_str().unwrap(),
+            "--relu-budget",
+            bad,
+        ]);
+        assert_eq!(o.code, 2, "{bad}: {}", o.stderr);
+        assert!(o.stderr.contains("--relu-budget"), "{}", o.stderr);
+        assert!(!dir.path().join("bad.onnx").exists());
+    }
+}
