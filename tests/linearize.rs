@@ -13,7 +13,11 @@ const VGG_BUDGET_20: u64 = 16_358;
 const VGG_LARGEST_CHANNEL: u64 = 784;
 
 fn linearize(out: &Path, budget: &str) -> serde_json::Value {
-    relucompile_json(&[
+    linearize_with(out, budget, &[])
+}
+
+fn linearize_with(out: &Path, budget: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
         "linearize",
         "models/vgg.onnx",
         "-o",
@@ -26,8 +30,14 @@ fn linearize(out: &Path, budget: &str) -> serde_json::Value {
         "32",
         "--limit",
         "64",
+        // The default peak rate overshoots on 8 steps an epoch (a resumed epoch of
+        // distillation starts at the peak with fresh momentum and diverged).
+        "--lr",
+        "0.005",
         "--json",
-    ])
+    ];
+    args.extend_from_slice(extra);
+    relucompile_json(&args)
 }
 
 #[test]
@@ -72,12 +82,39 @@ fn the_budget_is_met_from_the_file_and_the_graph_passes_the_harness() {
 }
 
 #[test]
-fn a_count_budget_is_met_and_bad_budgets_are_usage_errors() {
+fn a_count_budget_is_met_checkpoints_resume_and_bad_budgets_are_usage_errors() {
     let dir = tmpdir();
     let out = dir.path().join("vgg.lin.onnx");
-    let r = linearize(&out, "5000");
+    let ckpt = dir.path().join("ckpt");
+    let ckpt_flag = ["--checkpoint-dir", ckpt.to_str().unwrap()];
+    let r = linearize_with(&out, "5000", &ckpt_flag);
     let after = r["relus_after"].as_u64().unwrap();
     assert!(after <= 5000 && after > 5000 - VGG_LARGEST_CHANNEL, "{after}");
+    for file in ["masked.onnx", "masks.json", "student.onnx", "state.json"] {
+        assert!(ckpt.join(file).exists(), "no {file} in the checkpoint");
+    }
+    // Resumed for a second epoch of distillation: the masks come from the checkpoint, and so
+    // does the first epoch's record.
+    let resumed = dir.path().join("resumed.onnx");
+    let flags = [&ckpt_flag[..], &["--resume", "--epochs", "2"]].concat();
+    let b = linearize_with(&resumed, "5000", &flags);
+    assert_eq!(b["layers"], r["layers"]);
+    assert_eq!(b["mask_epochs"], r["mask_epochs"]);
+    assert_eq!(b["relus_after"], r["relus_after"]);
+    let epochs = b["finetune"]["epochs"].as_array().unwrap();
+    assert_eq!(epochs.len(), 2);
+    assert_eq!(epochs[0], r["finetune"]["epochs"][0]);
+    // Masks learned for another budget are not silently reused.
+    let o = relucompile(
+        &[
+            &["linearize", "models/vgg.onnx", "-o", resumed.to_str().unwrap()][..],
+            &["--relu-budget", "4000", "--train-limit", "256", "--batch", "32", "--resume"],
+            &ckpt_flag,
+        ]
+        .concat(),
+    );
+    assert_ne!(o.code, 0);
+    assert!(o.stderr.contains("was learned for a budget of 5000 ReLUs"), "{}", o.stderr);
     for bad in ["lots", "150%", "12.5"] {
         let o = relucompile(&[
             "linearize",

@@ -5,15 +5,17 @@ use super::finetune::{finetune_model, FinetuneReport};
 use super::{check_output_path, DataOptions, TrainOptions, DEFAULT_DATA};
 use crate::analysis::{census::census, shapes::sample_shape};
 use crate::error::{CompileError, ExitCode};
+use crate::eval::data::Dataset;
 use crate::eval::data::Split;
-use crate::frontend::{load_model, write_model_atomic};
+use crate::frontend::{load_model, write_bytes_atomic, write_model_atomic};
+use crate::ir::Model;
 use crate::passes::{prepare, run_pipeline, PassContext, Pipeline, VerifyOptions};
 use crate::search::objective::{Budget, Cost, Objective};
-use crate::train::masks::{LayerMask, MaskLearning, DEFAULT_MASK_LR};
+use crate::train::masks::{LayerMask, MaskLearning, MaskResult, DEFAULT_MASK_LR};
 use crate::train::EpochRecord;
 use anyhow::{Context, Result};
-use serde::Serialize;
-use std::path::PathBuf;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 #[derive(Debug, Clone)]
@@ -88,7 +90,6 @@ pub fn linearize(job: &LinearizeJob) -> Result<LinearizeReport> {
         .map_err(|e| usage(format!("--relu-budget: {e}")))?
         .limit as u64;
     let name = "the model";
-    let recipe = &job.training.recipe;
     let train = job.data_options.load(
         &job.data,
         Split::Train,
@@ -97,18 +98,25 @@ pub fn linearize(job: &LinearizeJob) -> Result<LinearizeReport> {
         &sample,
         name,
     )?;
-    let masked = MaskLearning {
-        model: &model,
-        teacher: &model,
-        train: &train,
-        options: crate::train::FinetuneOptions { epochs: job.mask_epochs, ..recipe.clone() },
-        budget,
-        mask_lr: job.mask_lr,
-        progress: job.progress,
-    }
-    .run()
-    .with_context(|| format!("learning ReLU masks of {}", job.model.display()))?;
-    let mut reduced = masked.model;
+    let checkpoint = job.training.checkpoint_dir.as_deref();
+    let resumed = match checkpoint.filter(|_| job.training.resume) {
+        Some(dir) => read_mask_checkpoint(dir, budget)?,
+        None => None,
+    };
+    let masked = match resumed {
+        Some(done) => done,
+        None => {
+            let masked = learn_masks(job, &model, &train, budget)?;
+            if let Some(dir) = checkpoint {
+                write_mask_checkpoint(dir, &masked, budget)?;
+            }
+            masked
+        }
+    };
+    // The distillation resumes from its own checkpoint, once it has written one.
+    let mut training = job.training.clone();
+    training.resume &= checkpoint.is_some_and(|d| d.join("state.json").exists());
+    let mut reduced = masked.model.clone();
     run_pipeline(
         &mut reduced,
         &Pipeline::parse("dce")?,
@@ -119,7 +127,7 @@ pub fn linearize(job: &LinearizeJob) -> Result<LinearizeReport> {
         &reduced,
         &model,
         (&job.data, &job.data_options),
-        &job.training,
+        &training,
         job.limit,
         job.progress,
     )
@@ -143,4 +151,76 @@ pub fn linearize(job: &LinearizeJob) -> Result<LinearizeReport> {
         finetune,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+fn learn_masks(
+    job: &LinearizeJob,
+    model: &Model,
+    train: &Dataset,
+    budget: u64,
+) -> Result<MaskResult> {
+    MaskLearning {
+        model,
+        teacher: model,
+        train,
+        options: crate::train::FinetuneOptions {
+            epochs: job.mask_epochs,
+            ..job.training.recipe.clone()
+        },
+        budget,
+        mask_lr: job.mask_lr,
+        progress: job.progress,
+    }
+    .run()
+    .with_context(|| format!("learning ReLU masks of {}", job.model.display()))
+}
+
+/// The mask phase's outcome in a checkpoint directory: `masked.onnx` (binary masks applied,
+/// before distillation) and `masks.json`.
+#[derive(Serialize, Deserialize)]
+struct MaskCheckpoint {
+    relu_budget: u64,
+    history: Vec<EpochRecord>,
+    layers: Vec<LayerMask>,
+    soft_relus: f64,
+    lambda: f64,
+}
+
+fn write_mask_checkpoint(dir: &Path, m: &MaskResult, relu_budget: u64) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    write_model_atomic(&dir.join("masked.onnx"), &m.model)?;
+    let state = MaskCheckpoint {
+        relu_budget,
+        history: m.history.clone(),
+        layers: m.layers.clone(),
+        soft_relus: m.soft_relus,
+        lambda: m.lambda,
+    };
+    write_bytes_atomic(&dir.join("masks.json"), serde_json::to_string_pretty(&state)?.as_bytes())
+}
+
+/// The mask phase from a checkpoint, if one was written (a run stopped during the mask epochs
+/// has none and starts them again).
+fn read_mask_checkpoint(dir: &Path, relu_budget: u64) -> Result<Option<MaskResult>> {
+    let path = dir.join("masks.json");
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let state: MaskCheckpoint = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a mask checkpoint", path.display()))?;
+    anyhow::ensure!(
+        state.relu_budget == relu_budget,
+        "the checkpoint in {} was learned for a budget of {} ReLUs, not {relu_budget}",
+        dir.display(),
+        state.relu_budget
+    );
+    Ok(Some(MaskResult {
+        model: load_model(&dir.join("masked.onnx"))?,
+        history: state.history,
+        layers: state.layers,
+        soft_relus: state.soft_relus,
+        lambda: state.lambda,
+    }))
 }

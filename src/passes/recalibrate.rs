@@ -346,12 +346,7 @@ type Refitted = (Vec<f32>, Vec<f32>, Tensor);
 /// closest to `target`: its new weight (in the node's own layout), bias and output. `None`
 /// where the node's form is not handled (grouped convolutions, a transposed or scaled Gemm
 /// input, a weight that is not a constant) or the system is degenerate.
-fn refit(
-    graph: &Graph,
-    node: &Node,
-    x: &Tensor,
-    target: &Tensor,
-) -> Result<Option<Refitted>> {
+fn refit(graph: &Graph, node: &Node, x: &Tensor, target: &Tensor) -> Result<Option<Refitted>> {
     let Some(weight) = node.input(1).and_then(|w| graph.constant(w)) else { return Ok(None) };
     let w = weight.to_f32();
     let bias = match node.input(2).filter(|b| !b.is_empty()) {

@@ -17,7 +17,7 @@ use anyhow::Result;
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use candle_nn::{AdamW, Optimizer as _, ParamsAdamW};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// A Relu that carries a mask: its node, its input value, and the ReLUs each channel costs
 /// per image.
@@ -130,7 +130,7 @@ impl StepHook for MaskHook {
 }
 
 /// What the mask phase decided for one Relu.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LayerMask {
     pub relu: String,
     pub channels: usize,

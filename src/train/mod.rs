@@ -303,6 +303,12 @@ impl Distiller<'_> {
             let ce = candle_nn::loss::cross_entropy(&s, &y)?;
             let mut loss = ((&kd * (opts.alpha * t2))? + (ce * (1.0 - opts.alpha))?)?;
             let distill_loss = loss.to_scalar::<f32>()? as f64;
+            anyhow::ensure!(
+                distill_loss.is_finite(),
+                "training diverged: the loss is {distill_loss} at step {} of epoch {}; try a lower --lr",
+                b + 1,
+                epoch + 1
+            );
             if let Some(extra) = hook.extra_loss()? {
                 loss = (loss + extra)?;
             }
