@@ -85,6 +85,7 @@ pub fn linearize(job: &LinearizeJob) -> Result<LinearizeReport> {
     let model = prepare(&original, &PassContext::new(sample.clone()))
         .with_context(|| format!("preparing {}", job.model.display()))?;
     let before = census(&model, &sample)?;
+    // A ReLU budget reads the ReLU count alone; no cost model is needed.
     let cost = Cost { relus: before.total_relus, bytes: 0.0, seconds: 0.0 };
     let budget = Budget::parse(Objective::Relus, &job.relu_budget, &cost)
         .map_err(|e| usage(format!("--relu-budget: {e}")))?
