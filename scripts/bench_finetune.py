@@ -176,7 +176,7 @@ def bench_relucompile(binary, student, teacher, batch, images, limit, out_dir):
              "--weight-decay", str(RECIPE["weight_decay"]), "--temperature", str(RECIPE["temperature"]),
              "--alpha", str(RECIPE["alpha"]), "--train-seed", str(RECIPE["seed"]),
              "--crop-padding", str(RECIPE["crop_padding"]), "--limit", str(limit)]
-    flags += [] if RECIPE["hflip"] else ["--no-flip"]
+    flags += ["--flip"] if RECIPE["hflip"] else []
     flags += ["--train-limit", str(images)] if images else []
     cmd = [binary, "finetune", student, "--teacher", teacher, "-o", os.path.join(out_dir, "tuned.onnx"),
            "--json", "--no-progress", *flags]

@@ -141,7 +141,7 @@ def main():
     ap.add_argument("--train-seed", type=int, default=0)
     ap.add_argument("--train-limit", type=int)
     ap.add_argument("--crop-padding", type=int, default=2)
-    ap.add_argument("--no-flip", action="store_true")
+    ap.add_argument("--no-flip", action="store_true")  # relucompile: flips are opt-in (--flip)
     ap.add_argument("--limit", type=int, help="test images for the accuracy")
     ap.add_argument("--json", help="write both reports here")
     args = ap.parse_args()
@@ -166,7 +166,7 @@ def main():
              # defaults are now SGD + one-cycle with BatchNorm re-inserted and recalibration;
              # scripts/bench_finetune.py compares those).
              "--optimizer", "adamw", "--schedule", "cosine", "--no-batchnorm", "--no-recalibrate"]
-    flags += ["--no-flip"] if args.no_flip else []
+    flags += [] if args.no_flip else ["--flip"]
     flags += ["--train-limit", str(args.train_limit)] if args.train_limit else []
     flags += ["--limit", str(args.limit)] if args.limit else []
     rust = json.loads(subprocess.run([args.bin, "finetune", args.model, "--teacher", args.teacher, "-o", out,

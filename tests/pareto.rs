@@ -191,3 +191,27 @@ fn latency_frontier_of_the_vgg_matches_its_golden() {
         assert!((ga - aa).abs() <= 0.003, "{name}: accuracy {aa} vs golden {ga} for {a}");
     }
 }
+
+/// `--probe-images`: the candidates of the first two Pareto layers are distilled briefly and
+/// ranked by what they reach; every point says so, and a rerun takes the probes from the
+/// journal instead of training them again.
+#[test]
+fn recovery_probes_rank_the_frontier_and_resume_from_their_journal() {
+    let dir = tmpdir();
+    let probe = ["--probe-images", "128"];
+    let f = pareto_of("models/vgg.onnx", dir.path(), &probe);
+    assert_eq!(f["probe_images"], 128);
+    let probed = f["probed"].as_u64().unwrap() as usize;
+    let points = f["points"].as_array().unwrap();
+    assert!(!points.is_empty() && probed >= points.len(), "{f}");
+    for p in points {
+        let a = p["probe_accuracy"].as_f64().unwrap_or(-1.0);
+        assert!((0.0..=1.0).contains(&a), "{p}");
+    }
+    let journal = || std::fs::read_to_string(dir.path().join("probes.jsonl")).unwrap();
+    let first = journal();
+    assert_eq!(first.lines().count(), probed, "{first}");
+    let again = pareto_of("models/vgg.onnx", dir.path(), &probe);
+    assert_eq!(journal(), first, "the probes were run again");
+    assert_eq!(again, f);
+}

@@ -77,12 +77,14 @@ pub struct TrainFlags {
     /// Train on the first N training images only [default: all]
     #[arg(long, value_name = "N")]
     pub train_limit: Option<usize>,
-    /// Random-crop padding in pixels (0 turns cropping off)
-    #[arg(long, default_value_t = 2)]
+    /// Random crops after padding this many pixels (0: none, the default: distilling for an
+    /// epoch or two on the images the teacher was trained on measures better, 92.47% against
+    /// 91.59% with crops of 2 and flips on the README's main network)
+    #[arg(long, default_value_t = 0)]
     pub crop_padding: usize,
-    /// No horizontal flips
+    /// Random horizontal flips (off by default, as the crops)
     #[arg(long)]
-    pub no_flip: bool,
+    pub flip: bool,
     /// Write a checkpoint (student.onnx, state.json) here after every epoch
     #[arg(long, value_name = "DIR")]
     pub checkpoint_dir: Option<PathBuf>,
@@ -130,7 +132,7 @@ impl From<&TrainFlags> for TrainOptions {
                 alpha: f.alpha,
                 seed: f.seed,
                 crop_padding: f.crop_padding,
-                hflip: !f.no_flip,
+                hflip: f.flip,
             },
             train_limit: f.train_limit,
             checkpoint_dir: f.checkpoint_dir.clone(),

@@ -58,8 +58,8 @@ enum Command {
     /// and write one model per point
     Pareto(pareto::ParetoArgs),
     /// Fine-tune a reduced graph by knowledge distillation from the original (BatchNorm
-    /// re-inserted, SGD with Nesterov momentum and a one-cycle schedule, crop + flip
-    /// augmentation), checkpointing every epoch
+    /// re-inserted, SGD with Nesterov momentum and a one-cycle schedule; crops and flips on
+    /// request), checkpointing every epoch
     Finetune(finetune::FinetuneArgs),
     /// Learn per-channel ReLU masks to a ReLU budget with the weights, under distillation
     /// (beyond DeepReDuce's whole-stage culling), and write the graph with ReLUs only on the

@@ -15,6 +15,7 @@ use crate::report::thousands;
 use crate::search::criticality::criticality;
 use crate::search::objective::{Cost, Objective};
 use crate::search::pareto::{frontier_indices, score_all};
+use crate::search::probe::{pareto_layers, Prober, PROBED_LAYERS};
 use crate::search::{accuracy, build_candidate};
 use anyhow::{Context, Result};
 use rayon::prelude::*;
@@ -51,6 +52,9 @@ pub struct ParetoOptions {
     pub data_options: DataOptions,
     /// Fine-tune every frontier point with the original as teacher.
     pub finetune: Option<TrainOptions>,
+    /// Rank the candidates near the frontier after a short distillation on this many training
+    /// images (`crate::search::probe`; 0: no probes).
+    pub probe_images: usize,
     /// The cost on the frontier's axis.
     pub objective: Objective,
     /// The PI cost model (`crypten` or a JSON file) for the bytes and latency estimates.
@@ -74,6 +78,7 @@ impl ParetoOptions {
             progress: false,
             data_options: DataOptions::default(),
             finetune: None,
+            probe_images: 0,
             objective: Objective::Relus,
             cost_model: "crypten".into(),
         }
@@ -106,6 +111,9 @@ pub struct FrontierPoint {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub accuracy_before_finetune: Option<f64>,
     pub calibration_accuracy: f64,
+    /// Calibration accuracy after the recovery probe, which ranked this point.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe_accuracy: Option<f64>,
     pub file: String,
     pub config: String,
 }
@@ -121,6 +129,10 @@ pub struct Frontier {
     pub original: OriginalPoint,
     pub cull_order: Vec<usize>,
     pub candidates: usize,
+    /// Training images of each recovery probe (0: candidates ranked without probes).
+    pub probe_images: usize,
+    /// Candidates probed (the first Pareto layers of the calibration ranking).
+    pub probed: usize,
     pub points: Vec<FrontierPoint>,
 }
 
@@ -176,7 +188,6 @@ pub fn pareto(opts: &ParetoOptions) -> Result<Frontier> {
     let train =
         opts.data_options.load(&opts.data, data::Split::Train, None, &original, &sample, &name)?;
     let draw = train.seeded_subset(opts.calibration_images, opts.seed);
-    drop(train);
     let (mut ctx, calibration) = PassContext::fitted_on(sample.clone(), &draw, &base);
     if !opts.recalibrate {
         ctx.reference = None;
@@ -223,12 +234,53 @@ pub fn pareto(opts: &ParetoOptions) -> Result<Frontier> {
         progress,
     )?;
 
-    // Frontier on calibration data, then each of its points measured once on the test split.
+    // Frontier on calibration data (after recovery probes, when they run), then each of its
+    // points measured once on the test split.
     let cost_of = |s: &crate::search::pareto::Scored| s.cost.unwrap_or_default().get(objective);
     let calib_points: Vec<(f64, f64)> =
         scored.iter().map(|s| (cost_of(s), s.calibration_accuracy)).collect();
-    let chosen: Vec<&crate::search::pareto::Scored> =
-        frontier_indices(&calib_points).into_iter().map(|i| &scored[i]).collect();
+    let probe_images = opts.probe_images;
+    // (index into `scored`, accuracy after its probe)
+    let (chosen, probed): (Vec<(usize, Option<f64>)>, usize) = if probe_images == 0 {
+        (frontier_indices(&calib_points).into_iter().map(|i| (i, None)).collect(), 0)
+    } else {
+        let near = pareto_layers(&calib_points, PROBED_LAYERS);
+        // The probes train on training images the calibration draw does not hold.
+        let probe_set = train
+            .seeded_subset(draw.len() + probe_images, opts.seed)
+            .subset(draw.len()..(draw.len() + probe_images).min(train.len()));
+        if probe_set.is_empty() {
+            return Err(CompileError::new(
+                ExitCode::InvalidData,
+                format!(
+                    "--probe-images {probe_images}: the training split of {} has no images \
+                     left beside the {} calibration images",
+                    opts.data,
+                    draw.len()
+                ),
+            )
+            .into());
+        }
+        let configs: Vec<String> = near.iter().map(|&i| scored[i].config.clone()).collect();
+        let records = Prober {
+            base: &base,
+            ctx: &ctx,
+            train: &probe_set,
+            score: &calibration,
+            recipe: opts.finetune.as_ref().map(|t| t.recipe.clone()).unwrap_or_default(),
+            journal: &opts.output.join("probes.jsonl"),
+            progress,
+        }
+        .probe(&configs)?;
+        let points: Vec<(f64, f64)> =
+            near.iter().zip(&records).map(|(&i, r)| (cost_of(&scored[i]), r.accuracy)).collect();
+        let chosen = frontier_indices(&points)
+            .into_iter()
+            .map(|k| (near[k], Some(records[k].accuracy)))
+            .collect();
+        (chosen, near.len())
+    };
+    drop(train);
     let test = opts.data_options.load(
         &opts.data,
         data::Split::Test,
@@ -239,8 +291,8 @@ pub fn pareto(opts: &ParetoOptions) -> Result<Frontier> {
     )?;
     let measured: Vec<(crate::ir::Model, Cost, f64)> = chosen
         .par_iter()
-        .map(|s| {
-            let (m, _) = build_candidate(&base, &s.config, &ctx)?;
+        .map(|&(i, _)| {
+            let (m, _) = build_candidate(&base, &scored[i].config, &ctx)?;
             let mut m = m;
             run_pipeline(
                 &mut m,
@@ -253,37 +305,47 @@ pub fn pareto(opts: &ParetoOptions) -> Result<Frontier> {
             Ok((m, cost, acc))
         })
         .collect::<Result<_>>()?;
-    let test_points: Vec<(f64, f64)> =
-        measured.iter().map(|(_, c, a)| (c.get(objective), *a)).collect();
-    let mut points = Vec::new();
-    for (k, i) in frontier_indices(&test_points).into_iter().enumerate() {
-        let (model, cost, acc) = &measured[i];
-        let file = format!("point-{k:02}.onnx");
+    // Without probes, the untrained test accuracy decides which points are worth training;
+    // probed points were ranked by what they recover, so every one of them is trained.
+    let keep: Vec<usize> = if probe_images == 0 {
+        let test_points: Vec<(f64, f64)> =
+            measured.iter().map(|(_, c, a)| (c.get(objective), *a)).collect();
+        frontier_indices(&test_points)
+    } else {
+        (0..measured.len()).collect()
+    };
+    let mut candidates_out = Vec::new();
+    for k in keep {
+        let (model, cost, acc) = &measured[k];
+        let (scored_ix, probe_accuracy) = chosen[k];
+        let config = &scored[scored_ix].config;
         // Fine-tuning runs on every core, so the points take their turn.
-        let (model, acc, before) = if let Some(training) = &opts.finetune {
-            let (tuned, report) = finetune_model(
-                model,
-                &original,
-                (&opts.data, &opts.data_options),
-                training,
-                opts.test_limit,
-                progress,
-            )
-            .with_context(|| format!("fine-tuning frontier point {file}"))?;
-            (tuned, report.accuracy_after, Some(*acc))
+        let (model, acc, before) = if opts.finetune.is_some() {
+            let (tuned, after) = finetuned_point(opts, &original, model, config, progress)?;
+            (tuned, after, Some(*acc))
         } else {
             (model.clone(), *acc, None)
         };
-        write_model_atomic(&opts.output.join(&file), &model)?;
+        candidates_out.push((model, *cost, acc, before, scored_ix, probe_accuracy));
+    }
+    // Trained points are compared by the accuracy they reached.
+    let final_points: Vec<(f64, f64)> =
+        candidates_out.iter().map(|(_, c, a, ..)| (c.get(objective), *a)).collect();
+    let mut points = Vec::new();
+    for (k, i) in frontier_indices(&final_points).into_iter().enumerate() {
+        let (model, cost, acc, before, scored_ix, probe_accuracy) = &candidates_out[i];
+        let file = format!("point-{k:02}.onnx");
+        write_model_atomic(&opts.output.join(&file), model)?;
         points.push(FrontierPoint {
             relus: cost.relus,
             bytes: cost.bytes,
             seconds: cost.seconds,
-            accuracy: acc,
-            accuracy_before_finetune: before,
-            calibration_accuracy: chosen[i].calibration_accuracy,
+            accuracy: *acc,
+            accuracy_before_finetune: *before,
+            calibration_accuracy: scored[*scored_ix].calibration_accuracy,
+            probe_accuracy: *probe_accuracy,
             file,
-            config: label(&chosen[i].config),
+            config: label(&scored[*scored_ix].config),
         });
     }
     // Points of an earlier, interrupted or different run must not linger beside this frontier.
@@ -313,6 +375,8 @@ pub fn pareto(opts: &ParetoOptions) -> Result<Frontier> {
         },
         cull_order: crit,
         candidates: scored.len(),
+        probe_images,
+        probed,
         points,
     };
     write_outputs(&opts.output, &frontier)?;
@@ -348,11 +412,21 @@ fn write_outputs(dir: &Path, f: &Frontier) -> Result<()> {
         &dir.join("frontier.json"),
         (serde_json::to_string_pretty(f)? + "\n").as_bytes(),
     )?;
-    let mut csv = String::from("relus,bytes,seconds,accuracy,calibration_accuracy,file,config\n");
+    let mut csv = String::from(
+        "relus,bytes,seconds,accuracy,calibration_accuracy,probe_accuracy,file,config\n",
+    );
+    let probe = |p: &FrontierPoint| p.probe_accuracy.map(|a| format!("{a:.4}")).unwrap_or_default();
     for p in &f.points {
         csv += &format!(
-            "{},{:.0},{:.4},{:.4},{:.4},{},\"{}\"\n",
-            p.relus, p.bytes, p.seconds, p.accuracy, p.calibration_accuracy, p.file, p.config
+            "{},{:.0},{:.4},{:.4},{:.4},{},{},\"{}\"\n",
+            p.relus,
+            p.bytes,
+            p.seconds,
+            p.accuracy,
+            p.calibration_accuracy,
+            probe(p),
+            p.file,
+            p.config
         );
     }
     write_bytes_atomic(&dir.join("frontier.csv"), csv.as_bytes())?;
@@ -368,13 +442,15 @@ fn write_outputs(dir: &Path, f: &Frontier) -> Result<()> {
         f.test_images
     );
     for p in &f.points {
+        let probed = p.probe_accuracy.map(|a| format!(" ({:.2}% after probe)", 100.0 * a));
         md += &format!(
-            "| {} | {:.1} | {:.3} | {:.2}% | {:.2}% | `{}` | {} |\n",
+            "| {} | {:.1} | {:.3} | {:.2}% | {:.2}%{} | `{}` | {} |\n",
             thousands(p.relus),
             p.bytes / 1e6,
             p.seconds,
             100.0 * p.accuracy,
             100.0 * p.calibration_accuracy,
+            probed.unwrap_or_default(),
             p.config,
             p.file
         );
@@ -413,4 +489,51 @@ fn title_cost(o: Objective) -> &'static str {
         Objective::Bytes => "PI bytes/accuracy",
         Objective::Latency => "PI latency/accuracy",
     }
+}
+
+/// What `finetuned/KEY.json` records beside `finetuned/KEY.onnx`.
+#[derive(Serialize, Deserialize)]
+struct FinetunedRecord {
+    config: String,
+    accuracy_after: f64,
+}
+
+/// Fine-tune one frontier point, or take it from an earlier run of the same search: each
+/// trained point is kept under `finetuned/`, keyed by its configuration, the recipe and the
+/// test images, so an interrupted search resumes without training a point twice.
+fn finetuned_point(
+    opts: &ParetoOptions,
+    original: &crate::ir::Model,
+    model: &crate::ir::Model,
+    config: &str,
+    progress: bool,
+) -> Result<(crate::ir::Model, f64)> {
+    let training = opts.finetune.as_ref().context("no fine-tuning recipe")?;
+    let key = fnv64(
+        serde_json::to_string(&(config, &training.recipe, training.train_limit, opts.test_limit))?
+            .as_bytes(),
+    );
+    let dir = opts.output.join("finetuned");
+    let (onnx, json) = (dir.join(format!("{key}.onnx")), dir.join(format!("{key}.json")));
+    if let (Ok(text), true) = (std::fs::read_to_string(&json), onnx.exists()) {
+        if let Ok(r) = serde_json::from_str::<FinetunedRecord>(&text) {
+            if r.config == config {
+                return Ok((load_model(&onnx)?, r.accuracy_after));
+            }
+        }
+    }
+    let (tuned, report) = finetune_model(
+        model,
+        original,
+        (&opts.data, &opts.data_options),
+        training,
+        opts.test_limit,
+        progress,
+    )
+    .with_context(|| format!("fine-tuning frontier point {}", label(config)))?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    write_model_atomic(&onnx, &tuned)?;
+    let record = FinetunedRecord { config: config.into(), accuracy_after: report.accuracy_after };
+    write_bytes_atomic(&json, serde_json::to_string_pretty(&record)?.as_bytes())?;
+    Ok((tuned, report.accuracy_after))
 }

@@ -5,6 +5,7 @@
 pub mod criticality;
 pub mod objective;
 pub mod pareto;
+pub mod probe;
 
 use crate::analysis::census::census;
 use crate::analysis::cost::CostModel;

@@ -69,8 +69,10 @@ impl Default for FinetuneOptions {
             temperature: 4.0,
             alpha: 0.9,
             seed: 0,
-            crop_padding: 2,
-            hflip: true,
+            // No augmentation: 2 epochs of distillation of the README's main network (ResNet,
+            // `cull(1,2),thin(bottom)`) reach 92.47% without, 91.59% with crops of 2 and flips.
+            crop_padding: 0,
+            hflip: false,
             optimizer: OptimizerKind::Sgd,
             schedule: ScheduleKind::OneCycle,
             batchnorm: true,
@@ -372,4 +374,49 @@ pub fn candle_logits(model: &Model, images: &[f32], sample: &[usize]) -> Result<
     shape.extend_from_slice(sample);
     let x = Tensor::from_vec(images.to_vec(), shape, graph.device())?;
     Ok(graph.forward(&x)?.flatten_all()?.to_vec1()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `img` shifted by (dy, dx), mirrored first when `flip`, zero where it leaves the image.
+    fn shifted(img: &[f32], h: usize, w: usize, flip: bool, dy: isize, dx: isize) -> Vec<f32> {
+        let mut out = vec![0.0; h * w];
+        for y in 0..h {
+            for x in 0..w {
+                let mirrored = if flip { w - 1 - x } else { x };
+                let (sy, sx) = (y as isize + dy, mirrored as isize + dx);
+                if (0..h as isize).contains(&sy) && (0..w as isize).contains(&sx) {
+                    out[y * w + x] = img[sy as usize * w + sx as usize];
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn augmentation_is_off_by_default_and_crops_and_flips_on_request() {
+        let (h, w) = (3, 4);
+        let img: Vec<f32> = (1..=12).map(|v| v as f32).collect();
+        let mut rng = Rng(7);
+        let mut out = vec![];
+        for _ in 0..8 {
+            out.clear();
+            augment(&img, &[1, h, w], &FinetuneOptions::default(), &mut rng, &mut out);
+            assert_eq!(out, img);
+        }
+        let on = FinetuneOptions { crop_padding: 1, hflip: true, ..Default::default() };
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..200 {
+            out.clear();
+            augment(&img, &[1, h, w], &on, &mut rng, &mut out);
+            let found = [false, true]
+                .into_iter()
+                .flat_map(|f| (-1..=1).flat_map(move |dy| (-1..=1).map(move |dx| (f, dy, dx))))
+                .find(|&(f, dy, dx)| shifted(&img, h, w, f, dy, dx) == out);
+            seen.insert(found.expect("every output is a shifted, maybe mirrored, input"));
+        }
+        assert_eq!(seen.len(), 18, "every shift, with and without the mirror: {seen:?}");
+    }
 }

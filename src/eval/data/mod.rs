@@ -408,6 +408,25 @@ pub(super) mod test_util {
 mod tests {
     use super::*;
 
+    /// A search draws its calibration images and, after them, its probes' training images from
+    /// one seeded order: a longer draw must extend the shorter one, so the two never overlap.
+    #[test]
+    fn a_longer_seeded_draw_extends_the_shorter_one() {
+        let d = Dataset {
+            images: (0..50).map(|v| v as f32).collect(),
+            labels: (0..50).collect(),
+            sample_shape: vec![1, 1, 1],
+            source: "numbers".into(),
+        };
+        let (short, long) = (d.seeded_subset(20, 3), d.seeded_subset(35, 3));
+        assert_eq!(long.subset(0..20), short);
+        assert_ne!(short.labels, (0..20).collect::<Vec<_>>(), "not shuffled");
+        let mut all = long.labels.clone();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), 35, "drawn without replacement");
+    }
+
     #[test]
     fn check_fits_names_shapes() {
         let d = Dataset {
