@@ -215,3 +215,34 @@ fn recovery_probes_rank_the_frontier_and_resume_from_their_journal() {
     assert_eq!(journal(), first, "the probes were run again");
     assert_eq!(again, f);
 }
+
+/// `--learned 30%` puts a learned-mask point beside DeepReDuce's configurations, trained for
+/// the same distillation epochs, within its budget; a rerun takes both the fine-tuned points
+/// and the learned one from the directory instead of training them again.
+#[test]
+fn learned_masks_join_the_fine_tuned_frontier_and_resume() {
+    let dir = tmpdir();
+    let flags = ["--learned", "30%", "--finetune-epochs", "1", "--finetune-train-limit", "128"];
+    let f = pareto_of("models/vgg.onnx", dir.path(), &flags);
+    let learned = f["learned"].as_array().unwrap();
+    assert_eq!(learned.len(), 1, "{f}");
+    let l = &learned[0];
+    let budget = 81_792 * 30 / 100;
+    assert_eq!(l["config"], format!("learned-masks({budget})"));
+    let relus = l["relus"].as_u64().unwrap();
+    assert!(relus <= budget && relus + 784 >= budget, "{relus} ReLUs for a budget of {budget}");
+    assert!((0.0..=1.0).contains(&l["accuracy"].as_f64().unwrap()), "{l}");
+    for p in f["points"].as_array().unwrap() {
+        assert!(p["accuracy_before_finetune"].is_number(), "every point was fine-tuned: {p}");
+    }
+    let on_frontier = !l["file"].as_str().unwrap().is_empty();
+    if on_frontier {
+        let file = dir.path().join(l["file"].as_str().unwrap());
+        let census = relucompile_json(&["inspect", file.to_str().unwrap(), "--json"]);
+        assert_eq!(census["total_relus"], relus);
+    }
+    let started = std::time::Instant::now();
+    let again = pareto_of("models/vgg.onnx", dir.path(), &flags);
+    assert_eq!(again, f);
+    assert!(started.elapsed().as_secs() < 120, "the rerun trained again");
+}

@@ -47,6 +47,11 @@ pub struct ParetoArgs {
     /// PI cost model for the bytes and latency estimates: `crypten` (built in) or a JSON file
     #[arg(long, default_value = "crypten", value_name = "MODEL")]
     pub cost_model: String,
+    /// Also put learned ReLU masks on the frontier, one point per budget (`--learned
+    /// 25%,10%,5%`): `relucompile linearize` with one mask epoch, then the distillation of
+    /// --finetune-epochs (one epoch without it)
+    #[arg(long, value_name = "N|P%,...", value_delimiter = ',')]
+    pub learned: Vec<String>,
     /// Rank the candidates near the frontier by the calibration accuracy they reach after a
     /// one-epoch distillation probe on N training images, at a quarter of the recipe's
     /// learning rate (0: by their accuracy after recalibration; 8192 is a useful N)
@@ -84,6 +89,7 @@ impl From<&ParetoArgs> for ParetoOptions {
             data_options: (&a.data_flags).into(),
             finetune: a.finetune.training(),
             probe_images: a.probe_images,
+            learned: a.learned.clone(),
             objective: a.objective,
             cost_model: a.cost_model.clone(),
         }
@@ -132,4 +138,12 @@ fn print_frontier(f: &Frontier) {
         "{}",
         table(&["configuration", "relus", "est. MB", "est. s", "test accuracy", "file"], &rows)
     );
+    for p in f.learned.iter().filter(|p| p.file.is_empty()) {
+        println!(
+            "{}: {} ReLUs, {:.2}%, dominated by a point above",
+            p.config,
+            thousands(p.relus),
+            100.0 * p.accuracy
+        );
+    }
 }

@@ -5,7 +5,6 @@ use super::finetune::{finetune_model, FinetuneReport};
 use super::{check_output_path, DataOptions, TrainOptions, DEFAULT_DATA};
 use crate::analysis::{census::census, shapes::sample_shape};
 use crate::error::{CompileError, ExitCode};
-use crate::eval::data::Dataset;
 use crate::eval::data::Split;
 use crate::frontend::{load_model, write_bytes_atomic, write_model_atomic};
 use crate::ir::Model;
@@ -90,54 +89,20 @@ pub fn linearize(job: &LinearizeJob) -> Result<LinearizeReport> {
     let budget = Budget::parse(Objective::Relus, &job.relu_budget, &cost)
         .map_err(|e| usage(format!("--relu-budget: {e}")))?
         .limit as u64;
-    let name = "the model";
-    let train = job.data_options.load(
-        &job.data,
-        Split::Train,
-        job.training.train_limit,
-        &model,
-        &sample,
-        name,
-    )?;
-    let checkpoint = job.training.checkpoint_dir.as_deref();
-    let resumed = match checkpoint.filter(|_| job.training.resume) {
-        Some(dir) => read_mask_checkpoint(dir, budget)?,
-        None => None,
-    };
-    let masked = match resumed {
-        Some(done) => done,
-        None => {
-            let masked = learn_masks(job, &model, &train, budget)?;
-            if let Some(dir) = checkpoint {
-                write_mask_checkpoint(dir, &masked, budget)?;
-            }
-            masked
-        }
-    };
-    // The distillation resumes from its own checkpoint, once it has written one.
-    let mut training = job.training.clone();
-    training.resume &= checkpoint.is_some_and(|d| d.join("state.json").exists());
-    let mut reduced = masked.model.clone();
-    run_pipeline(
-        &mut reduced,
-        &Pipeline::parse("dce")?,
-        &PassContext::new(sample.clone()),
-        &VerifyOptions::default(),
-    )?;
-    let (tuned, finetune) = finetune_model(
-        &reduced,
-        &model,
-        (&job.data, &job.data_options),
-        &training,
-        job.limit,
-        job.progress,
-    )
-    .context("distilling the masked graph")?;
-    let relus_after = census(&tuned, &sample)?.total_relus;
-    anyhow::ensure!(
-        relus_after <= budget,
-        "internal error: the written graph has {relus_after} ReLUs, over the budget of {budget}"
-    );
+    let learned = LearnedMasks {
+        model: &model,
+        budget,
+        mask_epochs: job.mask_epochs,
+        mask_lr: job.mask_lr,
+        data: (&job.data, &job.data_options),
+        training: &job.training,
+        limit: job.limit,
+        progress: job.progress,
+    }
+    .run()
+    .with_context(|| format!("learning ReLU masks of {}", job.model.display()))?;
+    let (tuned, masked, finetune) = (learned.model, learned.masks, learned.finetune);
+    let relus_after = finetune.relus;
     write_model_atomic(&job.output, &tuned)?;
     Ok(LinearizeReport {
         input: job.model.display().to_string(),
@@ -154,26 +119,94 @@ pub fn linearize(job: &LinearizeJob) -> Result<LinearizeReport> {
     })
 }
 
-fn learn_masks(
-    job: &LinearizeJob,
-    model: &Model,
-    train: &Dataset,
-    budget: u64,
-) -> Result<MaskResult> {
-    MaskLearning {
-        model,
-        teacher: model,
-        train,
-        options: crate::train::FinetuneOptions {
-            epochs: job.mask_epochs,
-            ..job.training.recipe.clone()
-        },
-        budget,
-        mask_lr: job.mask_lr,
-        progress: job.progress,
+/// The learned-mask method on a graph in memory (`linearize`, and `pareto --learned`): masks
+/// learned to `budget` with the weights, made binary, then distilled. With a checkpoint
+/// directory in `training`, the mask phase and the distillation each resume from it.
+pub struct LearnedMasks<'a> {
+    /// The prepared original: the graph whose ReLUs are masked, and the teacher.
+    pub model: &'a Model,
+    /// ReLUs to keep, counted.
+    pub budget: u64,
+    pub mask_epochs: usize,
+    pub mask_lr: f64,
+    /// The data set and its options.
+    pub data: (&'a str, &'a DataOptions),
+    /// The recipe of both phases; `recipe.epochs` is the distillation after binarisation.
+    pub training: &'a TrainOptions,
+    /// Evaluate on the first N test images (`None`: all).
+    pub limit: Option<usize>,
+    pub progress: bool,
+}
+
+pub struct Learned {
+    /// The distilled graph, ReLUs on the kept channels only.
+    pub model: Model,
+    /// The mask phase (its `model` is the binarised graph before distillation).
+    pub masks: MaskResult,
+    pub finetune: FinetuneReport,
+}
+
+impl LearnedMasks<'_> {
+    pub fn run(&self) -> Result<Learned> {
+        let sample = sample_shape(self.model, None)?;
+        let (spec, data_options) = self.data;
+        let train = data_options.load(
+            spec,
+            Split::Train,
+            self.training.train_limit,
+            self.model,
+            &sample,
+            "the model",
+        )?;
+        let checkpoint = self.training.checkpoint_dir.as_deref();
+        let resumed = match checkpoint.filter(|_| self.training.resume) {
+            Some(dir) => read_mask_checkpoint(dir, self.budget)?,
+            None => None,
+        };
+        let masks = match resumed {
+            Some(done) => done,
+            None => {
+                let masks = MaskLearning {
+                    model: self.model,
+                    teacher: self.model,
+                    train: &train,
+                    options: crate::train::FinetuneOptions {
+                        epochs: self.mask_epochs,
+                        ..self.training.recipe.clone()
+                    },
+                    budget: self.budget,
+                    mask_lr: self.mask_lr,
+                    progress: self.progress,
+                }
+                .run()?;
+                if let Some(dir) = checkpoint {
+                    write_mask_checkpoint(dir, &masks, self.budget)?;
+                }
+                masks
+            }
+        };
+        drop(train);
+        // The distillation resumes from its own checkpoint, once it has written one.
+        let mut training = self.training.clone();
+        training.resume &= checkpoint.is_some_and(|d| d.join("state.json").exists());
+        let mut reduced = masks.model.clone();
+        run_pipeline(
+            &mut reduced,
+            &Pipeline::parse("dce")?,
+            &PassContext::new(sample.clone()),
+            &VerifyOptions::default(),
+        )?;
+        let (tuned, finetune) =
+            finetune_model(&reduced, self.model, self.data, &training, self.limit, self.progress)
+                .context("distilling the masked graph")?;
+        anyhow::ensure!(
+            finetune.relus <= self.budget,
+            "internal error: the distilled graph has {} ReLUs, over the budget of {}",
+            finetune.relus,
+            self.budget
+        );
+        Ok(Learned { model: tuned, masks, finetune })
     }
-    .run()
-    .with_context(|| format!("learning ReLU masks of {}", job.model.display()))
 }
 
 /// The mask phase's outcome in a checkpoint directory: `masked.onnx` (binary masks applied,

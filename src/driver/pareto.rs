@@ -2,6 +2,7 @@
 //! (`relucompile pareto`).
 
 use super::finetune::finetune_model;
+use super::linearize::LearnedMasks;
 use super::{DataOptions, TrainOptions, DEFAULT_DATA};
 use crate::analysis::cost::CostModel;
 use crate::analysis::shapes::sample_shape;
@@ -13,10 +14,11 @@ use crate::passes::{prepare, run_pipeline, PassContext, Pipeline, VerifyOptions}
 use crate::report::plot::{frontier_plot, Axis, PlotPoint};
 use crate::report::thousands;
 use crate::search::criticality::criticality;
-use crate::search::objective::{Cost, Objective};
+use crate::search::objective::{Budget, Cost, Objective};
 use crate::search::pareto::{frontier_indices, score_all};
 use crate::search::probe::{pareto_layers, Prober, PROBED_LAYERS};
 use crate::search::{accuracy, build_candidate};
+use crate::train::masks::DEFAULT_MASK_LR;
 use anyhow::{Context, Result};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -52,6 +54,9 @@ pub struct ParetoOptions {
     pub data_options: DataOptions,
     /// Fine-tune every frontier point with the original as teacher.
     pub finetune: Option<TrainOptions>,
+    /// ReLU budgets (`25%`, `10000`) at which learned ReLU masks (`relucompile linearize`: one
+    /// mask epoch, then the distillation of `finetune`, one epoch without it) add a point.
+    pub learned: Vec<String>,
     /// Rank the candidates near the frontier after a short distillation on this many training
     /// images (`crate::search::probe`; 0: no probes).
     pub probe_images: usize,
@@ -79,6 +84,7 @@ impl ParetoOptions {
             data_options: DataOptions::default(),
             finetune: None,
             probe_images: 0,
+            learned: vec![],
             objective: Objective::Relus,
             cost_model: "crypten".into(),
         }
@@ -118,6 +124,12 @@ pub struct FrontierPoint {
     pub config: String,
 }
 
+impl FrontierPoint {
+    fn cost(&self) -> Cost {
+        Cost { relus: self.relus, bytes: self.bytes, seconds: self.seconds }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Frontier {
     pub model: String,
@@ -134,6 +146,9 @@ pub struct Frontier {
     /// Candidates probed (the first Pareto layers of the calibration ranking).
     pub probed: usize,
     pub points: Vec<FrontierPoint>,
+    /// The learned-mask points of `--learned`, on the frontier (`file` set) or dominated.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub learned: Vec<FrontierPoint>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -168,6 +183,16 @@ pub fn pareto(opts: &ParetoOptions) -> Result<Frontier> {
     let sample = sample_shape(&original, opts.input_shape.as_deref())?;
     let ctx = PassContext::new(sample.clone());
     let base = prepare(&original, &ctx)?;
+    let original_cost = Cost::of(&original, &sample, &cost_model)?;
+    let learned_budgets: Vec<u64> = opts
+        .learned
+        .iter()
+        .map(|spec| {
+            Budget::parse(Objective::Relus, spec, &original_cost)
+                .map(|b| b.limit as u64)
+                .map_err(|e| CompileError::new(ExitCode::Usage, format!("--learned {spec}: {e}")))
+        })
+        .collect::<Result<_, _>>()?;
 
     std::fs::create_dir_all(&opts.output)
         .with_context(|| format!("cannot create the output directory {}", opts.output.display()))?;
@@ -314,7 +339,8 @@ pub fn pareto(opts: &ParetoOptions) -> Result<Frontier> {
     } else {
         (0..measured.len()).collect()
     };
-    let mut candidates_out = Vec::new();
+    // (graph, its point without a file name yet)
+    let mut candidates_out: Vec<(crate::ir::Model, FrontierPoint)> = Vec::new();
     for k in keep {
         let (model, cost, acc) = &measured[k];
         let (scored_ix, probe_accuracy) = chosen[k];
@@ -326,28 +352,50 @@ pub fn pareto(opts: &ParetoOptions) -> Result<Frontier> {
         } else {
             (model.clone(), *acc, None)
         };
-        candidates_out.push((model, *cost, acc, before, scored_ix, probe_accuracy));
-    }
-    // Trained points are compared by the accuracy they reached.
-    let final_points: Vec<(f64, f64)> =
-        candidates_out.iter().map(|(_, c, a, ..)| (c.get(objective), *a)).collect();
-    let mut points = Vec::new();
-    for (k, i) in frontier_indices(&final_points).into_iter().enumerate() {
-        let (model, cost, acc, before, scored_ix, probe_accuracy) = &candidates_out[i];
-        let file = format!("point-{k:02}.onnx");
-        write_model_atomic(&opts.output.join(&file), model)?;
-        points.push(FrontierPoint {
+        let point = FrontierPoint {
             relus: cost.relus,
             bytes: cost.bytes,
             seconds: cost.seconds,
-            accuracy: *acc,
-            accuracy_before_finetune: *before,
-            calibration_accuracy: scored[*scored_ix].calibration_accuracy,
-            probe_accuracy: *probe_accuracy,
-            file,
-            config: label(&scored[*scored_ix].config),
-        });
+            accuracy: acc,
+            accuracy_before_finetune: before,
+            calibration_accuracy: scored[scored_ix].calibration_accuracy,
+            probe_accuracy,
+            file: String::new(),
+            config: label(config),
+        };
+        candidates_out.push((model, point));
     }
+    for &budget in &learned_budgets {
+        let (model, after, before) = learned_point(opts, &base, budget, progress)?;
+        let cost = Cost::of(&model, &sample, &cost_model)?;
+        let point = FrontierPoint {
+            relus: cost.relus,
+            bytes: cost.bytes,
+            seconds: cost.seconds,
+            accuracy: after,
+            accuracy_before_finetune: Some(before),
+            calibration_accuracy: accuracy(&model, &calibration)?,
+            probe_accuracy: None,
+            file: String::new(),
+            config: format!("{LEARNED_LABEL}({budget})"),
+        };
+        candidates_out.push((model, point));
+    }
+    // Trained points are compared by the accuracy they reached.
+    let final_points: Vec<(f64, f64)> =
+        candidates_out.iter().map(|(_, p)| (p.cost().get(objective), p.accuracy)).collect();
+    let mut points = Vec::new();
+    for (k, i) in frontier_indices(&final_points).into_iter().enumerate() {
+        let (model, point) = &mut candidates_out[i];
+        point.file = format!("point-{k:02}.onnx");
+        write_model_atomic(&opts.output.join(&point.file), model)?;
+        points.push(point.clone());
+    }
+    let learned: Vec<FrontierPoint> = candidates_out
+        .iter()
+        .filter(|(_, p)| p.config.starts_with(LEARNED_LABEL))
+        .map(|(_, p)| p.clone())
+        .collect();
     // Points of an earlier, interrupted or different run must not linger beside this frontier.
     let written: Vec<&str> = points.iter().map(|p| p.file.as_str()).collect();
     for entry in std::fs::read_dir(&opts.output)?.flatten() {
@@ -359,7 +407,6 @@ pub fn pareto(opts: &ParetoOptions) -> Result<Frontier> {
             std::fs::remove_file(entry.path())?;
         }
     }
-    let original_cost = Cost::of(&original, &sample, &cost_model)?;
     let original_acc = accuracy(&original, &test)?;
     let frontier = Frontier {
         model: opts.model.display().to_string(),
@@ -378,6 +425,7 @@ pub fn pareto(opts: &ParetoOptions) -> Result<Frontier> {
         probe_images,
         probed,
         points,
+        learned,
     };
     write_outputs(&opts.output, &frontier)?;
     Ok(frontier)
@@ -496,6 +544,8 @@ fn title_cost(o: Objective) -> &'static str {
 struct FinetunedRecord {
     config: String,
     accuracy_after: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    accuracy_before: Option<f64>,
 }
 
 /// Fine-tune one frontier point, or take it from an earlier run of the same search: each
@@ -533,7 +583,67 @@ fn finetuned_point(
     .with_context(|| format!("fine-tuning frontier point {}", label(config)))?;
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     write_model_atomic(&onnx, &tuned)?;
-    let record = FinetunedRecord { config: config.into(), accuracy_after: report.accuracy_after };
+    let record = FinetunedRecord {
+        config: config.into(),
+        accuracy_after: report.accuracy_after,
+        accuracy_before: None,
+    };
     write_bytes_atomic(&json, serde_json::to_string_pretty(&record)?.as_bytes())?;
     Ok((tuned, report.accuracy_after))
+}
+
+/// How a learned-mask point's configuration reads: `learned-masks(BUDGET)`.
+const LEARNED_LABEL: &str = "learned-masks";
+
+/// One learned-mask point at `budget` ReLUs: (distilled graph, its test accuracy, the test
+/// accuracy of the binarised graph before distillation). Kept under `learned/` like
+/// [`finetuned_point`]; the mask phase and the distillation checkpoint there as they go.
+fn learned_point(
+    opts: &ParetoOptions,
+    base: &crate::ir::Model,
+    budget: u64,
+    progress: bool,
+) -> Result<(crate::ir::Model, f64, f64)> {
+    let mut training = opts.finetune.clone().unwrap_or_else(|| TrainOptions::epochs(1));
+    let key = fnv64(
+        serde_json::to_string(&(
+            budget,
+            &training.recipe,
+            training.train_limit,
+            opts.test_limit,
+            DEFAULT_MASK_LR,
+        ))?
+        .as_bytes(),
+    );
+    let dir = opts.output.join("learned");
+    let (onnx, json) = (dir.join(format!("{key}.onnx")), dir.join(format!("{key}.json")));
+    let config = format!("{LEARNED_LABEL}({budget})");
+    if let (Ok(text), true) = (std::fs::read_to_string(&json), onnx.exists()) {
+        if let Ok(r) = serde_json::from_str::<FinetunedRecord>(&text) {
+            if r.config == config {
+                let before = r.accuracy_before.unwrap_or(f64::NAN);
+                return Ok((load_model(&onnx)?, r.accuracy_after, before));
+            }
+        }
+    }
+    training.checkpoint_dir = Some(dir.join(&key));
+    training.resume = true;
+    let learned = LearnedMasks {
+        model: base,
+        budget,
+        mask_epochs: 1,
+        mask_lr: DEFAULT_MASK_LR,
+        data: (&opts.data, &opts.data_options),
+        training: &training,
+        limit: opts.test_limit,
+        progress,
+    }
+    .run()
+    .with_context(|| format!("learning ReLU masks to {budget} ReLUs"))?;
+    let (after, before) = (learned.finetune.accuracy_after, learned.finetune.accuracy_before);
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    write_model_atomic(&onnx, &learned.model)?;
+    let record = FinetunedRecord { config, accuracy_after: after, accuracy_before: Some(before) };
+    write_bytes_atomic(&json, serde_json::to_string_pretty(&record)?.as_bytes())?;
+    Ok((learned.model, after, before))
 }
