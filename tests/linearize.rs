@@ -129,3 +129,60 @@ fn a_count_budget_is_met_checkpoints_resume_and_bad_budgets_are_usage_errors() {
         assert!(!dir.path().join("bad.onnx").exists());
     }
 }
+
+/// `--max-relu-layers 2`: the budget is still met, in two layers at most (the rest linear), so
+/// a PI engine pays two layers' rounds; the checkpoint remembers the cap.
+#[test]
+fn a_layer_cap_keeps_relus_in_that_many_layers() {
+    let dir = tmpdir();
+    let out = dir.path().join("vgg.lin20.l2.onnx");
+    let ckpt = dir.path().join("ckpt");
+    let ckpt_flag = ["--checkpoint-dir", ckpt.to_str().unwrap()];
+    let r = linearize_with(&out, "20%", &[&ckpt_flag[..], &["--max-relu-layers", "2"]].concat());
+    assert_eq!(r["max_relu_layers"], 2);
+    let after = r["relus_after"].as_u64().unwrap();
+    assert!(after <= VGG_BUDGET_20, "{after} ReLUs over the budget");
+    let census = relucompile_json(&["inspect", out.to_str().unwrap(), "--json"]);
+    assert_eq!(census["total_relus"].as_u64(), Some(after));
+    let with_relus = r["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| !l["kept"].as_array().unwrap().is_empty());
+    assert!((1..=2).contains(&with_relus.count()), "{}", r["layers"]);
+    let relu_layers: u64 = census["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["relu_layers"].as_u64().unwrap())
+        .sum();
+    assert!((1..=2).contains(&relu_layers), "{census}");
+    // The masks of the capped run are not reused without the cap.
+    let o =
+        relucompile(
+            &[
+                &[
+                    "linearize",
+                    "models/vgg.onnx",
+                    "-o",
+                    dir.path().join("o.onnx").to_str().unwrap(),
+                ][..],
+                &["--relu-budget", "20%", "--train-limit", "256", "--resume"],
+                &ckpt_flag,
+            ]
+            .concat(),
+        );
+    assert_ne!(o.code, 0);
+    assert!(o.stderr.contains("in at most 2 layers"), "{}", o.stderr);
+    let zero = relucompile(&[
+        "linearize",
+        "models/vgg.onnx",
+        "-o",
+        "x.onnx",
+        "--relu-budget",
+        "20%",
+        "--max-relu-layers",
+        "0",
+    ]);
+    assert_eq!(zero.code, 2, "{}", zero.stderr);
+}

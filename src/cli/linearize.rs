@@ -25,6 +25,10 @@ pub struct LinearizeArgs {
     /// --epochs then distils the binarised graph
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub mask_epochs: usize,
+    /// At most K layers keep ReLUs, those whose masks hold the most ReLUs: a PI engine pays
+    /// about the same rounds for every ReLU layer whatever its size (CrypTen: ~9)
+    #[arg(long, value_name = "K", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_relu_layers: Option<u64>,
     /// Adam's learning rate for the masks
     #[arg(long, default_value_t = DEFAULT_MASK_LR)]
     pub mask_lr: f64,
@@ -50,6 +54,7 @@ impl From<&LinearizeArgs> for LinearizeJob {
     fn from(a: &LinearizeArgs) -> Self {
         LinearizeJob {
             mask_epochs: a.mask_epochs,
+            max_relu_layers: a.max_relu_layers.map(|k| k as usize),
             mask_lr: a.mask_lr,
             data: a.data.clone(),
             data_options: (&a.data_flags).into(),

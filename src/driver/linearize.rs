@@ -25,6 +25,8 @@ pub struct LinearizeJob {
     pub relu_budget: String,
     /// Epochs that learn the masks (with the weights) before they are made binary.
     pub mask_epochs: usize,
+    /// At most this many layers keep ReLUs (fewer PI rounds; `None`: any number).
+    pub max_relu_layers: Option<usize>,
     pub mask_lr: f64,
     pub data: String,
     pub data_options: DataOptions,
@@ -46,6 +48,7 @@ impl LinearizeJob {
             output: output.into(),
             relu_budget: relu_budget.into(),
             mask_epochs: 1,
+            max_relu_layers: None,
             mask_lr: DEFAULT_MASK_LR,
             data: DEFAULT_DATA.into(),
             data_options: DataOptions::default(),
@@ -62,6 +65,9 @@ pub struct LinearizeReport {
     pub output: String,
     pub relus_before: u64,
     pub relu_budget: u64,
+    /// `--max-relu-layers`, when set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_relu_layers: Option<usize>,
     pub relus_after: u64,
     pub mask_epochs: Vec<EpochRecord>,
     /// The soft ReLU count (sum of mask values times ReLUs per channel) after the last step.
@@ -92,6 +98,7 @@ pub fn linearize(job: &LinearizeJob) -> Result<LinearizeReport> {
     let learned = LearnedMasks {
         model: &model,
         budget,
+        max_layers: job.max_relu_layers,
         mask_epochs: job.mask_epochs,
         mask_lr: job.mask_lr,
         data: (&job.data, &job.data_options),
@@ -109,6 +116,7 @@ pub fn linearize(job: &LinearizeJob) -> Result<LinearizeReport> {
         output: job.output.display().to_string(),
         relus_before: before.total_relus,
         relu_budget: budget,
+        max_relu_layers: job.max_relu_layers,
         relus_after,
         mask_epochs: masked.history,
         soft_relus: masked.soft_relus,
@@ -127,6 +135,8 @@ pub struct LearnedMasks<'a> {
     pub model: &'a Model,
     /// ReLUs to keep, counted.
     pub budget: u64,
+    /// At most this many layers keep ReLUs (see `choose_kept`).
+    pub max_layers: Option<usize>,
     pub mask_epochs: usize,
     pub mask_lr: f64,
     /// The data set and its options.
@@ -160,7 +170,7 @@ impl LearnedMasks<'_> {
         )?;
         let checkpoint = self.training.checkpoint_dir.as_deref();
         let resumed = match checkpoint.filter(|_| self.training.resume) {
-            Some(dir) => read_mask_checkpoint(dir, self.budget)?,
+            Some(dir) => read_mask_checkpoint(dir, self.budget, self.max_layers)?,
             None => None,
         };
         let masks = match resumed {
@@ -175,12 +185,13 @@ impl LearnedMasks<'_> {
                         ..self.training.recipe.clone()
                     },
                     budget: self.budget,
+                    max_layers: self.max_layers,
                     mask_lr: self.mask_lr,
                     progress: self.progress,
                 }
                 .run()?;
                 if let Some(dir) = checkpoint {
-                    write_mask_checkpoint(dir, &masks, self.budget)?;
+                    write_mask_checkpoint(dir, &masks, self.budget, self.max_layers)?;
                 }
                 masks
             }
@@ -214,17 +225,25 @@ impl LearnedMasks<'_> {
 #[derive(Serialize, Deserialize)]
 struct MaskCheckpoint {
     relu_budget: u64,
+    #[serde(default)]
+    max_relu_layers: Option<usize>,
     history: Vec<EpochRecord>,
     layers: Vec<LayerMask>,
     soft_relus: f64,
     lambda: f64,
 }
 
-fn write_mask_checkpoint(dir: &Path, m: &MaskResult, relu_budget: u64) -> Result<()> {
+fn write_mask_checkpoint(
+    dir: &Path,
+    m: &MaskResult,
+    relu_budget: u64,
+    max_relu_layers: Option<usize>,
+) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     write_model_atomic(&dir.join("masked.onnx"), &m.model)?;
     let state = MaskCheckpoint {
         relu_budget,
+        max_relu_layers,
         history: m.history.clone(),
         layers: m.layers.clone(),
         soft_relus: m.soft_relus,
@@ -235,7 +254,11 @@ fn write_mask_checkpoint(dir: &Path, m: &MaskResult, relu_budget: u64) -> Result
 
 /// The mask phase from a checkpoint, if one was written (a run stopped during the mask epochs
 /// has none and starts them again).
-fn read_mask_checkpoint(dir: &Path, relu_budget: u64) -> Result<Option<MaskResult>> {
+fn read_mask_checkpoint(
+    dir: &Path,
+    relu_budget: u64,
+    max_relu_layers: Option<usize>,
+) -> Result<Option<MaskResult>> {
     let path = dir.join("masks.json");
     if !path.exists() {
         return Ok(None);
@@ -245,10 +268,12 @@ fn read_mask_checkpoint(dir: &Path, relu_budget: u64) -> Result<Option<MaskResul
     let state: MaskCheckpoint = serde_json::from_str(&text)
         .with_context(|| format!("{} is not a mask checkpoint", path.display()))?;
     anyhow::ensure!(
-        state.relu_budget == relu_budget,
-        "the checkpoint in {} was learned for a budget of {} ReLUs, not {relu_budget}",
+        state.relu_budget == relu_budget && state.max_relu_layers == max_relu_layers,
+        "the checkpoint in {} was learned for a budget of {} ReLUs{}, not {relu_budget}{}",
         dir.display(),
-        state.relu_budget
+        state.relu_budget,
+        layers_text(state.max_relu_layers),
+        layers_text(max_relu_layers),
     );
     Ok(Some(MaskResult {
         model: load_model(&dir.join("masked.onnx"))?,
@@ -257,4 +282,9 @@ fn read_mask_checkpoint(dir: &Path, relu_budget: u64) -> Result<Option<MaskResul
         soft_relus: state.soft_relus,
         lambda: state.lambda,
     }))
+}
+
+/// " in at most K layers", or nothing.
+fn layers_text(max_layers: Option<usize>) -> String {
+    max_layers.map(|k| format!(" in at most {k} layers")).unwrap_or_default()
 }

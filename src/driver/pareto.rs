@@ -631,6 +631,7 @@ fn learned_point(
     let learned = LearnedMasks {
         model: base,
         budget,
+        max_layers: None,
         mask_epochs: 1,
         mask_lr: DEFAULT_MASK_LR,
         data: (&opts.data, &opts.data_options),

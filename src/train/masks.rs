@@ -151,11 +151,32 @@ impl LayerMask {
 }
 
 /// Binary masks within `budget` ReLUs: channels by decreasing mask value (ties in graph and
-/// channel order), each kept if it still fits and its mask is above [`MASK_FLOOR`].
-pub fn choose_kept(sites: &[MaskSite], values: &[Vec<f32>], budget: u64) -> Vec<LayerMask> {
+/// channel order), each kept if it still fits and its mask is above [`MASK_FLOOR`]. With
+/// `max_layers`, only that many layers may keep ReLUs: those with the largest soft ReLU count
+/// (mask values times ReLUs per channel), since a PI engine pays about the same rounds for a
+/// ReLU layer whatever its size (CrypTen: ~9 per layer).
+pub fn choose_kept(
+    sites: &[MaskSite],
+    values: &[Vec<f32>],
+    budget: u64,
+    max_layers: Option<usize>,
+) -> Vec<LayerMask> {
+    let soft = |s: usize| -> f64 {
+        values[s].iter().map(|&a| a as f64).sum::<f64>() * sites[s].relus_per_channel as f64
+    };
+    let mut by_mass: Vec<usize> = (0..sites.len()).collect();
+    by_mass.sort_by(|&a, &b| soft(b).total_cmp(&soft(a)).then(a.cmp(&b)));
+    let allowed: Vec<bool> = {
+        let mut allowed = vec![max_layers.is_none(); sites.len()];
+        for &s in by_mass.iter().take(max_layers.unwrap_or(0)) {
+            allowed[s] = true;
+        }
+        allowed
+    };
     let mut order: Vec<(usize, usize)> = sites
         .iter()
         .enumerate()
+        .filter(|&(s, _)| allowed[s])
         .flat_map(|(s, site)| (0..site.channels).map(move |c| (s, c)))
         .filter(|&(s, c)| values[s][c] > MASK_FLOOR)
         .collect();
@@ -195,6 +216,8 @@ pub struct MaskLearning<'a> {
     /// The recipe of the mask epochs (`epochs` is their number).
     pub options: FinetuneOptions,
     pub budget: u64,
+    /// At most this many layers keep ReLUs (see [`choose_kept`]).
+    pub max_layers: Option<usize>,
     pub mask_lr: f64,
     pub progress: bool,
 }
@@ -247,7 +270,7 @@ impl MaskLearning<'_> {
             .iter()
             .map(|s| Ok(graph.masks()[&s.relu].as_tensor().to_vec1::<f32>()?))
             .collect::<Result<_>>()?;
-        let layers = choose_kept(&sites, &values, self.budget);
+        let layers = choose_kept(&sites, &values, self.budget, self.max_layers);
         let mut model = graph.write_back(self.model)?;
         for (site, layer) in sites.iter().zip(&layers) {
             crate::passes::channel_thin::keep_relu_channels(
@@ -329,11 +352,18 @@ mod tests {
         let sites = [site("a", 3, 100), site("b", 2, 10)];
         let values = vec![vec![0.9, 0.005, 0.5], vec![0.95, 0.6]];
         // By value: b0 (10), a0 (100), b1 (10), a2 (100: does not fit 150), a1 (below floor).
-        let layers = choose_kept(&sites, &values, 150);
+        let layers = choose_kept(&sites, &values, 150, None);
         assert_eq!(layers[0].kept, vec![0]);
         assert_eq!(layers[1].kept, vec![0, 1]);
         assert_eq!(layers.iter().map(LayerMask::relus).sum::<usize>(), 120);
-        let all = choose_kept(&sites, &values, 1000);
+        let all = choose_kept(&sites, &values, 1000, None);
         assert_eq!(all[0].kept, vec![0, 2], "a mask at the floor stays linear");
+        // One layer allowed: a's soft count (140.5) beats b's (15.5), so b goes linear even
+        // though its masks are the largest.
+        let one = choose_kept(&sites, &values, 150, Some(1));
+        assert_eq!((one[0].kept.clone(), one[1].kept.clone()), (vec![0], vec![]));
+        let two = choose_kept(&sites, &values, 150, Some(2));
+        assert_eq!(two[0].kept, layers[0].kept);
+        assert_eq!(two[1].kept, layers[1].kept);
     }
 }
