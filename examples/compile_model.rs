@@ -13,7 +13,7 @@
 //!
 //! It is the same compile as
 //! `relucompile models/resnet18w16.onnx -o resnet18w16.cull12.onnx --cull 1,2 --thin bottom
-//! --limit 500` (`tests/library_api.rs` checks that both write the same bytes).
+//! --limit 500` (`tests/integration/library_api.rs` checks that both write the same bytes).
 
 use relucompile::driver::compile::{compile, CompileOptions, ThinMode};
 use relucompile::error::exit_code_of;

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Fill the exporter corpus's stripped weights back in (see scripts/make_corpus.py), so that
-tests/corpus.rs can run every graph. A test-input generator, not part of the product; it needs
+tests/integration/corpus.rs can run every graph. A test-input generator, not part of the product; it needs
 only numpy and onnx (tests/py/requirements.txt).
 
 Each stripped float tensor gets seeded random values: He-scaled normals for weights (fan-in

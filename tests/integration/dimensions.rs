@@ -1,8 +1,7 @@
 //! DeepReDuce's dimension knobs and max-pool replacement on the shipped models: the ReLU and
 //! MAC counts they claim, counted again from the written file.
 
-mod common;
-use common::*;
+use crate::common::*;
 
 fn compile(model: &str, flags: &[&str]) -> (serde_json::Value, serde_json::Value) {
     let dir = tmpdir();

@@ -1,8 +1,7 @@
 //! The DeepReDuce passes on the shipped models: exact ReLU counts, equality with an
 //! independently built reduced network, the accuracy gate, and goldens per pass.
 
-mod common;
-use common::*;
+use crate::common::*;
 use relucompile::eval::compare::{compare_models, random_inputs};
 use relucompile::frontend::load_model;
 

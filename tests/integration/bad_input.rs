@@ -1,8 +1,7 @@
 //! Malformed input: a clear message naming the problem, a documented exit code, no panic and
 //! no output file.
 
-mod common;
-use common::*;
+use crate::common::*;
 
 fn compile_fails(model: &str, code: i32, needles: &[&str]) {
     let dir = tmpdir();

@@ -6,8 +6,7 @@
 //! onnx.checker; the unsupported one must be refused with exit 4 and a message naming it.
 //! The table of results goes to target/corpus/table.md.
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;

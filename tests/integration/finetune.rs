@@ -2,8 +2,7 @@
 //! the KD loss and raise accuracy on that subset; runs repeat byte for byte; checkpoints
 //! resume; the tuned graph passes the onnx.checker + onnxruntime harness.
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::path::{Path, PathBuf};
 
 /// The VGG with stage 1 culled (32,768 ReLUs), not recalibrated, so that what the tests see is

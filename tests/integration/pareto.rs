@@ -1,8 +1,7 @@
 //! `relucompile pareto` and `criticality` on the shipped ResNet: a real frontier, repeatable,
 //! resumable, and every file matching what frontier.json says about it.
 
-mod common;
-use common::*;
+use crate::common::*;
 
 fn pareto(dir: &std::path::Path) -> serde_json::Value {
     pareto_of("models/resnet18w16.onnx", dir, &[])
@@ -192,57 +191,58 @@ fn latency_frontier_of_the_vgg_matches_its_golden() {
     }
 }
 
-/// `--probe-images`: the candidates of the first two Pareto layers are distilled briefly and
-/// ranked by what they reach; every point says so, and a rerun takes the probes from the
-/// journal instead of training them again.
+/// Recovery inside the search, in one run (each search costs a minute here):
+/// - `--probe-images`: the candidates of the first two Pareto layers are distilled briefly and
+///   ranked by what they reach, and every point says so;
+/// - `--finetune-epochs`: every point is distilled;
+/// - `--learned 30%`: a learned-mask point joins them, within its budget;
+/// - a rerun takes the probes, the fine-tuned points and the learned one from the directory
+///   instead of training them again, and gives the same frontier.
 #[test]
-fn recovery_probes_rank_the_frontier_and_resume_from_their_journal() {
+fn probes_fine_tuning_and_learned_masks_in_one_search_that_resumes() {
     let dir = tmpdir();
-    let probe = ["--probe-images", "128"];
-    let f = pareto_of("models/vgg.onnx", dir.path(), &probe);
+    let flags = [
+        "--probe-images",
+        "128",
+        "--learned",
+        "30%",
+        "--finetune-epochs",
+        "1",
+        "--finetune-train-limit",
+        "128",
+    ];
+    let f = pareto_of("models/vgg.onnx", dir.path(), &flags);
     assert_eq!(f["probe_images"], 128);
     let probed = f["probed"].as_u64().unwrap() as usize;
     let points = f["points"].as_array().unwrap();
-    assert!(!points.is_empty() && probed >= points.len(), "{f}");
-    for p in points {
+    let learned = f["learned"].as_array().unwrap();
+    assert_eq!(learned.len(), 1, "{f}");
+    let l = &learned[0];
+    let deepreduce = points.len() - usize::from(!l["file"].as_str().unwrap().is_empty());
+    assert!(deepreduce > 0 && probed >= deepreduce, "{f}");
+    for p in points.iter().filter(|p| p != &l) {
         let a = p["probe_accuracy"].as_f64().unwrap_or(-1.0);
         assert!((0.0..=1.0).contains(&a), "{p}");
+    }
+    for p in points {
+        assert!(p["accuracy_before_finetune"].is_number(), "every point was fine-tuned: {p}");
     }
     let journal = || std::fs::read_to_string(dir.path().join("probes.jsonl")).unwrap();
     let first = journal();
     assert_eq!(first.lines().count(), probed, "{first}");
-    let again = pareto_of("models/vgg.onnx", dir.path(), &probe);
-    assert_eq!(journal(), first, "the probes were run again");
-    assert_eq!(again, f);
-}
-
-/// `--learned 30%` puts a learned-mask point beside DeepReDuce's configurations, trained for
-/// the same distillation epochs, within its budget; a rerun takes both the fine-tuned points
-/// and the learned one from the directory instead of training them again.
-#[test]
-fn learned_masks_join_the_fine_tuned_frontier_and_resume() {
-    let dir = tmpdir();
-    let flags = ["--learned", "30%", "--finetune-epochs", "1", "--finetune-train-limit", "128"];
-    let f = pareto_of("models/vgg.onnx", dir.path(), &flags);
-    let learned = f["learned"].as_array().unwrap();
-    assert_eq!(learned.len(), 1, "{f}");
-    let l = &learned[0];
     let budget = 81_792 * 30 / 100;
     assert_eq!(l["config"], format!("learned-masks({budget})"));
     let relus = l["relus"].as_u64().unwrap();
     assert!(relus <= budget && relus + 784 >= budget, "{relus} ReLUs for a budget of {budget}");
     assert!((0.0..=1.0).contains(&l["accuracy"].as_f64().unwrap()), "{l}");
-    for p in f["points"].as_array().unwrap() {
-        assert!(p["accuracy_before_finetune"].is_number(), "every point was fine-tuned: {p}");
-    }
-    let on_frontier = !l["file"].as_str().unwrap().is_empty();
-    if on_frontier {
+    if !l["file"].as_str().unwrap().is_empty() {
         let file = dir.path().join(l["file"].as_str().unwrap());
         let census = relucompile_json(&["inspect", file.to_str().unwrap(), "--json"]);
         assert_eq!(census["total_relus"], relus);
     }
     let started = std::time::Instant::now();
     let again = pareto_of("models/vgg.onnx", dir.path(), &flags);
+    assert_eq!(journal(), first, "the probes were run again");
     assert_eq!(again, f);
     assert!(started.elapsed().as_secs() < 120, "the rerun trained again");
 }

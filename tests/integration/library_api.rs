@@ -1,8 +1,7 @@
 //! The build steps driven through the library (`relucompile::driver`), not the binary: the
 //! same ReLU counts, the same report and the same bytes written as the command line.
 
-mod common;
-use common::*;
+use crate::common::*;
 use relucompile::driver::compile::{compile, CompileOptions, ThinMode};
 use relucompile::driver::eval::{eval, EvalOptions};
 

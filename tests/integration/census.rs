@@ -1,7 +1,6 @@
 //! ReLU census: exact counts on reference architectures and goldens for the shipped models.
 
-mod common;
-use common::*;
+use crate::common::*;
 
 fn stage_relus(v: &serde_json::Value) -> Vec<u64> {
     v["stages"].as_array().unwrap().iter().map(|s| s["relus"].as_u64().unwrap()).collect()

@@ -5,8 +5,7 @@ use relucompile::error::{exit_code_of, ExitCode};
 use relucompile::frontend::model_from_proto;
 use tract_onnx::pb;
 
-mod common;
-use common::value_info as value;
+use crate::common::value_info as value;
 
 fn node(name: &str, op: &str, inputs: &[&str], outputs: &[&str]) -> pb::NodeProto {
     pb::NodeProto {

@@ -1,8 +1,7 @@
 //! Differential tests: every lossless pass, alone and in the default pipeline, on every model,
 //! run against the original on real images and random inputs.
 
-mod common;
-use common::*;
+use crate::common::*;
 use relucompile::analysis::shapes::sample_shape;
 use relucompile::eval::compare::{compare_models, random_inputs, LOSSLESS_REL_TOLERANCE};
 use relucompile::frontend::load_model;

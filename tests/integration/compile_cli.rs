@@ -1,8 +1,7 @@
 //! `relucompile in.onnx -o out.onnx` end to end: goldens of the rewritten graph's summary,
 //! deterministic bytes, and the onnx.checker + onnxruntime cross-check of every output.
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::path::Path;
 
 fn compile(model: &str, out: &Path) -> serde_json::Value {

@@ -3,8 +3,7 @@
 //! within one channel, computes ReLUs only on the kept channels, passes onnx.checker and
 //! onnxruntime against tract, and repeats byte for byte.
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::path::Path;
 
 /// 20% of the VGG's 81,792 ReLUs, as `Budget::parse` floors it.

@@ -8,8 +8,7 @@
 //! `python3 fixtures/data/make_data.py`): its JPEG entries are what the image crate's decoder
 //! yields, not the pixels the generator encoded.
 
-mod common;
-use common::*;
+use crate::common::*;
 use relucompile::eval::data::{self, image_folder, Dataset, Fit, Normalisation, Split};
 use std::path::Path;
 
