@@ -47,6 +47,11 @@ pub struct ParetoArgs {
     /// PI cost model for the bytes and latency estimates: `crypten` (built in) or a JSON file
     #[arg(long, default_value = "crypten", value_name = "MODEL")]
     pub cost_model: String,
+    /// With --finetune-epochs: train only the most accurate frontier point at or under each of
+    /// these cost levels (shares of the original's cost, or counts and units as for budgets)
+    #[arg(long, value_name = "LEVEL,...", value_delimiter = ',',
+          default_values_t = crate::driver::pareto::DEFAULT_FINETUNE_LEVELS.iter().map(|l| l.to_string()))]
+    pub finetune_levels: Vec<String>,
     /// Also put learned ReLU masks on the frontier, one point per budget (`--learned
     /// 25%,10%,5%`): `relucompile linearize` with one mask epoch, then the distillation of
     /// --finetune-epochs (one epoch without it)
@@ -89,6 +94,7 @@ impl From<&ParetoArgs> for ParetoOptions {
             data_options: (&a.data_flags).into(),
             finetune: a.finetune.training(),
             probe_images: a.probe_images,
+            finetune_levels: a.finetune_levels.clone(),
             learned: a.learned.clone(),
             objective: a.objective,
             cost_model: a.cost_model.clone(),

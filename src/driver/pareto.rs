@@ -54,6 +54,9 @@ pub struct ParetoOptions {
     pub data_options: DataOptions,
     /// Fine-tune every frontier point with the original as teacher.
     pub finetune: Option<TrainOptions>,
+    /// With `finetune`: cost levels (`50%`, `10000`, `30MB`, `0.3s`) under each of which only
+    /// the most accurate frontier point is trained, instead of every point.
+    pub finetune_levels: Vec<String>,
     /// ReLU budgets (`25%`, `10000`) at which learned ReLU masks (`relucompile linearize`: one
     /// mask epoch, then the distillation of `finetune`, one epoch without it) add a point.
     pub learned: Vec<String>,
@@ -84,11 +87,33 @@ impl ParetoOptions {
             data_options: DataOptions::default(),
             finetune: None,
             probe_images: 0,
+            finetune_levels: DEFAULT_FINETUNE_LEVELS.iter().map(|l| l.to_string()).collect(),
             learned: vec![],
             objective: Objective::Relus,
             cost_model: "crypten".into(),
         }
     }
+}
+
+/// The levels of `--finetune-levels` by default: DeepReDuce's range of budgets. A 2-epoch
+/// distillation of one ResNet point takes 6-8 minutes on this project's 2-core machines, and
+/// the ResNet's frontier has 25 points, so training all of them would take three hours.
+pub const DEFAULT_FINETUNE_LEVELS: &[&str] = &["50%", "25%", "15%", "10%", "5%", "2%"];
+
+/// Indices of the most accurate of `points` (cost, accuracy) at or under each level, each
+/// once, in the order of `points`. Ties go to the cheaper point.
+pub fn best_under_levels(points: &[(f64, f64)], levels: &[f64]) -> Vec<usize> {
+    let mut out: Vec<usize> = levels
+        .iter()
+        .filter_map(|&level| {
+            (0..points.len()).filter(|&i| points[i].0 <= level).max_by(|&a, &b| {
+                points[a].1.total_cmp(&points[b].1).then(points[b].0.total_cmp(&points[a].0))
+            })
+        })
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 /// What a search directory was made from; resuming with anything else is refused.
@@ -146,6 +171,9 @@ pub struct Frontier {
     /// Candidates probed (the first Pareto layers of the calibration ranking).
     pub probed: usize,
     pub points: Vec<FrontierPoint>,
+    /// With --finetune-epochs: the cost levels under each of which the best point was trained.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub finetune_levels: Vec<f64>,
     /// The learned-mask points of `--learned`, on the frontier (`file` set) or dominated.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub learned: Vec<FrontierPoint>,
@@ -184,6 +212,15 @@ pub fn pareto(opts: &ParetoOptions) -> Result<Frontier> {
     let ctx = PassContext::new(sample.clone());
     let base = prepare(&original, &ctx)?;
     let original_cost = Cost::of(&original, &sample, &cost_model)?;
+    let finetune_levels: Vec<f64> = opts
+        .finetune_levels
+        .iter()
+        .map(|spec| {
+            Budget::parse(objective, spec, &original_cost).map(|b| b.limit).map_err(|e| {
+                CompileError::new(ExitCode::Usage, format!("--finetune-levels {spec}: {e}"))
+            })
+        })
+        .collect::<Result<_, _>>()?;
     let learned_budgets: Vec<u64> = opts
         .learned
         .iter()
@@ -339,6 +376,16 @@ pub fn pareto(opts: &ParetoOptions) -> Result<Frontier> {
     } else {
         (0..measured.len()).collect()
     };
+    // Training takes minutes a point: only the best point under each level is trained.
+    let keep = if opts.finetune.is_some() {
+        let ranked: Vec<(f64, f64)> = keep
+            .iter()
+            .map(|&k| (measured[k].1.get(objective), chosen[k].1.unwrap_or(measured[k].2)))
+            .collect();
+        best_under_levels(&ranked, &finetune_levels).into_iter().map(|i| keep[i]).collect()
+    } else {
+        keep
+    };
     // (graph, its point without a file name yet)
     let mut candidates_out: Vec<(crate::ir::Model, FrontierPoint)> = Vec::new();
     for k in keep {
@@ -425,6 +472,7 @@ pub fn pareto(opts: &ParetoOptions) -> Result<Frontier> {
         probe_images,
         probed,
         points,
+        finetune_levels: if opts.finetune.is_some() { finetune_levels } else { vec![] },
         learned,
     };
     write_outputs(&opts.output, &frontier)?;
@@ -647,4 +695,21 @@ fn learned_point(
     let record = FinetunedRecord { config, accuracy_after: after, accuracy_before: Some(before) };
     write_bytes_atomic(&json, serde_json::to_string_pretty(&record)?.as_bytes())?;
     Ok((learned.model, after, before))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn levels_take_the_most_accurate_point_under_each_once() {
+        // (cost, accuracy)
+        let points = [(0.0, 0.1), (10.0, 0.5), (20.0, 0.7), (30.0, 0.65), (50.0, 0.9)];
+        assert_eq!(best_under_levels(&points, &[60.0, 25.0, 5.0]), vec![0, 2, 4]);
+        // 30 is cheaper than 50 but less accurate than 20, so level 35 takes 20; two levels on
+        // the same point train it once; a level under every point takes nothing.
+        assert_eq!(best_under_levels(&points, &[35.0, 22.0, -1.0]), vec![2]);
+        let tie = [(10.0, 0.5), (20.0, 0.5)];
+        assert_eq!(best_under_levels(&tie, &[30.0]), vec![0], "ties go to the cheaper point");
+    }
 }
