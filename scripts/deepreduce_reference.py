@@ -196,7 +196,15 @@ def table(report):
     return "\n".join(lines)
 
 
+def reference_points(report):
+    """The configurations as `relucompile pareto --reference` reads them."""
+    return [{"label": r["config"], "relus": r["relus"], "accuracy": r["accuracy_after_kd"]}
+            for r in report["configs"]]
+
+
 def write_json(path, report):
+    report["name"] = "DeepReDuce in PyTorch, %d epochs of KD" % report["recipe"]["epochs"]
+    report["points"] = reference_points(report)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:

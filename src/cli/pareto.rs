@@ -52,6 +52,11 @@ pub struct ParetoArgs {
     #[arg(long, value_name = "LEVEL,...", value_delimiter = ',',
           default_values_t = crate::driver::pareto::DEFAULT_FINETUNE_LEVELS.iter().map(|l| l.to_string()))]
     pub finetune_levels: Vec<String>,
+    /// Draw and tabulate another method's points beside the frontier: a JSON file with
+    /// `points` (`label`, `accuracy`, and `relus`, `bytes` or `seconds`) and an optional `name`,
+    /// such as docs/deepreduce_reference.json
+    #[arg(long, value_name = "FILE")]
+    pub reference: Option<PathBuf>,
     /// Also put learned ReLU masks on the frontier, one point per budget (`--learned
     /// 25%,10%,5%`): `relucompile linearize` with one mask epoch, then the distillation of
     /// --finetune-epochs (one epoch without it)
@@ -96,6 +101,7 @@ impl From<&ParetoArgs> for ParetoOptions {
             probe_images: a.probe_images,
             finetune_levels: a.finetune_levels.clone(),
             learned: a.learned.clone(),
+            reference: a.reference.clone(),
             objective: a.objective,
             cost_model: a.cost_model.clone(),
         }

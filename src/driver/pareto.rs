@@ -11,7 +11,7 @@ use crate::error::{CompileError, ExitCode};
 use crate::eval::data;
 use crate::frontend::{load_model, write_bytes_atomic, write_model_atomic};
 use crate::passes::{prepare, run_pipeline, PassContext, Pipeline, VerifyOptions};
-use crate::report::plot::{frontier_plot, Axis, PlotPoint};
+use crate::report::plot::{frontier_plot, Axis, PlotPoint, Reference};
 use crate::report::thousands;
 use crate::search::criticality::criticality;
 use crate::search::objective::{Budget, Cost, Objective};
@@ -57,6 +57,10 @@ pub struct ParetoOptions {
     /// With `finetune`: cost levels (`50%`, `10000`, `30MB`, `0.3s`) under each of which only
     /// the most accurate frontier point is trained, instead of every point.
     pub finetune_levels: Vec<String>,
+    /// Another method's points to draw and tabulate beside the frontier: a JSON file with
+    /// `points` (each `accuracy`, `label`, and `relus`, `bytes` or `seconds` for the axis) and
+    /// an optional `name`; `docs/deepreduce_reference.json` is one.
+    pub reference: Option<PathBuf>,
     /// ReLU budgets (`25%`, `10000`) at which learned ReLU masks (`relucompile linearize`: one
     /// mask epoch, then the distillation of `finetune`, one epoch without it) add a point.
     pub learned: Vec<String>,
@@ -89,6 +93,7 @@ impl ParetoOptions {
             probe_images: 0,
             finetune_levels: DEFAULT_FINETUNE_LEVELS.iter().map(|l| l.to_string()).collect(),
             learned: vec![],
+            reference: None,
             objective: Objective::Relus,
             cost_model: "crypten".into(),
         }
@@ -149,6 +154,59 @@ pub struct FrontierPoint {
     pub config: String,
 }
 
+/// Points of another method (`--reference`), as its file gives them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReferenceSet {
+    pub name: String,
+    pub points: Vec<ReferencePoint>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReferencePoint {
+    #[serde(alias = "config")]
+    pub label: String,
+    pub accuracy: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relus: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seconds: Option<f64>,
+}
+
+impl ReferencePoint {
+    /// The point's cost on `o`'s axis, if its file gives it.
+    fn cost(&self, o: Objective) -> Option<f64> {
+        match o {
+            Objective::Relus => self.relus.map(|r| r as f64),
+            Objective::Bytes => self.bytes,
+            Objective::Latency => self.seconds,
+        }
+    }
+}
+
+impl ReferenceSet {
+    fn load(path: &Path) -> Result<Self> {
+        #[derive(Deserialize)]
+        struct File {
+            name: Option<String>,
+            points: Vec<ReferencePoint>,
+        }
+        let usage = |m: String| -> anyhow::Error { CompileError::new(ExitCode::Usage, m).into() };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| usage(format!("--reference {}: {e}", path.display())))?;
+        let file: File = serde_json::from_str(&text).map_err(|e| {
+            usage(format!(
+                "--reference {}: not a list of reference points ({e}); expected \
+                 {{\"name\": ..., \"points\": [{{\"label\", \"relus\", \"accuracy\"}}, ...]}}",
+                path.display()
+            ))
+        })?;
+        let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        Ok(ReferenceSet { name: file.name.unwrap_or(stem), points: file.points })
+    }
+}
+
 impl FrontierPoint {
     fn cost(&self) -> Cost {
         Cost { relus: self.relus, bytes: self.bytes, seconds: self.seconds }
@@ -174,6 +232,9 @@ pub struct Frontier {
     /// With --finetune-epochs: the cost levels under each of which the best point was trained.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub finetune_levels: Vec<f64>,
+    /// `--reference`: another method's points, beside these in the table and the plot.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reference: Option<ReferenceSet>,
     /// The learned-mask points of `--learned`, on the frontier (`file` set) or dominated.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub learned: Vec<FrontierPoint>,
@@ -212,6 +273,7 @@ pub fn pareto(opts: &ParetoOptions) -> Result<Frontier> {
     let ctx = PassContext::new(sample.clone());
     let base = prepare(&original, &ctx)?;
     let original_cost = Cost::of(&original, &sample, &cost_model)?;
+    let reference = opts.reference.as_deref().map(ReferenceSet::load).transpose()?;
     let finetune_levels: Vec<f64> = opts
         .finetune_levels
         .iter()
@@ -474,6 +536,7 @@ pub fn pareto(opts: &ParetoOptions) -> Result<Frontier> {
         points,
         finetune_levels: if opts.finetune.is_some() { finetune_levels } else { vec![] },
         learned,
+        reference,
     };
     write_outputs(&opts.output, &frontier)?;
     Ok(frontier)
@@ -551,6 +614,13 @@ fn write_outputs(dir: &Path, f: &Frontier) -> Result<()> {
             p.file
         );
     }
+    if let Some(r) = &f.reference {
+        md += &format!("\n{}:\n\n| point | ReLUs | accuracy |\n|---|---:|---:|\n", r.name);
+        for p in &r.points {
+            let relus = p.relus.map(thousands).unwrap_or_default();
+            md += &format!("| `{}` | {} | {:.2}% |\n", p.label, relus, 100.0 * p.accuracy);
+        }
+    }
     write_bytes_atomic(&dir.join("frontier.md"), md.as_bytes())?;
     let o = f.objective;
     let cost = |relus: u64, bytes: f64, seconds: f64| Cost { relus, bytes, seconds }.get(o);
@@ -569,12 +639,23 @@ fn write_outputs(dir: &Path, f: &Frontier) -> Result<()> {
         label: "original".into(),
     };
     let format = move |v: f64| o.show(v);
+    let reference_points: Vec<PlotPoint> = f
+        .reference
+        .iter()
+        .flat_map(|r| &r.points)
+        .filter_map(|p| {
+            Some(PlotPoint { cost: p.cost(o)?, accuracy: p.accuracy, label: p.label.clone() })
+        })
+        .collect();
+    let reference =
+        f.reference.as_ref().map(|r| Reference { name: &r.name, points: &reference_points });
     frontier_plot(
         &dir.join("frontier"),
         &format!("{} frontier: {}", title_cost(o), f.model),
         &Axis { desc: o.axis(), format: &format },
         &original,
         &plot_points,
+        reference.as_ref(),
     )
 }
 

@@ -32,6 +32,12 @@ fn register_font() -> Result<()> {
     result
 }
 
+/// Points of another method drawn beside the frontier (`pareto --reference`).
+pub struct Reference<'a> {
+    pub name: &'a str,
+    pub points: &'a [PlotPoint],
+}
+
 /// The x axis: its description and how its tick values are written.
 pub struct Axis<'a> {
     pub desc: &'a str,
@@ -61,12 +67,14 @@ fn draw<DB: DrawingBackend>(
     axis: &Axis,
     original: &PlotPoint,
     points: &[PlotPoint],
+    reference: Option<&Reference>,
 ) -> Result<()>
 where
     DB::ErrorType: 'static,
 {
     root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    let all = points.iter().chain(std::iter::once(original));
+    let others: &[PlotPoint] = reference.map(|r| r.points).unwrap_or(&[]);
+    let all = points.iter().chain(others).chain(std::iter::once(original));
     let x = |p: &PlotPoint| p.cost.max(zero_cost_at(points, original));
     let min_r = all.clone().map(x).fold(f64::INFINITY, f64::min);
     let max_r = all.clone().map(x).fold(f64::NEG_INFINITY, f64::max);
@@ -93,7 +101,29 @@ where
     let series: Vec<(f64, f64)> = points.iter().map(|p| (x(p), 100.0 * p.accuracy)).collect();
     chart
         .draw_series(LineSeries::new(series.clone(), &BLUE))
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?
+        .label("relucompile")
+        .legend(|(x, y)| Circle::new((x + 10, y), 4, BLUE.filled()));
+    if let Some(r) = reference {
+        let black = RGBColor(40, 40, 40);
+        chart
+            .draw_series(r.points.iter().map(|p| {
+                EmptyElement::at((x(p), 100.0 * p.accuracy))
+                    + Cross::new((0, 0), 5, black.stroke_width(2))
+                    + Text::new(p.label.clone(), (6, 4), ("sans-serif", 11))
+            }))
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?
+            .label(r.name)
+            .legend(move |(x, y)| Cross::new((x + 10, y), 5, black.stroke_width(2)));
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 13))
+            .draw()
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    }
     chart
         .draw_series(points.iter().map(|p| {
             let at = (x(p), 100.0 * p.accuracy);
@@ -121,13 +151,16 @@ pub fn frontier_plot(
     axis: &Axis,
     original: &PlotPoint,
     points: &[PlotPoint],
+    reference: Option<&Reference>,
 ) -> Result<()> {
     register_font()?;
     let svg = stem.with_extension("svg");
-    draw(SVGBackend::new(&svg, (960, 600)).into_drawing_area(), title, axis, original, points)
+    let area = SVGBackend::new(&svg, (960, 600)).into_drawing_area();
+    draw(area, title, axis, original, points, reference)
         .with_context(|| format!("drawing {}", svg.display()))?;
     let png = stem.with_extension("png");
-    draw(BitMapBackend::new(&png, (960, 600)).into_drawing_area(), title, axis, original, points)
+    let area = BitMapBackend::new(&png, (960, 600)).into_drawing_area();
+    draw(area, title, axis, original, points, reference)
         .with_context(|| format!("drawing {}", png.display()))?;
     Ok(())
 }
@@ -154,7 +187,8 @@ mod tests {
         let format = |v: f64| format!("{v:.0}");
         let axis = Axis { desc: "ReLUs", format: &format };
         let points = [point(0.0, 0.1), point(4000.0, 0.5), point(9000.0, 0.8)];
-        frontier_plot(&dir.path().join("f"), "t", &axis, &point(20000.0, 0.9), &points).unwrap();
+        let f = dir.path().join("f");
+        frontier_plot(&f, "t", &axis, &point(20000.0, 0.9), &points, None).unwrap();
         assert!(dir.path().join("f.svg").metadata().unwrap().len() > 1000);
         assert!(dir.path().join("f.png").metadata().unwrap().len() > 1000);
     }

@@ -3,8 +3,9 @@
 
 use crate::common::*;
 
+/// The shipped ResNet's frontier, drawn beside the PyTorch DeepReDuce reference points.
 fn pareto(dir: &std::path::Path) -> serde_json::Value {
-    pareto_of("models/resnet18w16.onnx", dir, &[])
+    pareto_of("models/resnet18w16.onnx", dir, &["--reference", "docs/deepreduce_reference.json"])
 }
 
 fn pareto_of(model: &str, dir: &std::path::Path, extra: &[&str]) -> serde_json::Value {
@@ -66,6 +67,26 @@ fn frontier_is_non_dominated_repeatable_and_matches_its_files() {
             "frontier.{ext}"
         );
     }
+    // The reference's three configurations are in the JSON, the table and the plot.
+    let reference = fa["reference"]["points"].as_array().unwrap();
+    assert_eq!(reference.len(), 3, "{}", fa["reference"]);
+    assert_eq!(reference[1]["relus"], 10_368);
+    let md = std::fs::read_to_string(a.path().join("frontier.md")).unwrap();
+    assert!(md.contains("| `cull(0,1,2),thin(bottom)` | 10,368 | 89.74% |"), "{md}");
+    let svg = std::fs::read_to_string(a.path().join("frontier.svg")).unwrap();
+    assert!(svg.contains("DeepReDuce in PyTorch") && svg.contains("cull(0,1,2,3),thin(bottom)"));
+    let bad = a.path().join("bad.json");
+    std::fs::write(&bad, "{\"points\": 3}").unwrap();
+    let o = relucompile(&[
+        "pareto",
+        "models/vgg.onnx",
+        "-o",
+        a.path().to_str().unwrap(),
+        "--reference",
+        bad.to_str().unwrap(),
+    ]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("--reference") && o.stderr.contains("bad.json"), "{}", o.stderr);
     // --relu-budget with --frontier takes the most accurate point under the budget, and
     // rebuilds exactly that network.
     let mid = &points[points.len() / 2];
