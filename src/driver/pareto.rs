@@ -692,33 +692,43 @@ fn finetuned_point(
         serde_json::to_string(&(config, &training.recipe, training.train_limit, opts.test_limit))?
             .as_bytes(),
     );
-    let dir = opts.output.join("finetuned");
+    let (model, after, _) = cached_training(&opts.output.join("finetuned"), &key, config, || {
+        let (tuned, report) = finetune_model(
+            model,
+            original,
+            (&opts.data, &opts.data_options),
+            training,
+            opts.test_limit,
+            progress,
+        )
+        .with_context(|| format!("fine-tuning frontier point {}", label(config)))?;
+        Ok((tuned, report.accuracy_after, None))
+    })?;
+    Ok((model, after))
+}
+
+/// A trained point kept as `dir/KEY.onnx` beside `dir/KEY.json`: taken from there when an
+/// earlier run of the search wrote it, else trained by `train` and written.
+fn cached_training(
+    dir: &Path,
+    key: &str,
+    config: &str,
+    train: impl FnOnce() -> Result<(crate::ir::Model, f64, Option<f64>)>,
+) -> Result<(crate::ir::Model, f64, Option<f64>)> {
     let (onnx, json) = (dir.join(format!("{key}.onnx")), dir.join(format!("{key}.json")));
     if let (Ok(text), true) = (std::fs::read_to_string(&json), onnx.exists()) {
         if let Ok(r) = serde_json::from_str::<FinetunedRecord>(&text) {
             if r.config == config {
-                return Ok((load_model(&onnx)?, r.accuracy_after));
+                return Ok((load_model(&onnx)?, r.accuracy_after, r.accuracy_before));
             }
         }
     }
-    let (tuned, report) = finetune_model(
-        model,
-        original,
-        (&opts.data, &opts.data_options),
-        training,
-        opts.test_limit,
-        progress,
-    )
-    .with_context(|| format!("fine-tuning frontier point {}", label(config)))?;
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    write_model_atomic(&onnx, &tuned)?;
-    let record = FinetunedRecord {
-        config: config.into(),
-        accuracy_after: report.accuracy_after,
-        accuracy_before: None,
-    };
+    let (model, accuracy_after, accuracy_before) = train()?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    write_model_atomic(&onnx, &model)?;
+    let record = FinetunedRecord { config: config.into(), accuracy_after, accuracy_before };
     write_bytes_atomic(&json, serde_json::to_string_pretty(&record)?.as_bytes())?;
-    Ok((tuned, report.accuracy_after))
+    Ok((model, accuracy_after, accuracy_before))
 }
 
 /// How a learned-mask point's configuration reads: `learned-masks(BUDGET)`.
@@ -745,37 +755,27 @@ fn learned_point(
         .as_bytes(),
     );
     let dir = opts.output.join("learned");
-    let (onnx, json) = (dir.join(format!("{key}.onnx")), dir.join(format!("{key}.json")));
-    let config = format!("{LEARNED_LABEL}({budget})");
-    if let (Ok(text), true) = (std::fs::read_to_string(&json), onnx.exists()) {
-        if let Ok(r) = serde_json::from_str::<FinetunedRecord>(&text) {
-            if r.config == config {
-                let before = r.accuracy_before.unwrap_or(f64::NAN);
-                return Ok((load_model(&onnx)?, r.accuracy_after, before));
-            }
-        }
-    }
     training.checkpoint_dir = Some(dir.join(&key));
     training.resume = true;
-    let learned = LearnedMasks {
-        model: base,
-        budget,
-        max_layers: None,
-        mask_epochs: 1,
-        mask_lr: DEFAULT_MASK_LR,
-        data: (&opts.data, &opts.data_options),
-        training: &training,
-        limit: opts.test_limit,
-        progress,
-    }
-    .run()
-    .with_context(|| format!("learning ReLU masks to {budget} ReLUs"))?;
-    let (after, before) = (learned.finetune.accuracy_after, learned.finetune.accuracy_before);
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    write_model_atomic(&onnx, &learned.model)?;
-    let record = FinetunedRecord { config, accuracy_after: after, accuracy_before: Some(before) };
-    write_bytes_atomic(&json, serde_json::to_string_pretty(&record)?.as_bytes())?;
-    Ok((learned.model, after, before))
+    let config = format!("{LEARNED_LABEL}({budget})");
+    let (model, after, before) = cached_training(&dir, &key, &config, || {
+        let learned = LearnedMasks {
+            model: base,
+            budget,
+            max_layers: None,
+            mask_epochs: 1,
+            mask_lr: DEFAULT_MASK_LR,
+            data: (&opts.data, &opts.data_options),
+            training: &training,
+            limit: opts.test_limit,
+            progress,
+        }
+        .run()
+        .with_context(|| format!("learning ReLU masks to {budget} ReLUs"))?;
+        let f = &learned.finetune;
+        Ok((learned.model, f.accuracy_after, Some(f.accuracy_before)))
+    })?;
+    Ok((model, after, before.unwrap_or(f64::NAN)))
 }
 
 #[cfg(test)]
