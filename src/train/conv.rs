@@ -300,9 +300,14 @@ fn unpad_add(pad: &[f32], g: &ConvGeometry, x: &mut [f32]) {
 /// OH * OW]`: row `(c, ki, kj)` holds the input pixel each output position reads through tap
 /// `(ki, kj)` of channel `c` (zero in the padding).
 pub fn im2col(x: &[f32], g: &ConvGeometry, col: &mut [f32]) {
+    im2col_rows(x, g, col, g.oh * g.ow);
+}
+
+/// [`im2col`] with the matrix's rows `ld` apart, so that several images can sit side by side.
+pub fn im2col_rows(x: &[f32], g: &ConvGeometry, col: &mut [f32], ld: usize) {
     let mut pad = vec![0f32; Padded::of(g).len(g)];
     pad_planes(x, g, &mut pad);
-    im2col_padded(&pad, g, col, g.oh * g.ow);
+    im2col_padded(&pad, g, col, ld);
 }
 
 /// The adjoint of [`im2col`]: adds every entry of `col` back onto the input pixel it was read
@@ -486,7 +491,14 @@ fn take<'a>(buf: &mut &'a mut [f32], len: usize) -> &'a mut [f32] {
 
 /// Copy `rows x len` blocks of `nb` images (image `b`'s at `src[b * stride + off..]`, rows
 /// `len` apart) side by side into `dst`, `[rows, nb * len]`.
-fn gather(src: &[f32], stride: usize, off: usize, rows: usize, len: usize, dst: &mut [f32]) {
+pub(crate) fn gather(
+    src: &[f32],
+    stride: usize,
+    off: usize,
+    rows: usize,
+    len: usize,
+    dst: &mut [f32],
+) {
     let nb = dst.len() / (rows * len).max(1);
     for (b, img) in (0..nb).map(|b| &src[b * stride + off..][..rows * len]).enumerate() {
         for (r, s) in img.chunks_exact(len).enumerate() {

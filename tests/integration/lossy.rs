@@ -137,7 +137,7 @@ fn relu_budget_meets_the_budget() {
         "--relu-budget",
         "25%",
         "--calibration-images",
-        "256",
+        "128",
         "--limit",
         "500",
         "--json",
