@@ -254,10 +254,12 @@ impl MaskLearning<'_> {
         graph.set_training(true);
         super::malloc::retain_freed_memory();
         let teacher = Teacher::new(self.teacher, sample)?;
+        let logits = Distiller::logits(&teacher, self.teacher, self.train, opts, self.progress)?;
         let mut opt = Optimizer::new(opts.optimizer, graph.vars(), opts.lr, opts.weight_decay)?;
         let mut hook = MaskHook::new(&graph, &sites, self.budget, self.mask_lr)?;
         let distiller = Distiller {
             teacher: &teacher,
+            teacher_logits: logits.as_deref().map(Vec::as_slice),
             train: self.train,
             options: opts,
             progress: self.progress,

@@ -59,6 +59,14 @@ pub struct FinetuneOptions {
     pub recalibrate: bool,
 }
 
+impl FinetuneOptions {
+    /// Whether batches are randomly cropped or flipped (otherwise the teacher's logits of each
+    /// image are the same every time it is seen).
+    pub fn augments(&self) -> bool {
+        self.crop_padding > 0 || self.hflip
+    }
+}
+
 impl Default for FinetuneOptions {
     fn default() -> Self {
         FinetuneOptions {
@@ -209,9 +217,11 @@ impl Finetuner<'_> {
         graph.set_training(true);
         malloc::retain_freed_memory();
         let teacher = Teacher::new(self.teacher, sample)?;
+        let logits = Distiller::logits(&teacher, self.teacher, self.train, opts, self.progress)?;
         let mut opt = Optimizer::new(opts.optimizer, graph.vars(), opts.lr, opts.weight_decay)?;
         let distiller = Distiller {
             teacher: &teacher,
+            teacher_logits: logits.as_deref().map(Vec::as_slice),
             train: self.train,
             options: opts,
             progress: self.progress,
@@ -254,6 +264,9 @@ impl StepHook for NoHook {}
 /// One epoch at a time of distillation from a teacher on augmented training batches.
 pub struct Distiller<'a> {
     pub teacher: &'a Teacher,
+    /// The teacher's logits on every training image (`[N, classes]`), read instead of running
+    /// the teacher when the batches are not augmented ([`Distiller::logits`]).
+    pub teacher_logits: Option<&'a [f32]>,
     pub train: &'a Dataset,
     /// The recipe; `epochs` sets the length of the learning-rate schedule.
     pub options: &'a FinetuneOptions,
@@ -261,6 +274,21 @@ pub struct Distiller<'a> {
 }
 
 impl Distiller<'_> {
+    /// The teacher's logits on the whole unaugmented training set, when `options` does not
+    /// augment (shared by every run on the same teacher and data: [`teacher::dataset_logits`]).
+    pub fn logits(
+        teacher: &Teacher,
+        model: &Model,
+        train: &Dataset,
+        options: &FinetuneOptions,
+        progress: bool,
+    ) -> Result<Option<Arc<Vec<f32>>>> {
+        if options.augments() {
+            return Ok(None);
+        }
+        teacher::dataset_logits(teacher, model, train, progress).map(Some)
+    }
+
     /// Train `graph` for epoch `epoch` (0-based) of `options.epochs`.
     pub fn epoch(
         &self,
@@ -298,7 +326,18 @@ impl Distiller<'_> {
             let mut shape = vec![idx.len()];
             shape.extend_from_slice(sample);
             let xs = Tensor::from_vec(x, shape, graph.device())?;
-            let t = self.teacher.logits(&xs)?;
+            let t = match self.teacher_logits {
+                Some(all) => {
+                    let classes = all.len() / n.max(1);
+                    let rows: Vec<f32> = idx
+                        .iter()
+                        .flat_map(|&i| &all[i * classes..(i + 1) * classes])
+                        .copied()
+                        .collect();
+                    Tensor::from_vec(rows, (idx.len(), classes), graph.device())?
+                }
+                None => self.teacher.logits(&xs)?,
+            };
             let y = Tensor::from_vec(labels.clone(), idx.len(), graph.device())?;
             let s = graph.forward(&xs)?;
             let kd = kl_divergence(&s, &t, opts.temperature)?;

@@ -5,13 +5,21 @@
 //! a time with the im2col/gemm convolution, which measured faster than tract image by image
 //! (about 1,200 against 930 images/s for resnet18w16 on two cores) and needs no second copy
 //! of the batch. Graphs the interpreter cannot take fall back to tract, one image per task.
+//!
+//! Without augmentation the teacher sees every training image exactly as it is, epoch after
+//! epoch and student after student, so its logits are computed once ([`dataset_logits`]) and
+//! read back instead of recomputed: the teacher's forward pass was about a quarter of a
+//! distillation step (a forward pass of the full network beside the student's forward and
+//! backward ones).
 
 use super::graph::TrainGraph;
+use crate::eval::data::Dataset;
 use crate::eval::Runner;
 use crate::ir::Model;
 use anyhow::{Context, Result};
 use candle_core::Tensor;
 use rayon::prelude::*;
+use std::sync::{Arc, Mutex};
 
 pub enum Teacher {
     Graph(Box<TrainGraph>),
@@ -46,4 +54,66 @@ impl Teacher {
             }
         }
     }
+}
+
+/// Images per teacher batch when the whole training set's logits are computed: the batch is
+/// fixed so that the logits (and every run that reads them) do not depend on who asked first.
+const LOGITS_BATCH: usize = 256;
+
+/// The last training set's teacher logits, by [`logits_key`]: a frontier trains many students
+/// from one teacher on one data set in one process.
+static LOGITS: Mutex<Option<(u64, Arc<Vec<f32>>)>> = Mutex::new(None);
+
+/// A digest of the teacher graph's bytes and the training images and labels.
+fn logits_key(model: &Model, train: &Dataset) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut mix = |v: u64| {
+        h = (h ^ v).wrapping_mul(0x0000_0100_0000_01b3);
+        h ^= h >> 29;
+    };
+    for chunk in crate::frontend::to_bytes(model).chunks(8) {
+        let mut b = [0u8; 8];
+        b[..chunk.len()].copy_from_slice(chunk);
+        mix(u64::from_le_bytes(b));
+    }
+    mix(train.len() as u64);
+    for pair in train.images.chunks(2) {
+        mix(pair[0].to_bits() as u64 | (pair.get(1).map_or(0, |v| v.to_bits() as u64) << 32));
+    }
+    for &l in &train.labels {
+        mix(l as u64);
+    }
+    h
+}
+
+/// The teacher's logits on every image of `train`, unaugmented, `[N, classes]` in dataset
+/// order; computed on the first call for this teacher and data set, shared afterwards.
+pub fn dataset_logits(
+    teacher: &Teacher,
+    model: &Model,
+    train: &Dataset,
+    progress: bool,
+) -> Result<Arc<Vec<f32>>> {
+    let key = logits_key(model, train);
+    if let Some((k, logits)) = LOGITS.lock().expect("logits cache").as_ref() {
+        if *k == key {
+            return Ok(logits.clone());
+        }
+    }
+    let (n, per) = (train.len(), train.sample_len());
+    let bar = crate::eval::evaluator::counted_progress_bar(n, "teacher logits", "images", progress);
+    let mut all = Vec::new();
+    for first in (0..n).step_by(LOGITS_BATCH) {
+        let count = LOGITS_BATCH.min(n - first);
+        let mut shape = vec![count];
+        shape.extend_from_slice(&train.sample_shape);
+        let images = train.images[first * per..(first + count) * per].to_vec();
+        let x = Tensor::from_vec(images, shape, &candle_core::Device::Cpu)?;
+        all.extend(teacher.logits(&x)?.flatten_all()?.to_vec1::<f32>()?);
+        bar.inc(count as u64);
+    }
+    bar.finish_and_clear();
+    let logits = Arc::new(all);
+    *LOGITS.lock().expect("logits cache") = Some((key, logits.clone()));
+    Ok(logits)
 }
