@@ -84,6 +84,18 @@ pub struct CompileArgs {
     /// `relucompile pareto` wrote (its directory or frontier.json) instead of searching
     #[arg(long, requires = "budget", help_heading = "ReLU reduction (lossy)")]
     pub frontier: Option<PathBuf>,
+    /// With a budget: rank the 4 candidates most accurate after the refit again by the
+    /// calibration accuracy a one-epoch distillation on N other training images gives them (at
+    /// a quarter of the recipe's learning rate; 0: by their accuracy after the refit)
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 0,
+        requires = "budget",
+        conflicts_with = "frontier",
+        help_heading = "ReLU reduction (lossy)"
+    )]
+    pub probe_images: usize,
     /// Do not recalibrate after lossy passes (by default every Conv/Gemm is refitted by least
     /// squares to the original's output on calibration images, in its own weights)
     #[arg(long, help_heading = "ReLU reduction (lossy)")]
@@ -172,6 +184,7 @@ impl CompileArgs {
             progress: !self.json && !self.no_progress,
             data_options: (&self.data_flags).into(),
             finetune: self.finetune.training(),
+            probe_images: self.probe_images,
         })
     }
 }
@@ -206,13 +219,17 @@ fn print_report(r: &CompileReport, before: &Census, after: &Census, real_note: &
     if let Some(b) = &r.budget {
         let budget = Budget { objective: b.objective, limit: b.limit };
         println!(
-            "budget {}: chose '{}' ({} ReLUs, est. {:.1} MB, {:.3} s; {:.2}% on calibration images) among {} candidates\n",
+            "budget {}: chose '{}' ({} ReLUs, est. {:.1} MB, {:.3} s; {:.2}% on calibration images{}) among {} candidates\n",
             budget.describe(),
             b.chosen.pipeline,
             thousands(b.chosen.relus),
             b.chosen.bytes / 1e6,
             b.chosen.seconds,
             100.0 * b.chosen.calibration_accuracy.unwrap_or(f64::NAN),
+            match b.chosen.probe_accuracy {
+                Some(p) => format!(", {:.2}% after its recovery probe", 100.0 * p),
+                None => String::new(),
+            },
             b.candidates.len()
         );
     }

@@ -6,6 +6,7 @@ use crate::frontend::load_model;
 use crate::passes::{prepare, PassContext};
 use crate::report::{table, thousands};
 use crate::search::criticality::criticality;
+use crate::search::probe::{ensure_probe_images, Prober};
 use anyhow::Result;
 use std::path::PathBuf;
 
@@ -23,6 +24,11 @@ pub struct CriticalityArgs {
     /// Input shape with batch, e.g. 1x3x32x32 (default: the model's declared shape)
     #[arg(long, value_parser = super::parse_shape)]
     pub input_shape: Option<::std::vec::Vec<usize>>,
+    /// Score every variant after a one-epoch distillation on N training images after the
+    /// calibration images (at a quarter of the fine-tuning recipe's learning rate), not
+    /// straight after the refit (0)
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub probe_images: usize,
     /// Print one JSON object instead of a table
     #[arg(long)]
     pub json: bool,
@@ -36,16 +42,30 @@ pub fn run(args: &CriticalityArgs) -> Result<()> {
     let ctx = PassContext::new(sample.clone());
     let model = prepare(&original, &ctx)?;
     let name = args.model.display().to_string();
-    let set = crate::driver::DataOptions::from(&args.data_flags).load(
+    let wanted = args.images + args.probe_images;
+    let train = crate::driver::DataOptions::from(&args.data_flags).load(
         &args.data,
         data::Split::Train,
-        Some(args.images),
+        Some(wanted),
         &model,
         &sample,
         &name,
     )?;
+    let set = train.subset(0..args.images.min(train.len()));
+    let probes = train.subset(set.len()..train.len());
+    drop(train);
+    ensure_probe_images(&probes, args.probe_images, set.len(), &args.data)?;
     let (ctx, scoring) = PassContext::fitted_on(sample.clone(), &set, &model);
-    let c = criticality(&model, &ctx, &scoring)?;
+    let prober = Prober {
+        base: &model,
+        ctx: &ctx,
+        train: &probes,
+        score: &scoring,
+        recipe: Default::default(),
+        journal: None,
+        progress: !args.json,
+    };
+    let c = criticality(&model, &ctx, &scoring, (args.probe_images > 0).then_some(&prober))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&c)?);
         return Ok(());

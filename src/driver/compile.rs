@@ -17,6 +17,7 @@ use crate::passes::{
     prepare, run_pipeline, PassContext, PassRecord, Pipeline, VerifyOptions, DEFAULT_PIPELINE,
 };
 use crate::search::objective::{Budget, Cost, Objective};
+use crate::search::probe::{ensure_probe_images, probe_set, Prober};
 use crate::search::{best_under_budget, Candidate};
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -98,6 +99,9 @@ pub struct CompileOptions {
     pub data_options: DataOptions,
     /// Fine-tune the reduced graph with the original as teacher (lossy pipelines only).
     pub finetune: Option<TrainOptions>,
+    /// With a budget: rank the best candidates again after a one-epoch distillation on this
+    /// many training images (`crate::search::probe`; 0: by their accuracy after the refit).
+    pub probe_images: usize,
 }
 
 impl CompileOptions {
@@ -140,6 +144,7 @@ impl Default for CompileOptions {
             progress: false,
             data_options: DataOptions::default(),
             finetune: None,
+            probe_images: 0,
         }
     }
 }
@@ -501,13 +506,28 @@ fn choose_for_budget(
     if let Some(path) = &opts.frontier {
         return choose_from_frontier(path, budget);
     }
-    let calib = calibration_set(original, sample, opts)?;
+    let train = training_split(original, sample, opts)?;
+    let drawn = train.seeded_subset(opts.calibration_images, opts.seed);
     let base = prepare(original, &PassContext::new(sample.to_vec()))?;
-    let (mut ctx, calib) = PassContext::fitted_on(sample.to_vec(), &calib, &base);
+    let (mut ctx, calib) = PassContext::fitted_on(sample.to_vec(), &drawn, &base);
     if !opts.recalibrate {
         ctx.reference = None;
     }
-    best_under_budget(&base, budget, cost_model, &ctx, &calib, opts.progress)
+    let probes = probe_set(&train, drawn.len(), opts.probe_images, opts.seed);
+    drop(train);
+    let data = opts.data.as_deref().unwrap_or(DEFAULT_DATA);
+    ensure_probe_images(&probes, opts.probe_images, drawn.len(), data)?;
+    let prober = Prober {
+        base: &base,
+        ctx: &ctx,
+        train: &probes,
+        score: &calib,
+        recipe: opts.finetune.as_ref().map(|t| t.recipe.clone()).unwrap_or_default(),
+        journal: None,
+        progress: opts.progress,
+    };
+    let prober = (opts.probe_images > 0).then_some(&prober);
+    best_under_budget(&base, budget, cost_model, &ctx, &calib, prober, opts.progress)
 }
 
 /// The most accurate point of a written frontier whose cost fits the budget.
@@ -531,6 +551,7 @@ fn choose_from_frontier(path: &Path, budget: &Budget) -> Result<(Candidate, Vec<
                 bytes: p["bytes"].as_f64().unwrap_or(f64::INFINITY),
                 seconds: p["seconds"].as_f64().unwrap_or(f64::INFINITY),
                 calibration_accuracy: p["accuracy"].as_f64(),
+                probe_accuracy: None,
             })
         })
         .collect();
@@ -561,14 +582,21 @@ fn calibration_set(
         Some(path) => frontier_calibration(path)?,
         None => (opts.calibration_images, opts.seed),
     };
+    Ok(training_split(original, sample, opts)?.seeded_subset(count, seed))
+}
+
+/// The whole training split of `--data`.
+fn training_split(
+    original: &Model,
+    sample: &[usize],
+    opts: &CompileOptions,
+) -> Result<data::Dataset> {
     let spec = opts.data.as_deref().unwrap_or(DEFAULT_DATA);
-    let train = opts
-        .data_options
+    opts.data_options
         .load(spec, data::Split::Train, None, original, sample, &input_name(opts))
         .map_err(|e| {
             no_fitting_data(e, "gather calibration statistics from the training split", false)
-        })?;
-    Ok(train.seeded_subset(count, seed))
+        })
 }
 
 /// The calibration count and seed a frontier was searched with.

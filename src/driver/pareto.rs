@@ -16,7 +16,7 @@ use crate::report::thousands;
 use crate::search::criticality::criticality;
 use crate::search::objective::{Budget, Cost, Objective};
 use crate::search::pareto::{frontier_indices, score_all};
-use crate::search::probe::{pareto_layers, Prober, PROBED_LAYERS};
+use crate::search::probe::{ensure_probe_images, pareto_layers, probe_set, Prober, PROBED_LAYERS};
 use crate::search::{accuracy, build_candidate};
 use crate::train::masks::DEFAULT_MASK_LR;
 use anyhow::{Context, Result};
@@ -324,7 +324,7 @@ pub fn pareto(opts: &ParetoOptions) -> Result<Frontier> {
     {
         Some(v) => serde_json::from_value::<Vec<usize>>(v["cull_order"].clone())?,
         None => {
-            let c = criticality(&base, &ctx, &calibration)?;
+            let c = criticality(&base, &ctx, &calibration, None)?;
             write_bytes_atomic(&crit_path, serde_json::to_string_pretty(&c)?.as_bytes())?;
             c.cull_order
         }
@@ -370,21 +370,8 @@ pub fn pareto(opts: &ParetoOptions) -> Result<Frontier> {
     } else {
         let near = pareto_layers(&calib_points, PROBED_LAYERS);
         // The probes train on training images the calibration draw does not hold.
-        let probe_set = train
-            .seeded_subset(draw.len() + probe_images, opts.seed)
-            .subset(draw.len()..(draw.len() + probe_images).min(train.len()));
-        if probe_set.is_empty() {
-            return Err(CompileError::new(
-                ExitCode::InvalidData,
-                format!(
-                    "--probe-images {probe_images}: the training split of {} has no images \
-                     left beside the {} calibration images",
-                    opts.data,
-                    draw.len()
-                ),
-            )
-            .into());
-        }
+        let probe_set = probe_set(&train, draw.len(), probe_images, opts.seed);
+        ensure_probe_images(&probe_set, probe_images, draw.len(), &opts.data)?;
         let configs: Vec<String> = near.iter().map(|&i| scored[i].config.clone()).collect();
         let records = Prober {
             base: &base,
@@ -392,7 +379,7 @@ pub fn pareto(opts: &ParetoOptions) -> Result<Frontier> {
             train: &probe_set,
             score: &calibration,
             recipe: opts.finetune.as_ref().map(|t| t.recipe.clone()).unwrap_or_default(),
-            journal: &opts.output.join("probes.jsonl"),
+            journal: Some(&opts.output.join("probes.jsonl")),
             progress,
         }
         .probe(&configs)?;

@@ -3,8 +3,10 @@
 //! For every stage s, two variants are measured on calibration data: only s keeps its ReLUs
 //! (every other stage culled), and only s loses them. The score is the accuracy the stage's
 //! ReLUs add over the all-linear network, per thousand ReLUs; stages are culled in ascending
-//! order of score.
+//! order of score. With a [`Prober`], every variant is scored after a recovery probe (a short
+//! distillation) instead of straight after the refit.
 
+use super::probe::Prober;
 use super::{accuracy, build_candidate};
 use crate::analysis::census::census;
 use crate::eval::data::Dataset;
@@ -29,6 +31,8 @@ pub struct StageCriticality {
 #[derive(Debug, Clone, Serialize)]
 pub struct Criticality {
     pub images: usize,
+    /// Training images of each variant's recovery probe (0: scored after the refit).
+    pub probe_images: usize,
     pub accuracy_original: f64,
     pub accuracy_all_linear: f64,
     pub stages: Vec<StageCriticality>,
@@ -45,7 +49,12 @@ fn cull_text(stages: impl Iterator<Item = usize>) -> String {
     }
 }
 
-pub fn criticality(base: &Model, ctx: &PassContext, data: &Dataset) -> Result<Criticality> {
+pub fn criticality(
+    base: &Model,
+    ctx: &PassContext,
+    data: &Dataset,
+    prober: Option<&Prober>,
+) -> Result<Criticality> {
     let c = census(base, &ctx.sample)?;
     let n = c.stages.len();
     let with_relus: Vec<usize> = c.stages.iter().filter(|s| s.relus > 0).map(|s| s.index).collect();
@@ -55,13 +64,14 @@ pub fn criticality(base: &Model, ctx: &PassContext, data: &Dataset) -> Result<Cr
         texts.push(cull_text(with_relus.iter().copied().filter(|&t| t != s)));
         texts.push(cull_text(std::iter::once(s)));
     }
-    let accs: Vec<f64> = texts
-        .par_iter()
-        .map(|t| {
-            let (m, _) = build_candidate(base, t, ctx)?;
-            accuracy(&m, data)
-        })
-        .collect::<Result<_>>()?;
+    let score = |t: &String| -> Result<f64> { accuracy(&build_candidate(base, t, ctx)?.0, data) };
+    let accs: Vec<f64> = match prober {
+        // The original needs no recovery; every reduced variant is probed.
+        Some(prober) => std::iter::once(score(&texts[0]))
+            .chain(prober.probe(&texts[1..])?.into_iter().map(|r| Ok(r.accuracy)))
+            .collect::<Result<_>>()?,
+        None => texts.par_iter().map(score).collect::<Result<_>>()?,
+    };
     let (original, linear) = (accs[0], accs[1]);
     let mut stages = Vec::new();
     for (k, &s) in with_relus.iter().enumerate() {
@@ -81,6 +91,7 @@ pub fn criticality(base: &Model, ctx: &PassContext, data: &Dataset) -> Result<Cr
     debug_assert!(stages.len() <= n);
     Ok(Criticality {
         images: data.len(),
+        probe_images: prober.map_or(0, |p| p.train.len()),
         accuracy_original: original,
         accuracy_all_linear: linear,
         stages,

@@ -36,6 +36,9 @@ pub struct Candidate {
     pub seconds: f64,
     /// Top-1 accuracy on the calibration images; absent when not evaluated.
     pub calibration_accuracy: Option<f64>,
+    /// Calibration accuracy after a recovery probe (`--probe-images`), which ranked it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe_accuracy: Option<f64>,
 }
 
 impl Candidate {
@@ -46,6 +49,7 @@ impl Candidate {
             bytes: cost.bytes,
             seconds: cost.seconds,
             calibration_accuracy: None,
+            probe_accuracy: None,
         }
     }
 
@@ -137,6 +141,7 @@ pub fn best_under_budget(
     cost_model: &CostModel,
     ctx: &PassContext,
     calibration: &Dataset,
+    prober: Option<&probe::Prober>,
     progress: bool,
 ) -> Result<(Candidate, Vec<Candidate>)> {
     // Costing needs the structure only; recalibration (which keeps the cost) is paid for the
@@ -226,15 +231,28 @@ pub fn best_under_budget(
         considered[*ix].calibration_accuracy = Some(acc);
     }
     bar.finish_and_clear();
-    let best = fitting
+    let o = budget.objective;
+    let rank = |a: &Candidate, b: &Candidate, key: fn(&Candidate) -> Option<f64>| {
+        let (x, y) = (key(a).unwrap_or(0.0), key(b).unwrap_or(0.0));
+        x.total_cmp(&y).then(b.cost().get(o).total_cmp(&a.cost().get(o)))
+    };
+    let mut order: Vec<usize> = fitting.iter().map(|(ix, _)| *ix).collect();
+    order.sort_by(|&a, &b| rank(&considered[b], &considered[a], |c| c.calibration_accuracy));
+    let mut key: fn(&Candidate) -> Option<f64> = |c| c.calibration_accuracy;
+    if let Some(prober) = prober {
+        // The most accurate candidates after the refit, ranked again by what a short
+        // distillation wins back.
+        order.truncate(probe::PROBED_FOR_BUDGET);
+        let configs: Vec<String> = order.iter().map(|&i| considered[i].pipeline.clone()).collect();
+        for (&i, record) in order.iter().zip(prober.probe(&configs)?) {
+            considered[i].probe_accuracy = Some(record.accuracy);
+        }
+        key = |c| c.probe_accuracy;
+    }
+    let best = order
         .iter()
-        .map(|(ix, _)| &considered[*ix])
-        .max_by(|a, b| {
-            let (x, y) =
-                (a.calibration_accuracy.unwrap_or(0.0), b.calibration_accuracy.unwrap_or(0.0));
-            let o = budget.objective;
-            x.total_cmp(&y).then(b.cost().get(o).total_cmp(&a.cost().get(o)))
-        })
+        .map(|&ix| &considered[ix])
+        .max_by(|a, b| rank(a, b, key))
         .cloned()
         .expect("fitting is not empty");
     Ok((best, considered))

@@ -27,9 +27,39 @@ use std::path::Path;
 /// with 0.005 (crops and flips on).
 pub const PROBE_LR_FRACTION: f64 = 0.25;
 
+/// How many of the candidates that meet a budget are probed, best calibration accuracy first.
+pub const PROBED_FOR_BUDGET: usize = 4;
+
 /// How many Pareto layers of the calibration ranking are probed: the frontier itself and the
 /// layer just behind it, where a candidate that recovers better than its neighbours would be.
 pub const PROBED_LAYERS: usize = 2;
+
+/// `n` training images for probes, none of them among the `calibration` images drawn from
+/// `train` by `seed` (the seeded draw of more images starts with the same ones).
+pub fn probe_set(train: &Dataset, calibration: usize, n: usize, seed: u64) -> Dataset {
+    let end = (calibration + n).min(train.len());
+    train.seeded_subset(calibration + n, seed).subset(calibration.min(end)..end)
+}
+
+/// A usage error when probes were asked for (`asked > 0`) but `probes` holds no image.
+pub fn ensure_probe_images(
+    probes: &Dataset,
+    asked: usize,
+    calibration: usize,
+    data: &str,
+) -> Result<()> {
+    if asked > 0 && probes.is_empty() {
+        return Err(crate::error::CompileError::new(
+            crate::error::ExitCode::InvalidData,
+            format!(
+                "--probe-images {asked}: the training split of {data} has no images left beside \
+                 the {calibration} calibration images"
+            ),
+        )
+        .into());
+    }
+    Ok(())
+}
 
 /// The first `layers` Pareto layers of `points` (cost, accuracy): the frontier, then the
 /// frontier of what is left, and so on. Indices in increasing order.
@@ -75,8 +105,8 @@ pub struct Prober<'a> {
     /// The fine-tuning recipe; a probe runs one epoch of it over `train`, at a fraction of
     /// its learning rate.
     pub recipe: FinetuneOptions,
-    /// Journal of finished probes (JSON lines).
-    pub journal: &'a Path,
+    /// Journal of finished probes (JSON lines), if any.
+    pub journal: Option<&'a Path>,
     pub progress: bool,
 }
 
@@ -85,17 +115,21 @@ impl Prober<'_> {
     pub fn probe(&self, configs: &[String]) -> Result<Vec<ProbeRecord>> {
         let images = self.train.len();
         let mut done: HashMap<String, ProbeRecord> = HashMap::new();
-        if let Ok(text) = std::fs::read_to_string(self.journal) {
-            for r in text.lines().filter_map(|l| serde_json::from_str::<ProbeRecord>(l).ok()) {
-                if r.images == images {
-                    done.insert(r.config.clone(), r);
+        let mut file = None;
+        if let Some(journal) = self.journal {
+            if let Ok(text) = std::fs::read_to_string(journal) {
+                for r in text.lines().filter_map(|l| serde_json::from_str::<ProbeRecord>(l).ok()) {
+                    if r.images == images {
+                        done.insert(r.config.clone(), r);
+                    }
                 }
             }
+            file = Some(
+                std::fs::OpenOptions::new().create(true).append(true).open(journal).with_context(
+                    || format!("cannot open the probe journal {}", journal.display()),
+                )?,
+            );
         }
-        let mut file =
-            std::fs::OpenOptions::new().create(true).append(true).open(self.journal).with_context(
-                || format!("cannot open the probe journal {}", self.journal.display()),
-            )?;
         let bar = crate::eval::evaluator::counted_progress_bar(
             configs.len(),
             "recovery probes",
@@ -108,8 +142,10 @@ impl Prober<'_> {
                 Some(r) => r.clone(),
                 None => {
                     let r = self.probe_one(config)?;
-                    writeln!(file, "{}", serde_json::to_string(&r)?)?;
-                    file.flush()?;
+                    if let Some(file) = file.as_mut() {
+                        writeln!(file, "{}", serde_json::to_string(&r)?)?;
+                        file.flush()?;
+                    }
                     r
                 }
             };

@@ -268,3 +268,65 @@ fn probes_fine_tuning_and_learned_masks_in_one_search_that_resumes() {
     assert_eq!(again, f);
     assert!(started.elapsed().as_secs() < 120, "the rerun trained again");
 }
+
+/// `--probe-images` outside `pareto`: a budget compile ranks its best candidates again after a
+/// short distillation and picks the best of those, and criticality scores its variants after
+/// one; both say so in their JSON.
+#[test]
+fn recovery_probes_rank_budget_candidates_and_criticality_variants() {
+    let dir = tmpdir();
+    let out = dir.path().join("o.onnx");
+    let r = relucompile_json(&[
+        "models/vgg.onnx",
+        "-o",
+        out.to_str().unwrap(),
+        "--relu-budget",
+        "50%",
+        "--calibration-images",
+        "64",
+        "--probe-images",
+        "128",
+        "--limit",
+        "200",
+        "--json",
+        "--no-progress",
+    ]);
+    let b = &r["budget"];
+    let probed: Vec<&serde_json::Value> = b["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c.get("probe_accuracy").is_some())
+        .collect();
+    assert!(!probed.is_empty() && probed.len() <= 4, "{b}");
+    // The probed ones are the most accurate after the refit among those under the budget.
+    let limit = b["limit"].as_f64().unwrap();
+    let least_probed =
+        probed.iter().map(|c| c["calibration_accuracy"].as_f64().unwrap()).fold(1.0, f64::min);
+    for c in b["candidates"].as_array().unwrap() {
+        let fits = c["relus"].as_f64().unwrap() <= limit;
+        if fits && c.get("probe_accuracy").is_none() {
+            assert!(c["calibration_accuracy"].as_f64().unwrap() <= least_probed, "{c}");
+        }
+    }
+    let best = probed.iter().map(|c| c["probe_accuracy"].as_f64().unwrap()).fold(0.0, f64::max);
+    assert_eq!(b["chosen"]["probe_accuracy"].as_f64().unwrap(), best, "{b}");
+    assert!(out.exists());
+    // Only with a budget.
+    let o = relucompile(&["models/vgg.onnx", "-o", out.to_str().unwrap(), "--probe-images", "8"]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    let c = relucompile_json(&[
+        "criticality",
+        "models/vgg.onnx",
+        "--images",
+        "64",
+        "--probe-images",
+        "128",
+        "--json",
+    ]);
+    assert_eq!(c["probe_images"], 128);
+    let mut order: Vec<u64> =
+        c["cull_order"].as_array().unwrap().iter().map(|s| s.as_u64().unwrap()).collect();
+    order.sort();
+    assert_eq!(order, vec![0, 1, 2, 3], "{c}");
+}
