@@ -128,7 +128,9 @@ fn onnxruntime_and_checker_accept_every_output() {
     ];
     for (k, (model, flags)) in lossy.iter().enumerate() {
         let out = dir.path().join(format!("lossy{k}.onnx"));
+        // The harness checks the written graph, not its accuracy: a small refit will do.
         let mut args = vec![*model, "-o", out.to_str().unwrap(), "--json", "--limit", "200"];
+        args.extend_from_slice(&["--calibration-images", "256"]);
         args.extend_from_slice(flags);
         let report = relucompile_json(&args);
         let real = path("fixtures/images/fmnist_test_64.npy");
