@@ -174,6 +174,19 @@ impl Engine {
                         beta.iter().zip(&mean).zip(&scale).map(|((b, m), s)| b - m * s).collect();
                     Kernel::ChannelAffine { scale, shift }
                 }
+                // A per-channel constant factor (`channel-thin`'s mask of channels that become
+                // zero): without it every such search candidate ran under tract, one image at
+                // a time.
+                "Mul" => {
+                    let m = floats(1)?.ok_or_else(|| unsupported(node, "no constant factor"))?;
+                    let per_channel =
+                        m.dims.len() >= 2 && m.dims[0] == 1 && m.dims[2..].iter().all(|&d| d == 1);
+                    if !per_channel {
+                        return Err(unsupported(node, "only a [1, C, 1, ...] constant factor"));
+                    }
+                    let scale = m.to_f32();
+                    Kernel::ChannelAffine { shift: vec![0.0; scale.len()], scale }
+                }
                 "Add" => {
                     inputs.push(activation(node.input(1).unwrap_or_default())?);
                     Kernel::Add
@@ -615,6 +628,33 @@ mod tests {
         let e = Engine::new(&model, &[1, 28, 28]).err().unwrap();
         let text = format!("{e:#}");
         assert!(text.contains(&label) && text.contains("Softplus"), "{text}");
+    }
+
+    /// A Mul by a per-channel constant (as `channel-thin` writes) runs in the engine and
+    /// matches tract.
+    #[test]
+    fn a_per_channel_mul_matches_tract() {
+        let root = env!("CARGO_MANIFEST_DIR");
+        let mut model = load_model(Path::new(&format!("{root}/models/resnet18w16.onnx"))).unwrap();
+        let g = &mut model.graph;
+        let relu = g.nodes.iter().position(|n| n.op_type == "Relu").unwrap();
+        let conv = g.nodes.iter().position(|n| n.outputs[0] == g.nodes[relu].inputs[0]).unwrap();
+        let channels = g.initializers[&g.nodes[conv].inputs[1]].dims[0];
+        let mask: Vec<f32> = (0..channels).map(|c| (c % 3) as f32 * 0.5).collect();
+        g.initializers.insert("m".into(), IrTensor::from_f32(vec![1, channels, 1, 1], &mask));
+        let out = g.nodes[relu].outputs[0].clone();
+        for n in g.nodes.iter_mut() {
+            for i in n.inputs.iter_mut().filter(|i| **i == out) {
+                *i = "masked".into();
+            }
+        }
+        let mul = Node::new("mul", "Mul", vec![out, "m".into()], vec!["masked".into()]);
+        g.nodes.insert(relu + 1, mul);
+        let engine = Engine::new(&model, &[1, 28, 28]).unwrap();
+        assert!(engine.steps.iter().any(|s| matches!(s.kernel, Kernel::ChannelAffine { .. })));
+        let file = tempfile::NamedTempFile::new().unwrap();
+        crate::frontend::write_model_atomic(file.path(), &model).unwrap();
+        check_against_tract(file.path().to_str().unwrap(), 3);
     }
 
     #[test]
