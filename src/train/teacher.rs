@@ -8,9 +8,9 @@
 //!
 //! Without augmentation the teacher sees every training image exactly as it is, epoch after
 //! epoch and student after student, so its logits are computed once ([`dataset_logits`]) and
-//! read back instead of recomputed: the teacher's forward pass was about a quarter of a
-//! distillation step (a forward pass of the full network beside the student's forward and
-//! backward ones).
+//! read back instead of recomputed: measured on the main network (2 epochs over 8,192 images,
+//! release build) an epoch took 27.0 s with the teacher run every step and 22.3 s with its
+//! logits read back, so the teacher was about a sixth of a distillation step.
 
 use super::graph::TrainGraph;
 use crate::eval::data::Dataset;
