@@ -6,7 +6,7 @@ use super::finetune::TrainFlags;
 use crate::driver::linearize::{linearize, LinearizeJob, LinearizeReport};
 use crate::eval::data;
 use crate::report::{table, thousands};
-use crate::train::masks::DEFAULT_MASK_LR;
+use crate::train::masks::{Granularity, DEFAULT_MASK_LR};
 use anyhow::Result;
 use std::path::PathBuf;
 
@@ -29,6 +29,10 @@ pub struct LinearizeArgs {
     /// about the same rounds for every ReLU layer whatever its size (CrypTen: ~9)
     #[arg(long, value_name = "K", value_parser = clap::value_parser!(u64).range(1..))]
     pub max_relu_layers: Option<u64>,
+    /// A mask per channel (its ReLUs kept or dropped together) or per pixel (any element of an
+    /// activation; the kept ones are gathered into one dense ReLU per layer)
+    #[arg(long, value_name = "channel|pixel", default_value_t = Granularity::Channel)]
+    pub granularity: Granularity,
     /// Adam's learning rate for the masks
     #[arg(long, default_value_t = DEFAULT_MASK_LR)]
     pub mask_lr: f64,
@@ -55,6 +59,7 @@ impl From<&LinearizeArgs> for LinearizeJob {
         LinearizeJob {
             mask_epochs: a.mask_epochs,
             max_relu_layers: a.max_relu_layers.map(|k| k as usize),
+            granularity: a.granularity,
             mask_lr: a.mask_lr,
             data: a.data.clone(),
             data_options: (&a.data_flags).into(),
@@ -84,13 +89,17 @@ fn print_report(r: &LinearizeReport) {
         .map(|l| {
             vec![
                 l.relu.clone(),
-                format!("{}/{}", l.kept.len(), l.channels),
+                format!("{}/{}", l.kept.len(), l.units),
                 format!("{:.3}", l.mean_mask),
                 thousands(l.relus() as u64),
             ]
         })
         .collect();
-    print!("{}", table(&["relu", "channels kept", "mean mask", "ReLUs"], &rows));
+    let kept = match r.granularity {
+        Granularity::Channel => "channels kept",
+        Granularity::Pixel => "positions kept",
+    };
+    print!("{}", table(&["relu", kept, "mean mask", "ReLUs"], &rows));
     println!(
         "ReLUs {} -> {} (budget {}; soft count {:.0} after the mask epochs)",
         thousands(r.relus_before),

@@ -4,6 +4,7 @@
 use crate::driver::pareto::{pareto, Frontier, ParetoOptions};
 use crate::report::{table, thousands};
 use crate::search::objective::Objective;
+use crate::train::masks::Granularity;
 use anyhow::Result;
 use std::path::PathBuf;
 
@@ -62,6 +63,9 @@ pub struct ParetoArgs {
     /// --finetune-epochs (one epoch without it)
     #[arg(long, value_name = "N|P%,...", value_delimiter = ',')]
     pub learned: Vec<String>,
+    /// The learned points' masks: per channel or per pixel (see `relucompile linearize --help`)
+    #[arg(long, value_name = "channel|pixel", default_value_t = Granularity::Channel)]
+    pub learned_granularity: Granularity,
     /// Rank the candidates near the frontier by the calibration accuracy they reach after a
     /// one-epoch distillation probe on N training images, at a quarter of the recipe's
     /// learning rate (0: by their accuracy after recalibration; 8192 is a useful N)
@@ -101,6 +105,7 @@ impl From<&ParetoArgs> for ParetoOptions {
             probe_images: a.probe_images,
             finetune_levels: a.finetune_levels.clone(),
             learned: a.learned.clone(),
+            learned_granularity: a.learned_granularity,
             reference: a.reference.clone(),
             objective: a.objective,
             cost_model: a.cost_model.clone(),

@@ -10,7 +10,7 @@ use crate::frontend::{load_model, write_bytes_atomic, write_model_atomic};
 use crate::ir::Model;
 use crate::passes::{prepare, run_pipeline, PassContext, Pipeline, VerifyOptions};
 use crate::search::objective::{Budget, Cost, Objective};
-use crate::train::masks::{LayerMask, MaskLearning, MaskResult, DEFAULT_MASK_LR};
+use crate::train::masks::{Granularity, LayerMask, MaskLearning, MaskResult, DEFAULT_MASK_LR};
 use crate::train::EpochRecord;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -27,6 +27,8 @@ pub struct LinearizeJob {
     pub mask_epochs: usize,
     /// At most this many layers keep ReLUs (fewer PI rounds; `None`: any number).
     pub max_relu_layers: Option<usize>,
+    /// A mask per channel or per pixel.
+    pub granularity: Granularity,
     pub mask_lr: f64,
     pub data: String,
     pub data_options: DataOptions,
@@ -49,6 +51,7 @@ impl LinearizeJob {
             relu_budget: relu_budget.into(),
             mask_epochs: 1,
             max_relu_layers: None,
+            granularity: Granularity::default(),
             mask_lr: DEFAULT_MASK_LR,
             data: DEFAULT_DATA.into(),
             data_options: DataOptions::default(),
@@ -68,6 +71,7 @@ pub struct LinearizeReport {
     /// `--max-relu-layers`, when set.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_relu_layers: Option<usize>,
+    pub granularity: Granularity,
     pub relus_after: u64,
     pub mask_epochs: Vec<EpochRecord>,
     /// The soft ReLU count (sum of mask values times ReLUs per channel) after the last step.
@@ -99,6 +103,7 @@ pub fn linearize(job: &LinearizeJob) -> Result<LinearizeReport> {
         model: &model,
         budget,
         max_layers: job.max_relu_layers,
+        granularity: job.granularity,
         mask_epochs: job.mask_epochs,
         mask_lr: job.mask_lr,
         data: (&job.data, &job.data_options),
@@ -117,6 +122,7 @@ pub fn linearize(job: &LinearizeJob) -> Result<LinearizeReport> {
         relus_before: before.total_relus,
         relu_budget: budget,
         max_relu_layers: job.max_relu_layers,
+        granularity: job.granularity,
         relus_after,
         mask_epochs: masked.history,
         soft_relus: masked.soft_relus,
@@ -137,6 +143,7 @@ pub struct LearnedMasks<'a> {
     pub budget: u64,
     /// At most this many layers keep ReLUs (see `choose_kept`).
     pub max_layers: Option<usize>,
+    pub granularity: Granularity,
     pub mask_epochs: usize,
     pub mask_lr: f64,
     /// The data set and its options.
@@ -170,7 +177,7 @@ impl LearnedMasks<'_> {
         )?;
         let checkpoint = self.training.checkpoint_dir.as_deref();
         let resumed = match checkpoint.filter(|_| self.training.resume) {
-            Some(dir) => read_mask_checkpoint(dir, self.budget, self.max_layers)?,
+            Some(dir) => read_mask_checkpoint(dir, &self.checkpoint_key())?,
             None => None,
         };
         let masks = match resumed {
@@ -186,12 +193,13 @@ impl LearnedMasks<'_> {
                     },
                     budget: self.budget,
                     max_layers: self.max_layers,
+                    granularity: self.granularity,
                     mask_lr: self.mask_lr,
                     progress: self.progress,
                 }
                 .run()?;
                 if let Some(dir) = checkpoint {
-                    write_mask_checkpoint(dir, &masks, self.budget, self.max_layers)?;
+                    write_mask_checkpoint(dir, &masks, &self.checkpoint_key())?;
                 }
                 masks
             }
@@ -218,32 +226,54 @@ impl LearnedMasks<'_> {
         );
         Ok(Learned { model: tuned, masks, finetune })
     }
+
+    fn checkpoint_key(&self) -> MaskKey {
+        MaskKey {
+            relu_budget: self.budget,
+            max_relu_layers: self.max_layers,
+            granularity: self.granularity,
+        }
+    }
+}
+
+/// What a mask checkpoint was learned for; a resume must ask for the same.
+#[derive(Clone, Copy, Serialize, Deserialize, PartialEq)]
+struct MaskKey {
+    relu_budget: u64,
+    #[serde(default)]
+    max_relu_layers: Option<usize>,
+    /// Checkpoints written before pixel masks existed hold channel masks.
+    #[serde(default)]
+    granularity: Granularity,
+}
+
+impl std::fmt::Display for MaskKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "a budget of {} ReLUs", self.relu_budget)?;
+        if let Some(k) = self.max_relu_layers {
+            write!(f, " in at most {k} layers")?;
+        }
+        write!(f, " with {} masks", self.granularity)
+    }
 }
 
 /// The mask phase's outcome in a checkpoint directory: `masked.onnx` (binary masks applied,
 /// before distillation) and `masks.json`.
 #[derive(Serialize, Deserialize)]
 struct MaskCheckpoint {
-    relu_budget: u64,
-    #[serde(default)]
-    max_relu_layers: Option<usize>,
+    #[serde(flatten)]
+    key: MaskKey,
     history: Vec<EpochRecord>,
     layers: Vec<LayerMask>,
     soft_relus: f64,
     lambda: f64,
 }
 
-fn write_mask_checkpoint(
-    dir: &Path,
-    m: &MaskResult,
-    relu_budget: u64,
-    max_relu_layers: Option<usize>,
-) -> Result<()> {
+fn write_mask_checkpoint(dir: &Path, m: &MaskResult, key: &MaskKey) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     write_model_atomic(&dir.join("masked.onnx"), &m.model)?;
     let state = MaskCheckpoint {
-        relu_budget,
-        max_relu_layers,
+        key: *key,
         history: m.history.clone(),
         layers: m.layers.clone(),
         soft_relus: m.soft_relus,
@@ -254,11 +284,7 @@ fn write_mask_checkpoint(
 
 /// The mask phase from a checkpoint, if one was written (a run stopped during the mask epochs
 /// has none and starts them again).
-fn read_mask_checkpoint(
-    dir: &Path,
-    relu_budget: u64,
-    max_relu_layers: Option<usize>,
-) -> Result<Option<MaskResult>> {
+fn read_mask_checkpoint(dir: &Path, key: &MaskKey) -> Result<Option<MaskResult>> {
     let path = dir.join("masks.json");
     if !path.exists() {
         return Ok(None);
@@ -268,12 +294,10 @@ fn read_mask_checkpoint(
     let state: MaskCheckpoint = serde_json::from_str(&text)
         .with_context(|| format!("{} is not a mask checkpoint", path.display()))?;
     anyhow::ensure!(
-        state.relu_budget == relu_budget && state.max_relu_layers == max_relu_layers,
-        "the checkpoint in {} was learned for a budget of {} ReLUs{}, not {relu_budget}{}",
+        state.key == *key,
+        "the checkpoint in {} was learned for {}, not {key}",
         dir.display(),
-        state.relu_budget,
-        layers_text(state.max_relu_layers),
-        layers_text(max_relu_layers),
+        state.key,
     );
     Ok(Some(MaskResult {
         model: load_model(&dir.join("masked.onnx"))?,
@@ -282,9 +306,4 @@ fn read_mask_checkpoint(
         soft_relus: state.soft_relus,
         lambda: state.lambda,
     }))
-}
-
-/// " in at most K layers", or nothing.
-fn layers_text(max_layers: Option<usize>) -> String {
-    max_layers.map(|k| format!(" in at most {k} layers")).unwrap_or_default()
 }

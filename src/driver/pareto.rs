@@ -18,7 +18,7 @@ use crate::search::objective::{Budget, Cost, Objective};
 use crate::search::pareto::{frontier_indices, score_all};
 use crate::search::probe::{ensure_probe_images, pareto_layers, probe_set, Prober, PROBED_LAYERS};
 use crate::search::{accuracy, build_candidate};
-use crate::train::masks::DEFAULT_MASK_LR;
+use crate::train::masks::{Granularity, DEFAULT_MASK_LR};
 use anyhow::{Context, Result};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -64,6 +64,8 @@ pub struct ParetoOptions {
     /// ReLU budgets (`25%`, `10000`) at which learned ReLU masks (`relucompile linearize`: one
     /// mask epoch, then the distillation of `finetune`, one epoch without it) add a point.
     pub learned: Vec<String>,
+    /// The learned points' mask unit.
+    pub learned_granularity: Granularity,
     /// Rank the candidates near the frontier after a short distillation on this many training
     /// images (`crate::search::probe`; 0: no probes).
     pub probe_images: usize,
@@ -93,6 +95,7 @@ impl ParetoOptions {
             probe_images: 0,
             finetune_levels: DEFAULT_FINETUNE_LEVELS.iter().map(|l| l.to_string()).collect(),
             learned: vec![],
+            learned_granularity: Granularity::default(),
             reference: None,
             objective: Objective::Relus,
             cost_model: "crypten".into(),
@@ -473,7 +476,7 @@ pub fn pareto(opts: &ParetoOptions) -> Result<Frontier> {
             calibration_accuracy: accuracy(&model, &calibration)?,
             probe_accuracy: None,
             file: String::new(),
-            config: format!("{LEARNED_LABEL}({budget})"),
+            config: learned_config(budget, opts.learned_granularity),
         };
         candidates_out.push((model, point));
     }
@@ -718,8 +721,16 @@ fn cached_training(
     Ok((model, accuracy_after, accuracy_before))
 }
 
-/// How a learned-mask point's configuration reads: `learned-masks(BUDGET)`.
+/// How a learned-mask point's configuration reads: `learned-masks(BUDGET)`, or
+/// `learned-masks(BUDGET,pixel)`.
 const LEARNED_LABEL: &str = "learned-masks";
+
+fn learned_config(budget: u64, granularity: Granularity) -> String {
+    match granularity {
+        Granularity::Channel => format!("{LEARNED_LABEL}({budget})"),
+        _ => format!("{LEARNED_LABEL}({budget},{granularity})"),
+    }
+}
 
 /// One learned-mask point at `budget` ReLUs: (distilled graph, its test accuracy, the test
 /// accuracy of the binarised graph before distillation). Kept under `learned/` like
@@ -731,25 +742,29 @@ fn learned_point(
     progress: bool,
 ) -> Result<(crate::ir::Model, f64, f64)> {
     let mut training = opts.finetune.clone().unwrap_or_else(|| TrainOptions::epochs(1));
-    let key = fnv64(
-        serde_json::to_string(&(
-            budget,
-            &training.recipe,
-            training.train_limit,
-            opts.test_limit,
-            DEFAULT_MASK_LR,
-        ))?
-        .as_bytes(),
-    );
+    let granularity = opts.learned_granularity;
+    let mut key = serde_json::to_string(&(
+        budget,
+        &training.recipe,
+        training.train_limit,
+        opts.test_limit,
+        DEFAULT_MASK_LR,
+    ))?;
+    // Channel masks keep the key they had before pixel masks existed, so their caches hold.
+    if granularity != Granularity::Channel {
+        key += &granularity.to_string();
+    }
+    let key = fnv64(key.as_bytes());
     let dir = opts.output.join("learned");
     training.checkpoint_dir = Some(dir.join(&key));
     training.resume = true;
-    let config = format!("{LEARNED_LABEL}({budget})");
+    let config = learned_config(budget, granularity);
     let (model, after, before) = cached_training(&dir, &key, &config, || {
         let learned = LearnedMasks {
             model: base,
             budget,
             max_layers: None,
+            granularity,
             mask_epochs: 1,
             mask_lr: DEFAULT_MASK_LR,
             data: (&opts.data, &opts.data_options),

@@ -171,18 +171,18 @@ pub fn apply_channel_thin(model: &mut Model, stats: &ChannelStats, threshold: f6
     rewritten
 }
 
-/// Keep the ReLU of Relu `relu` (reading `input`, of `rank` dimensions and `channels`
-/// channels) on the channels `kept` alone, the others becoming the identity: the graph gathers
-/// the kept channels for the Relu, as channel thinning does. No channel kept removes the Relu;
-/// all kept changes nothing. For learned masks (`relucompile linearize`).
+/// Keep the ReLU of Relu `relu` (reading `input`, one image of which has shape `dims`,
+/// `[C, ...]`) on the channels `kept` alone, the others becoming the identity: the graph
+/// gathers the kept channels for the Relu, as channel thinning does. No channel kept removes
+/// the Relu; all kept changes nothing. For learned masks (`relucompile linearize`).
 pub fn keep_relu_channels(
     model: &mut Model,
     relu: &str,
     input: &str,
-    rank: usize,
-    channels: usize,
+    dims: &[usize],
     kept: &[usize],
 ) {
+    let channels = dims[0];
     if kept.len() == channels {
         return;
     }
@@ -193,7 +193,53 @@ pub fn keep_relu_channels(
     // Positive "almost always" at any threshold: the linear channels are the identity.
     let frac: Vec<f64> = (0..channels).map(|c| if kept.contains(&c) { 0.5 } else { 1.0 }).collect();
     let keep: Vec<i64> = kept.iter().map(|&c| c as i64).collect();
-    split_relu(model, relu, input, &frac, &keep, 1.0, rank);
+    split_relu(model, relu, input, &frac, &keep, 1.0, dims.len() + 1);
+}
+
+/// Keep the ReLU of Relu `relu` (reading `input`, one image of which has shape `dims`) at the
+/// flat positions `kept` of an image's activation alone (pixel masks): the graph flattens the
+/// input to `[N, C*H*W]`, gathers the kept positions into one dense `[N, K]` Relu, puts them
+/// back among the identity positions with a gather, and reshapes to `[N, C, H, W]`. So a PI
+/// engine runs one vectorised ReLU of exactly K elements, whatever pattern the masks kept.
+pub fn keep_relu_positions(
+    model: &mut Model,
+    relu: &str,
+    input: &str,
+    dims: &[usize],
+    kept: &[usize],
+) {
+    let positions: usize = dims.iter().product();
+    if kept.len() == positions {
+        return;
+    }
+    if kept.is_empty() {
+        super::bypass_named(model, &[relu.to_string()]);
+        return;
+    }
+    let g = &mut model.graph;
+    let ix = g.nodes.iter().position(|n| n.name == relu).expect("target exists");
+    let out = g.nodes[ix].outputs[0].clone();
+    let fresh = |g: &crate::ir::Graph, s: &str| g.fresh_name(&format!("{relu}.{s}"));
+    let flat = fresh(g, "flat");
+    let flat_out = fresh(g, "flat_out");
+    let shape = fresh(g, "shape");
+    let target: Vec<i64> = std::iter::once(-1).chain(dims.iter().map(|&d| d as i64)).collect();
+    g.initializers.insert(shape.clone(), Tensor::from_i64(vec![target.len()], &target));
+    let mut flatten =
+        Node::new(fresh(g, "flatten"), "Flatten", vec![input.into()], vec![flat.clone()]);
+    flatten.attributes.push(int_attr("axis", 1));
+    let reshape =
+        Node::new(fresh(g, "unflatten"), "Reshape", vec![flat_out.clone(), shape], vec![out]);
+    g.nodes[ix].inputs[0] = flat.clone();
+    g.nodes[ix].outputs[0] = flat_out;
+    g.nodes.insert(ix + 1, reshape);
+    g.nodes.insert(ix, flatten);
+    let mut frac = vec![1.0; positions];
+    for &p in kept {
+        frac[p] = 0.5;
+    }
+    let keep: Vec<i64> = kept.iter().map(|&p| p as i64).collect();
+    split_relu(model, relu, &flat, &frac, &keep, 1.0, 2);
 }
 
 /// Drop channels `zero` (whose ReLU output is almost always 0) from the Conv producing `x`
@@ -288,7 +334,11 @@ fn split_relu(
     let g = &mut model.graph;
     let ix = g.nodes.iter().position(|n| n.name == name).expect("target exists");
     let out = g.nodes[ix].outputs[0].clone();
-    let linear: Vec<i64> = (0..frac.len() as i64).filter(|c| !keep.contains(c)).collect();
+    let mut kept = vec![false; frac.len()];
+    for &c in keep {
+        kept[c as usize] = true;
+    }
+    let linear: Vec<i64> = (0..frac.len() as i64).filter(|&c| !kept[c as usize]).collect();
     // Position of each original channel in concat(keep, linear).
     let order: Vec<i64> = keep.iter().chain(&linear).copied().collect();
     let mut inverse = vec![0i64; order.len()];

@@ -162,27 +162,31 @@ impl TrainGraph {
         Ok(count)
     }
 
-    /// Give every Relu reading an `[N, C, ...]` value a learnable per-channel mask, all ones
-    /// (the function is unchanged). Returns each masked Relu's site, in graph order.
-    pub fn insert_relu_masks(&mut self, x: &Tensor) -> Result<Vec<super::masks::MaskSite>> {
+    /// Give every Relu reading an `[N, C, ...]` value a learnable mask per channel or per
+    /// element, all ones (the function is unchanged). Returns each masked Relu's site, in graph
+    /// order.
+    pub fn insert_relu_masks(
+        &mut self,
+        x: &Tensor,
+        granularity: super::masks::Granularity,
+    ) -> Result<Vec<super::masks::MaskSite>> {
         let mut sites = vec![];
         self.forward_observed(&x.detach(), |node, input, _| {
             if let (true, Some(input)) = (node.op_type == "Relu", input) {
                 if input.rank() >= 2 {
-                    sites.push(super::masks::MaskSite {
-                        relu: node.name.clone(),
-                        input: node.inputs[0].clone(),
-                        rank: input.rank(),
-                        channels: input.dim(1)?,
-                        relus_per_channel: input.dims()[2..].iter().product(),
-                    });
+                    sites.push(super::masks::MaskSite::new(
+                        &node.name,
+                        &node.inputs[0],
+                        &input.dims()[1..],
+                        granularity,
+                    ));
                 }
             }
             Ok(None)
         })?;
         self.masks.clear();
         for site in &sites {
-            let ones = Tensor::ones(site.channels, candle_core::DType::F32, &self.device)?;
+            let ones = Tensor::ones(site.mask_dims(), candle_core::DType::F32, &self.device)?;
             self.masks.insert(site.relu.clone(), Var::from_tensor(&ones)?);
         }
         Ok(sites)

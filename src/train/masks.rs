@@ -1,11 +1,12 @@
-//! Learned per-channel ReLU masks (`relucompile linearize`), after SNL (Cho et al., ICML
-//! 2022): every masked ReLU computes `a * relu(x) + (1 - a) * x` with a trainable `a` per
-//! channel, initialised to 1; the distillation loss gains `lambda * sum(a * w)` with `w` a
-//! channel's share of the ReLUs, so that a channel is cheap to keep in proportion to what it
-//! costs a PI engine. `lambda` follows a controller that walks the soft ReLU count
-//! `sum(a * relus_per_channel)` down to the budget over the mask epochs; then the masks are
-//! made binary (the channels with the largest `a` that fit the budget keep their ReLU) and the
-//! graph is rewritten so that only those channels compute one.
+//! Learned ReLU masks (`relucompile linearize`), after SNL (Cho et al., ICML 2022): every
+//! masked ReLU computes `a * relu(x) + (1 - a) * x` with a trainable `a` per channel or per
+//! pixel (a mask *unit*, see [`Granularity`]), initialised to 1; the distillation loss gains
+//! `lambda * sum(a * w)` with `w` a unit's share of the ReLUs, so that a unit is cheap to keep
+//! in proportion to what it costs a PI engine. `lambda` follows a controller that walks the
+//! soft ReLU count `sum(a * relus_per_unit)` down to the budget over the mask epochs; then the
+//! masks are made binary (the units with the largest `a` that fit the budget keep their ReLU)
+//! and the graph is rewritten so that only those units compute one, gathered into one dense
+//! tensor per layer.
 
 use super::graph::TrainGraph;
 use super::optim::Optimizer;
@@ -19,21 +20,81 @@ use candle_core::{Tensor, Var};
 use candle_nn::{AdamW, Optimizer as _, ParamsAdamW};
 use serde::{Deserialize, Serialize};
 
-/// A Relu that carries a mask: its node, its input value, and the ReLUs each channel costs
-/// per image.
+/// What one mask value decides: a channel's ReLUs or a single ReLU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Granularity {
+    /// One mask per channel: the kept channels' ReLUs run on a dense `[N, K, H, W]` slice.
+    #[default]
+    Channel,
+    /// One mask per element of an image's activation (SNL's pixel masks): the kept positions
+    /// run as one dense `[N, K]` ReLU.
+    Pixel,
+}
+
+impl std::str::FromStr for Granularity {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "channel" => Ok(Granularity::Channel),
+            "pixel" => Ok(Granularity::Pixel),
+            _ => Err(format!("`{s}` is not a granularity (channel or pixel)")),
+        }
+    }
+}
+
+impl std::fmt::Display for Granularity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Granularity::Channel => "channel",
+            Granularity::Pixel => "pixel",
+        })
+    }
+}
+
+/// A Relu that carries a mask: its node, its input value (`dims`: one image's, `[C, ...]`),
+/// and its mask units with the ReLUs each costs per image.
 #[derive(Debug, Clone, Serialize)]
 pub struct MaskSite {
     pub relu: String,
     pub input: String,
-    pub rank: usize,
-    pub channels: usize,
-    pub relus_per_channel: usize,
+    pub dims: Vec<usize>,
+    pub granularity: Granularity,
+    pub units: usize,
+    pub relus_per_unit: usize,
 }
 
-/// `a * relu(x) + (1 - a) * x`, written `x + a * relu(-x)`, with `a` per channel (axis 1).
+impl MaskSite {
+    pub fn new(relu: &str, input: &str, dims: &[usize], granularity: Granularity) -> Self {
+        let relus: usize = dims.iter().product();
+        let units = match granularity {
+            Granularity::Channel => dims[0],
+            Granularity::Pixel => relus,
+        };
+        MaskSite {
+            relu: relu.into(),
+            input: input.into(),
+            dims: dims.to_vec(),
+            granularity,
+            units,
+            relus_per_unit: relus / units.max(1),
+        }
+    }
+
+    /// The shape of the mask variable: `[C]`, or one image's `[C, H, W]`.
+    pub fn mask_dims(&self) -> Vec<usize> {
+        match self.granularity {
+            Granularity::Channel => vec![self.dims[0]],
+            Granularity::Pixel => self.dims.clone(),
+        }
+    }
+}
+
+/// `a * relu(x) + (1 - a) * x`, written `x + a * relu(-x)`, with `a` of shape `[C]` (per
+/// channel, axis 1 of `x`) or of one image's shape (per element).
 pub fn masked_relu(x: &Tensor, a: &Tensor) -> candle_core::Result<Tensor> {
     let mut shape = vec![1; x.rank()];
-    shape[1] = a.dim(0)?;
+    shape[1..=a.rank()].copy_from_slice(a.dims());
     x + x.neg()?.relu()?.broadcast_mul(&a.reshape(shape)?)?
 }
 
@@ -57,9 +118,9 @@ pub const MASK_FLOOR: f32 = 0.01;
 /// The mask phase's extra loss term, mask updates and `lambda` controller.
 struct MaskHook {
     vars: Vec<Var>,
-    /// Per site, each channel's penalty weight: its ReLUs over the average channel's.
+    /// Per site, each unit's penalty weight: its ReLUs over the average unit's.
     weights: Vec<Tensor>,
-    relus_per_channel: Vec<usize>,
+    relus_per_unit: Vec<usize>,
     total: f64,
     budget: f64,
     lambda: f64,
@@ -69,15 +130,15 @@ struct MaskHook {
 
 impl MaskHook {
     fn new(graph: &TrainGraph, sites: &[MaskSite], budget: u64, lr: f64) -> Result<Self> {
-        let total: usize = sites.iter().map(|s| s.channels * s.relus_per_channel).sum();
-        let channels: usize = sites.iter().map(|s| s.channels).sum();
-        let average = total as f64 / channels.max(1) as f64;
+        let total: usize = sites.iter().map(|s| s.units * s.relus_per_unit).sum();
+        let units: usize = sites.iter().map(|s| s.units).sum();
+        let average = total as f64 / units.max(1) as f64;
         let vars: Vec<Var> = sites.iter().map(|s| graph.masks()[&s.relu].clone()).collect();
         let weights = sites
             .iter()
             .map(|s| {
-                let w = (s.relus_per_channel as f64 / average) as f32;
-                Ok(Tensor::full(w, s.channels, graph.device())?)
+                let w = (s.relus_per_unit as f64 / average) as f32;
+                Ok(Tensor::full(w, s.mask_dims(), graph.device())?)
             })
             .collect::<Result<_>>()?;
         let adam =
@@ -85,7 +146,7 @@ impl MaskHook {
         Ok(MaskHook {
             vars,
             weights,
-            relus_per_channel: sites.iter().map(|s| s.relus_per_channel).collect(),
+            relus_per_unit: sites.iter().map(|s| s.relus_per_unit).collect(),
             total: total as f64,
             budget: budget as f64,
             lambda: LAMBDA_START,
@@ -114,7 +175,7 @@ impl StepHook for MaskHook {
     fn after_step(&mut self, grads: &GradStore, step: usize, total: usize) -> Result<()> {
         self.adam.step(grads)?;
         let mut soft = 0.0;
-        for (a, &n) in self.vars.iter().zip(&self.relus_per_channel) {
+        for (a, &n) in self.vars.iter().zip(&self.relus_per_unit) {
             let clamped = a.as_tensor().clamp(0f32, 1f32)?;
             soft += clamped.sum_all()?.to_scalar::<f32>()? as f64 * n as f64;
             a.set(&clamped)?;
@@ -136,9 +197,12 @@ impl StepHook for MaskHook {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LayerMask {
     pub relu: String,
-    pub channels: usize,
-    pub relus_per_channel: usize,
-    /// Channels that keep their ReLU, in channel order.
+    /// Mask units: channels, or positions of one image's activation (flat, channel-major).
+    #[serde(alias = "channels")]
+    pub units: usize,
+    #[serde(alias = "relus_per_channel")]
+    pub relus_per_unit: usize,
+    /// Units that keep their ReLU, in order.
     pub kept: Vec<usize>,
     /// The mean of the learned masks before they were made binary.
     pub mean_mask: f64,
@@ -146,14 +210,14 @@ pub struct LayerMask {
 
 impl LayerMask {
     pub fn relus(&self) -> usize {
-        self.kept.len() * self.relus_per_channel
+        self.kept.len() * self.relus_per_unit
     }
 }
 
-/// Binary masks within `budget` ReLUs: channels by decreasing mask value (ties in graph and
-/// channel order), each kept if it still fits and its mask is above [`MASK_FLOOR`]. With
+/// Binary masks within `budget` ReLUs: units by decreasing mask value (ties in graph and
+/// unit order), each kept if it still fits and its mask is above [`MASK_FLOOR`]. With
 /// `max_layers`, only that many layers may keep ReLUs: those with the largest soft ReLU count
-/// (mask values times ReLUs per channel), since a PI engine pays about the same rounds for a
+/// (mask values times ReLUs per unit), since a PI engine pays about the same rounds for a
 /// ReLU layer whatever its size (CrypTen: ~9 per layer).
 pub fn choose_kept(
     sites: &[MaskSite],
@@ -162,7 +226,7 @@ pub fn choose_kept(
     max_layers: Option<usize>,
 ) -> Vec<LayerMask> {
     let soft = |s: usize| -> f64 {
-        values[s].iter().map(|&a| a as f64).sum::<f64>() * sites[s].relus_per_channel as f64
+        values[s].iter().map(|&a| a as f64).sum::<f64>() * sites[s].relus_per_unit as f64
     };
     let mut by_mass: Vec<usize> = (0..sites.len()).collect();
     by_mass.sort_by(|&a, &b| soft(b).total_cmp(&soft(a)).then(a.cmp(&b)));
@@ -177,14 +241,14 @@ pub fn choose_kept(
         .iter()
         .enumerate()
         .filter(|&(s, _)| allowed[s])
-        .flat_map(|(s, site)| (0..site.channels).map(move |c| (s, c)))
+        .flat_map(|(s, site)| (0..site.units).map(move |c| (s, c)))
         .filter(|&(s, c)| values[s][c] > MASK_FLOOR)
         .collect();
     order.sort_by(|&(s1, c1), &(s2, c2)| values[s2][c2].total_cmp(&values[s1][c1]));
     let mut kept: Vec<Vec<usize>> = vec![vec![]; sites.len()];
     let mut used = 0u64;
     for (s, c) in order {
-        let cost = sites[s].relus_per_channel as u64;
+        let cost = sites[s].relus_per_unit as u64;
         if used + cost <= budget {
             used += cost;
             kept[s].push(c);
@@ -198,8 +262,8 @@ pub fn choose_kept(
             kept.sort_unstable();
             LayerMask {
                 relu: site.relu.clone(),
-                channels: site.channels,
-                relus_per_channel: site.relus_per_channel,
+                units: site.units,
+                relus_per_unit: site.relus_per_unit,
                 kept,
                 mean_mask: v.iter().map(|&a| a as f64).sum::<f64>() / v.len().max(1) as f64,
             }
@@ -218,6 +282,7 @@ pub struct MaskLearning<'a> {
     pub budget: u64,
     /// At most this many layers keep ReLUs (see [`choose_kept`]).
     pub max_layers: Option<usize>,
+    pub granularity: Granularity,
     pub mask_lr: f64,
     pub progress: bool,
 }
@@ -249,7 +314,7 @@ impl MaskLearning<'_> {
         if opts.batchnorm {
             graph.insert_batchnorm(&x)?;
         }
-        let sites = graph.insert_relu_masks(&x.narrow(0, 0, 1)?)?;
+        let sites = graph.insert_relu_masks(&x.narrow(0, 0, 1)?, self.granularity)?;
         anyhow::ensure!(!sites.is_empty(), "the graph has no ReLU on a channel axis to mask");
         graph.set_training(true);
         super::malloc::retain_freed_memory();
@@ -270,19 +335,16 @@ impl MaskLearning<'_> {
         }
         let values: Vec<Vec<f32>> = sites
             .iter()
-            .map(|s| Ok(graph.masks()[&s.relu].as_tensor().to_vec1::<f32>()?))
+            .map(|s| Ok(graph.masks()[&s.relu].as_tensor().flatten_all()?.to_vec1::<f32>()?))
             .collect::<Result<_>>()?;
         let layers = choose_kept(&sites, &values, self.budget, self.max_layers);
         let mut model = graph.write_back(self.model)?;
         for (site, layer) in sites.iter().zip(&layers) {
-            crate::passes::channel_thin::keep_relu_channels(
-                &mut model,
-                &site.relu,
-                &site.input,
-                site.rank,
-                site.channels,
-                &layer.kept,
-            );
+            let keep = match site.granularity {
+                Granularity::Channel => crate::passes::channel_thin::keep_relu_channels,
+                Granularity::Pixel => crate::passes::channel_thin::keep_relu_positions,
+            };
+            keep(&mut model, &site.relu, &site.input, &site.dims, &layer.kept);
         }
         Ok(MaskResult { model, history, layers, soft_relus: hook.soft, lambda: hook.lambda })
     }
@@ -300,6 +362,10 @@ mod tests {
         let y: Vec<f32> = masked_relu(&x, &a).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         // Channel 0 is a ReLU; channel 1 is 0.25 * relu(x) + 0.75 * x.
         assert_eq!(y, vec![0.0, 3.0, -0.75, 0.5]);
+        // A mask per element, of one image's shape [2, 1, 2].
+        let a = Tensor::new(&[[[0.0f32, 1.0]], [[1.0, 0.5]]], &dev).unwrap();
+        let y: Vec<f32> = masked_relu(&x, &a).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(y, vec![-2.0, 3.0, 0.0, 0.5]);
     }
 
     #[test]
@@ -344,12 +410,8 @@ mod tests {
 
     #[test]
     fn binary_masks_fill_the_budget_by_mask_value() {
-        let site = |name: &str, c, n| MaskSite {
-            relu: name.into(),
-            input: format!("{name}_in"),
-            rank: 4,
-            channels: c,
-            relus_per_channel: n,
+        let site = |name: &str, c, n| {
+            MaskSite::new(name, &format!("{name}_in"), &[c, n], Granularity::Channel)
         };
         let sites = [site("a", 3, 100), site("b", 2, 10)];
         let values = vec![vec![0.9, 0.005, 0.5], vec![0.95, 0.6]];
@@ -367,5 +429,59 @@ mod tests {
         let two = choose_kept(&sites, &values, 150, Some(2));
         assert_eq!(two[0].kept, layers[0].kept);
         assert_eq!(two[1].kept, layers[1].kept);
+    }
+
+    /// Binary masks written into the graph (`keep_relu_channels`, `keep_relu_positions`)
+    /// compute what the training graph computed with those masks, ReLUs are counted only at the
+    /// kept units, and the rewritten graph still runs in the native engine.
+    #[test]
+    fn binary_masks_written_to_the_graph_compute_what_training_computed() {
+        let root = env!("CARGO_MANIFEST_DIR");
+        let path = format!("{root}/models/vgg.onnx");
+        let model = crate::frontend::load_model(std::path::Path::new(&path)).unwrap();
+        let sample = [1usize, 28, 28];
+        let xs: Vec<f32> = (0..2 * 784).map(|i| ((i * 7919) % 255) as f32 / 64.0 - 2.0).collect();
+        for granularity in [Granularity::Channel, Granularity::Pixel] {
+            let mut graph = TrainGraph::new(&model).unwrap();
+            let x = Tensor::from_slice(&xs, (2, 1, 28, 28), graph.device()).unwrap();
+            let sites = graph.insert_relu_masks(&x.narrow(0, 0, 1).unwrap(), granularity).unwrap();
+            assert_eq!(sites.len(), 6, "{granularity}");
+            // Site 0 keeps about 30% of its units, site 1 none, the others all.
+            let kept: Vec<Vec<usize>> = sites
+                .iter()
+                .enumerate()
+                .map(|(s, site)| match s {
+                    0 => (0..site.units).filter(|u| (u * 7) % 10 < 3).collect(),
+                    1 => vec![],
+                    _ => (0..site.units).collect(),
+                })
+                .collect();
+            let mut model = model.clone();
+            let mut relus = 0;
+            for (site, kept) in sites.iter().zip(&kept) {
+                let mut a = vec![0f32; site.units];
+                for &u in kept {
+                    a[u] = 1.0;
+                }
+                let var = &graph.masks()[&site.relu];
+                var.set(&Tensor::from_vec(a, site.mask_dims(), graph.device()).unwrap()).unwrap();
+                let keep = match granularity {
+                    Granularity::Channel => crate::passes::channel_thin::keep_relu_channels,
+                    Granularity::Pixel => crate::passes::channel_thin::keep_relu_positions,
+                };
+                keep(&mut model, &site.relu, &site.input, &site.dims, kept);
+                relus += kept.len() * site.relus_per_unit;
+            }
+            let want: Vec<f32> =
+                graph.forward(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let census = crate::analysis::census::census(&model, &sample).unwrap();
+            assert_eq!(census.total_relus, relus as u64, "{granularity}");
+            let engine = crate::eval::engine::Engine::new(&model, &sample).unwrap();
+            let (got, _) = engine.run(&xs).unwrap();
+            assert_eq!(got.len(), want.len());
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{granularity}: {g} vs {w}");
+            }
+        }
     }
 }

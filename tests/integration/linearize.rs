@@ -1,7 +1,8 @@
-//! `relucompile linearize`: learned per-channel ReLU masks to a budget. The written graph meets
-//! the budget (counted from the file, by relucompile and by the Python harness), fills it to
-//! within one channel, computes ReLUs only on the kept channels, passes onnx.checker and
-//! onnxruntime against tract, and repeats byte for byte.
+//! `relucompile linearize`: learned per-channel and per-pixel ReLU masks to a budget. The
+//! written graph meets the budget (counted from the file, by relucompile and by the Python
+//! harness), fills it to within one channel (to the ReLU with pixel masks), computes ReLUs only
+//! on the kept units, passes onnx.checker and onnxruntime against tract, and repeats byte for
+//! byte.
 
 use crate::common::*;
 use std::path::Path;
@@ -54,9 +55,7 @@ fn the_budget_is_met_from_the_file_and_the_graph_passes_the_harness() {
     assert_eq!(layers.len(), 6, "every VGG ReLU carries a mask");
     let by_layers: u64 = layers
         .iter()
-        .map(|l| {
-            l["kept"].as_array().unwrap().len() as u64 * l["relus_per_channel"].as_u64().unwrap()
-        })
+        .map(|l| l["kept"].as_array().unwrap().len() as u64 * l["relus_per_unit"].as_u64().unwrap())
         .sum();
     assert_eq!(by_layers, after);
     let census = relucompile_json(&["inspect", out.to_str().unwrap(), "--json"]);
@@ -77,6 +76,44 @@ fn the_budget_is_met_from_the_file_and_the_graph_passes_the_harness() {
     // Same flags, same bytes.
     let again = dir.path().join("again.onnx");
     linearize(&again, "20%");
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&again).unwrap());
+}
+
+/// Pixel masks: every unit is one ReLU, so the budget is met exactly; the kept positions of
+/// each layer run as one Relu (no more Relu nodes than layers), and the graph passes the
+/// harness and repeats byte for byte.
+#[test]
+fn pixel_masks_meet_the_budget_exactly_with_one_dense_relu_per_layer() {
+    let dir = tmpdir();
+    let out = dir.path().join("vgg.pix20.onnx");
+    let r = linearize_with(&out, "20%", &["--granularity", "pixel"]);
+    assert_eq!(r["granularity"], "pixel");
+    assert_eq!(r["relus_after"].as_u64(), Some(VGG_BUDGET_20));
+    let layers = r["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 6);
+    let units: Vec<u64> = layers.iter().map(|l| l["units"].as_u64().unwrap()).collect();
+    // One unit per element of each ReLU's input: 32x28x28, 32x28x28, 64x14x14, ... 256.
+    assert_eq!(units, vec![25_088, 25_088, 12_544, 12_544, 6_272, 256]);
+    assert!(layers.iter().all(|l| l["relus_per_unit"] == 1));
+    let kept: u64 = layers.iter().map(|l| l["kept"].as_array().unwrap().len() as u64).sum();
+    assert_eq!(kept, VGG_BUDGET_20);
+    let census = relucompile_json(&["inspect", out.to_str().unwrap(), "--json"]);
+    assert_eq!(census["total_relus"].as_u64(), Some(VGG_BUDGET_20));
+    let relu_layers: u64 = census["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["relu_layers"].as_u64().unwrap())
+        .sum();
+    assert!(relu_layers <= 6, "{census}");
+    if python_ready(&["onnx", "onnxruntime", "numpy"]) {
+        let real = path("fixtures/images/fmnist_test_64.npy");
+        let mut case = tract_case(&out, &real, &dir.path().join("y.npy"));
+        case["relus"] = serde_json::json!(VGG_BUDGET_20);
+        cross_check(dir.path(), &[case]);
+    }
+    let again = dir.path().join("again.onnx");
+    linearize_with(&again, "20%", &["--granularity", "pixel"]);
     assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&again).unwrap());
 }
 
@@ -114,6 +151,30 @@ fn a_count_budget_is_met_checkpoints_resume_and_bad_budgets_are_usage_errors() {
     );
     assert_ne!(o.code, 0);
     assert!(o.stderr.contains("was learned for a budget of 5000 ReLUs"), "{}", o.stderr);
+    // Nor are channel masks taken for pixel masks.
+    let o = relucompile(
+        &[
+            &["linearize", "models/vgg.onnx", "-o", resumed.to_str().unwrap()][..],
+            &["--relu-budget", "5000", "--granularity", "pixel", "--train-limit", "256"],
+            &["--resume"],
+            &ckpt_flag,
+        ]
+        .concat(),
+    );
+    assert_ne!(o.code, 0);
+    assert!(o.stderr.contains("with channel masks, not"), "{}", o.stderr);
+    let bad = relucompile(&[
+        "linearize",
+        "models/vgg.onnx",
+        "-o",
+        "x.onnx",
+        "--relu-budget",
+        "5000",
+        "--granularity",
+        "pixels",
+    ]);
+    assert_eq!(bad.code, 2, "{}", bad.stderr);
+    assert!(bad.stderr.contains("--granularity"), "{}", bad.stderr);
     for bad in ["lots", "150%", "12.5"] {
         let o = relucompile(&[
             "linearize",
