@@ -765,6 +765,7 @@ fn learned_point(
             budget,
             max_layers: None,
             granularity,
+            allocation: Default::default(),
             mask_epochs: 1,
             mask_lr: DEFAULT_MASK_LR,
             data: (&opts.data, &opts.data_options),

@@ -217,7 +217,8 @@ fn latency_frontier_of_the_vgg_matches_its_golden() {
 /// - `--probe-images`: the candidates of the first two Pareto layers are distilled briefly and
 ///   ranked by what they reach, and every point says so;
 /// - `--finetune-epochs`: every point is distilled;
-/// - `--learned 30%`: a learned-mask point joins them, within its budget;
+/// - `--learned 30% --learned-granularity pixel`: a learned-mask point joins them, with
+///   exactly its budget of ReLUs (a pixel mask is one ReLU);
 /// - a rerun takes the probes, the fine-tuned points and the learned one from the directory
 ///   instead of training them again, and gives the same frontier.
 #[test]
@@ -228,6 +229,8 @@ fn probes_fine_tuning_and_learned_masks_in_one_search_that_resumes() {
         "128",
         "--learned",
         "30%",
+        "--learned-granularity",
+        "pixel",
         "--finetune-epochs",
         "1",
         "--finetune-train-limit",
@@ -253,9 +256,9 @@ fn probes_fine_tuning_and_learned_masks_in_one_search_that_resumes() {
     let first = journal();
     assert_eq!(first.lines().count(), probed, "{first}");
     let budget = 81_792 * 30 / 100;
-    assert_eq!(l["config"], format!("learned-masks({budget})"));
+    assert_eq!(l["config"], format!("learned-masks({budget},pixel)"));
     let relus = l["relus"].as_u64().unwrap();
-    assert!(relus <= budget && relus + 784 >= budget, "{relus} ReLUs for a budget of {budget}");
+    assert_eq!(relus, budget);
     assert!((0.0..=1.0).contains(&l["accuracy"].as_f64().unwrap()), "{l}");
     if !l["file"].as_str().unwrap().is_empty() {
         let file = dir.path().join(l["file"].as_str().unwrap());
