@@ -246,3 +246,50 @@ fn a_layer_cap_keeps_relus_in_that_many_layers() {
     ]);
     assert_eq!(zero.code, 2, "{}", zero.stderr);
 }
+
+/// `--allocation sensitivity`: every layer carries its measured sensitivity and a share of the
+/// budget (shares within the budget, ordered as the sensitivities where no layer is full); the
+/// written graph meets the budget; the split does not combine with a layer cap.
+#[test]
+fn a_budget_split_by_sensitivity_is_reported_per_layer_and_met() {
+    let dir = tmpdir();
+    let out = dir.path().join("vgg.sens.onnx");
+    let r = linearize_with(&out, "20%", &["--allocation", "sensitivity"]);
+    assert_eq!(r["allocation"], "sensitivity");
+    let after = r["relus_after"].as_u64().unwrap();
+    assert!(after <= VGG_BUDGET_20 && after > VGG_BUDGET_20 - VGG_LARGEST_CHANNEL, "{after}");
+    let layers = r["layers"].as_array().unwrap();
+    let share = |l: &serde_json::Value| l["budget"].as_u64().unwrap();
+    let sensitivity = |l: &serde_json::Value| l["sensitivity"].as_f64().unwrap();
+    let total: u64 = layers.iter().map(share).sum();
+    assert!(total <= VGG_BUDGET_20 && total + 6 >= VGG_BUDGET_20, "shares add to {total}");
+    let partial: Vec<&serde_json::Value> = layers
+        .iter()
+        .filter(|l| share(l) < l["units"].as_u64().unwrap() * l["relus_per_unit"].as_u64().unwrap())
+        .collect();
+    for a in &partial {
+        assert!(sensitivity(a) > 0.0, "{a}");
+        for b in &partial {
+            // Shares in proportion to sensitivity, to within the flooring.
+            let (ra, rb) = (share(a) as f64 / sensitivity(a), share(b) as f64 / sensitivity(b));
+            assert!((ra - rb).abs() <= 1.0 / sensitivity(a).min(sensitivity(b)), "{a} {b}");
+        }
+    }
+    let census = relucompile_json(&["inspect", out.to_str().unwrap(), "--json"]);
+    assert_eq!(census["total_relus"].as_u64(), Some(after));
+    let o = relucompile(&[
+        "linearize",
+        "models/vgg.onnx",
+        "-o",
+        dir.path().join("x.onnx").to_str().unwrap(),
+        "--relu-budget",
+        "20%",
+        "--allocation",
+        "sensitivity",
+        "--max-relu-layers",
+        "2",
+    ]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("--allocation sensitivity and --max-relu-layers"), "{}", o.stderr);
+    assert!(!dir.path().join("x.onnx").exists());
+}
