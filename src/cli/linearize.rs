@@ -1,6 +1,6 @@
-//! `relucompile linearize in.onnx -o out.onnx --relu-budget 10%`: per-channel ReLU masks
-//! learned jointly with the weights under distillation, made binary within the budget, then
-//! distilled again (see `crate::train::masks`).
+//! `relucompile linearize in.onnx -o out.onnx --relu-budget 10%`: per-channel (or per-pixel)
+//! ReLU masks learned jointly with the weights under distillation, made binary within the
+//! budget, then distilled again (see `crate::train::masks`).
 
 use super::finetune::TrainFlags;
 use crate::driver::linearize::{linearize, LinearizeJob, LinearizeReport};
@@ -15,7 +15,7 @@ use std::path::PathBuf;
 pub struct LinearizeArgs {
     /// The trained ONNX model
     pub model: PathBuf,
-    /// Where to write the graph with ReLUs only on the kept channels
+    /// Where to write the graph with ReLUs only on the kept channels (or positions)
     #[arg(short, long)]
     pub output: PathBuf,
     /// ReLUs to keep: a count (20000) or a share of the model's (10%)

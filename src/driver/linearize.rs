@@ -1,4 +1,4 @@
-//! `relucompile linearize`: learned per-channel ReLU masks to a ReLU budget (see
+//! `relucompile linearize`: learned per-channel or per-pixel ReLU masks to a ReLU budget (see
 //! `crate::train::masks`), then distillation of the binarised graph (`finetune_model`).
 
 use super::finetune::{finetune_model, FinetuneReport};
@@ -169,7 +169,7 @@ pub struct LearnedMasks<'a> {
 }
 
 pub struct Learned {
-    /// The distilled graph, ReLUs on the kept channels only.
+    /// The distilled graph, ReLUs on the kept units only.
     pub model: Model,
     /// The mask phase (its `model` is the binarised graph before distillation).
     pub masks: MaskResult,
