@@ -31,12 +31,12 @@ pub struct LinearizeArgs {
     pub max_relu_layers: Option<u64>,
     /// A mask per channel (its ReLUs kept or dropped together) or per pixel (any element of an
     /// activation; the kept ones are gathered into one dense ReLU per layer)
-    #[arg(long, value_name = "channel|pixel", default_value_t = Granularity::Channel)]
+    #[arg(long, value_enum, default_value_t = Granularity::Channel)]
     pub granularity: Granularity,
     /// How the budget is spread: `global`, one budget for the graph (the masks decide where
     /// ReLUs stay), or `sensitivity`, each layer a share in proportion to how far the output
     /// moves when that layer alone goes linear (measured on 1,024 training images, after SENet)
-    #[arg(long, value_name = "global|sensitivity", default_value_t = Allocation::Global)]
+    #[arg(long, value_enum, default_value_t = Allocation::Global)]
     pub allocation: Allocation,
     /// Adam's learning rate for the masks
     #[arg(long, default_value_t = DEFAULT_MASK_LR)]

@@ -64,7 +64,7 @@ pub struct ParetoArgs {
     #[arg(long, value_name = "N|P%,...", value_delimiter = ',')]
     pub learned: Vec<String>,
     /// The learned points' masks: per channel or per pixel (see `relucompile linearize --help`)
-    #[arg(long, value_name = "channel|pixel", default_value_t = Granularity::Channel)]
+    #[arg(long, value_enum, default_value_t = Granularity::Channel)]
     pub learned_granularity: Granularity,
     /// Rank the candidates near the frontier by the calibration accuracy they reach after a
     /// one-epoch distillation probe on N training images, at a quarter of the recipe's

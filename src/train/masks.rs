@@ -21,7 +21,7 @@ use candle_nn::{AdamW, Optimizer as _, ParamsAdamW};
 use serde::{Deserialize, Serialize};
 
 /// What one mask value decides: a channel's ReLUs or a single ReLU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Granularity {
     /// One mask per channel: the kept channels' ReLUs run on a dense `[N, K, H, W]` slice.
@@ -32,28 +32,8 @@ pub enum Granularity {
     Pixel,
 }
 
-impl std::str::FromStr for Granularity {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "channel" => Ok(Granularity::Channel),
-            "pixel" => Ok(Granularity::Pixel),
-            _ => Err(format!("`{s}` is not a granularity (channel or pixel)")),
-        }
-    }
-}
-
-impl std::fmt::Display for Granularity {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Granularity::Channel => "channel",
-            Granularity::Pixel => "pixel",
-        })
-    }
-}
-
 /// How the budget is spread over the layers before the masks are learned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Allocation {
     /// One budget for the whole graph: the masks decide where the ReLUs stay (SNL).
@@ -63,23 +43,20 @@ pub enum Allocation {
     Sensitivity,
 }
 
-impl std::str::FromStr for Allocation {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "global" => Ok(Allocation::Global),
-            "sensitivity" => Ok(Allocation::Sensitivity),
-            _ => Err(format!("`{s}` is not an allocation (global or sensitivity)")),
-        }
+/// The flag's word for a choice (`pixel`, `sensitivity`), as `--help` lists it.
+fn flag_word(choice: &impl clap::ValueEnum) -> String {
+    choice.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default()
+}
+
+impl std::fmt::Display for Granularity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&flag_word(self))
     }
 }
 
 impl std::fmt::Display for Allocation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Allocation::Global => "global",
-            Allocation::Sensitivity => "sensitivity",
-        })
+        f.write_str(&flag_word(self))
     }
 }
 
