@@ -40,6 +40,16 @@ fn linearize_with(out: &Path, budget: &str, extra: &[&str]) -> serde_json::Value
     relucompile_json(&args)
 }
 
+/// `linearize` of the VGG to `out` with `flags`, which must be refused: the exit code and the
+/// message.
+fn refused(out: &Path, flags: &[&str]) -> (i32, String) {
+    let o = relucompile(
+        &[&["linearize", "models/vgg.onnx", "-o", out.to_str().unwrap()][..], flags].concat(),
+    );
+    assert_ne!(o.code, 0, "linearize {flags:?} was accepted");
+    (o.code, o.stderr)
+}
+
 #[test]
 fn the_budget_is_met_from_the_file_and_the_graph_passes_the_harness() {
     let dir = tmpdir();
@@ -141,52 +151,20 @@ fn a_count_budget_is_met_checkpoints_resume_and_bad_budgets_are_usage_errors() {
     assert_eq!(epochs.len(), 2);
     assert_eq!(epochs[0], r["finetune"]["epochs"][0]);
     // Masks learned for another budget are not silently reused.
-    let o = relucompile(
-        &[
-            &["linearize", "models/vgg.onnx", "-o", resumed.to_str().unwrap()][..],
-            &["--relu-budget", "4000", "--train-limit", "256", "--batch", "32", "--resume"],
-            &ckpt_flag,
-        ]
-        .concat(),
-    );
-    assert_ne!(o.code, 0);
-    assert!(o.stderr.contains("was learned for a budget of 5000 ReLUs"), "{}", o.stderr);
+    let resume = [&["--train-limit", "256", "--resume"][..], &ckpt_flag].concat();
+    let (_, e) = refused(&resumed, &[&["--relu-budget", "4000"][..], &resume].concat());
+    assert!(e.contains("was learned for a budget of 5000 ReLUs"), "{e}");
     // Nor are channel masks taken for pixel masks.
-    let o = relucompile(
-        &[
-            &["linearize", "models/vgg.onnx", "-o", resumed.to_str().unwrap()][..],
-            &["--relu-budget", "5000", "--granularity", "pixel", "--train-limit", "256"],
-            &["--resume"],
-            &ckpt_flag,
-        ]
-        .concat(),
-    );
-    assert_ne!(o.code, 0);
-    assert!(o.stderr.contains("with channel masks, not"), "{}", o.stderr);
-    let bad = relucompile(&[
-        "linearize",
-        "models/vgg.onnx",
-        "-o",
-        "x.onnx",
-        "--relu-budget",
-        "5000",
-        "--granularity",
-        "pixels",
-    ]);
-    assert_eq!(bad.code, 2, "{}", bad.stderr);
-    assert!(bad.stderr.contains("--granularity"), "{}", bad.stderr);
-    for bad in ["lots", "150%", "12.5"] {
-        let o = relucompile(&[
-            "linearize",
-            "models/vgg.onnx",
-            "-o",
-            dir.path().join("bad.onnx").to_str().unwrap(),
-            "--relu-budget",
-            bad,
-        ]);
-        assert_eq!(o.code, 2, "{bad}: {}", o.stderr);
-        assert!(o.stderr.contains("--relu-budget"), "{}", o.stderr);
-        assert!(!dir.path().join("bad.onnx").exists());
+    let pixel = ["--relu-budget", "5000", "--granularity", "pixel"];
+    let (_, e) = refused(&resumed, &[&pixel[..], &resume].concat());
+    assert!(e.contains("with channel masks, not"), "{e}");
+    let bad = dir.path().join("bad.onnx");
+    let (code, e) = refused(&bad, &["--relu-budget", "5000", "--granularity", "pixels"]);
+    assert!(code == 2 && e.contains("--granularity"), "{e}");
+    for budget in ["lots", "150%", "12.5"] {
+        let (code, e) = refused(&bad, &["--relu-budget", budget]);
+        assert!(code == 2 && e.contains("--relu-budget"), "{budget}: {e}");
+        assert!(!bad.exists());
     }
 }
 
@@ -218,33 +196,12 @@ fn a_layer_cap_keeps_relus_in_that_many_layers() {
         .sum();
     assert!((1..=2).contains(&relu_layers), "{census}");
     // The masks of the capped run are not reused without the cap.
-    let o =
-        relucompile(
-            &[
-                &[
-                    "linearize",
-                    "models/vgg.onnx",
-                    "-o",
-                    dir.path().join("o.onnx").to_str().unwrap(),
-                ][..],
-                &["--relu-budget", "20%", "--train-limit", "256", "--resume"],
-                &ckpt_flag,
-            ]
-            .concat(),
-        );
-    assert_ne!(o.code, 0);
-    assert!(o.stderr.contains("in at most 2 layers"), "{}", o.stderr);
-    let zero = relucompile(&[
-        "linearize",
-        "models/vgg.onnx",
-        "-o",
-        "x.onnx",
-        "--relu-budget",
-        "20%",
-        "--max-relu-layers",
-        "0",
-    ]);
-    assert_eq!(zero.code, 2, "{}", zero.stderr);
+    let o = dir.path().join("o.onnx");
+    let flags = [&["--relu-budget", "20%", "--train-limit", "256", "--resume"][..], &ckpt_flag];
+    let (_, e) = refused(&o, &flags.concat());
+    assert!(e.contains("in at most 2 layers"), "{e}");
+    let (code, e) = refused(&o, &["--relu-budget", "20%", "--max-relu-layers", "0"]);
+    assert_eq!(code, 2, "{e}");
 }
 
 /// `--allocation sensitivity`: every layer carries its measured sensitivity and a share of the
@@ -277,19 +234,9 @@ fn a_budget_split_by_sensitivity_is_reported_per_layer_and_met() {
     }
     let census = relucompile_json(&["inspect", out.to_str().unwrap(), "--json"]);
     assert_eq!(census["total_relus"].as_u64(), Some(after));
-    let o = relucompile(&[
-        "linearize",
-        "models/vgg.onnx",
-        "-o",
-        dir.path().join("x.onnx").to_str().unwrap(),
-        "--relu-budget",
-        "20%",
-        "--allocation",
-        "sensitivity",
-        "--max-relu-layers",
-        "2",
-    ]);
-    assert_eq!(o.code, 2, "{}", o.stderr);
-    assert!(o.stderr.contains("--allocation sensitivity and --max-relu-layers"), "{}", o.stderr);
-    assert!(!dir.path().join("x.onnx").exists());
+    let x = dir.path().join("x.onnx");
+    let flags = ["--relu-budget", "20%", "--allocation", "sensitivity", "--max-relu-layers", "2"];
+    let (code, e) = refused(&x, &flags);
+    assert!(code == 2 && e.contains("--allocation sensitivity and --max-relu-layers"), "{e}");
+    assert!(!x.exists());
 }
