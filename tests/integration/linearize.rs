@@ -77,16 +77,27 @@ fn the_budget_is_met_from_the_file_and_the_graph_passes_the_harness() {
         let m = l["mean_mask"].as_f64().unwrap();
         assert!((0.0..1.0).contains(&m), "mean mask {m} of {}", l["relu"]);
     }
+    passes_the_harness_and_repeats(dir.path(), &out, after, &[]);
+}
+
+/// `out`, written by `linearize_with(out, "20%", flags)` with `relus` ReLUs, passes the Python
+/// harness (onnx.checker, onnxruntime against tract, the ReLUs recounted), and the same flags
+/// write the same bytes again.
+fn passes_the_harness_and_repeats(dir: &Path, out: &Path, relus: u64, flags: &[&str]) {
     if python_ready(&["onnx", "onnxruntime", "numpy"]) {
         let real = path("fixtures/images/fmnist_test_64.npy");
-        let mut case = tract_case(&out, &real, &dir.path().join("y.npy"));
-        case["relus"] = serde_json::json!(after);
-        cross_check(dir.path(), &[case]);
+        let mut case = tract_case(out, &real, &dir.join("y.npy"));
+        case["relus"] = serde_json::json!(relus);
+        cross_check(dir, &[case]);
     }
-    // Same flags, same bytes.
-    let again = dir.path().join("again.onnx");
-    linearize(&again, "20%");
-    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&again).unwrap());
+    let again = dir.join("again.onnx");
+    linearize_with(&again, "20%", flags);
+    assert_eq!(std::fs::read(out).unwrap(), std::fs::read(&again).unwrap());
+}
+
+/// ReLU layers left in the graph, from `inspect --json`'s stages.
+fn relu_layers(census: &serde_json::Value) -> u64 {
+    census["stages"].as_array().unwrap().iter().map(|s| s["relu_layers"].as_u64().unwrap()).sum()
 }
 
 /// Pixel masks: every unit is one ReLU, so the budget is met exactly; the kept positions of
@@ -109,22 +120,8 @@ fn pixel_masks_meet_the_budget_exactly_with_one_dense_relu_per_layer() {
     assert_eq!(kept, VGG_BUDGET_20);
     let census = relucompile_json(&["inspect", out.to_str().unwrap(), "--json"]);
     assert_eq!(census["total_relus"].as_u64(), Some(VGG_BUDGET_20));
-    let relu_layers: u64 = census["stages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["relu_layers"].as_u64().unwrap())
-        .sum();
-    assert!(relu_layers <= 6, "{census}");
-    if python_ready(&["onnx", "onnxruntime", "numpy"]) {
-        let real = path("fixtures/images/fmnist_test_64.npy");
-        let mut case = tract_case(&out, &real, &dir.path().join("y.npy"));
-        case["relus"] = serde_json::json!(VGG_BUDGET_20);
-        cross_check(dir.path(), &[case]);
-    }
-    let again = dir.path().join("again.onnx");
-    linearize_with(&again, "20%", &["--granularity", "pixel"]);
-    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&again).unwrap());
+    assert!(relu_layers(&census) <= 6, "{census}");
+    passes_the_harness_and_repeats(dir.path(), &out, VGG_BUDGET_20, &["--granularity", "pixel"]);
 }
 
 #[test]
@@ -188,13 +185,7 @@ fn a_layer_cap_keeps_relus_in_that_many_layers() {
         .iter()
         .filter(|l| !l["kept"].as_array().unwrap().is_empty());
     assert!((1..=2).contains(&with_relus.count()), "{}", r["layers"]);
-    let relu_layers: u64 = census["stages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["relu_layers"].as_u64().unwrap())
-        .sum();
-    assert!((1..=2).contains(&relu_layers), "{census}");
+    assert!((1..=2).contains(&relu_layers(&census)), "{census}");
     // The masks of the capped run are not reused without the cap.
     let o = dir.path().join("o.onnx");
     let flags = [&["--relu-budget", "20%", "--train-limit", "256", "--resume"][..], &ckpt_flag];
