@@ -6,7 +6,7 @@ use super::finetune::TrainFlags;
 use crate::driver::linearize::{linearize, LinearizeJob, LinearizeReport};
 use crate::eval::data;
 use crate::report::{table, thousands};
-use crate::train::masks::{Allocation, Granularity, DEFAULT_MASK_LR};
+use crate::train::masks::{Granularity, DEFAULT_MASK_LR};
 use anyhow::Result;
 use std::path::PathBuf;
 
@@ -33,11 +33,6 @@ pub struct LinearizeArgs {
     /// activation; the kept ones are gathered into one dense ReLU per layer)
     #[arg(long, value_enum, default_value_t = Granularity::Channel)]
     pub granularity: Granularity,
-    /// How the budget is spread: `global`, one budget for the graph (the masks decide where
-    /// ReLUs stay), or `sensitivity`, each layer a share in proportion to how far the output
-    /// moves when that layer alone goes linear (measured on 1,024 training images, after SENet)
-    #[arg(long, value_enum, default_value_t = Allocation::Global)]
-    pub allocation: Allocation,
     /// Adam's learning rate for the masks
     #[arg(long, default_value_t = DEFAULT_MASK_LR)]
     pub mask_lr: f64,
@@ -65,7 +60,6 @@ impl From<&LinearizeArgs> for LinearizeJob {
             mask_epochs: a.mask_epochs,
             max_relu_layers: a.max_relu_layers.map(|k| k as usize),
             granularity: a.granularity,
-            allocation: a.allocation,
             mask_lr: a.mask_lr,
             data: a.data.clone(),
             data_options: (&a.data_flags).into(),
@@ -89,33 +83,23 @@ pub fn run(args: &LinearizeArgs) -> Result<()> {
 }
 
 fn print_report(r: &LinearizeReport) {
-    let split = r.layers.iter().any(|l| l.budget.is_some());
     let rows: Vec<Vec<String>> = r
         .layers
         .iter()
         .map(|l| {
-            let mut row = vec![
+            vec![
                 l.relu.clone(),
                 format!("{}/{}", l.kept.len(), l.units),
                 format!("{:.3}", l.mean_mask),
                 thousands(l.relus() as u64),
-            ];
-            if split {
-                row.push(l.budget.map(thousands).unwrap_or_default());
-                row.push(l.sensitivity.map(|s| format!("{s:.4}")).unwrap_or_default());
-            }
-            row
+            ]
         })
         .collect();
     let kept = match r.granularity {
         Granularity::Channel => "channels kept",
         Granularity::Pixel => "positions kept",
     };
-    let mut header = vec!["relu", kept, "mean mask", "ReLUs"];
-    if split {
-        header.extend(["share", "sensitivity (KL)"]);
-    }
-    print!("{}", table(&header, &rows));
+    print!("{}", table(&["relu", kept, "mean mask", "ReLUs"], &rows));
     println!(
         "ReLUs {} -> {} (budget {}; soft count {:.0} after the mask epochs)",
         thousands(r.relus_before),

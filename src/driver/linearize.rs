@@ -9,11 +9,8 @@ use crate::eval::data::Split;
 use crate::frontend::{load_model, write_bytes_atomic, write_model_atomic};
 use crate::ir::Model;
 use crate::passes::{prepare, run_pipeline, PassContext, Pipeline, VerifyOptions};
-use crate::search::layer_sensitivity::{layer_sensitivity, split_budget};
 use crate::search::objective::{Budget, Cost, Objective};
-use crate::train::masks::{
-    Allocation, Granularity, LayerMask, MaskLearning, MaskResult, MaskSite, DEFAULT_MASK_LR,
-};
+use crate::train::masks::{Granularity, LayerMask, MaskLearning, MaskResult, DEFAULT_MASK_LR};
 use crate::train::EpochRecord;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -32,8 +29,6 @@ pub struct LinearizeJob {
     pub max_relu_layers: Option<usize>,
     /// A mask per channel or per pixel.
     pub granularity: Granularity,
-    /// One budget for the graph, or a share per layer by measured sensitivity.
-    pub allocation: Allocation,
     pub mask_lr: f64,
     pub data: String,
     pub data_options: DataOptions,
@@ -57,7 +52,6 @@ impl LinearizeJob {
             mask_epochs: 1,
             max_relu_layers: None,
             granularity: Granularity::default(),
-            allocation: Allocation::default(),
             mask_lr: DEFAULT_MASK_LR,
             data: DEFAULT_DATA.into(),
             data_options: DataOptions::default(),
@@ -78,7 +72,6 @@ pub struct LinearizeReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_relu_layers: Option<usize>,
     pub granularity: Granularity,
-    pub allocation: Allocation,
     pub relus_after: u64,
     pub mask_epochs: Vec<EpochRecord>,
     /// The soft ReLU count (sum of mask values times ReLUs per channel) after the last step.
@@ -96,9 +89,6 @@ pub fn linearize(job: &LinearizeJob) -> Result<LinearizeReport> {
     if job.mask_epochs == 0 || job.training.recipe.epochs == 0 {
         return Err(usage("linearize needs --mask-epochs and --epochs of at least 1".into()));
     }
-    if job.allocation == Allocation::Sensitivity && job.max_relu_layers.is_some() {
-        return Err(usage("--allocation sensitivity and --max-relu-layers do not combine".into()));
-    }
     let original = load_model(&job.model)?;
     let sample = sample_shape(&original, None)?;
     let model = prepare(&original, &PassContext::new(sample.clone()))
@@ -114,7 +104,6 @@ pub fn linearize(job: &LinearizeJob) -> Result<LinearizeReport> {
         budget,
         max_layers: job.max_relu_layers,
         granularity: job.granularity,
-        allocation: job.allocation,
         mask_epochs: job.mask_epochs,
         mask_lr: job.mask_lr,
         data: (&job.data, &job.data_options),
@@ -134,7 +123,6 @@ pub fn linearize(job: &LinearizeJob) -> Result<LinearizeReport> {
         relu_budget: budget,
         max_relu_layers: job.max_relu_layers,
         granularity: job.granularity,
-        allocation: job.allocation,
         relus_after,
         mask_epochs: masked.history,
         soft_relus: masked.soft_relus,
@@ -156,7 +144,6 @@ pub struct LearnedMasks<'a> {
     /// At most this many layers keep ReLUs (see `choose_kept`).
     pub max_layers: Option<usize>,
     pub granularity: Granularity,
-    pub allocation: Allocation,
     pub mask_epochs: usize,
     pub mask_lr: f64,
     /// The data set and its options.
@@ -193,7 +180,6 @@ impl LearnedMasks<'_> {
             Some(dir) => read_mask_checkpoint(dir, &self.checkpoint_key())?,
             None => None,
         };
-        let split = |sites: &[MaskSite]| self.split_by_sensitivity(sites, &train, &sample);
         let masks = match resumed {
             Some(done) => done,
             None => {
@@ -208,10 +194,6 @@ impl LearnedMasks<'_> {
                     budget: self.budget,
                     max_layers: self.max_layers,
                     granularity: self.granularity,
-                    split: match self.allocation {
-                        Allocation::Global => None,
-                        Allocation::Sensitivity => Some(&split),
-                    },
                     mask_lr: self.mask_lr,
                     progress: self.progress,
                 }
@@ -250,36 +232,9 @@ impl LearnedMasks<'_> {
             relu_budget: self.budget,
             max_relu_layers: self.max_layers,
             granularity: self.granularity,
-            allocation: self.allocation,
         }
-    }
-
-    /// Each site's (sensitivity, share of the budget), measured on a seeded draw of
-    /// [`SENSITIVITY_IMAGES`] training images (refitted on the first half, scored on the rest).
-    fn split_by_sensitivity(
-        &self,
-        sites: &[MaskSite],
-        train: &crate::eval::data::Dataset,
-        sample: &[usize],
-    ) -> Result<Vec<(f64, u64)>> {
-        if self.progress {
-            eprintln!("measuring the sensitivity of {} ReLU layers", sites.len());
-        }
-        let draw = train.seeded_subset(SENSITIVITY_IMAGES, 0);
-        let (ctx, score) = PassContext::fitted_on(sample.to_vec(), &draw, self.model);
-        let layers: Vec<(String, u64)> =
-            sites.iter().map(|s| (s.relu.clone(), (s.units * s.relus_per_unit) as u64)).collect();
-        let sensitivity = layer_sensitivity(self.model, &ctx, &score, &layers)
-            .context("measuring the ReLU layers' sensitivity")?;
-        let relus: Vec<u64> = layers.iter().map(|l| l.1).collect();
-        let shares = split_budget(&relus, &sensitivity, self.budget);
-        Ok(sensitivity.into_iter().zip(shares).collect())
     }
 }
-
-/// Training images that measure the layers' sensitivity (half refit, half scoring; not tuned:
-/// the refit of a search uses up to this many).
-const SENSITIVITY_IMAGES: usize = 1024;
 
 /// What a mask checkpoint was learned for; a resume must ask for the same.
 #[derive(Clone, Copy, Serialize, Deserialize, PartialEq)]
@@ -290,8 +245,6 @@ struct MaskKey {
     /// Checkpoints written before pixel masks existed hold channel masks.
     #[serde(default)]
     granularity: Granularity,
-    #[serde(default)]
-    allocation: Allocation,
 }
 
 impl std::fmt::Display for MaskKey {
@@ -300,11 +253,7 @@ impl std::fmt::Display for MaskKey {
         if let Some(k) = self.max_relu_layers {
             write!(f, " in at most {k} layers")?;
         }
-        write!(f, " with {} masks", self.granularity)?;
-        if self.allocation != Allocation::Global {
-            write!(f, " split by {}", self.allocation)?;
-        }
-        Ok(())
+        write!(f, " with {} masks", self.granularity)
     }
 }
 

@@ -765,7 +765,6 @@ fn learned_point(
             budget,
             max_layers: None,
             granularity,
-            allocation: Default::default(),
             mask_epochs: 1,
             mask_lr: DEFAULT_MASK_LR,
             data: (&opts.data, &opts.data_options),

@@ -3,7 +3,6 @@
 //! (training split), never on test data.
 
 pub mod criticality;
-pub mod layer_sensitivity;
 pub mod objective;
 pub mod pareto;
 pub mod probe;

@@ -32,31 +32,11 @@ pub enum Granularity {
     Pixel,
 }
 
-/// How the budget is spread over the layers before the masks are learned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Allocation {
-    /// One budget for the whole graph: the masks decide where the ReLUs stay (SNL).
-    #[default]
-    Global,
-    /// Each layer its share by measured sensitivity (SENet; `crate::search::layer_sensitivity`).
-    Sensitivity,
-}
-
-/// The flag's word for a choice (`pixel`, `sensitivity`), as `--help` lists it.
-fn flag_word(choice: &impl clap::ValueEnum) -> String {
-    choice.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default()
-}
-
 impl std::fmt::Display for Granularity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&flag_word(self))
-    }
-}
-
-impl std::fmt::Display for Allocation {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&flag_word(self))
+        // The flag's word (`channel`, `pixel`), as `--help` lists it.
+        let word = clap::ValueEnum::to_possible_value(self).map(|v| v.get_name().to_string());
+        f.write_str(&word.unwrap_or_default())
     }
 }
 
@@ -123,35 +103,21 @@ const RAMP: f64 = 0.7;
 /// A channel whose mask ends at or below this is linear whatever the budget (SNL's 0.01).
 pub const MASK_FLOOR: f32 = 0.01;
 
-/// Mask sites whose soft ReLU count one `lambda` walks to one budget: all sites (a global
-/// budget), or one site (a per-layer budget).
-struct Group {
-    sites: Vec<usize>,
-    total: f64,
-    budget: f64,
-    lambda: f64,
-    soft: f64,
-}
-
-/// The mask phase's extra loss term, mask updates and `lambda` controllers.
+/// The mask phase's extra loss term, mask updates and `lambda` controller.
 struct MaskHook {
     vars: Vec<Var>,
     /// Per site, each unit's penalty weight: its ReLUs over the average unit's.
     weights: Vec<Tensor>,
     relus_per_unit: Vec<usize>,
-    groups: Vec<Group>,
+    total: f64,
+    budget: f64,
+    lambda: f64,
+    soft: f64,
     adam: AdamW,
 }
 
 impl MaskHook {
-    /// One controller for the whole `budget`, or with `layer_budgets` one per site.
-    fn new(
-        graph: &TrainGraph,
-        sites: &[MaskSite],
-        budget: u64,
-        layer_budgets: Option<&[u64]>,
-        lr: f64,
-    ) -> Result<Self> {
+    fn new(graph: &TrainGraph, sites: &[MaskSite], budget: u64, lr: f64) -> Result<Self> {
         let total: usize = sites.iter().map(|s| s.units * s.relus_per_unit).sum();
         let units: usize = sites.iter().map(|s| s.units).sum();
         let average = total as f64 / units.max(1) as f64;
@@ -165,76 +131,53 @@ impl MaskHook {
             .collect::<Result<_>>()?;
         let adam =
             AdamW::new(vars.clone(), ParamsAdamW { lr, weight_decay: 0.0, ..Default::default() })?;
-        let group = |sites_of: Vec<usize>, budget: u64| {
-            let total: usize =
-                sites_of.iter().map(|&s| sites[s].units * sites[s].relus_per_unit).sum();
-            Group {
-                sites: sites_of,
-                total: total as f64,
-                budget: budget as f64,
-                lambda: LAMBDA_START,
-                soft: total as f64,
-            }
-        };
-        let groups = match layer_budgets {
-            Some(b) => (0..sites.len()).map(|s| group(vec![s], b[s])).collect(),
-            None => vec![group((0..sites.len()).collect(), budget)],
-        };
         Ok(MaskHook {
             vars,
             weights,
             relus_per_unit: sites.iter().map(|s| s.relus_per_unit).collect(),
-            groups,
+            total: total as f64,
+            budget: budget as f64,
+            lambda: LAMBDA_START,
+            soft: total as f64,
             adam,
         })
-    }
-
-    fn soft(&self) -> f64 {
-        self.groups.iter().map(|g| g.soft).sum()
-    }
-
-    /// The geometric mean of the controllers' `lambda` (the one `lambda` of a global budget).
-    fn lambda(&self) -> f64 {
-        let logs: f64 = self.groups.iter().map(|g| g.lambda.ln()).sum();
-        (logs / self.groups.len().max(1) as f64).exp()
     }
 }
 
 impl StepHook for MaskHook {
     fn extra_loss(&mut self) -> Result<Option<Tensor>> {
         let mut sum: Option<Tensor> = None;
-        for g in &self.groups {
-            for &s in &g.sites {
-                let term = ((self.vars[s].as_tensor() * &self.weights[s])?.sum_all()? * g.lambda)?;
-                sum = Some(match sum {
-                    Some(acc) => (acc + term)?,
-                    None => term,
-                });
-            }
+        for (a, w) in self.vars.iter().zip(&self.weights) {
+            let term = (a.as_tensor() * w)?.sum_all()?;
+            sum = Some(match sum {
+                Some(s) => (s + term)?,
+                None => term,
+            });
         }
-        Ok(sum)
+        Ok(match sum {
+            Some(s) => Some((s * self.lambda)?),
+            None => None,
+        })
     }
 
     fn after_step(&mut self, grads: &GradStore, step: usize, total: usize) -> Result<()> {
         self.adam.step(grads)?;
-        let mut soft = vec![0.0; self.vars.len()];
-        for ((a, &n), soft) in self.vars.iter().zip(&self.relus_per_unit).zip(&mut soft) {
+        let mut soft = 0.0;
+        for (a, &n) in self.vars.iter().zip(&self.relus_per_unit) {
             let clamped = a.as_tensor().clamp(0f32, 1f32)?;
-            *soft = clamped.sum_all()?.to_scalar::<f32>()? as f64 * n as f64;
+            soft += clamped.sum_all()?.to_scalar::<f32>()? as f64 * n as f64;
             a.set(&clamped)?;
         }
-        let progress = ((step + 1) as f64 / (RAMP * total as f64)).min(1.0);
-        for g in &mut self.groups {
-            g.soft = g.sites.iter().map(|&s| soft[s]).sum();
-            let target = g.total - (g.total - g.budget) * progress;
-            g.lambda =
-                if g.soft > target { g.lambda * LAMBDA_STEP } else { g.lambda / LAMBDA_STEP };
-        }
+        self.soft = soft;
+        let progress = (step + 1) as f64 / (RAMP * total as f64);
+        let target = self.total - (self.total - self.budget) * progress.min(1.0);
+        self.lambda =
+            if soft > target { self.lambda * LAMBDA_STEP } else { self.lambda / LAMBDA_STEP };
         Ok(())
     }
 
     fn status(&self) -> String {
-        format!("  soft ReLUs {:.0}  lambda {:.1e}", self.soft(), self.lambda())
+        format!("  soft ReLUs {:.0}  lambda {:.1e}", self.soft, self.lambda)
     }
 }
 
@@ -251,11 +194,6 @@ pub struct LayerMask {
     pub kept: Vec<usize>,
     /// The mean of the learned masks before they were made binary.
     pub mean_mask: f64,
-    /// With a per-layer split of the budget: this layer's measured sensitivity and share.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sensitivity: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub budget: Option<u64>,
 }
 
 impl LayerMask {
@@ -268,15 +206,12 @@ impl LayerMask {
 /// unit order), each kept if it still fits and its mask is above [`MASK_FLOOR`]. With
 /// `max_layers`, only that many layers may keep ReLUs: those with the largest soft ReLU count
 /// (mask values times ReLUs per unit), since a PI engine pays about the same rounds for a
-/// ReLU layer whatever its size (CrypTen: ~9 per layer). With `layer_budgets`, each layer
-/// first keeps its best units within its own share, then what the shares left of `budget` goes
-/// to the best units left anywhere.
+/// ReLU layer whatever its size (CrypTen: ~9 per layer).
 pub fn choose_kept(
     sites: &[MaskSite],
     values: &[Vec<f32>],
     budget: u64,
     max_layers: Option<usize>,
-    layer_budgets: Option<&[u64]>,
 ) -> Vec<LayerMask> {
     let soft = |s: usize| -> f64 {
         values[s].iter().map(|&a| a as f64).sum::<f64>() * sites[s].relus_per_unit as f64
@@ -299,23 +234,10 @@ pub fn choose_kept(
         .collect();
     order.sort_by(|&(s1, c1), &(s2, c2)| values[s2][c2].total_cmp(&values[s1][c1]));
     let mut kept: Vec<Vec<usize>> = vec![vec![]; sites.len()];
-    let mut taken: Vec<Vec<bool>> = sites.iter().map(|s| vec![false; s.units]).collect();
     let mut used = 0u64;
-    if let Some(shares) = layer_budgets {
-        let mut used_in = vec![0u64; sites.len()];
-        for &(s, c) in &order {
-            let cost = sites[s].relus_per_unit as u64;
-            if used_in[s] + cost <= shares[s] && used + cost <= budget {
-                used_in[s] += cost;
-                used += cost;
-                kept[s].push(c);
-                taken[s][c] = true;
-            }
-        }
-    }
     for (s, c) in order {
         let cost = sites[s].relus_per_unit as u64;
-        if !taken[s][c] && used + cost <= budget {
+        if used + cost <= budget {
             used += cost;
             kept[s].push(c);
         }
@@ -332,8 +254,6 @@ pub fn choose_kept(
                 relus_per_unit: site.relus_per_unit,
                 kept,
                 mean_mask: v.iter().map(|&a| a as f64).sum::<f64>() / v.len().max(1) as f64,
-                sensitivity: None,
-                budget: None,
             }
         })
         .collect()
@@ -351,14 +271,9 @@ pub struct MaskLearning<'a> {
     /// At most this many layers keep ReLUs (see [`choose_kept`]).
     pub max_layers: Option<usize>,
     pub granularity: Granularity,
-    /// With a per-layer split: given the sites, each one's (sensitivity, share of the budget).
-    pub split: Option<&'a LayerSplit<'a>>,
     pub mask_lr: f64,
     pub progress: bool,
 }
-
-/// Splits a budget over mask sites: each site's (sensitivity, ReLUs).
-pub type LayerSplit<'a> = dyn Fn(&[MaskSite]) -> Result<Vec<(f64, u64)>> + Sync + 'a;
 
 pub struct MaskResult {
     /// `model` with the trained weights (BatchNorm folded) and the binary masks applied.
@@ -394,12 +309,7 @@ impl MaskLearning<'_> {
         let teacher = Teacher::new(self.teacher, sample)?;
         let logits = Distiller::logits(&teacher, self.teacher, self.train, opts, self.progress)?;
         let mut opt = Optimizer::new(opts.optimizer, graph.vars(), opts.lr, opts.weight_decay)?;
-        let split = match self.split {
-            Some(split) => Some(split(&sites)?),
-            None => None,
-        };
-        let shares: Option<Vec<u64>> = split.as_ref().map(|v| v.iter().map(|p| p.1).collect());
-        let mut hook = MaskHook::new(&graph, &sites, self.budget, shares.as_deref(), self.mask_lr)?;
+        let mut hook = MaskHook::new(&graph, &sites, self.budget, self.mask_lr)?;
         let distiller = Distiller {
             teacher: &teacher,
             teacher_logits: logits.as_deref().map(Vec::as_slice),
@@ -415,11 +325,7 @@ impl MaskLearning<'_> {
             .iter()
             .map(|s| Ok(graph.masks()[&s.relu].as_tensor().flatten_all()?.to_vec1::<f32>()?))
             .collect::<Result<_>>()?;
-        let mut layers =
-            choose_kept(&sites, &values, self.budget, self.max_layers, shares.as_deref());
-        for (layer, &(sensitivity, budget)) in layers.iter_mut().zip(split.iter().flatten()) {
-            (layer.sensitivity, layer.budget) = (Some(sensitivity), Some(budget));
-        }
+        let layers = choose_kept(&sites, &values, self.budget, self.max_layers);
         let mut model = graph.write_back(self.model)?;
         for (site, layer) in sites.iter().zip(&layers) {
             let keep = match site.granularity {
@@ -428,7 +334,7 @@ impl MaskLearning<'_> {
             };
             keep(&mut model, &site.relu, &site.input, &site.dims, &layer.kept);
         }
-        Ok(MaskResult { model, history, layers, soft_relus: hook.soft(), lambda: hook.lambda() })
+        Ok(MaskResult { model, history, layers, soft_relus: hook.soft, lambda: hook.lambda })
     }
 }
 
@@ -498,23 +404,19 @@ mod tests {
         let sites = [site("a", 3, 100), site("b", 2, 10)];
         let values = vec![vec![0.9, 0.005, 0.5], vec![0.95, 0.6]];
         // By value: b0 (10), a0 (100), b1 (10), a2 (100: does not fit 150), a1 (below floor).
-        let layers = choose_kept(&sites, &values, 150, None, None);
+        let layers = choose_kept(&sites, &values, 150, None);
         assert_eq!(layers[0].kept, vec![0]);
         assert_eq!(layers[1].kept, vec![0, 1]);
         assert_eq!(layers.iter().map(LayerMask::relus).sum::<usize>(), 120);
-        let all = choose_kept(&sites, &values, 1000, None, None);
+        let all = choose_kept(&sites, &values, 1000, None);
         assert_eq!(all[0].kept, vec![0, 2], "a mask at the floor stays linear");
         // One layer allowed: a's soft count (140.5) beats b's (15.5), so b goes linear even
         // though its masks are the largest.
-        let one = choose_kept(&sites, &values, 150, Some(1), None);
+        let one = choose_kept(&sites, &values, 150, Some(1));
         assert_eq!((one[0].kept.clone(), one[1].kept.clone()), (vec![0], vec![]));
-        let two = choose_kept(&sites, &values, 150, Some(2), None);
+        let two = choose_kept(&sites, &values, 150, Some(2));
         assert_eq!(two[0].kept, layers[0].kept);
         assert_eq!(two[1].kept, layers[1].kept);
-        // Per-layer shares: a may spend 200, b 0; a keeps a0 and a2 (200) though b's masks are
-        // larger; then the 10 left over go to b's best (b0).
-        let shared = choose_kept(&sites, &values, 210, None, Some(&[200, 0]));
-        assert_eq!((shared[0].kept.clone(), shared[1].kept.clone()), (vec![0, 2], vec![0]));
     }
 
     /// Binary masks written into the graph (`keep_relu_channels`, `keep_relu_positions`)
