@@ -191,7 +191,10 @@ pub fn keep_relu_channels(
         return;
     }
     // Positive "almost always" at any threshold: the linear channels are the identity.
-    let frac: Vec<f64> = (0..channels).map(|c| if kept.contains(&c) { 0.5 } else { 1.0 }).collect();
+    let mut frac = vec![1.0; channels];
+    for &c in kept {
+        frac[c] = 0.5;
+    }
     let keep: Vec<i64> = kept.iter().map(|&c| c as i64).collect();
     split_relu(model, relu, input, &frac, &keep, 1.0, dims.len() + 1);
 }
@@ -234,12 +237,8 @@ pub fn keep_relu_positions(
     g.nodes[ix].outputs[0] = flat_out;
     g.nodes.insert(ix + 1, reshape);
     g.nodes.insert(ix, flatten);
-    let mut frac = vec![1.0; positions];
-    for &p in kept {
-        frac[p] = 0.5;
-    }
-    let keep: Vec<i64> = kept.iter().map(|&p| p as i64).collect();
-    split_relu(model, relu, &flat, &frac, &keep, 1.0, 2);
+    // On `[N, C*H*W]`, positions are what channels are to `keep_relu_channels`.
+    keep_relu_channels(model, relu, &flat, &[positions], kept);
 }
 
 /// Drop channels `zero` (whose ReLU output is almost always 0) from the Conv producing `x`

@@ -41,32 +41,28 @@ impl std::fmt::Display for Granularity {
 }
 
 /// A Relu that carries a mask: its node, its input value (`dims`: one image's, `[C, ...]`),
-/// and its mask units with the ReLUs each costs per image.
-#[derive(Debug, Clone, Serialize)]
+/// and how its ReLUs are grouped into mask units.
+#[derive(Debug, Clone)]
 pub struct MaskSite {
     pub relu: String,
     pub input: String,
     pub dims: Vec<usize>,
     pub granularity: Granularity,
-    pub units: usize,
-    pub relus_per_unit: usize,
 }
 
 impl MaskSite {
     pub fn new(relu: &str, input: &str, dims: &[usize], granularity: Granularity) -> Self {
-        let relus: usize = dims.iter().product();
-        let units = match granularity {
-            Granularity::Channel => dims[0],
-            Granularity::Pixel => relus,
-        };
-        MaskSite {
-            relu: relu.into(),
-            input: input.into(),
-            dims: dims.to_vec(),
-            granularity,
-            units,
-            relus_per_unit: relus / units.max(1),
-        }
+        MaskSite { relu: relu.into(), input: input.into(), dims: dims.to_vec(), granularity }
+    }
+
+    /// Mask units: channels, or elements of one image's activation.
+    pub fn units(&self) -> usize {
+        self.mask_dims().iter().product()
+    }
+
+    /// The ReLUs one unit decides per image.
+    pub fn relus_per_unit(&self) -> usize {
+        self.dims.iter().product::<usize>() / self.units().max(1)
     }
 
     /// The shape of the mask variable: `[C]`, or one image's `[C, H, W]`.
@@ -118,14 +114,14 @@ struct MaskHook {
 
 impl MaskHook {
     fn new(graph: &TrainGraph, sites: &[MaskSite], budget: u64, lr: f64) -> Result<Self> {
-        let total: usize = sites.iter().map(|s| s.units * s.relus_per_unit).sum();
-        let units: usize = sites.iter().map(|s| s.units).sum();
+        let total: usize = sites.iter().map(|s| s.units() * s.relus_per_unit()).sum();
+        let units: usize = sites.iter().map(|s| s.units()).sum();
         let average = total as f64 / units.max(1) as f64;
         let vars: Vec<Var> = sites.iter().map(|s| graph.masks()[&s.relu].clone()).collect();
         let weights = sites
             .iter()
             .map(|s| {
-                let w = (s.relus_per_unit as f64 / average) as f32;
+                let w = (s.relus_per_unit() as f64 / average) as f32;
                 Ok(Tensor::full(w, s.mask_dims(), graph.device())?)
             })
             .collect::<Result<_>>()?;
@@ -134,7 +130,7 @@ impl MaskHook {
         Ok(MaskHook {
             vars,
             weights,
-            relus_per_unit: sites.iter().map(|s| s.relus_per_unit).collect(),
+            relus_per_unit: sites.iter().map(|s| s.relus_per_unit()).collect(),
             total: total as f64,
             budget: budget as f64,
             lambda: LAMBDA_START,
@@ -214,7 +210,7 @@ pub fn choose_kept(
     max_layers: Option<usize>,
 ) -> Vec<LayerMask> {
     let soft = |s: usize| -> f64 {
-        values[s].iter().map(|&a| a as f64).sum::<f64>() * sites[s].relus_per_unit as f64
+        values[s].iter().map(|&a| a as f64).sum::<f64>() * sites[s].relus_per_unit() as f64
     };
     let mut by_mass: Vec<usize> = (0..sites.len()).collect();
     by_mass.sort_by(|&a, &b| soft(b).total_cmp(&soft(a)).then(a.cmp(&b)));
@@ -229,14 +225,14 @@ pub fn choose_kept(
         .iter()
         .enumerate()
         .filter(|&(s, _)| allowed[s])
-        .flat_map(|(s, site)| (0..site.units).map(move |c| (s, c)))
+        .flat_map(|(s, site)| (0..site.units()).map(move |c| (s, c)))
         .filter(|&(s, c)| values[s][c] > MASK_FLOOR)
         .collect();
     order.sort_by(|&(s1, c1), &(s2, c2)| values[s2][c2].total_cmp(&values[s1][c1]));
     let mut kept: Vec<Vec<usize>> = vec![vec![]; sites.len()];
     let mut used = 0u64;
     for (s, c) in order {
-        let cost = sites[s].relus_per_unit as u64;
+        let cost = sites[s].relus_per_unit() as u64;
         if used + cost <= budget {
             used += cost;
             kept[s].push(c);
@@ -250,8 +246,8 @@ pub fn choose_kept(
             kept.sort_unstable();
             LayerMask {
                 relu: site.relu.clone(),
-                units: site.units,
-                relus_per_unit: site.relus_per_unit,
+                units: site.units(),
+                relus_per_unit: site.relus_per_unit(),
                 kept,
                 mean_mask: v.iter().map(|&a| a as f64).sum::<f64>() / v.len().max(1) as f64,
             }
@@ -439,15 +435,15 @@ mod tests {
                 .iter()
                 .enumerate()
                 .map(|(s, site)| match s {
-                    0 => (0..site.units).filter(|u| (u * 7) % 10 < 3).collect(),
+                    0 => (0..site.units()).filter(|u| (u * 7) % 10 < 3).collect(),
                     1 => vec![],
-                    _ => (0..site.units).collect(),
+                    _ => (0..site.units()).collect(),
                 })
                 .collect();
             let mut model = model.clone();
             let mut relus = 0;
             for (site, kept) in sites.iter().zip(&kept) {
-                let mut a = vec![0f32; site.units];
+                let mut a = vec![0f32; site.units()];
                 for &u in kept {
                     a[u] = 1.0;
                 }
@@ -458,7 +454,7 @@ mod tests {
                     Granularity::Pixel => crate::passes::channel_thin::keep_relu_positions,
                 };
                 keep(&mut model, &site.relu, &site.input, &site.dims, kept);
-                relus += kept.len() * site.relus_per_unit;
+                relus += kept.len() * site.relus_per_unit();
             }
             let want: Vec<f32> =
                 graph.forward(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
