@@ -11,8 +11,11 @@
 //! chunks, each chunk's partial sum is taken image by image, the partials are added in chunk
 //! order), so identical runs give identical bytes on any number of threads.
 
+mod direct;
+
 use super::elementwise::relu_in_place;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor};
+use direct::DirectConv;
 use gemm::Parallelism;
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -642,8 +645,10 @@ pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeometry) -> 
     forward_fused(x, w, bias, g, false)
 }
 
-/// [`forward`], with a ReLU applied to each gemm's output while it is still in cache when
-/// `relu` (the inference engine fuses a Conv's sole Relu consumer this way).
+/// [`forward`], with a ReLU applied to each output while it is still in cache when `relu`
+/// (the inference engine fuses a Conv's sole Relu consumer this way). Stride-1 kernels on
+/// wide planes run the direct kernel ([`DirectConv`]) where the CPU has it, the rest
+/// im2col + gemm.
 pub fn forward_fused(
     x: &[f32],
     w: &[f32],
@@ -651,11 +656,50 @@ pub fn forward_fused(
     g: &ConvGeometry,
     relu: bool,
 ) -> Vec<f32> {
+    check_forward(x, w, bias, g);
+    match DirectConv::new(w, bias, g) {
+        Some(d) => forward_direct(x, &d, g, relu),
+        None => forward_im2col(x, w, bias, g, relu),
+    }
+}
+
+fn check_forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeometry) {
+    assert_eq!(x.len(), g.n * g.c * g.h * g.w, "conv input length");
+    assert_eq!(w.len(), g.o * g.k(), "conv weight length");
+    assert!(bias.is_none_or(|b| b.len() == g.o), "conv bias length");
+}
+
+/// [`forward_fused`] through the direct kernel, image by image.
+fn forward_direct(x: &[f32], d: &DirectConv, g: &ConvGeometry, relu: bool) -> Vec<f32> {
+    let (chw, ohw_all) = (g.c * g.h * g.w, g.o * g.oh * g.ow);
+    let mut y = vec![0f32; g.n * ohw_all];
+    if y.is_empty() {
+        return y;
+    }
+    let per_chunk = Split::of(g).per_chunk;
+    y.par_chunks_mut(per_chunk * ohw_all).enumerate().for_each(|(ci, ys)| {
+        let xs = &x[ci * per_chunk * chw..];
+        with_scratch(d.scratch_len(), |buf| {
+            d.clear(buf);
+            for (b, yb) in ys.chunks_exact_mut(ohw_all).enumerate() {
+                d.image(&xs[b * chw..][..chw], yb, relu, buf);
+            }
+        })
+    });
+    y
+}
+
+/// [`forward_fused`] as im2col + gemm, several small images to a gemm.
+fn forward_im2col(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    g: &ConvGeometry,
+    relu: bool,
+) -> Vec<f32> {
+    check_forward(x, w, bias, g);
     let (cg, og, k, hw, ohw) = (g.cg(), g.og(), g.k(), g.h * g.w, g.oh * g.ow);
     let (chw, ohw_all) = (g.c * hw, g.o * ohw);
-    assert_eq!(x.len(), g.n * chw, "conv input length");
-    assert_eq!(w.len(), g.o * k, "conv weight length");
-    assert!(bias.is_none_or(|b| b.len() == g.o), "conv bias length");
     let mut y = vec![0f32; g.n * ohw_all];
     if y.is_empty() {
         return y;
