@@ -750,6 +750,8 @@ enum InputGrad {
     /// A stride-1 convolution of `dY` ([`ConvGeometry::input_grad_geometry`]) with the
     /// flipped kernel.
     Flipped(ConvGeometry, Vec<f32>),
+    /// That convolution through the direct kernel, image by image.
+    Direct(DirectConv),
     /// `col2im(W^T @ dY)`.
     Col2im,
 }
@@ -774,7 +776,13 @@ pub fn backward(
     let plan = match g.input_grad_geometry() {
         _ if !need_dx => InputGrad::Skip,
         _ if g.pointwise() => InputGrad::Pointwise,
-        Some(gt) => InputGrad::Flipped(gt, flip_kernel(w, g)),
+        Some(gt) => {
+            let wf = flip_kernel(w, g);
+            match DirectConv::new(&wf, None, &gt) {
+                Some(d) => InputGrad::Direct(d),
+                None => InputGrad::Flipped(gt, wf),
+            }
+        }
         None => InputGrad::Col2im,
     };
     let pd = Padded::of(g);
@@ -783,6 +791,7 @@ pub fn backward(
         + many(og * ohw)
         + match &plan {
             InputGrad::Skip => 0,
+            InputGrad::Direct(d) => d.scratch_len(),
             InputGrad::Pointwise => many(cg * ohw),
             InputGrad::Flipped(gt, _) => Unroll::len(gt, pg) + many(cg * hw),
             InputGrad::Col2im => k * pg * ohw + pd.len(g),
@@ -814,9 +823,23 @@ pub fn backward(
                     take(&mut buf, if let InputGrad::Col2im = plan { k * pg * ohw } else { 0 });
                 let dxpad =
                     take(&mut buf, if let InputGrad::Col2im = plan { pd.len(g) } else { 0 });
+                let mut direct = match &plan {
+                    InputGrad::Direct(d) => {
+                        let dbuf = take(&mut buf, d.scratch_len());
+                        d.clear(dbuf);
+                        Some((d, dbuf))
+                    }
+                    _ => None,
+                };
                 let tmp = buf;
                 for (s, nb) in sp.gemms(images) {
                     let ld = nb * ohw;
+                    if let (Some((d, dbuf)), Some(dxc)) = (&mut direct, dxc.as_deref_mut()) {
+                        for b in s..s + nb {
+                            let dyb = &dyc[b * ohw_all..][..ohw_all];
+                            d.image(dyb, &mut dxc[b * chw..][..chw], false, dbuf);
+                        }
+                    }
                     for grp in 0..g.p.groups {
                         let cols = ux.cols(nb, |b| &xc[(s + b) * chw + grp * cg * hw..][..cg * hw]);
                         let dyg = if nb == 1 {
@@ -842,7 +865,7 @@ pub fn backward(
                         let wt = MatRef::new(&w[grp * og * k..][..og * k], og, k).t();
                         let (dxs, off) = (&mut dxc[s * chw..], grp * cg * hw);
                         match &plan {
-                            InputGrad::Skip => {}
+                            InputGrad::Skip | InputGrad::Direct(_) => {}
                             InputGrad::Pointwise => {
                                 matmul_into_images(wt, dyg, nb, None, dxs, chw, off, tmp, par)
                             }

@@ -45,6 +45,15 @@ fn batched_cases() -> Vec<Case> {
     cases_on(11, 5, 5).into_iter().filter(|c| c.bias == (c.p.stride.0 == 1)).collect()
 }
 
+/// Planes wide enough for the direct kernel (forward and stride-1 input gradient, on CPUs
+/// with AVX-512), 1 and 2 groups.
+fn wide_cases() -> Vec<Case> {
+    cases_on(2, 12, 13)
+        .into_iter()
+        .filter(|c| c.p.groups <= 2 && c.bias == (c.p.dilation.0 == 1))
+        .collect()
+}
+
 fn cases_on(n: usize, h: usize, w: usize) -> Vec<Case> {
     let mut out = vec![];
     for stride in [1, 2] {
@@ -152,7 +161,9 @@ fn inputs(case: &Case, seed: u64) -> Inputs {
 
 #[test]
 fn forward_matches_a_direct_convolution() {
-    for case in cases().iter().chain(&onnx_only_cases()).chain(&batched_cases()) {
+    for case in
+        cases().iter().chain(&onnx_only_cases()).chain(&batched_cases()).chain(&wide_cases())
+    {
         let g = case.geometry();
         let i = inputs(case, 11);
         let y = forward(&i.x, &i.w, i.b.as_deref(), &g);
@@ -190,7 +201,9 @@ fn finite_differences(i: &Inputs, g: &ConvGeometry, which: usize) -> Vec<f64> {
 
 #[test]
 fn gradients_match_finite_differences() {
-    for case in cases().iter().chain(&onnx_only_cases()).chain(&batched_cases()) {
+    for case in
+        cases().iter().chain(&onnx_only_cases()).chain(&batched_cases()).chain(&wide_cases())
+    {
         let g = case.geometry();
         let i = inputs(case, 21);
         let grads = backward(&i.x, &i.w, &i.r, &g, true, case.bias);
