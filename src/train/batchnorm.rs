@@ -10,7 +10,7 @@
 
 use crate::passes::recalibrate::channel_moments;
 use anyhow::Result;
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape};
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage};
 use candle_core::{Tensor, Var};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
@@ -51,7 +51,7 @@ impl InsertedBatchNorm {
     /// parallel op ([`BatchNormTrainOp`]) instead of a dozen single-threaded elementwise ones.
     pub fn forward_train(&self, y: &Tensor) -> Result<Tensor> {
         let stats = Arc::new(Mutex::new((vec![], vec![])));
-        let op = BatchNormTrainOp { stats: stats.clone() };
+        let op = BatchNormTrainOp::new(stats.clone());
         let out = y.contiguous()?.apply_op3(
             &self.gamma.as_tensor().contiguous()?,
             &self.beta.as_tensor().contiguous()?,
@@ -90,24 +90,73 @@ impl InsertedBatchNorm {
     }
 }
 
-/// Per-channel batch mean and biased variance of a contiguous `[N, C, S...]` array, each
-/// channel summed in a fixed order (in f64), channels in parallel.
+/// A parallel task of the BatchNorm op takes planes (one image's one channel) of at least
+/// this many floats together: at 4x4 a plane is 16 floats, far below rayon's per-task cost.
+const TASK_FLOATS: usize = 1 << 13;
+
+/// Planes per parallel task, for planes of `spatial` floats.
+fn planes_per_task(spatial: usize) -> usize {
+    TASK_FLOATS.div_ceil(spatial.max(1))
+}
+
+/// `f(p)` for every plane `p` of an array of `len` floats in planes of `spatial`, in parallel,
+/// collected in plane order.
+fn per_plane<T: Send>(len: usize, spatial: usize, f: impl Fn(usize) -> T + Sync + Send) -> Vec<T> {
+    let planes = len / spatial.max(1);
+    (0..planes).into_par_iter().with_min_len(planes_per_task(spatial)).map(f).collect()
+}
+
+/// `f(p, out)` on every plane `out` (`spatial` floats, index `p`) of `out`, in parallel.
+fn for_planes(out: &mut [f32], spatial: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let per_task = planes_per_task(spatial);
+    out.par_chunks_mut(per_task * spatial.max(1)).enumerate().for_each(|(t, chunk)| {
+        for (j, plane) in chunk.chunks_mut(spatial.max(1)).enumerate() {
+            f(t * per_task + j, plane);
+        }
+    });
+}
+
+/// `sum((a - sa) * (b - sb))` in eight interleaved f32 lanes (a fixed order the compiler
+/// vectorises), the lanes added in f64. Centred, so that the variance of a channel whose mean
+/// is far from zero (a culled graph's logits are around 1e3) does not cancel.
+fn centred_dot(a: &[f32], sa: f32, b: &[f32], sb: f32) -> f64 {
+    let mut lanes = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b[..a.len()].chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            lanes[l] += (x[l] - sa) * (y[l] - sb);
+        }
+    }
+    for (l, (x, y)) in ra.iter().zip(rb).enumerate() {
+        lanes[l] += (x - sa) * (y - sb);
+    }
+    lanes.iter().map(|&v| v as f64).sum()
+}
+
+/// Per-channel sums of per-plane values, each channel's planes added in image order.
+fn by_channel(planes: &[f64], c: usize) -> Vec<f64> {
+    let mut out = vec![0f64; c];
+    for (i, v) in planes.iter().enumerate() {
+        out[i % c] += v;
+    }
+    out
+}
+
+/// Per-channel batch mean and biased variance of a contiguous `[N, C, S...]` array: the mean,
+/// then the mean squared deviation from it; each plane summed in f32 lanes, the planes in f64
+/// in a fixed order.
 fn channel_stats(x: &[f32], n: usize, c: usize, spatial: usize) -> (Vec<f64>, Vec<f64>) {
-    (0..c)
-        .into_par_iter()
-        .map(|ch| {
-            let (mut sum, mut sq) = (0.0f64, 0.0f64);
-            for i in 0..n {
-                for &v in &x[(i * c + ch) * spatial..(i * c + ch + 1) * spatial] {
-                    sum += v as f64;
-                    sq += v as f64 * v as f64;
-                }
-            }
-            let m = (n * spatial) as f64;
-            let mean = sum / m;
-            (mean, (sq / m - mean * mean).max(0.0))
-        })
-        .unzip()
+    let m = (n * spatial).max(1) as f64;
+    let plane = |p: usize| &x[p * spatial..][..spatial];
+    let sums = per_plane(x.len(), spatial, |p| super::conv::sum(plane(p)) as f64);
+    let mean: Vec<f64> = by_channel(&sums, c).into_iter().map(|s| s / m).collect();
+    let squares = per_plane(x.len(), spatial, |p| {
+        let mu = mean[p % c] as f32;
+        centred_dot(plane(p), mu, plane(p), mu)
+    });
+    let var = by_channel(&squares, c).into_iter().map(|s| (s / m).max(0.0)).collect();
+    (mean, var)
 }
 
 /// `gamma * (x - mean) / sqrt(var + eps) + beta` with the batch's per-channel statistics, and
@@ -115,10 +164,25 @@ fn channel_stats(x: &[f32], n: usize, c: usize, spatial: usize) -> (Vec<f64>, Ve
 /// `stats` for the running averages.
 struct BatchNormTrainOp {
     stats: Arc<Mutex<(Vec<f32>, Vec<f32>)>>,
+    /// The batch's mean and biased variance in f64, kept by the forward for the backward.
+    batch: Mutex<Option<(Vec<f64>, Vec<f64>)>>,
+}
+
+impl BatchNormTrainOp {
+    fn new(stats: Arc<Mutex<(Vec<f32>, Vec<f32>)>>) -> Self {
+        BatchNormTrainOp { stats, batch: Mutex::new(None) }
+    }
 }
 
 fn dims_ncs(dims: &[usize]) -> (usize, usize, usize) {
     (dims[0], dims[1], dims[2..].iter().product())
+}
+
+fn contiguous<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s.as_slice::<f32>()?[a..b]),
+        None => candle_core::bail!("batchnorm: operand is not contiguous"),
+    }
 }
 
 impl CustomOp3 for BatchNormTrainOp {
@@ -135,29 +199,22 @@ impl CustomOp3 for BatchNormTrainOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let slice = |s: &CpuStorage, l: &Layout| -> candle_core::Result<Vec<f32>> {
-            let Some((a, b)) = l.contiguous_offsets() else {
-                candle_core::bail!("batchnorm: operand is not contiguous")
-            };
-            Ok(s.as_slice::<f32>()?[a..b].to_vec())
-        };
-        let (x, gamma, beta) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let (x, gamma, beta) = (contiguous(s1, l1)?, contiguous(s2, l2)?, contiguous(s3, l3)?);
         let (n, c, spatial) = dims_ncs(l1.dims());
-        let (mean, var) = channel_stats(&x, n, c, spatial);
+        let (mean, var) = channel_stats(x, n, c, spatial);
         let scale: Vec<f32> =
             (0..c).map(|ch| gamma[ch] / ((var[ch] + BN_EPS).sqrt() as f32)).collect();
         let shift: Vec<f32> = (0..c).map(|ch| beta[ch] - mean[ch] as f32 * scale[ch]).collect();
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(spatial.max(1)).zip(x.par_chunks(spatial.max(1))).enumerate().for_each(
-            |(plane, (out, inp))| {
-                let ch = plane % c;
-                for (o, &v) in out.iter_mut().zip(inp) {
-                    *o = v * scale[ch] + shift[ch];
-                }
-            },
-        );
+        for_planes(&mut y, spatial, |p, out| {
+            let (ch, inp) = (p % c, &x[p * spatial..][..out.len()]);
+            for (o, &v) in out.iter_mut().zip(inp) {
+                *o = v * scale[ch] + shift[ch];
+            }
+        });
         *self.stats.lock().unwrap_or_else(|e| e.into_inner()) =
             (mean.iter().map(|&m| m as f32).collect(), var.iter().map(|&v| v as f32).collect());
+        *self.batch.lock().unwrap_or_else(|e| e.into_inner()) = Some((mean, var));
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -170,35 +227,49 @@ impl CustomOp3 for BatchNormTrainOp {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, c, spatial) = dims_ncs(x.dims());
-        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
         let g: Vec<f32> = gamma.flatten_all()?.to_vec1()?;
-        let dy: Vec<f32> = grad.contiguous()?.flatten_all()?.to_vec1()?;
-        let (mean, var) = channel_stats(&xs, n, c, spatial);
+        let grad = grad.contiguous()?;
+        let (xs, xl) = x.storage_and_layout();
+        let (gs, gl) = grad.storage_and_layout();
+        let (Storage::Cpu(xs), Storage::Cpu(gs)) = (&*xs, &*gs) else {
+            candle_core::bail!("batchnorm: only the CPU is supported");
+        };
+        let (xs, dy) = (contiguous(xs, xl)?, contiguous(gs, gl)?);
+        let kept = self.batch.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let (mean, var) = kept.unwrap_or_else(|| channel_stats(xs, n, c, spatial));
         let invstd: Vec<f64> = var.iter().map(|v| 1.0 / (v + BN_EPS).sqrt()).collect();
+        let mean32: Vec<f32> = mean.iter().map(|&m| m as f32).collect();
+        fn plane(v: &[f32], p: usize, spatial: usize) -> &[f32] {
+            &v[p * spatial..][..spatial]
+        }
         // Per channel: sum(dy) and sum(dy * xhat), in a fixed order.
-        let (sum_dy, sum_dy_xhat): (Vec<f64>, Vec<f64>) = (0..c)
-            .into_par_iter()
-            .map(|ch| {
-                let (mut a, mut b) = (0.0f64, 0.0f64);
-                for i in 0..n {
-                    let at = (i * c + ch) * spatial;
-                    for (&d, &v) in dy[at..at + spatial].iter().zip(&xs[at..at + spatial]) {
-                        a += d as f64;
-                        b += d as f64 * (v as f64 - mean[ch]) * invstd[ch];
-                    }
-                }
-                (a, b)
-            })
-            .unzip();
+        let sum_dy = by_channel(
+            &per_plane(dy.len(), spatial, |p| super::conv::sum(plane(dy, p, spatial)) as f64),
+            c,
+        );
+        let sum_dy_xc = by_channel(
+            &per_plane(dy.len(), spatial, |p| {
+                centred_dot(plane(dy, p, spatial), 0.0, plane(xs, p, spatial), mean32[p % c])
+            }),
+            c,
+        );
+        let sum_dy_xhat: Vec<f64> = sum_dy_xc.iter().zip(&invstd).map(|(s, i)| s * i).collect();
+        // dx = k * (dy - sum_dy / m - xhat * sum_dy_xhat / m), k = gamma * invstd, as
+        // `k * dy + q * (x - mean) + r` with per-channel constants.
         let m = (n * spatial) as f64;
+        let coef: Vec<(f32, f32, f32)> = (0..c)
+            .map(|ch| {
+                let k = g[ch] as f64 * invstd[ch];
+                let q = -k * invstd[ch] * sum_dy_xhat[ch] / m;
+                (k as f32, q as f32, (-k * sum_dy[ch] / m) as f32)
+            })
+            .collect();
         let mut dx = vec![0f32; xs.len()];
-        dx.par_chunks_mut(spatial.max(1)).enumerate().for_each(|(plane, out)| {
-            let ch = plane % c;
-            let at = plane * spatial;
-            let k = g[ch] as f64 * invstd[ch];
-            for (s, o) in out.iter_mut().enumerate() {
-                let xhat = (xs[at + s] as f64 - mean[ch]) * invstd[ch];
-                *o = (k * (dy[at + s] as f64 - sum_dy[ch] / m - xhat * sum_dy_xhat[ch] / m)) as f32;
+        for_planes(&mut dx, spatial, |p, out| {
+            let ((k, q, r), mu) = (coef[p % c], mean32[p % c]);
+            let (d, v) = (plane(dy, p, spatial), plane(xs, p, spatial));
+            for ((o, &d), &v) in out.iter_mut().zip(d).zip(v) {
+                *o = k * d + q * (v - mu) + r;
             }
         });
         let to_f32 = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
@@ -256,7 +327,7 @@ mod tests {
             .apply_op3(
                 gamma.as_tensor(),
                 beta.as_tensor(),
-                BatchNormTrainOp { stats: Arc::new(Mutex::new((vec![], vec![]))) },
+                BatchNormTrainOp::new(Arc::new(Mutex::new((vec![], vec![])))),
             )
             .unwrap();
         let shape = (1, 3, 1, 1);

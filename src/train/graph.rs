@@ -274,7 +274,7 @@ impl TrainGraph {
             "Identity" | "Dropout" => x()?,
             "Relu" => match self.masks.get(&node.name) {
                 Some(a) => super::masks::masked_relu(&x()?, a.as_tensor())?,
-                None => x()?.relu()?,
+                None => super::elementwise::relu(&x()?)?,
             },
             "Clip" => {
                 let (lo, hi) = clip_bounds(node, &opt_arg(1)?, &opt_arg(2)?)?;
