@@ -1,5 +1,4 @@
-//! Direct convolution of stride-1 kernels on CPUs with AVX-512: no im2col matrix, no gemm
-//! packing.
+//! Direct convolution on CPUs with AVX-512: no im2col matrix, no gemm packing.
 //!
 //! Why: on the shipped ResNet, im2col, the padding and gemm's packing of the 16- and 32-channel
 //! layers took over a third of the evaluator's time (perf: im2col 24%, packing 7%, padding 4%),
@@ -9,7 +8,8 @@
 //! `p = oy * WP + ox` reads the flat padded plane at `p + ki * DH * WP + kj * DW` through tap
 //! `(ki, kj)`: one constant offset per tap, so 16 consecutive outputs read 16 consecutive
 //! inputs, one unaligned load. The columns `ox >= OW` are computed and dropped (2 of every 30
-//! at 28x28). A micro-tile keeps 8 output channels x 3 vectors of 16 positions in 24 of the 32
+//! at 28x28). Strided kernels read the input split by stride phase ([`Phases`]), where each
+//! tap is again one offset. A micro-tile keeps 8 output channels x 3 vectors of 16 positions in 24 of the 32
 //! vector registers; each (input channel, tap) step loads 3 input vectors and 8 broadcast
 //! weights for 24 FMAs, so the FMA units, not the loads, set the pace.
 //!
@@ -23,15 +23,80 @@ const CHANNELS: usize = 8;
 const VECTORS: usize = 3;
 /// Floats per AVX-512 vector.
 const LANES: usize = 16;
-/// Narrowest output the kernel takes. Narrower planes (the 7x7 and 4x4 stages) waste a
-/// quarter or more of each vector on dropped columns and have channels enough for gemm to
-/// run well: measured slower there than im2col + gemm (benches/conv.rs).
+/// Narrowest output the kernel takes. At 4x4 two thirds of each vector would be dropped
+/// columns, and those layers have channels enough (128) for gemm to run well. Taking the 7x7
+/// layers (7 rather than 12) measured 3,507 against 3,383 images/s on the shipped ResNet
+/// (scripts/bench_eval.py, one run of 3 each).
 const MIN_WIDTH: usize = 7;
+
+/// One group's zero-padded input, split by stride phase: channel `c`'s phase `(a, b)` holds
+/// the padded pixels `(SH * i + a, SW * j + b)` at `[c][a * SW + b][i][j]`, so that a strided
+/// output reads each tap's pixels at one flat offset, as at stride 1 (where the split is the
+/// padded plane itself).
+#[derive(Clone, Copy, Debug)]
+struct Phases {
+    stride: (usize, usize),
+    pads: (usize, usize),
+    /// Rows and columns of one phase.
+    hq: usize,
+    wq: usize,
+}
+
+impl Phases {
+    fn of(g: &ConvGeometry) -> Self {
+        let pd = Padded::of(g);
+        let (sh, sw) = g.p.stride;
+        Phases {
+            stride: (sh, sw),
+            pads: (g.p.pads[0], g.p.pads[1]),
+            hq: pd.hp.div_ceil(sh),
+            wq: pd.wp.div_ceil(sw),
+        }
+    }
+
+    /// Floats per channel: every phase.
+    fn plane(&self) -> usize {
+        self.stride.0 * self.stride.1 * self.hq * self.wq
+    }
+
+    /// Flat offset of padded pixel `(r, c)` within its channel.
+    fn offset(&self, r: usize, c: usize) -> usize {
+        let (sh, sw) = self.stride;
+        ((r % sh * sw + c % sw) * self.hq + r / sh) * self.wq + c / sw
+    }
+
+    /// Write one group of one image, `[C/groups, H, W]`, into the phases in `dst`; the
+    /// padding is left as it is (zero, once the buffer was cleared).
+    fn split(&self, x: &[f32], g: &ConvGeometry, dst: &mut [f32]) {
+        let plane = self.plane();
+        let dst = &mut dst[..g.cg() * plane];
+        if self.stride == (1, 1) {
+            return pad_planes(x, g, dst);
+        }
+        let sw = self.stride.1;
+        for (ch, src) in x.chunks_exact(g.h * g.w).enumerate() {
+            for (y, row) in src.chunks_exact(g.w).enumerate() {
+                for phase in 0..sw {
+                    // The first column of this row in column phase `phase`.
+                    let first = (phase + sw - self.pads.1 % sw) % sw;
+                    if first >= g.w {
+                        continue;
+                    }
+                    let at = ch * plane + self.offset(y + self.pads.0, first + self.pads.1);
+                    let cols = row[first..].iter().step_by(sw);
+                    for (d, &v) in dst[at..].iter_mut().zip(cols) {
+                        *d = v;
+                    }
+                }
+            }
+        }
+    }
+}
 
 /// A convolution prepared for the direct kernel: its weights re-laid in micro-tile order.
 pub(crate) struct DirectConv {
     g: ConvGeometry,
-    pd: Padded,
+    phases: Phases,
     /// Per group, per block of [`CHANNELS`] output channels: `[C/groups][taps][CHANNELS]`,
     /// zero for channels past `O/groups`.
     weights: Vec<f32>,
@@ -41,16 +106,17 @@ pub(crate) struct DirectConv {
     offsets: Vec<usize>,
     /// Blocks of [`CHANNELS`] output channels per group.
     blocks: usize,
-    /// Flat output positions computed per channel: `OH * WP` rounded up to whole vectors.
+    /// Flat output positions computed per channel: `OH * WQ` (a phase's width) rounded up to
+    /// whole vectors.
     positions: usize,
 }
 
 impl DirectConv {
     /// The convolution of weight `w` (`[O, C/groups, KH, KW]`) and `bias` over geometry `g`,
-    /// or `None` when the kernel does not take it: a stride other than 1, an output narrower
-    /// than [`MIN_WIDTH`], or a CPU without AVX-512.
+    /// or `None` when the kernel does not take it: an output narrower than [`MIN_WIDTH`], or
+    /// a CPU without AVX-512.
     pub(crate) fn new(w: &[f32], bias: Option<&[f32]>, g: &ConvGeometry) -> Option<Self> {
-        if g.p.stride != (1, 1) || g.ow < MIN_WIDTH || !avx512() {
+        if g.ow < MIN_WIDTH || !avx512() {
             return None;
         }
         Some(Self::build(w, bias, g))
@@ -72,22 +138,23 @@ impl DirectConv {
                 biases[blk * CHANNELS + q] = bias.map_or(0.0, |b| b[grp * og + o]);
             }
         }
-        let pd = Padded::of(g);
+        let phases = Phases::of(g);
         let offsets = (0..g.kh)
             .flat_map(|ki| (0..g.kw).map(move |kj| (ki, kj)))
-            .map(|(ki, kj)| ki * g.p.dilation.0 * pd.wp + kj * g.p.dilation.1)
+            .map(|(ki, kj)| phases.offset(ki * g.p.dilation.0, kj * g.p.dilation.1))
             .collect();
-        let positions = (g.oh * pd.wp).next_multiple_of(LANES);
-        DirectConv { g: *g, pd, weights, bias: biases, offsets, blocks, positions }
+        let positions = (g.oh * phases.wq).next_multiple_of(LANES);
+        DirectConv { g: *g, phases, weights, bias: biases, offsets, blocks, positions }
     }
 
-    /// Floats read from the padded planes of one group: the planes, and past the last one the
+    /// Floats read from the phases of one group: the phases, and past the last channel's the
     /// dropped positions' reach.
     fn padded_len(&self) -> usize {
-        let reach = (self.g.cg() - 1) * self.pd.plane()
+        let plane = self.phases.plane();
+        let reach = (self.g.cg() - 1) * plane
             + self.positions
-            + self.offsets.last().copied().unwrap_or(0);
-        reach.max(self.pd.len(&self.g))
+            + self.offsets.iter().copied().max().unwrap_or(0);
+        reach.max(self.g.cg() * plane)
     }
 
     /// Scratch floats [`Self::image`] needs: the padded planes and one group's output tile.
@@ -112,10 +179,11 @@ impl DirectConv {
         let vectors = self.positions / LANES;
         let block_len = cg * taps * CHANNELS;
         for grp in 0..g.p.groups {
-            pad_planes(&x[grp * cg * hw..][..cg * hw], g, &mut pad[..self.pd.len(g)]);
+            self.phases.split(&x[grp * cg * hw..][..cg * hw], g, pad);
             let mut v0 = 0;
             for width in tile_widths(vectors) {
-                let tile = Tile { pad, p0: v0 * LANES, plane: self.pd.plane(), channels: cg };
+                let plane = self.phases.plane();
+                let tile = Tile { pad, p0: v0 * LANES, plane, channels: cg };
                 v0 += width;
                 for blk in 0..self.blocks {
                     let b = grp * self.blocks + blk;
@@ -134,7 +202,7 @@ impl DirectConv {
                 let src = &out[o * self.positions..];
                 let dst = &mut y[(grp * og + o) * ohw..][..ohw];
                 for (oy, row) in dst.chunks_exact_mut(g.ow).enumerate() {
-                    copy_row(row, &src[oy * self.pd.wp..]);
+                    copy_row(row, &src[oy * self.phases.wq..]);
                 }
             }
         }
@@ -187,7 +255,7 @@ impl Tile<'_> {
         out: &mut [f32],
         ld: usize,
     ) {
-        let reach = self.p0 + V * LANES + offsets.last().copied().unwrap_or(0);
+        let reach = self.p0 + V * LANES + offsets.iter().copied().max().unwrap_or(0);
         assert!(self.channels == 0 || (self.channels - 1) * self.plane + reach <= self.pad.len());
         assert_eq!(w.len(), self.channels * offsets.len() * CHANNELS);
         assert_eq!(bias.len(), CHANNELS);
@@ -267,11 +335,12 @@ mod tests {
             for pads in [[1; 4], [0; 4], [2, 0, 1, 3]] {
                 for (kh, kw) in [(3, 3), (1, 1), (5, 3)] {
                     for dilation in [(1, 1), (2, 1)] {
-                        for groups in [1, 2] {
+                        for (groups, stride) in [(1, (1, 1)), (2, (1, 1)), (1, (2, 2)), (2, (2, 1))]
+                        {
                             if c % groups != 0 || o % groups != 0 {
                                 continue;
                             }
-                            let p = Conv2dParams { stride: (1, 1), dilation, pads, groups };
+                            let p = Conv2dParams { stride, dilation, pads, groups };
                             let wd = [o, c / groups, kh, kw];
                             let Ok(g) = ConvGeometry::new(&[3, c, hw, hw + 1], &wd, p) else {
                                 continue;
