@@ -2,8 +2,9 @@
 //!
 //! tract runs a batch of N images as N times the work and reached 0.54x onnxruntime's best
 //! throughput on the shipped ResNet (1,506 against 2,785-3,577 images/s, scripts/bench_eval.py).
-//! This engine runs whole batches through the training engine's im2col/gemm convolution
-//! ([`crate::train::conv`]), fuses a ReLU into the Conv, Gemm, Add or BatchNormalization whose
+//! This engine runs whole batches through the training engine's convolution
+//! ([`crate::train::conv`]: the direct AVX-512 kernel on planes 7 or more wide, im2col + gemm
+//! on the rest), fuses a ReLU into the Conv, Gemm, Add or BatchNormalization whose
 //! only reader it is, frees every activation after its last reader, and is run one batch per
 //! thread by the evaluator, so nothing between the gemms is serial.
 //!

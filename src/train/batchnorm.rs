@@ -8,6 +8,7 @@
 //! statistics are the conv output's on a calibration batch and `gamma = sqrt(var + eps)`,
 //! `beta = mean`.
 
+use super::conv::cpu_slice;
 use crate::passes::recalibrate::channel_moments;
 use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage};
@@ -178,13 +179,6 @@ fn dims_ncs(dims: &[usize]) -> (usize, usize, usize) {
     (dims[0], dims[1], dims[2..].iter().product())
 }
 
-fn contiguous<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s.as_slice::<f32>()?[a..b]),
-        None => candle_core::bail!("batchnorm: operand is not contiguous"),
-    }
-}
-
 impl CustomOp3 for BatchNormTrainOp {
     fn name(&self) -> &'static str {
         "batchnorm-train"
@@ -199,7 +193,7 @@ impl CustomOp3 for BatchNormTrainOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, gamma, beta) = (contiguous(s1, l1)?, contiguous(s2, l2)?, contiguous(s3, l3)?);
+        let (x, gamma, beta) = (cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, cpu_slice(s3, l3)?);
         let (n, c, spatial) = dims_ncs(l1.dims());
         let (mean, var) = channel_stats(x, n, c, spatial);
         let scale: Vec<f32> =
@@ -234,7 +228,7 @@ impl CustomOp3 for BatchNormTrainOp {
         let (Storage::Cpu(xs), Storage::Cpu(gs)) = (&*xs, &*gs) else {
             candle_core::bail!("batchnorm: only the CPU is supported");
         };
-        let (xs, dy) = (contiguous(xs, xl)?, contiguous(gs, gl)?);
+        let (xs, dy) = (cpu_slice(xs, xl)?, cpu_slice(gs, gl)?);
         let kept = self.batch.lock().unwrap_or_else(|e| e.into_inner()).take();
         let (mean, var) = kept.unwrap_or_else(|| channel_stats(xs, n, c, spatial));
         let invstd: Vec<f64> = var.iter().map(|v| 1.0 / (v + BN_EPS).sqrt()).collect();

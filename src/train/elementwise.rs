@@ -2,6 +2,7 @@
 //! where the CPU has it: the release build targets baseline x86-64, whose SSE2 loops left the
 //! engine's ReLU and Add at a quarter of the time of its gemms (perf, shipped ResNet).
 
+use super::conv::cpu_slice;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
@@ -67,20 +68,13 @@ pub fn relu(x: &Tensor) -> candle_core::Result<Tensor> {
 
 struct ReluOp;
 
-fn contiguous<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s.as_slice::<f32>()?[a..b]),
-        None => candle_core::bail!("relu: operand is not contiguous"),
-    }
-}
-
 impl CustomOp1 for ReluOp {
     fn name(&self) -> &'static str {
         "relu"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let mut y = contiguous(s, l)?.to_vec();
+        let mut y = cpu_slice(s, l)?.to_vec();
         y.par_chunks_mut(TASK_FLOATS).for_each(relu_in_place);
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
@@ -94,7 +88,7 @@ impl CustomOp1 for ReluOp {
             let (Storage::Cpu(ys), Storage::Cpu(gs)) = (&*ys, &*gs) else {
                 candle_core::bail!("relu: only the CPU is supported");
             };
-            let (ys, gs) = (contiguous(ys, yl)?, contiguous(gs, gl)?);
+            let (ys, gs) = (cpu_slice(ys, yl)?, cpu_slice(gs, gl)?);
             let mut dx = gs.to_vec();
             dx.par_chunks_mut(TASK_FLOATS).zip(ys.par_chunks(TASK_FLOATS)).for_each(|(d, y)| {
                 relu_mask(d, y);

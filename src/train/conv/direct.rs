@@ -264,7 +264,7 @@ impl Tile<'_> {
         {
             assert!(avx512(), "the direct kernel needs AVX-512");
             // SAFETY: the CPU has AVX-512F (checked); every load is within `pad` (the reach of
-            // the last channel's last offset, asserted), `w`, `bias`, and every store within
+            // the last channel's largest offset, asserted), `w`, `bias`, and every store within
             // `out` (asserted above).
             unsafe { self.run_avx512::<V>(offsets, w, bias, relu, out, ld) }
         }
