@@ -8,7 +8,7 @@
 //! statistics are the conv output's on a calibration batch and `gamma = sqrt(var + eps)`,
 //! `beta = mean`.
 
-use super::conv::cpu_slice;
+use super::conv::{self, cpu_slice, Conv2dParams, ConvGeometry};
 use crate::passes::recalibrate::channel_moments;
 use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage};
@@ -58,7 +58,39 @@ impl InsertedBatchNorm {
             &self.beta.as_tensor().contiguous()?,
             op,
         )?;
-        let count = y.elem_count() / y.dim(1)?;
+        self.update_running(&stats, out.elem_count() / out.dim(1)?);
+        Ok(out)
+    }
+
+    /// [`Self::forward_train`] of the convolution of `x` with `w` and `b`, as one op
+    /// ([`ConvBatchNormOp`]).
+    pub fn conv_forward_train(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        conv: Conv2dParams,
+    ) -> Result<Tensor> {
+        let mut parts = Vec::with_capacity(3);
+        if let Some(b) = b {
+            parts.push(b.flatten_all()?);
+        }
+        parts.extend([self.gamma.as_tensor().clone(), self.beta.as_tensor().clone()]);
+        let packed = Tensor::cat(&parts, 0)?;
+        let stats = Arc::new(Mutex::new((vec![], vec![])));
+        let op = ConvBatchNormOp {
+            conv,
+            with_bias: b.is_some(),
+            stats: stats.clone(),
+            saved: Mutex::new(None),
+        };
+        let out = x.contiguous()?.apply_op3(&w.contiguous()?, &packed, op)?;
+        self.update_running(&stats, out.elem_count() / out.dim(1)?);
+        Ok(out)
+    }
+
+    /// Move the running statistics towards the batch's (`count` values per channel).
+    fn update_running(&self, stats: &Mutex<(Vec<f32>, Vec<f32>)>, count: usize) {
         let unbiased = count as f32 / (count.max(2) - 1) as f32;
         let (batch_mean, batch_var) = stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
@@ -67,7 +99,6 @@ impl InsertedBatchNorm {
             rm[c] = (1.0 - BN_MOMENTUM) * rm[c] + BN_MOMENTUM * batch_mean[c];
             rv[c] = (1.0 - BN_MOMENTUM) * rv[c] + BN_MOMENTUM * batch_var[c] * unbiased;
         }
-        Ok(out)
     }
 
     /// Inference: the per-channel affine map `scale * y + shift` of the running statistics.
@@ -160,13 +191,92 @@ fn channel_stats(x: &[f32], n: usize, c: usize, spatial: usize) -> (Vec<f64>, Ve
     (mean, var)
 }
 
-/// `gamma * (x - mean) / sqrt(var + eps) + beta` with the batch's per-channel statistics, and
-/// its exact gradient for `x`, `gamma` and `beta`. The batch statistics it used are left in
-/// `stats` for the running averages.
+/// The batch's mean and biased variance per channel, in f64.
+type Moments = (Vec<f64>, Vec<f64>);
+
+/// `gamma * (x - mean) / sqrt(var + eps) + beta` over a contiguous `[N, C, S...]` array (`dims`
+/// = `(N, C, S)`) with its batch statistics, which are returned too.
+fn normalise(
+    x: &[f32],
+    dims: (usize, usize, usize),
+    gamma: &[f32],
+    beta: &[f32],
+) -> (Vec<f32>, Moments) {
+    let (n, c, spatial) = dims;
+    let (mean, var) = channel_stats(x, n, c, spatial);
+    let scale: Vec<f32> = (0..c).map(|ch| gamma[ch] / ((var[ch] + BN_EPS).sqrt() as f32)).collect();
+    let shift: Vec<f32> = (0..c).map(|ch| beta[ch] - mean[ch] as f32 * scale[ch]).collect();
+    let mut y = vec![0f32; x.len()];
+    for_planes(&mut y, spatial, |p, out| {
+        let (ch, inp) = (p % c, &x[p * spatial..][..out.len()]);
+        for (o, &v) in out.iter_mut().zip(inp) {
+            *o = v * scale[ch] + shift[ch];
+        }
+    });
+    (y, (mean, var))
+}
+
+/// The exact gradients `(dx, dgamma, dbeta)` of [`normalise`] at `x` for output gradient
+/// `dy`, given the statistics it used.
+fn normalise_grads(
+    x: &[f32],
+    dims: (usize, usize, usize),
+    gamma: &[f32],
+    dy: &[f32],
+    (mean, var): &Moments,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (n, c, spatial) = dims;
+    let invstd: Vec<f64> = var.iter().map(|v| 1.0 / (v + BN_EPS).sqrt()).collect();
+    let mean32: Vec<f32> = mean.iter().map(|&m| m as f32).collect();
+    fn plane(v: &[f32], p: usize, spatial: usize) -> &[f32] {
+        &v[p * spatial..][..spatial]
+    }
+    // Per channel: sum(dy) and sum(dy * xhat), in a fixed order.
+    let sum_dy = by_channel(
+        &per_plane(dy.len(), spatial, |p| super::conv::sum(plane(dy, p, spatial)) as f64),
+        c,
+    );
+    let sum_dy_xc = by_channel(
+        &per_plane(dy.len(), spatial, |p| {
+            centred_dot(plane(dy, p, spatial), 0.0, plane(x, p, spatial), mean32[p % c])
+        }),
+        c,
+    );
+    let sum_dy_xhat: Vec<f64> = sum_dy_xc.iter().zip(&invstd).map(|(s, i)| s * i).collect();
+    // dx = k * (dy - sum_dy / m - xhat * sum_dy_xhat / m), k = gamma * invstd, as
+    // `k * dy + q * (x - mean) + r` with per-channel constants.
+    let m = (n * spatial) as f64;
+    let coef: Vec<(f32, f32, f32)> = (0..c)
+        .map(|ch| {
+            let k = gamma[ch] as f64 * invstd[ch];
+            let q = -k * invstd[ch] * sum_dy_xhat[ch] / m;
+            (k as f32, q as f32, (-k * sum_dy[ch] / m) as f32)
+        })
+        .collect();
+    let mut dx = vec![0f32; x.len()];
+    for_planes(&mut dx, spatial, |p, out| {
+        let ((k, q, r), mu) = (coef[p % c], mean32[p % c]);
+        let (d, v) = (plane(dy, p, spatial), plane(x, p, spatial));
+        for ((o, &d), &v) in out.iter_mut().zip(d).zip(v) {
+            *o = k * d + q * (v - mu) + r;
+        }
+    });
+    let to_f32 = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
+    (dx, to_f32(sum_dy_xhat), to_f32(sum_dy))
+}
+
+/// Leave the batch statistics in `stats` (as f32) for the running averages.
+fn record(stats: &Mutex<(Vec<f32>, Vec<f32>)>, (mean, var): &Moments) {
+    *stats.lock().unwrap_or_else(|e| e.into_inner()) =
+        (mean.iter().map(|&m| m as f32).collect(), var.iter().map(|&v| v as f32).collect());
+}
+
+/// [`normalise`] and its gradients for `x`, `gamma` and `beta` as a candle op. The batch
+/// statistics it used are left in `stats` for the running averages.
 struct BatchNormTrainOp {
     stats: Arc<Mutex<(Vec<f32>, Vec<f32>)>>,
-    /// The batch's mean and biased variance in f64, kept by the forward for the backward.
-    batch: Mutex<Option<(Vec<f64>, Vec<f64>)>>,
+    /// The batch's statistics, kept by the forward for the backward.
+    batch: Mutex<Option<Moments>>,
 }
 
 impl BatchNormTrainOp {
@@ -194,21 +304,9 @@ impl CustomOp3 for BatchNormTrainOp {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, gamma, beta) = (cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, cpu_slice(s3, l3)?);
-        let (n, c, spatial) = dims_ncs(l1.dims());
-        let (mean, var) = channel_stats(x, n, c, spatial);
-        let scale: Vec<f32> =
-            (0..c).map(|ch| gamma[ch] / ((var[ch] + BN_EPS).sqrt() as f32)).collect();
-        let shift: Vec<f32> = (0..c).map(|ch| beta[ch] - mean[ch] as f32 * scale[ch]).collect();
-        let mut y = vec![0f32; x.len()];
-        for_planes(&mut y, spatial, |p, out| {
-            let (ch, inp) = (p % c, &x[p * spatial..][..out.len()]);
-            for (o, &v) in out.iter_mut().zip(inp) {
-                *o = v * scale[ch] + shift[ch];
-            }
-        });
-        *self.stats.lock().unwrap_or_else(|e| e.into_inner()) =
-            (mean.iter().map(|&m| m as f32).collect(), var.iter().map(|&v| v as f32).collect());
-        *self.batch.lock().unwrap_or_else(|e| e.into_inner()) = Some((mean, var));
+        let (y, moments) = normalise(x, dims_ncs(l1.dims()), gamma, beta);
+        record(&self.stats, &moments);
+        *self.batch.lock().unwrap_or_else(|e| e.into_inner()) = Some(moments);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -220,7 +318,7 @@ impl CustomOp3 for BatchNormTrainOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (n, c, spatial) = dims_ncs(x.dims());
+        let dims = dims_ncs(x.dims());
         let g: Vec<f32> = gamma.flatten_all()?.to_vec1()?;
         let grad = grad.contiguous()?;
         let (xs, xl) = x.storage_and_layout();
@@ -230,47 +328,118 @@ impl CustomOp3 for BatchNormTrainOp {
         };
         let (xs, dy) = (cpu_slice(xs, xl)?, cpu_slice(gs, gl)?);
         let kept = self.batch.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let (mean, var) = kept.unwrap_or_else(|| channel_stats(xs, n, c, spatial));
-        let invstd: Vec<f64> = var.iter().map(|v| 1.0 / (v + BN_EPS).sqrt()).collect();
-        let mean32: Vec<f32> = mean.iter().map(|&m| m as f32).collect();
-        fn plane(v: &[f32], p: usize, spatial: usize) -> &[f32] {
-            &v[p * spatial..][..spatial]
-        }
-        // Per channel: sum(dy) and sum(dy * xhat), in a fixed order.
-        let sum_dy = by_channel(
-            &per_plane(dy.len(), spatial, |p| super::conv::sum(plane(dy, p, spatial)) as f64),
-            c,
-        );
-        let sum_dy_xc = by_channel(
-            &per_plane(dy.len(), spatial, |p| {
-                centred_dot(plane(dy, p, spatial), 0.0, plane(xs, p, spatial), mean32[p % c])
-            }),
-            c,
-        );
-        let sum_dy_xhat: Vec<f64> = sum_dy_xc.iter().zip(&invstd).map(|(s, i)| s * i).collect();
-        // dx = k * (dy - sum_dy / m - xhat * sum_dy_xhat / m), k = gamma * invstd, as
-        // `k * dy + q * (x - mean) + r` with per-channel constants.
-        let m = (n * spatial) as f64;
-        let coef: Vec<(f32, f32, f32)> = (0..c)
-            .map(|ch| {
-                let k = g[ch] as f64 * invstd[ch];
-                let q = -k * invstd[ch] * sum_dy_xhat[ch] / m;
-                (k as f32, q as f32, (-k * sum_dy[ch] / m) as f32)
-            })
-            .collect();
-        let mut dx = vec![0f32; xs.len()];
-        for_planes(&mut dx, spatial, |p, out| {
-            let ((k, q, r), mu) = (coef[p % c], mean32[p % c]);
-            let (d, v) = (plane(dy, p, spatial), plane(xs, p, spatial));
-            for ((o, &d), &v) in out.iter_mut().zip(d).zip(v) {
-                *o = k * d + q * (v - mu) + r;
-            }
-        });
-        let to_f32 = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
+        let moments = kept.unwrap_or_else(|| channel_stats(xs, dims.0, dims.1, dims.2));
+        let (dx, dgamma, dbeta) = normalise_grads(xs, dims, &g, dy, &moments);
+        let c = dims.1;
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), x.device())?),
-            Some(Tensor::from_vec(to_f32(sum_dy_xhat), c, x.device())?),
-            Some(Tensor::from_vec(to_f32(sum_dy), c, x.device())?),
+            Some(Tensor::from_vec(dgamma, c, x.device())?),
+            Some(Tensor::from_vec(dbeta, c, x.device())?),
+        ))
+    }
+}
+
+/// A convolution and the BatchNorm after it as one candle op over `(x, w, packed)`, `packed`
+/// being `[bias (when the conv has one), gamma, beta]`: the convolution's output never becomes
+/// a tensor of the autodiff graph, so candle does not zero and add its gradient on one core
+/// (a tenth of a training step when they were two ops).
+struct ConvBatchNormOp {
+    conv: Conv2dParams,
+    with_bias: bool,
+    stats: Arc<Mutex<(Vec<f32>, Vec<f32>)>>,
+    /// The convolution's output and the batch statistics, kept by the forward for the backward.
+    saved: Mutex<Option<(Vec<f32>, Moments)>>,
+}
+
+impl ConvBatchNormOp {
+    fn geometry(&self, x: &[usize], w: &[usize]) -> candle_core::Result<ConvGeometry> {
+        ConvGeometry::new(x, w, self.conv).map_err(candle_core::Error::Msg)
+    }
+
+    /// `(bias, gamma, beta)` of `packed`, for `o` output channels.
+    fn unpack<'a>(
+        &self,
+        packed: &'a [f32],
+        o: usize,
+    ) -> candle_core::Result<(Option<&'a [f32]>, &'a [f32], &'a [f32])> {
+        let bias = usize::from(self.with_bias);
+        if packed.len() != (2 + bias) * o {
+            candle_core::bail!("conv-batchnorm: {} parameters for {o} channels", packed.len());
+        }
+        let (b, rest) = packed.split_at(bias * o);
+        let (gamma, beta) = rest.split_at(o);
+        Ok((self.with_bias.then_some(b), gamma, beta))
+    }
+}
+
+impl CustomOp3 for ConvBatchNormOp {
+    fn name(&self) -> &'static str {
+        "conv-batchnorm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = self.geometry(l1.dims(), l2.dims())?;
+        let (x, w, packed) = (cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, cpu_slice(s3, l3)?);
+        let (bias, gamma, beta) = self.unpack(packed, g.o)?;
+        let y = conv::forward(x, w, bias, &g);
+        let (out, moments) = normalise(&y, (g.n, g.o, g.oh * g.ow), gamma, beta);
+        record(&self.stats, &moments);
+        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some((y, moments));
+        Ok((CpuStorage::F32(out), Shape::from(g.out_dims().to_vec())))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        packed: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = self.geometry(x.dims(), w.dims())?;
+        let params: Vec<f32> = packed.flatten_all()?.to_vec1()?;
+        let (bias, gamma, _) = self.unpack(&params, g.o)?;
+        let grad = grad.contiguous()?;
+        let need_dx = x.track_op();
+        let (dconv, dgamma, dbeta, r) = {
+            let (xs, xl) = x.storage_and_layout();
+            let (ws, wl) = w.storage_and_layout();
+            let (gs, gl) = grad.storage_and_layout();
+            let (Storage::Cpu(xs), Storage::Cpu(ws), Storage::Cpu(gs)) = (&*xs, &*ws, &*gs) else {
+                candle_core::bail!("conv-batchnorm: only the CPU is supported");
+            };
+            let (xs, ws, dy) = (cpu_slice(xs, xl)?, cpu_slice(ws, wl)?, cpu_slice(gs, gl)?);
+            let kept = self.saved.lock().unwrap_or_else(|e| e.into_inner()).take();
+            let (y, moments) = match kept {
+                Some(kept) => kept,
+                None => {
+                    let y = conv::forward(xs, ws, bias, &g);
+                    let moments = channel_stats(&y, g.n, g.o, g.oh * g.ow);
+                    (y, moments)
+                }
+            };
+            let dims = (g.n, g.o, g.oh * g.ow);
+            let (dconv, dgamma, dbeta) = normalise_grads(&y, dims, gamma, dy, &moments);
+            let r = conv::backward(xs, ws, &dconv, &g, need_dx, self.with_bias);
+            (dconv, dgamma, dbeta, r)
+        };
+        drop(dconv);
+        let mut dparams = r.db.unwrap_or_default();
+        dparams.extend(dgamma);
+        dparams.extend(dbeta);
+        let dx = r.dx.map(|d| Tensor::from_vec(d, x.shape(), x.device())).transpose()?;
+        Ok((
+            dx,
+            Some(Tensor::from_vec(r.dw, w.shape(), w.device())?),
+            Some(Tensor::from_vec(dparams, packed.shape(), packed.device())?),
         ))
     }
 }
@@ -360,6 +529,53 @@ mod tests {
             let (a, b) = (flat(gf.get(v).unwrap()), flat(gc.get(v).unwrap()));
             for (p, q) in a.iter().zip(&b) {
                 assert!((p - q).abs() < 1e-4, "{p} vs {q}");
+            }
+        }
+    }
+
+    /// The fused Conv + BatchNorm op computes what the two ops compute one after the other,
+    /// forward and every gradient (input, weight, bias, gamma, beta), with and without a bias,
+    /// at stride 1 (the direct kernel on a wide plane) and 2.
+    #[test]
+    fn fused_conv_batchnorm_matches_the_two_ops() {
+        use crate::train::conv::{conv2d, tests::rand_vec};
+        let dev = Device::Cpu;
+        for (stride, with_bias) in [(1, true), (2, false), (1, false)] {
+            let p = Conv2dParams { stride: (stride, stride), pads: [1; 4], ..Default::default() };
+            let x = Var::from_vec(rand_vec(3 * 4 * 14 * 15, 1), (3, 4, 14, 15), &dev).unwrap();
+            let w = Var::from_vec(rand_vec(6 * 4 * 9, 2), (6, 4, 3, 3), &dev).unwrap();
+            let b = Var::from_vec(rand_vec(6, 3), 6, &dev).unwrap();
+            let b = with_bias.then_some(b);
+            let y0 =
+                conv2d(x.as_tensor(), w.as_tensor(), b.as_ref().map(|b| b.as_tensor()), p).unwrap();
+            let bn = InsertedBatchNorm::identity_for(&(&y0 * 1.5).unwrap()).unwrap();
+            let r = Tensor::from_vec(rand_vec(y0.elem_count(), 4), y0.shape(), &dev).unwrap();
+            let run = |fused: bool| {
+                let b = b.as_ref().map(|b| b.as_tensor());
+                let y = if fused {
+                    bn.conv_forward_train(x.as_tensor(), w.as_tensor(), b, p).unwrap()
+                } else {
+                    bn.forward_train(&conv2d(x.as_tensor(), w.as_tensor(), b, p).unwrap()).unwrap()
+                };
+                let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let mut out = vec![flat(&y)];
+                let vars =
+                    [x.as_tensor(), w.as_tensor(), bn.gamma.as_tensor(), bn.beta.as_tensor()];
+                for v in vars.into_iter().chain(b) {
+                    out.push(flat(grads.get(v).unwrap()));
+                }
+                out
+            };
+            let (fused, apart) = (run(true), run(false));
+            for (k, (a, b)) in fused.iter().zip(&apart).enumerate() {
+                assert_eq!(a.len(), b.len());
+                for (i, (u, v)) in a.iter().zip(b).enumerate() {
+                    assert!(
+                        (u - v).abs() <= 1e-4 * (1.0 + v.abs()),
+                        "stride {stride} part {k}[{i}]: {u} vs {v}"
+                    );
+                }
             }
         }
     }

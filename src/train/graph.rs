@@ -220,11 +220,34 @@ impl TrainGraph {
         let mut values: HashMap<&str, Tensor> = HashMap::new();
         values.insert(&self.input, x.clone());
         for (ix, node) in self.nodes.iter().enumerate() {
-            let mut y =
-                self.eval(node, &values).with_context(|| format!("node {}", node.label()))?;
-            if let Some(bn) = self.batchnorms.get(&node.name) {
-                y = if self.training { bn.forward_train(&y)? } else { bn.forward_eval(&y)? };
-            }
+            let y = match self.batchnorms.get(&node.name) {
+                // Training: the Conv and its BatchNorm as one op.
+                Some(bn) if self.training && node.op_type == "Conv" => {
+                    let input = |i: usize| -> Result<Option<Tensor>> {
+                        match node.input(i).filter(|n| !n.is_empty()) {
+                            Some(n) => Ok(Some(self.value(&values, n)?)),
+                            None => Ok(None),
+                        }
+                    };
+                    let fused = || -> Result<Tensor> {
+                        let x = input(0)?.context("input 0 missing")?;
+                        let w = input(1)?.context("input 1 missing")?;
+                        anyhow::ensure!(x.rank() == 4, "only 2-D convolutions are trainable");
+                        bn.conv_forward_train(&x, &w, input(2)?.as_ref(), conv_params(node)?)
+                    };
+                    fused().with_context(|| format!("node {}", node.label()))?
+                }
+                bn => {
+                    let y = self
+                        .eval(node, &values)
+                        .with_context(|| format!("node {}", node.label()))?;
+                    match bn {
+                        Some(bn) if self.training => bn.forward_train(&y)?,
+                        Some(bn) => bn.forward_eval(&y)?,
+                        None => y,
+                    }
+                }
+            };
             let x = node.input(0).and_then(|i| values.get(i));
             let y = observe(node, x, &y)
                 .with_context(|| format!("observing node {}", node.label()))?
