@@ -351,17 +351,16 @@ struct ConvBatchNormOp {
     saved: Mutex<Option<(Vec<f32>, Moments)>>,
 }
 
+/// A convolution's bias (when it has one), and its BatchNorm's gamma and beta.
+type Unpacked<'a> = (Option<&'a [f32]>, &'a [f32], &'a [f32]);
+
 impl ConvBatchNormOp {
     fn geometry(&self, x: &[usize], w: &[usize]) -> candle_core::Result<ConvGeometry> {
         ConvGeometry::new(x, w, self.conv).map_err(candle_core::Error::Msg)
     }
 
     /// `(bias, gamma, beta)` of `packed`, for `o` output channels.
-    fn unpack<'a>(
-        &self,
-        packed: &'a [f32],
-        o: usize,
-    ) -> candle_core::Result<(Option<&'a [f32]>, &'a [f32], &'a [f32])> {
+    fn unpack<'a>(&self, packed: &'a [f32], o: usize) -> candle_core::Result<Unpacked<'a>> {
         let bias = usize::from(self.with_bias);
         if packed.len() != (2 + bias) * o {
             candle_core::bail!("conv-batchnorm: {} parameters for {o} channels", packed.len());
