@@ -206,7 +206,7 @@ fn normalise(
     let (mean, var) = channel_stats(x, n, c, spatial);
     let scale: Vec<f32> = (0..c).map(|ch| gamma[ch] / ((var[ch] + BN_EPS).sqrt() as f32)).collect();
     let shift: Vec<f32> = (0..c).map(|ch| beta[ch] - mean[ch] as f32 * scale[ch]).collect();
-    let mut y = vec![0f32; x.len()];
+    let mut y = conv::zeroed(x.len());
     for_planes(&mut y, spatial, |p, out| {
         let (ch, inp) = (p % c, &x[p * spatial..][..out.len()]);
         for (o, &v) in out.iter_mut().zip(inp) {
@@ -253,7 +253,7 @@ fn normalise_grads(
             (k as f32, q as f32, (-k * sum_dy[ch] / m) as f32)
         })
         .collect();
-    let mut dx = vec![0f32; x.len()];
+    let mut dx = conv::zeroed(x.len());
     for_planes(&mut dx, spatial, |p, out| {
         let ((k, q, r), mu) = (coef[p % c], mean32[p % c]);
         let (d, v) = (plane(dy, p, spatial), plane(x, p, spatial));
