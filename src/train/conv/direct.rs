@@ -9,9 +9,9 @@
 //! `(ki, kj)`: one constant offset per tap, so 16 consecutive outputs read 16 consecutive
 //! inputs, one unaligned load. The columns `ox >= OW` are computed and dropped (2 of every 30
 //! at 28x28). Strided kernels read the input split by stride phase ([`Phases`]), where each
-//! tap is again one offset. A micro-tile keeps 8 output channels x 3 vectors of 16 positions in 24 of the 32
-//! vector registers; each (input channel, tap) step loads 3 input vectors and 8 broadcast
-//! weights for 24 FMAs, so the FMA units, not the loads, set the pace.
+//! tap is again one offset. A micro-tile keeps 8 output channels x 3 vectors of 16 positions
+//! in 24 of the 32 vector registers; each (input channel, tap) step loads 3 input vectors and
+//! 8 broadcast weights for 24 FMAs, so the FMA units, not the loads, set the pace.
 //!
 //! Sums run over input channels, then taps, in that fixed order: the same bits on every run.
 
@@ -23,8 +23,8 @@ const CHANNELS: usize = 8;
 const VECTORS: usize = 3;
 /// Floats per AVX-512 vector.
 const LANES: usize = 16;
-/// Narrowest output the kernel takes. At 4x4 two thirds of each vector would be dropped
-/// columns, and those layers have channels enough (128) for gemm to run well. Taking the 7x7
+/// Narrowest output the kernel takes. At 4x4 half of every position computed would be
+/// dropped (4 of 6 columns, 24 positions rounded up to 32), and those layers have channels enough (128) for gemm to run well. Taking the 7x7
 /// layers (7 rather than 12) measured 3,507 against 3,383 images/s on the shipped ResNet
 /// (scripts/bench_eval.py, one run of 3 each).
 const MIN_WIDTH: usize = 7;
@@ -76,6 +76,26 @@ impl Phases {
         let sw = self.stride.1;
         for (ch, src) in x.chunks_exact(g.h * g.w).enumerate() {
             for (y, row) in src.chunks_exact(g.w).enumerate() {
+                if sw == 2 && g.w >= 2 {
+                    // Both column phases in one pass over pairs of columns, which the compiler
+                    // vectorises (one float at a time, below, was 5% of the evaluator).
+                    let at = |c: usize| ch * plane + self.offset(y + self.pads.0, c + self.pads.1);
+                    // Even and odd columns' first places, in different phases.
+                    let (a0, a1) = (at(0), at(1));
+                    let (head, tail) = dst.split_at_mut(a0.max(a1));
+                    let (low, high) = (&mut head[a0.min(a1)..], tail);
+                    let (even, odd) = if a0 < a1 { (low, high) } else { (high, low) };
+                    let pairs = row.chunks_exact(2);
+                    let (n, last) = (pairs.len(), pairs.remainder().first().copied());
+                    for ((e, o), p) in even[..n].iter_mut().zip(&mut odd[..n]).zip(pairs) {
+                        *e = p[0];
+                        *o = p[1];
+                    }
+                    if let Some(v) = last {
+                        even[n] = v;
+                    }
+                    continue;
+                }
                 for phase in 0..sw {
                     // The first column of this row in column phase `phase`.
                     let first = (phase + sw - self.pads.1 % sw) % sw;
@@ -171,6 +191,22 @@ impl DirectConv {
     /// ReLU applied when `relu`. `scratch` is [`Self::scratch_len`] floats, [`Self::clear`]ed
     /// before the first image of this convolution.
     pub(crate) fn image(&self, x: &[f32], y: &mut [f32], relu: bool, scratch: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx512f")]
+            unsafe fn wide(d: &DirectConv, x: &[f32], y: &mut [f32], relu: bool, s: &mut [f32]) {
+                d.image_body(x, y, relu, s)
+            }
+            // SAFETY: a DirectConv exists only where the CPU has AVX-512F (`new`); the body is
+            // safe code, built with wider moves for its copies.
+            unsafe { wide(self, x, y, relu, scratch) }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        self.image_body(x, y, relu, scratch)
+    }
+
+    #[inline(always)]
+    fn image_body(&self, x: &[f32], y: &mut [f32], relu: bool, scratch: &mut [f32]) {
         let g = &self.g;
         let (cg, og, taps, hw, ohw) = (g.cg(), g.og(), g.kh * g.kw, g.h * g.w, g.oh * g.ow);
         assert_eq!(x.len(), g.c * hw, "conv input length");
