@@ -15,12 +15,13 @@
 
 use crate::error::CompileError;
 use crate::ir::{DataType, Model, Node, Tensor as IrTensor};
-use crate::train::conv::{self, Conv2dParams, ConvGeometry, MatRef};
+use crate::train::conv::{self, Conv2dParams, ConvGeometry, ConvPlan, MatRef};
 use crate::train::elementwise::{add_in_place, affine_in_place, relu_in_place};
 use crate::train::graph::{axis, conv_params, pool_params, reshape_dims};
 use crate::train::pool::{self, Pool2dParams};
 use anyhow::{Context, Result};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::OnceLock;
 
 /// Images a trial run uses to check, when the engine is built, that the graph runs batched.
 const TRIAL_BATCH: usize = 2;
@@ -31,6 +32,8 @@ enum Kernel {
         dims: [usize; 4],
         bias: Option<Vec<f32>>,
         params: Conv2dParams,
+        /// Built on the first batch, for the sizes of one image (the engine's sample is fixed).
+        plan: Box<OnceLock<(ConvGeometry, ConvPlan)>>,
     },
     /// `y = x @ weight + bias`, `weight` `[k, n]` row-major (Gemm's alpha, beta and
     /// transposes already applied), `x` `[rows, k]`.
@@ -161,6 +164,7 @@ impl Engine {
                         dims,
                         bias: floats(2)?.map(IrTensor::to_f32),
                         params: conv_params(node).map_err(|e| unsupported(node, e))?,
+                        plan: Box::default(),
                     }
                 }
                 "Gemm" | "MatMul" => dense(node, floats(1)?, floats(2)?)?,
@@ -376,10 +380,16 @@ fn run_step(step: &Step, slots: &mut [Option<Value>]) -> Result<Value> {
         step.release.contains(&slot) && step.inputs.iter().filter(|&&s| s == slot).count() == 1
     };
     let mut y = match &step.kernel {
-        Kernel::Conv { weight, dims, bias, params } => {
+        Kernel::Conv { weight, dims, bias, params, plan } => {
             let x = input(step, slots, 0)?;
             let g = ConvGeometry::new(&x.dims, dims, *params).map_err(anyhow::Error::msg)?;
-            let data = conv::forward_fused(&x.data, weight, bias.as_deref(), &g, step.relu);
+            let (bias, one) = (bias.as_deref(), ConvGeometry { n: 1, ..g });
+            let (planned, plan) = plan.get_or_init(|| (one, ConvPlan::new(weight, bias, &one)));
+            let data = if *planned == one {
+                conv::forward_planned(plan, &x.data, weight, bias, &g, step.relu)
+            } else {
+                conv::forward_fused(&x.data, weight, bias, &g, step.relu)
+            };
             return Ok(Value { data, dims: g.out_dims().to_vec() });
         }
         Kernel::Dense { weight, k, n, bias } => {

@@ -18,11 +18,11 @@
 use super::{copy_row, pad_planes, ConvGeometry, Padded};
 
 /// Output channels per micro-tile (one broadcast weight each).
-const CHANNELS: usize = 8;
+pub(super) const CHANNELS: usize = 8;
 /// Vectors of output positions per micro-tile: 8 x 3 accumulators of the 32 registers.
 const VECTORS: usize = 3;
 /// Floats per AVX-512 vector.
-const LANES: usize = 16;
+pub(super) const LANES: usize = 16;
 /// Narrowest output the kernel takes. At 4x4 half of every position computed would be
 /// dropped (4 of 6 columns, 24 positions rounded up to 32), and those layers have channels enough (128) for gemm to run well. Taking the 7x7
 /// layers (7 rather than 12) measured 3,507 against 3,383 images/s on the shipped ResNet
@@ -34,18 +34,22 @@ const MIN_WIDTH: usize = 7;
 /// output reads each tap's pixels at one flat offset, as at stride 1 (where the split is the
 /// padded plane itself).
 #[derive(Clone, Copy, Debug)]
-struct Phases {
+pub(super) struct Phases {
     stride: (usize, usize),
     pads: (usize, usize),
     /// Rows and columns of one phase.
-    hq: usize,
-    wq: usize,
+    pub(super) hq: usize,
+    pub(super) wq: usize,
 }
 
 impl Phases {
     fn of(g: &ConvGeometry) -> Self {
+        Self::split_by(g, g.p.stride)
+    }
+
+    /// `g`'s padded input split by `stride` rather than by `g`'s own.
+    pub(super) fn split_by(g: &ConvGeometry, (sh, sw): (usize, usize)) -> Self {
         let pd = Padded::of(g);
-        let (sh, sw) = g.p.stride;
         Phases {
             stride: (sh, sw),
             pads: (g.p.pads[0], g.p.pads[1]),
@@ -55,19 +59,19 @@ impl Phases {
     }
 
     /// Floats per channel: every phase.
-    fn plane(&self) -> usize {
+    pub(super) fn plane(&self) -> usize {
         self.stride.0 * self.stride.1 * self.hq * self.wq
     }
 
     /// Flat offset of padded pixel `(r, c)` within its channel.
-    fn offset(&self, r: usize, c: usize) -> usize {
+    pub(super) fn offset(&self, r: usize, c: usize) -> usize {
         let (sh, sw) = self.stride;
         ((r % sh * sw + c % sw) * self.hq + r / sh) * self.wq + c / sw
     }
 
     /// Write one group of one image, `[C/groups, H, W]`, into the phases in `dst`; the
     /// padding is left as it is (zero, once the buffer was cleared).
-    fn split(&self, x: &[f32], g: &ConvGeometry, dst: &mut [f32]) {
+    pub(super) fn split(&self, x: &[f32], g: &ConvGeometry, dst: &mut [f32]) {
         let plane = self.plane();
         let dst = &mut dst[..g.cg() * plane];
         if self.stride == (1, 1) {
@@ -247,7 +251,7 @@ impl DirectConv {
 
 /// Widths, in vectors, of the micro-tiles covering `vectors` vectors: [`VECTORS`] wide, a
 /// remainder of one made two tiles of 2 (a 1-wide tile ran at half the speed per vector).
-fn tile_widths(vectors: usize) -> impl Iterator<Item = usize> {
+pub(super) fn tile_widths(vectors: usize) -> impl Iterator<Item = usize> {
     let (full, rest) = (vectors / VECTORS, vectors % VECTORS);
     let (full, tail): (usize, &[usize]) = match rest {
         0 => (full, &[]),
@@ -259,7 +263,7 @@ fn tile_widths(vectors: usize) -> impl Iterator<Item = usize> {
 }
 
 /// Whether this CPU runs AVX-512 (F) code.
-fn avx512() -> bool {
+pub(super) fn avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx512f")
@@ -272,17 +276,17 @@ fn avx512() -> bool {
 
 /// The input side of one micro-tile: positions `p0..` of every channel's padded plane.
 #[derive(Clone, Copy)]
-struct Tile<'a> {
-    pad: &'a [f32],
-    p0: usize,
-    plane: usize,
-    channels: usize,
+pub(super) struct Tile<'a> {
+    pub(super) pad: &'a [f32],
+    pub(super) p0: usize,
+    pub(super) plane: usize,
+    pub(super) channels: usize,
 }
 
 impl Tile<'_> {
     /// `out[q * ld + p0 + i]` for the tile's `V * LANES` positions and [`CHANNELS`] channels:
     /// bias plus the sum over channels and taps, through a ReLU when `relu`.
-    fn run<const V: usize>(
+    pub(super) fn run<const V: usize>(
         &self,
         offsets: &[usize],
         w: &[f32],

@@ -1,0 +1,547 @@
+//! Winograd F(2x2, 3x3) for stride-1 3x3 convolutions on CPUs with AVX-512.
+//!
+//! Why: the 3x3 stride-1 convolutions are nearly all of a ResNet's arithmetic, and Winograd's
+//! minimal filtering computes each 2x2 block of outputs from a 4x4 block of inputs with 16
+//! multiplications per (input, output) channel pair instead of 36: 2.25 times fewer.
+//!
+//! How (Lavin and Gray, "Fast algorithms for convolutional neural networks", 2016): the input
+//! is cut into overlapping 4x4 tiles two pixels apart; each tile `d` becomes `B^T d B` and each
+//! kernel `g` becomes `G g G^T` (4x4 each); for each of the 16 positions `xi` of a 4x4 block the
+//! transformed tiles of all channels are multiplied by the transformed kernels, a
+//! `[O, C] x [C, tiles]` product, which runs on the direct kernel's micro-tile as a 1x1
+//! convolution ([`Tile`]: no packing, no call overhead); each output tile is then
+//! `A^T m A` (2x2). Tiles of several small images go side by side into one product, so that
+//! a 4x4 layer's product is as wide as a 28x28 one's.
+//!
+//! The transforms read the padded input split into its four (row, column) parity phases
+//! ([`Phases`] at stride 2), where tile `(ty, tx)`'s pixel `(i, j)` sits at one fixed offset
+//! plus `ty * WQ + tx`: a row of tiles is one (masked) vector load per pixel.
+//!
+//! Rounding: the transforms use only 1/2 and +-1 and the products sum over channels in a
+//! fixed order, so results differ from a direct convolution's by a few ulps of the
+//! magnitudes involved, and are the same bits on every run.
+
+use super::direct::{avx512, tile_widths, Phases, Tile, CHANNELS, LANES};
+use super::ConvGeometry;
+
+/// Positions of a transformed 4x4 block.
+const BLOCK: usize = 16;
+/// Least input channels to take: the transforms cost per channel and the products gain per
+/// channel pair, so thin layers gain nothing. Measured (one core, 32 images, 3x3 pad 1;
+/// `cargo test --release --lib layer_timings -- --ignored`): 16 channels at 28x28 ran even
+/// with the direct kernel (952 against 980 us), 32 at 14x14 and up faster (763 against 930,
+/// 762 against 1,180 at 64x7x7, 862 against 1,260 at 128x4x4); the evaluator on the shipped
+/// ResNet ran 4,370 images/s taking 8 channels and up, 4,620 taking 32 and up.
+const MIN_CHANNELS: usize = 32;
+/// Tiles a product should span at least (several small images side by side). 64 against 32
+/// and 128 measured fastest at every ResNet layer (the stage timings in the tests below):
+/// wider products outgrow the L2 cache, narrower ones run the micro-tile's narrow tails.
+const MIN_COLUMNS: usize = 64;
+
+/// A 3x3 stride-1 convolution prepared for Winograd F(2x2, 3x3).
+pub(crate) struct Winograd {
+    g: ConvGeometry,
+    phases: Phases,
+    /// `G g G^T` per block position, per block of [`CHANNELS`] output channels:
+    /// `[16][blocks][C][CHANNELS]`, zero for channels past `O`.
+    weights: Vec<f32>,
+    /// `[O]`, zero without a bias.
+    bias: Vec<f32>,
+    blocks: usize,
+    /// Tile rows and columns of one image.
+    th: usize,
+    tw: usize,
+    /// Images whose tiles share one product.
+    per_run: usize,
+    /// Columns of the products' matrices: `per_run` images' tiles rounded up to whole vectors.
+    columns: usize,
+}
+
+/// Floats between block positions' matrices in the scratch: the matrix's size plus one cache
+/// line, so that the 16 streams a transform reads or writes fall in different cache sets. (At
+/// a stride of a multiple of 4 KiB they shared one set, and the input transform ran four
+/// times slower than it does now.)
+fn skewed(len: usize) -> usize {
+    len + LANES
+}
+
+impl Winograd {
+    /// `w` (`[O, C, 3, 3]`) and `bias` over `g`, or `None` when `g` is not a 3x3, stride-1,
+    /// undilated, ungrouped convolution of at least [`MIN_CHANNELS`] input channels, or the
+    /// CPU has no AVX-512.
+    pub(crate) fn new(w: &[f32], bias: Option<&[f32]>, g: &ConvGeometry) -> Option<Self> {
+        let p = &g.p;
+        let fits = (g.kh, g.kw) == (3, 3)
+            && p.stride == (1, 1)
+            && p.dilation == (1, 1)
+            && p.groups == 1
+            && g.c >= MIN_CHANNELS
+            && g.oh * g.ow > 0;
+        if !fits || !avx512() {
+            return None;
+        }
+        Some(Self::build(w, bias, g))
+    }
+
+    fn build(w: &[f32], bias: Option<&[f32]>, g: &ConvGeometry) -> Self {
+        let (c, o) = (g.c, g.o);
+        assert_eq!(w.len(), o * c * 9, "conv weight length");
+        let blocks = o.div_ceil(CHANNELS);
+        let mut weights = vec![0f32; BLOCK * blocks * c * CHANNELS];
+        for oc in 0..o {
+            for ci in 0..c {
+                let k = &w[(oc * c + ci) * 9..][..9];
+                let u = kernel_transform(k.try_into().expect("nine taps"));
+                let (blk, q) = (oc / CHANNELS, oc % CHANNELS);
+                for (xi, &v) in u.iter().enumerate() {
+                    weights[((xi * blocks + blk) * c + ci) * CHANNELS + q] = v;
+                }
+            }
+        }
+        let (th, tw) = (g.oh.div_ceil(2), g.ow.div_ceil(2));
+        let per_run = MIN_COLUMNS.div_ceil(th * tw);
+        Winograd {
+            g: *g,
+            phases: Phases::split_by(g, (2, 2)),
+            weights,
+            bias: bias.map_or_else(|| vec![0.0; o], <[f32]>::to_vec),
+            blocks,
+            th,
+            tw,
+            per_run,
+            columns: (per_run * th * tw).next_multiple_of(LANES),
+        }
+    }
+
+    /// Images [`Self::run`] takes at once (the plan serves any batch).
+    pub(crate) fn images_per_run(&self) -> usize {
+        self.per_run
+    }
+
+    fn phases_len(&self) -> usize {
+        self.g.c * self.phases.plane()
+    }
+
+    /// Floats from one block position's transformed tiles, `[C, columns]`, to the next's.
+    fn tiles_stride(&self) -> usize {
+        skewed(self.g.c * self.columns)
+    }
+
+    /// Floats from one block position's products, `[blocks * CHANNELS, columns]`, to the next's.
+    fn products_stride(&self) -> usize {
+        skewed(self.blocks * CHANNELS * self.columns)
+    }
+
+    /// Scratch floats [`Self::run`] needs: one image's phases, the transformed tiles and the
+    /// products.
+    pub(crate) fn scratch_len(&self) -> usize {
+        self.phases_len() + BLOCK * (self.tiles_stride() + self.products_stride())
+    }
+
+    /// Zero `scratch`'s padding once; [`Self::run`] only writes the planes' interiors.
+    pub(crate) fn clear(&self, scratch: &mut [f32]) {
+        scratch[..self.phases_len()].fill(0.0);
+    }
+
+    /// Up to [`Self::images_per_run`] images: `x` (`[nb, C, H, W]`) convolved into `y`
+    /// (`[nb, O, OH, OW]`, overwritten), through a ReLU when `relu`. `scratch` is
+    /// [`Self::scratch_len`] floats, [`Self::clear`]ed before the convolution's first run.
+    pub(crate) fn run(&self, x: &[f32], y: &mut [f32], relu: bool, scratch: &mut [f32]) {
+        let g = &self.g;
+        let (chw, ohw_all) = (g.c * g.h * g.w, g.o * g.oh * g.ow);
+        let nb = x.len() / chw.max(1);
+        assert!(nb <= self.per_run, "{nb} images for a run of {}", self.per_run);
+        assert_eq!(x.len(), nb * chw, "conv input length");
+        assert_eq!(y.len(), nb * ohw_all, "conv output length");
+        assert!(scratch.len() >= self.scratch_len(), "Winograd scratch");
+        let (ph, rest) = scratch.split_at_mut(self.phases_len());
+        let (tiles, products) = rest.split_at_mut(BLOCK * self.tiles_stride());
+        let products = &mut products[..BLOCK * self.products_stride()];
+        for (b, xb) in x.chunks_exact(chw).enumerate() {
+            self.phases.split(xb, g, ph);
+            // SAFETY: `Winograd::new` checked AVX-512F; the transform's reads and writes are
+            // bounds-checked against the slices in `input_transform` before any vector access.
+            unsafe { self.input_transform(ph, tiles, b) };
+        }
+        let used = nb * self.th * self.tw;
+        self.multiply(tiles, products, used.div_ceil(LANES));
+        for (b, yb) in y.chunks_exact_mut(ohw_all).enumerate() {
+            // SAFETY: as above.
+            unsafe { self.output_transform(products, yb, b, relu) };
+        }
+    }
+
+    /// `B^T d B` of every tile of image `b` (its phases in `ph`), written to
+    /// `tiles[xi][c][b * TH * TW + ty * TW + tx]`.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn input_transform(&self, ph: &[f32], tiles: &mut [f32], b: usize) {
+        use std::arch::x86_64::*;
+        let (c, plane, wq, cols) = (self.g.c, self.phases.plane(), self.phases.wq, self.columns);
+        let t_img = b * self.th * self.tw;
+        // Offsets of pixel (i, j) of tile (0, 0); tile (ty, tx) adds ty * WQ + tx.
+        let mut base = [[0usize; 4]; 4];
+        for (i, row) in base.iter_mut().enumerate() {
+            for (j, v) in row.iter_mut().enumerate() {
+                *v = self.phases.offset(i, j);
+            }
+        }
+        let reach = (self.th - 1) * wq + self.tw - 1 + base[3][3];
+        assert!((c - 1) * plane + reach < ph.len(), "phases too short");
+        assert!(t_img + self.th * self.tw <= cols, "tiles past the columns");
+        let stride = self.tiles_stride();
+        assert!(tiles.len() >= BLOCK * stride, "tiles buffer");
+        let out = tiles.as_mut_ptr();
+        for ch in 0..c {
+            let src = ph.as_ptr().add(ch * plane);
+            for ty in 0..self.th {
+                for tx0 in (0..self.tw).step_by(LANES) {
+                    let mask = lanes_mask(self.tw - tx0);
+                    let at = ty * wq + tx0;
+                    let mut d = [[_mm512_setzero_ps(); 4]; 4];
+                    for (drow, brow) in d.iter_mut().zip(&base) {
+                        for (v, &off) in drow.iter_mut().zip(brow) {
+                            *v = _mm512_maskz_loadu_ps(mask, src.add(off + at));
+                        }
+                    }
+                    // Rows (B^T over j), then columns (B^T over i).
+                    let mut e = [[_mm512_setzero_ps(); 4]; 4];
+                    for (erow, drow) in e.iter_mut().zip(&d) {
+                        *erow = b_transpose(drow);
+                    }
+                    let t = ch * cols + t_img + ty * self.tw + tx0;
+                    for (j, col) in transpose(&e).iter().enumerate() {
+                        for (k, v) in b_transpose(col).iter().enumerate() {
+                            _mm512_mask_storeu_ps(out.add((4 * k + j) * stride + t), mask, *v);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// For each block position, the `[O, C] x [C, tiles]` product over the first `vectors`
+    /// vectors of tile columns.
+    fn multiply(&self, tiles: &[f32], products: &mut [f32], vectors: usize) {
+        let (c, cols) = (self.g.c, self.columns);
+        let rows = self.blocks * CHANNELS;
+        let zero = [0f32; CHANNELS];
+        for xi in 0..BLOCK {
+            let v = &tiles[xi * self.tiles_stride()..][..c * cols];
+            let m = &mut products[xi * self.products_stride()..][..rows * cols];
+            let mut v0 = 0;
+            for width in tile_widths(vectors) {
+                let tile = Tile { pad: v, p0: v0 * LANES, plane: cols, channels: c };
+                v0 += width;
+                for blk in 0..self.blocks {
+                    let w =
+                        &self.weights[(xi * self.blocks + blk) * c * CHANNELS..][..c * CHANNELS];
+                    let out = &mut m[blk * CHANNELS * cols..];
+                    match width {
+                        3 => tile.run::<3>(&[0], w, &zero, false, out, cols),
+                        2 => tile.run::<2>(&[0], w, &zero, false, out, cols),
+                        _ => tile.run::<1>(&[0], w, &zero, false, out, cols),
+                    }
+                }
+            }
+        }
+    }
+
+    /// `A^T m A` plus bias (and ReLU) of image `b`'s tiles, into `y` (`[O, OH, OW]`).
+    #[target_feature(enable = "avx512f")]
+    unsafe fn output_transform(&self, products: &[f32], y: &mut [f32], b: usize, relu: bool) {
+        use std::arch::x86_64::*;
+        let g = &self.g;
+        let cols = self.columns;
+        let t_img = b * self.th * self.tw;
+        let stride = self.products_stride();
+        assert!(products.len() >= BLOCK * stride, "products buffer");
+        assert!(t_img + self.th * self.tw <= cols, "tiles past the columns");
+        assert_eq!(y.len(), g.o * g.oh * g.ow, "conv output length");
+        // Lanes 0..8 and 8..16 of two vectors, interleaved: columns 2 tx and 2 tx + 1.
+        let low = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+        let high = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+        let (src, dst, zero) = (products.as_ptr(), y.as_mut_ptr(), _mm512_setzero_ps());
+        for o in 0..g.o {
+            let bias = _mm512_set1_ps(self.bias[o]);
+            for ty in 0..self.th {
+                for tx0 in (0..self.tw).step_by(LANES) {
+                    let mask = lanes_mask(self.tw - tx0);
+                    let t = t_img + ty * self.tw + tx0;
+                    let mut m = [[_mm512_setzero_ps(); 4]; 4];
+                    for (k, mrow) in m.iter_mut().enumerate() {
+                        for (j, v) in mrow.iter_mut().enumerate() {
+                            let at = (4 * k + j) * stride + o * cols + t;
+                            *v = _mm512_maskz_loadu_ps(mask, src.add(at));
+                        }
+                    }
+                    // Columns (A^T over k), then rows (A^T over j).
+                    let mut s = [[zero; 2]; 4];
+                    for (srow, col) in s.iter_mut().zip(&transpose(&m)) {
+                        *srow = a_transpose(col);
+                    }
+                    let out_cols = (g.ow - 2 * tx0).min(2 * LANES);
+                    let (mask_lo, mask_hi) = (
+                        lanes_mask(out_cols.min(LANES)),
+                        lanes_mask(out_cols.saturating_sub(LANES)),
+                    );
+                    for (i, line) in transpose(&s).iter().enumerate() {
+                        let oy = 2 * ty + i;
+                        if oy >= g.oh {
+                            break;
+                        }
+                        let [mut y0, mut y1] = a_transpose(line);
+                        y0 = _mm512_add_ps(y0, bias);
+                        y1 = _mm512_add_ps(y1, bias);
+                        if relu {
+                            y0 = _mm512_max_ps(y0, zero);
+                            y1 = _mm512_max_ps(y1, zero);
+                        }
+                        let row = dst.add((o * g.oh + oy) * g.ow + 2 * tx0);
+                        _mm512_mask_storeu_ps(row, mask_lo, _mm512_permutex2var_ps(y0, low, y1));
+                        _mm512_mask_storeu_ps(
+                            row.add(LANES),
+                            mask_hi,
+                            _mm512_permutex2var_ps(y0, high, y1),
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `a`'s columns as rows.
+#[inline(always)]
+fn transpose<T: Copy, const R: usize, const C: usize>(a: &[[T; C]; R]) -> [[T; R]; C] {
+    let mut t = [[a[0][0]; R]; C];
+    for (r, row) in a.iter().enumerate() {
+        for (c, v) in row.iter().enumerate() {
+            t[c][r] = *v;
+        }
+    }
+    t
+}
+
+/// A mask of the first `n` (at most 16) lanes.
+fn lanes_mask(n: usize) -> u16 {
+    if n >= LANES {
+        u16::MAX
+    } else {
+        (1u16 << n) - 1
+    }
+}
+
+/// `G g G^T` of a 3x3 kernel `k` (row-major), as 16 values in row-major 4x4 order.
+fn kernel_transform(k: &[f32; 9]) -> [f32; 16] {
+    // G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]].
+    let g = |v: [f32; 3]| -> [f32; 4] {
+        [v[0], 0.5 * (v[0] + v[1] + v[2]), 0.5 * (v[0] - v[1] + v[2]), v[2]]
+    };
+    let rows = [0, 1, 2].map(|r| g([k[3 * r], k[3 * r + 1], k[3 * r + 2]]));
+    let mut u = [0f32; 16];
+    for j in 0..4 {
+        let col = g([rows[0][j], rows[1][j], rows[2][j]]);
+        for (i, v) in col.iter().enumerate() {
+            u[4 * i + j] = *v;
+        }
+    }
+    u
+}
+
+/// `B^T v` for one line of four vectors:
+/// `B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]`.
+#[inline(always)]
+unsafe fn b_transpose(v: &[std::arch::x86_64::__m512; 4]) -> [std::arch::x86_64::__m512; 4] {
+    use std::arch::x86_64::*;
+    [
+        _mm512_sub_ps(v[0], v[2]),
+        _mm512_add_ps(v[1], v[2]),
+        _mm512_sub_ps(v[2], v[1]),
+        _mm512_sub_ps(v[1], v[3]),
+    ]
+}
+
+/// `A^T v` for one line of four vectors: `A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]`.
+#[inline(always)]
+unsafe fn a_transpose(v: &[std::arch::x86_64::__m512; 4]) -> [std::arch::x86_64::__m512; 2] {
+    use std::arch::x86_64::*;
+    [_mm512_add_ps(_mm512_add_ps(v[0], v[1]), v[2]), _mm512_sub_ps(_mm512_sub_ps(v[1], v[2]), v[3])]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::rand_vec;
+    use super::super::{forward_im2col, Conv2dParams};
+    use super::*;
+
+    #[test]
+    fn kernel_transform_of_a_delta_is_its_row_and_column_of_g() {
+        // g = e_(1,1): G g G^T = G[:, 1] G[:, 1]^T with G[:, 1] = (0, 1/2, -1/2, 0).
+        let mut k = [0f32; 9];
+        k[4] = 1.0;
+        let col = [0.0, 0.5, -0.5, 0.0];
+        let u = kernel_transform(&k);
+        for i in 0..4 {
+            for j in 0..4 {
+                assert_eq!(u[4 * i + j], col[i] * col[j], "({i}, {j})");
+            }
+        }
+    }
+
+    #[test]
+    fn winograd_matches_im2col_and_gemm() {
+        if !avx512() {
+            eprintln!("no AVX-512 on this CPU: Winograd is never chosen here");
+            return;
+        }
+        let mut tried = 0;
+        for (n, c, o, h, w) in [
+            (3, 16, 16, 28, 28),
+            (2, 8, 17, 7, 7),
+            (5, 9, 8, 4, 4),
+            (2, 12, 24, 5, 9),
+            (1, 8, 3, 1, 2),
+            (3, 32, 40, 14, 33),
+        ] {
+            for pads in [[1; 4], [0; 4], [2, 0, 1, 3]] {
+                let p = Conv2dParams { pads, ..Conv2dParams::default() };
+                let Ok(g) = ConvGeometry::new(&[n, c, h, w], &[o, c, 3, 3], p) else {
+                    continue;
+                };
+                let x = rand_vec(n * c * h * w, 21);
+                let wt = rand_vec(o * c * 9, 22);
+                let bias = rand_vec(o, 23);
+                for relu in [false, true] {
+                    for bias in [None, Some(&bias[..])] {
+                        let want = forward_im2col(&x, &wt, bias, &g, relu);
+                        // `build`: the narrow cases too, which `new` leaves to the direct kernel.
+                        let wg = Winograd::build(&wt, bias, &g);
+                        // Stale values everywhere but the zeroed padding.
+                        let mut scratch = vec![f32::NAN; wg.scratch_len()];
+                        wg.clear(&mut scratch);
+                        let (chw, ohw_all) = (c * h * w, o * g.oh * g.ow);
+                        let mut got = vec![f32::NAN; want.len()];
+                        let per = wg.images_per_run();
+                        for (xs, ys) in x.chunks(per * chw).zip(got.chunks_mut(per * ohw_all)) {
+                            wg.run(xs, ys, relu, &mut scratch);
+                        }
+                        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                            assert!(
+                                (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                                "{g:?} relu {relu} at {i}: {a} vs {b}"
+                            );
+                        }
+                        tried += 1;
+                    }
+                }
+            }
+        }
+        assert!(tried >= 60, "only {tried} cases ran");
+    }
+
+    #[test]
+    fn winograd_refuses_what_it_does_not_compute() {
+        let x = [1, 32, 8, 8];
+        let w = rand_vec(32 * 32 * 15, 1);
+        let take = |wd: [usize; 4], p: Conv2dParams| {
+            let g = ConvGeometry::new(&x, &wd, p).unwrap();
+            Winograd::new(&w[..wd.iter().product()], None, &g).is_some()
+        };
+        let d = Conv2dParams::default();
+        assert_eq!(take([16, 32, 3, 3], d), avx512());
+        assert!(!take([16, 32, 3, 3], Conv2dParams { stride: (2, 2), ..d }));
+        assert!(!take([16, 32, 3, 3], Conv2dParams { dilation: (2, 2), ..d }));
+        assert!(!take([16, 16, 3, 3], Conv2dParams { groups: 2, ..d }));
+        assert!(!take([16, 32, 1, 1], d));
+        assert!(!take([16, 32, 5, 3], d));
+        let narrow = ConvGeometry::new(&[1, 16, 8, 8], &[16, 16, 3, 3], d).unwrap();
+        assert!(Winograd::new(&w[..16 * 16 * 9], None, &narrow).is_none());
+    }
+}
+
+/// Timings that chose [`MIN_CHANNELS`] and [`MIN_COLUMNS`] (run by hand, one core:
+/// `RAYON_NUM_THREADS=1 cargo test --release --lib timings -- --ignored --nocapture`).
+#[cfg(test)]
+mod timings {
+    use super::super::tests::rand_vec;
+    use super::super::*;
+    use super::*;
+
+    #[test]
+    #[ignore]
+    fn layer_timings() {
+        for (c, o, hw) in [(16, 16, 28), (32, 32, 14), (64, 64, 7), (128, 128, 4)] {
+            let p = Conv2dParams { pads: [1; 4], ..Conv2dParams::default() };
+            let g = ConvGeometry::new(&[32, c, hw, hw], &[o, c, 3, 3], p).unwrap();
+            let x = rand_vec(32 * c * hw * hw, 1);
+            let w = rand_vec(o * c * 9, 2);
+            let plans = [
+                ("winograd", ConvPlan::new(&w, None, &g)),
+                (
+                    "direct",
+                    DirectConv::new(&w, None, &g).map_or(ConvPlan::Im2col, ConvPlan::Direct),
+                ),
+                ("im2col", ConvPlan::Im2col),
+            ];
+            for (name, plan) in &plans {
+                let t = std::time::Instant::now();
+                let reps = 20;
+                for _ in 0..reps {
+                    std::hint::black_box(forward_planned(plan, &x, &w, None, &g, true));
+                }
+                let s = t.elapsed().as_secs_f64() / reps as f64;
+                let gf = 2.0 * (32 * o * c * 9 * g.oh * g.ow) as f64 / s / 1e9;
+                eprintln!(
+                    "{c}x{o}@{hw}: {name:9} {:8.1} us  {gf:6.1} GFLOP/s(direct-equiv)",
+                    s * 1e6
+                );
+            }
+        }
+    }
+
+    #[test]
+    #[ignore]
+    fn stage_timings() {
+        for (c, o, hw) in [(16, 16, 28), (32, 32, 14), (64, 64, 7), (128, 128, 4)] {
+            let p = Conv2dParams { pads: [1; 4], ..Conv2dParams::default() };
+            let g = ConvGeometry::new(&[32, c, hw, hw], &[o, c, 3, 3], p).unwrap();
+            let x = rand_vec(32 * c * hw * hw, 1);
+            let w = rand_vec(o * c * 9, 2);
+            let wg = Winograd::new(&w, None, &g).unwrap();
+            let mut scratch = vec![0f32; wg.scratch_len()];
+            wg.clear(&mut scratch);
+            let mut y = vec![0f32; 32 * o * hw * hw];
+            let chw = c * hw * hw;
+            let per = wg.per_run;
+            let (mut t_split, mut t_in, mut t_mul, mut t_out) = (0.0, 0.0, 0.0, 0.0);
+            for _ in 0..20 {
+                for (xs, ys) in x.chunks(per * chw).zip(y.chunks_mut(per * o * hw * hw)) {
+                    let (ph, rest) = scratch.split_at_mut(wg.phases_len());
+                    let (tiles, products) = rest.split_at_mut(BLOCK * wg.tiles_stride());
+                    let nb = xs.len() / chw;
+                    for (b, xb) in xs.chunks_exact(chw).enumerate() {
+                        let t = std::time::Instant::now();
+                        wg.phases.split(xb, &g, ph);
+                        t_split += t.elapsed().as_secs_f64();
+                        let t = std::time::Instant::now();
+                        unsafe { wg.input_transform(ph, tiles, b) };
+                        t_in += t.elapsed().as_secs_f64();
+                    }
+                    let t = std::time::Instant::now();
+                    wg.multiply(tiles, products, (nb * wg.th * wg.tw).div_ceil(LANES));
+                    t_mul += t.elapsed().as_secs_f64();
+                    let t = std::time::Instant::now();
+                    for (b, yb) in ys.chunks_exact_mut(o * hw * hw).enumerate() {
+                        unsafe { wg.output_transform(products, yb, b, true) };
+                    }
+                    t_out += t.elapsed().as_secs_f64();
+                }
+            }
+            let us = |v: f64| v / 20.0 * 1e6;
+            eprintln!(
+                "{c}x{o}@{hw}: split {:.0} in {:.0} mul {:.0} out {:.0} us (per_run {per}, cols {})",
+                us(t_split), us(t_in), us(t_mul), us(t_out), wg.columns
+            );
+        }
+    }
+}
