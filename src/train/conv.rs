@@ -827,6 +827,9 @@ enum InputGrad {
     Flipped(ConvGeometry, Vec<f32>),
     /// That convolution through the direct kernel, image by image.
     Direct(DirectConv),
+    /// That convolution through Winograd, a few images at a time.
+    #[cfg(target_arch = "x86_64")]
+    Winograd(winograd::Winograd),
     /// `col2im(W^T @ dY)`.
     Col2im,
 }
@@ -853,9 +856,11 @@ pub fn backward(
         _ if g.pointwise() => InputGrad::Pointwise,
         Some(gt) => {
             let wf = flip_kernel(w, g);
-            match DirectConv::new(&wf, None, &gt) {
-                Some(d) => InputGrad::Direct(d),
-                None => InputGrad::Flipped(gt, wf),
+            match ConvPlan::new(&wf, None, &gt) {
+                #[cfg(target_arch = "x86_64")]
+                ConvPlan::Winograd(wg) => InputGrad::Winograd(wg),
+                ConvPlan::Direct(d) => InputGrad::Direct(d),
+                ConvPlan::Im2col => InputGrad::Flipped(gt, wf),
             }
         }
         None => InputGrad::Col2im,
@@ -867,6 +872,8 @@ pub fn backward(
         + match &plan {
             InputGrad::Skip => 0,
             InputGrad::Direct(d) => d.scratch_len(),
+            #[cfg(target_arch = "x86_64")]
+            InputGrad::Winograd(wg) => wg.scratch_len(),
             InputGrad::Pointwise => many(cg * ohw),
             InputGrad::Flipped(gt, _) => Unroll::len(gt, pg) + many(cg * hw),
             InputGrad::Col2im => k * pg * ohw + pd.len(g),
@@ -906,6 +913,15 @@ pub fn backward(
                     }
                     _ => None,
                 };
+                #[cfg(target_arch = "x86_64")]
+                let mut winograd = match &plan {
+                    InputGrad::Winograd(wg) => {
+                        let wbuf = take(&mut buf, wg.scratch_len());
+                        wg.clear(wbuf);
+                        Some((wg, wbuf))
+                    }
+                    _ => None,
+                };
                 let tmp = buf;
                 for (s, nb) in sp.gemms(images) {
                     let ld = nb * ohw;
@@ -913,6 +929,15 @@ pub fn backward(
                         for b in s..s + nb {
                             let dyb = &dyc[b * ohw_all..][..ohw_all];
                             d.image(dyb, &mut dxc[b * chw..][..chw], false, dbuf);
+                        }
+                    }
+                    #[cfg(target_arch = "x86_64")]
+                    if let (Some((wg, wbuf)), Some(dxc)) = (&mut winograd, dxc.as_deref_mut()) {
+                        let per = wg.images_per_run();
+                        for r in (s..s + nb).step_by(per) {
+                            let e = (r + per).min(s + nb);
+                            let dx_run = &mut dxc[r * chw..e * chw];
+                            wg.run(&dyc[r * ohw_all..e * ohw_all], dx_run, false, wbuf);
                         }
                     }
                     for grp in 0..g.p.groups {
@@ -941,6 +966,8 @@ pub fn backward(
                         let (dxs, off) = (&mut dxc[s * chw..], grp * cg * hw);
                         match &plan {
                             InputGrad::Skip | InputGrad::Direct(_) => {}
+                            #[cfg(target_arch = "x86_64")]
+                            InputGrad::Winograd(_) => {}
                             InputGrad::Pointwise => {
                                 matmul_into_images(wt, dyg, nb, None, dxs, chw, off, tmp, par)
                             }

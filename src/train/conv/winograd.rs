@@ -57,10 +57,10 @@ pub(crate) struct Winograd {
     columns: usize,
 }
 
-/// Floats between block positions' matrices in the scratch: the matrix's size plus one cache
-/// line, so that the 16 streams a transform reads or writes fall in different cache sets. (At
-/// a stride of a multiple of 4 KiB they shared one set, and the input transform ran four
-/// times slower than it does now.)
+/// Floats from one channel's 16 rows of columns to the next channel's: their size plus one
+/// cache line, so that the streams a product reads or writes fall in different cache sets. (At
+/// strides of a multiple of 4 KiB they shared one set, and a transform ran up to four times
+/// slower.)
 fn skewed(len: usize) -> usize {
     len + LANES
 }
@@ -122,20 +122,26 @@ impl Winograd {
         self.g.c * self.phases.plane()
     }
 
-    /// Floats from one block position's transformed tiles, `[C, columns]`, to the next's.
-    fn tiles_stride(&self) -> usize {
-        skewed(self.g.c * self.columns)
+    /// Strides of the transformed tiles and of the products, `(block position, channel)`:
+    /// each channel's 16 rows of columns together, so that a channel's transform reads or
+    /// writes one stretch of memory. (The other way round, `[16][C][columns]`, the output
+    /// transform ran 15% slower; the products and the input transform the same.)
+    fn layout(&self) -> (usize, usize) {
+        (self.columns, skewed(BLOCK * self.columns))
     }
 
-    /// Floats from one block position's products, `[blocks * CHANNELS, columns]`, to the next's.
-    fn products_stride(&self) -> usize {
-        skewed(self.blocks * CHANNELS * self.columns)
+    fn tiles_len(&self) -> usize {
+        self.g.c * self.layout().1
+    }
+
+    fn products_len(&self) -> usize {
+        self.blocks * CHANNELS * self.layout().1
     }
 
     /// Scratch floats [`Self::run`] needs: one image's phases, the transformed tiles and the
     /// products.
     pub(crate) fn scratch_len(&self) -> usize {
-        self.phases_len() + BLOCK * (self.tiles_stride() + self.products_stride())
+        self.phases_len() + self.tiles_len() + self.products_len()
     }
 
     /// Zero `scratch`'s padding once; [`Self::run`] only writes the planes' interiors.
@@ -155,8 +161,8 @@ impl Winograd {
         assert_eq!(y.len(), nb * ohw_all, "conv output length");
         assert!(scratch.len() >= self.scratch_len(), "Winograd scratch");
         let (ph, rest) = scratch.split_at_mut(self.phases_len());
-        let (tiles, products) = rest.split_at_mut(BLOCK * self.tiles_stride());
-        let products = &mut products[..BLOCK * self.products_stride()];
+        let (tiles, products) = rest.split_at_mut(self.tiles_len());
+        let products = &mut products[..self.products_len()];
         for (b, xb) in x.chunks_exact(chw).enumerate() {
             self.phases.split(xb, g, ph);
             // SAFETY: `Winograd::new` checked AVX-512F; the transform's reads and writes are
@@ -188,8 +194,8 @@ impl Winograd {
         let reach = (self.th - 1) * wq + self.tw - 1 + base[3][3];
         assert!((c - 1) * plane + reach < ph.len(), "phases too short");
         assert!(t_img + self.th * self.tw <= cols, "tiles past the columns");
-        let stride = self.tiles_stride();
-        assert!(tiles.len() >= BLOCK * stride, "tiles buffer");
+        let (xs, cs) = self.layout();
+        assert!(tiles.len() >= self.tiles_len(), "tiles buffer");
         let out = tiles.as_mut_ptr();
         for ch in 0..c {
             let src = ph.as_ptr().add(ch * plane);
@@ -208,10 +214,10 @@ impl Winograd {
                     for (erow, drow) in e.iter_mut().zip(&d) {
                         *erow = b_transpose(drow);
                     }
-                    let t = ch * cols + t_img + ty * self.tw + tx0;
+                    let t = ch * cs + t_img + ty * self.tw + tx0;
                     for (j, col) in transpose(&e).iter().enumerate() {
                         for (k, v) in b_transpose(col).iter().enumerate() {
-                            _mm512_mask_storeu_ps(out.add((4 * k + j) * stride + t), mask, *v);
+                            _mm512_mask_storeu_ps(out.add((4 * k + j) * xs + t), mask, *v);
                         }
                     }
                 }
@@ -222,24 +228,24 @@ impl Winograd {
     /// For each block position, the `[O, C] x [C, tiles]` product over the first `vectors`
     /// vectors of tile columns.
     fn multiply(&self, tiles: &[f32], products: &mut [f32], vectors: usize) {
-        let (c, cols) = (self.g.c, self.columns);
-        let rows = self.blocks * CHANNELS;
+        let c = self.g.c;
         let zero = [0f32; CHANNELS];
         for xi in 0..BLOCK {
-            let v = &tiles[xi * self.tiles_stride()..][..c * cols];
-            let m = &mut products[xi * self.products_stride()..][..rows * cols];
+            let ((vx, vc), (mx, mo)) = (self.layout(), self.layout());
+            let v = &tiles[xi * vx..];
+            let m = &mut products[xi * mx..];
             let mut v0 = 0;
             for width in tile_widths(vectors) {
-                let tile = Tile { pad: v, p0: v0 * LANES, plane: cols, channels: c };
+                let tile = Tile { pad: v, p0: v0 * LANES, plane: vc, channels: c };
                 v0 += width;
                 for blk in 0..self.blocks {
                     let w =
                         &self.weights[(xi * self.blocks + blk) * c * CHANNELS..][..c * CHANNELS];
-                    let out = &mut m[blk * CHANNELS * cols..];
+                    let out = &mut m[blk * CHANNELS * mo..];
                     match width {
-                        3 => tile.run::<3>(&[0], w, &zero, false, out, cols),
-                        2 => tile.run::<2>(&[0], w, &zero, false, out, cols),
-                        _ => tile.run::<1>(&[0], w, &zero, false, out, cols),
+                        3 => tile.run::<3>(&[0], w, &zero, false, out, mo),
+                        2 => tile.run::<2>(&[0], w, &zero, false, out, mo),
+                        _ => tile.run::<1>(&[0], w, &zero, false, out, mo),
                     }
                 }
             }
@@ -253,8 +259,8 @@ impl Winograd {
         let g = &self.g;
         let cols = self.columns;
         let t_img = b * self.th * self.tw;
-        let stride = self.products_stride();
-        assert!(products.len() >= BLOCK * stride, "products buffer");
+        let (xs, os) = self.layout();
+        assert!(products.len() >= self.products_len(), "products buffer");
         assert!(t_img + self.th * self.tw <= cols, "tiles past the columns");
         assert_eq!(y.len(), g.o * g.oh * g.ow, "conv output length");
         // Lanes 0..8 and 8..16 of two vectors, interleaved: columns 2 tx and 2 tx + 1.
@@ -270,7 +276,7 @@ impl Winograd {
                     let mut m = [[_mm512_setzero_ps(); 4]; 4];
                     for (k, mrow) in m.iter_mut().enumerate() {
                         for (j, v) in mrow.iter_mut().enumerate() {
-                            let at = (4 * k + j) * stride + o * cols + t;
+                            let at = (4 * k + j) * xs + o * os + t;
                             *v = _mm512_maskz_loadu_ps(mask, src.add(at));
                         }
                     }
@@ -507,7 +513,7 @@ mod timings {
             let g = ConvGeometry::new(&[32, c, hw, hw], &[o, c, 3, 3], p).unwrap();
             let x = rand_vec(32 * c * hw * hw, 1);
             let w = rand_vec(o * c * 9, 2);
-            let wg = Winograd::new(&w, None, &g).unwrap();
+            let wg = Winograd::build(&w, None, &g);
             let mut scratch = vec![0f32; wg.scratch_len()];
             wg.clear(&mut scratch);
             let mut y = vec![0f32; 32 * o * hw * hw];
@@ -517,7 +523,7 @@ mod timings {
             for _ in 0..20 {
                 for (xs, ys) in x.chunks(per * chw).zip(y.chunks_mut(per * o * hw * hw)) {
                     let (ph, rest) = scratch.split_at_mut(wg.phases_len());
-                    let (tiles, products) = rest.split_at_mut(BLOCK * wg.tiles_stride());
+                    let (tiles, products) = rest.split_at_mut(wg.tiles_len());
                     let nb = xs.len() / chw;
                     for (b, xb) in xs.chunks_exact(chw).enumerate() {
                         let t = std::time::Instant::now();
