@@ -54,6 +54,23 @@ fn wide_cases() -> Vec<Case> {
         .collect()
 }
 
+/// 3x3 stride-1 convolutions of 32 or more channels, which run Winograd F(2x2, 3x3) forward
+/// and for the input gradient (on CPUs with AVX-512): odd and even planes, several small images
+/// to a product, pads 0 and 1. Square planes, for candle's reference.
+fn winograd_cases() -> Vec<Case> {
+    let mut out = vec![];
+    for (n, hw) in [(3, 9), (9, 4)] {
+        for (c, o) in [(32, 40), (48, 32)] {
+            for pad in [0, 1] {
+                let p = Conv2dParams { pads: [pad; 4], ..Conv2dParams::default() };
+                let bias = pad == 1;
+                out.push(Case { x_dims: [n, c, hw, hw], w_dims: [o, c, 3, 3], p, bias });
+            }
+        }
+    }
+    out
+}
+
 fn cases_on(n: usize, h: usize, w: usize) -> Vec<Case> {
     let mut out = vec![];
     for stride in [1, 2] {
@@ -161,9 +178,8 @@ fn inputs(case: &Case, seed: u64) -> Inputs {
 
 #[test]
 fn forward_matches_a_direct_convolution() {
-    for case in
-        cases().iter().chain(&onnx_only_cases()).chain(&batched_cases()).chain(&wide_cases())
-    {
+    let all = [cases(), onnx_only_cases(), batched_cases(), wide_cases(), winograd_cases()];
+    for case in all.iter().flatten() {
         let g = case.geometry();
         let i = inputs(case, 11);
         let y = forward(&i.x, &i.w, i.b.as_deref(), &g);
@@ -201,9 +217,8 @@ fn finite_differences(i: &Inputs, g: &ConvGeometry, which: usize) -> Vec<f64> {
 
 #[test]
 fn gradients_match_finite_differences() {
-    for case in
-        cases().iter().chain(&onnx_only_cases()).chain(&batched_cases()).chain(&wide_cases())
-    {
+    let all = [cases(), onnx_only_cases(), batched_cases(), wide_cases(), winograd_cases()];
+    for case in all.iter().flatten() {
         let g = case.geometry();
         let i = inputs(case, 21);
         let grads = backward(&i.x, &i.w, &i.r, &g, true, case.bias);
@@ -251,7 +266,7 @@ fn flat(t: &Tensor) -> Vec<f32> {
 #[test]
 fn gradients_match_candle_autodiff() {
     let dev = Device::Cpu;
-    for mut case in cases().into_iter().chain(batched_cases()) {
+    for mut case in cases().into_iter().chain(batched_cases()).chain(winograd_cases()) {
         // candle's conv2d backward takes the output padding of both axes from the height, so
         // its input gradient is wrong for non-square inputs at stride 2: square ones here.
         case.x_dims[3] = case.x_dims[2];
