@@ -23,6 +23,7 @@
 
 use super::direct::{avx512, tile_widths, Phases, Tile, CHANNELS, LANES};
 use super::ConvGeometry;
+use rayon::prelude::*;
 
 /// Positions of a transformed 4x4 block.
 const BLOCK: usize = 16;
@@ -42,8 +43,8 @@ const MIN_COLUMNS: usize = 64;
 pub(crate) struct Winograd {
     g: ConvGeometry,
     phases: Phases,
-    /// `G g G^T` per block position, per block of [`CHANNELS`] output channels:
-    /// `[16][blocks][C][CHANNELS]`, zero for channels past `O`.
+    /// `G g G^T` per block of [`CHANNELS`] output channels, per block position:
+    /// `[blocks][16][C][CHANNELS]`, zero for channels past `O`.
     weights: Vec<f32>,
     /// `[O]`, zero without a bias.
     bias: Vec<f32>,
@@ -87,17 +88,21 @@ impl Winograd {
         let (c, o) = (g.c, g.o);
         assert_eq!(w.len(), o * c * 9, "conv weight length");
         let blocks = o.div_ceil(CHANNELS);
-        let mut weights = vec![0f32; BLOCK * blocks * c * CHANNELS];
-        for oc in 0..o {
-            for ci in 0..c {
-                let k = &w[(oc * c + ci) * 9..][..9];
-                let u = kernel_transform(k.try_into().expect("nine taps"));
-                let (blk, q) = (oc / CHANNELS, oc % CHANNELS);
-                for (xi, &v) in u.iter().enumerate() {
-                    weights[((xi * blocks + blk) * c + ci) * CHANNELS + q] = v;
+        // The fine-tuner builds this at every step, forward and backward: on all cores (one
+        // core took 3% of a training step).
+        let mut weights = vec![0f32; blocks * BLOCK * c * CHANNELS];
+        weights.par_chunks_mut(BLOCK * c * CHANNELS).enumerate().for_each(|(blk, wb)| {
+            for q in 0..CHANNELS.min(o - blk * CHANNELS) {
+                let oc = blk * CHANNELS + q;
+                for ci in 0..c {
+                    let k = &w[(oc * c + ci) * 9..][..9];
+                    let u = kernel_transform(k.try_into().expect("nine taps"));
+                    for (xi, &v) in u.iter().enumerate() {
+                        wb[(xi * c + ci) * CHANNELS + q] = v;
+                    }
                 }
             }
-        }
+        });
         let (th, tw) = (g.oh.div_ceil(2), g.ow.div_ceil(2));
         let per_run = MIN_COLUMNS.div_ceil(th * tw);
         Winograd {
@@ -239,8 +244,7 @@ impl Winograd {
                 let tile = Tile { pad: v, p0: v0 * LANES, plane: vc, channels: c };
                 v0 += width;
                 for blk in 0..self.blocks {
-                    let w =
-                        &self.weights[(xi * self.blocks + blk) * c * CHANNELS..][..c * CHANNELS];
+                    let w = &self.weights[(blk * BLOCK + xi) * c * CHANNELS..][..c * CHANNELS];
                     let out = &mut m[blk * CHANNELS * mo..];
                     match width {
                         3 => tile.run::<3>(&[0], w, &zero, false, out, mo),
