@@ -13,16 +13,17 @@
 //! `A^T m A` (2x2). Tiles of several small images go side by side into one product, so that
 //! a 4x4 layer's product is as wide as a 28x28 one's.
 //!
-//! The transforms read the padded input split into its four (row, column) parity phases
-//! ([`Phases`] at stride 2), where tile `(ty, tx)`'s pixel `(i, j)` sits at one fixed offset
-//! plus `ty * WQ + tx`: a row of tiles is one (masked) vector load per pixel.
+//! The input transform reads the zero-padded input (padded to whole tiles) a pixel row at a
+//! time: four loads split into even and odd columns give pixels `2 tx + j` of 16 tiles, and
+//! each pixel row's transform serves the two tile rows that share it. (Reading the input split
+//! into its four parity phases instead, one load per tile pixel, cost 35% more with the split.)
 //!
 //! Rounding: the transforms use only 1/2 and +-1 and the products sum over channels in a
 //! fixed order, so results differ from a direct convolution's by a few ulps of the
 //! magnitudes involved, and are the same bits on every run.
 
-use super::direct::{avx512, tile_widths, Phases, Tile, CHANNELS, LANES};
-use super::ConvGeometry;
+use super::direct::{avx512, tile_widths, Tile, CHANNELS, LANES};
+use super::{pad_planes, ConvGeometry, Padded};
 use rayon::prelude::*;
 
 /// Positions of a transformed 4x4 block.
@@ -42,7 +43,11 @@ const MIN_COLUMNS: usize = 64;
 /// A 3x3 stride-1 convolution prepared for Winograd F(2x2, 3x3).
 pub(crate) struct Winograd {
     g: ConvGeometry,
-    phases: Phases,
+    /// `g` with its bottom and right padding widened to whole tiles: the padded planes the
+    /// input transform reads, built by [`pad_planes`].
+    padded_g: ConvGeometry,
+    /// Rows and columns of a padded plane.
+    padded: (usize, usize),
     /// `G g G^T` per block of [`CHANNELS`] output channels, per block position:
     /// `[blocks][16][C][CHANNELS]`, zero for channels past `O`.
     weights: Vec<f32>,
@@ -104,10 +109,16 @@ impl Winograd {
             }
         });
         let (th, tw) = (g.oh.div_ceil(2), g.ow.div_ceil(2));
+        // Tile (ty, tx) reads padded rows 2 ty..2 ty + 4 and columns 2 tx..2 tx + 4.
+        let [top, left, bottom, right] = g.p.pads;
+        let (hp, wp) = (2 * th + 2, 2 * tw + 2);
+        let pads = [top, left, bottom + hp - Padded::of(g).hp, right + wp - Padded::of(g).wp];
+        let padded_g = ConvGeometry { p: super::Conv2dParams { pads, ..g.p }, ..*g };
         let per_run = MIN_COLUMNS.div_ceil(th * tw);
         Winograd {
             g: *g,
-            phases: Phases::split_by(g, (2, 2)),
+            padded_g,
+            padded: (hp, wp),
             weights,
             bias: bias.map_or_else(|| vec![0.0; o], <[f32]>::to_vec),
             blocks,
@@ -123,8 +134,9 @@ impl Winograd {
         self.per_run
     }
 
-    fn phases_len(&self) -> usize {
-        self.g.c * self.phases.plane()
+    /// The padded planes and the slack the last row's vector loads read past them.
+    fn padded_len(&self) -> usize {
+        self.g.c * self.padded.0 * self.padded.1 + 2 * LANES + 2
     }
 
     /// Strides of the transformed tiles and of the products, `(block position, channel)`:
@@ -143,15 +155,15 @@ impl Winograd {
         self.blocks * CHANNELS * self.layout().1
     }
 
-    /// Scratch floats [`Self::run`] needs: one image's phases, the transformed tiles and the
+    /// Scratch floats [`Self::run`] needs: one image's padded planes, the transformed tiles and the
     /// products.
     pub(crate) fn scratch_len(&self) -> usize {
-        self.phases_len() + self.tiles_len() + self.products_len()
+        self.padded_len() + self.tiles_len() + self.products_len()
     }
 
     /// Zero `scratch`'s padding once; [`Self::run`] only writes the planes' interiors.
     pub(crate) fn clear(&self, scratch: &mut [f32]) {
-        scratch[..self.phases_len()].fill(0.0);
+        scratch[..self.padded_len()].fill(0.0);
     }
 
     /// Up to [`Self::images_per_run`] images: `x` (`[nb, C, H, W]`) convolved into `y`
@@ -165,14 +177,15 @@ impl Winograd {
         assert_eq!(x.len(), nb * chw, "conv input length");
         assert_eq!(y.len(), nb * ohw_all, "conv output length");
         assert!(scratch.len() >= self.scratch_len(), "Winograd scratch");
-        let (ph, rest) = scratch.split_at_mut(self.phases_len());
+        let (pad, rest) = scratch.split_at_mut(self.padded_len());
+        let planes = g.c * self.padded.0 * self.padded.1;
         let (tiles, products) = rest.split_at_mut(self.tiles_len());
         let products = &mut products[..self.products_len()];
         for (b, xb) in x.chunks_exact(chw).enumerate() {
-            self.phases.split(xb, g, ph);
+            pad_planes(xb, &self.padded_g, &mut pad[..planes]);
             // SAFETY: `Winograd::new` checked AVX-512F; the transform's reads and writes are
             // bounds-checked against the slices in `input_transform` before any vector access.
-            unsafe { self.input_transform(ph, tiles, b) };
+            unsafe { self.input_transform(pad, tiles, b) };
         }
         let used = nb * self.th * self.tw;
         self.multiply(tiles, products, used.div_ceil(LANES));
@@ -182,49 +195,37 @@ impl Winograd {
         }
     }
 
-    /// `B^T d B` of every tile of image `b` (its phases in `ph`), written to
-    /// `tiles[xi][c][b * TH * TW + ty * TW + tx]`.
+    /// `B^T d B` of every tile of image `b` (its padded planes in `pad`), written to
+    /// `tiles[c][xi][b * TH * TW + ty * TW + tx]`. A row of up to 16 tiles reads each pixel
+    /// row once, as two pairs of vectors split into even and odd columns; the row transform of
+    /// a pixel row serves the two tile rows that share it.
     #[target_feature(enable = "avx512f")]
-    unsafe fn input_transform(&self, ph: &[f32], tiles: &mut [f32], b: usize) {
+    unsafe fn input_transform(&self, pad: &[f32], tiles: &mut [f32], b: usize) {
         use std::arch::x86_64::*;
-        let (c, plane, wq, cols) = (self.g.c, self.phases.plane(), self.phases.wq, self.columns);
+        let (c, wp, plane) = (self.g.c, self.padded.1, self.padded.0 * self.padded.1);
         let t_img = b * self.th * self.tw;
-        // Offsets of pixel (i, j) of tile (0, 0); tile (ty, tx) adds ty * WQ + tx.
-        let mut base = [[0usize; 4]; 4];
-        for (i, row) in base.iter_mut().enumerate() {
-            for (j, v) in row.iter_mut().enumerate() {
-                *v = self.phases.offset(i, j);
-            }
-        }
-        let reach = (self.th - 1) * wq + self.tw - 1 + base[3][3];
-        assert!((c - 1) * plane + reach < ph.len(), "phases too short");
-        assert!(t_img + self.th * self.tw <= cols, "tiles past the columns");
+        // The last chunk's last row reads 2 tx0 + 34 floats from the row's start.
+        let reach = (self.th * 2 + 1) * wp + 2 * (self.tw - 1) / LANES * LANES + 2 * LANES + 2;
+        assert!((c - 1) * plane + reach <= pad.len(), "padded planes too short");
+        assert!(t_img + self.th * self.tw <= self.columns, "tiles past the columns");
         let (xs, cs) = self.layout();
         assert!(tiles.len() >= self.tiles_len(), "tiles buffer");
         let out = tiles.as_mut_ptr();
         for ch in 0..c {
-            let src = ph.as_ptr().add(ch * plane);
-            for ty in 0..self.th {
-                for tx0 in (0..self.tw).step_by(LANES) {
-                    let mask = lanes_mask(self.tw - tx0);
-                    let at = ty * wq + tx0;
-                    let mut d = [[_mm512_setzero_ps(); 4]; 4];
-                    for (drow, brow) in d.iter_mut().zip(&base) {
-                        for (v, &off) in drow.iter_mut().zip(brow) {
-                            *v = _mm512_maskz_loadu_ps(mask, src.add(off + at));
-                        }
-                    }
-                    // Rows (B^T over j), then columns (B^T over i).
-                    let mut e = [[_mm512_setzero_ps(); 4]; 4];
-                    for (erow, drow) in e.iter_mut().zip(&d) {
-                        *erow = b_transpose(drow);
-                    }
+            let src = pad.as_ptr().add(ch * plane);
+            for tx0 in (0..self.tw).step_by(LANES) {
+                let mask = lanes_mask(self.tw - tx0);
+                let row = |r: usize| src.add(r * wp + 2 * tx0);
+                let (mut e0, mut e1) = (pixel_row(row(0)), pixel_row(row(1)));
+                for ty in 0..self.th {
+                    let (e2, e3) = (pixel_row(row(2 * ty + 2)), pixel_row(row(2 * ty + 3)));
                     let t = ch * cs + t_img + ty * self.tw + tx0;
-                    for (j, col) in transpose(&e).iter().enumerate() {
+                    for (j, col) in transpose(&[e0, e1, e2, e3]).iter().enumerate() {
                         for (k, v) in b_transpose(col).iter().enumerate() {
                             _mm512_mask_storeu_ps(out.add((4 * k + j) * xs + t), mask, *v);
                         }
                     }
+                    (e0, e1) = (e2, e3);
                 }
             }
         }
@@ -356,6 +357,23 @@ fn kernel_transform(k: &[f32; 9]) -> [f32; 16] {
         }
     }
     u
+}
+
+/// The row transform `B^T d` of one pixel row of 16 tiles: pixels `2 tx + j` for `j` in 0..4
+/// from the 34 floats at `p`.
+#[inline(always)]
+unsafe fn pixel_row(p: *const f32) -> [std::arch::x86_64::__m512; 4] {
+    use std::arch::x86_64::*;
+    let even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    let odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+    let (a, b) = (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(LANES)));
+    let (c, d) = (_mm512_loadu_ps(p.add(2)), _mm512_loadu_ps(p.add(LANES + 2)));
+    b_transpose(&[
+        _mm512_permutex2var_ps(a, even, b),
+        _mm512_permutex2var_ps(a, odd, b),
+        _mm512_permutex2var_ps(c, even, d),
+        _mm512_permutex2var_ps(c, odd, d),
+    ])
 }
 
 /// `B^T v` for one line of four vectors:
@@ -526,15 +544,16 @@ mod timings {
             let (mut t_split, mut t_in, mut t_mul, mut t_out) = (0.0, 0.0, 0.0, 0.0);
             for _ in 0..20 {
                 for (xs, ys) in x.chunks(per * chw).zip(y.chunks_mut(per * o * hw * hw)) {
-                    let (ph, rest) = scratch.split_at_mut(wg.phases_len());
+                    let (pad, rest) = scratch.split_at_mut(wg.padded_len());
+                    let planes = c * wg.padded.0 * wg.padded.1;
                     let (tiles, products) = rest.split_at_mut(wg.tiles_len());
                     let nb = xs.len() / chw;
                     for (b, xb) in xs.chunks_exact(chw).enumerate() {
                         let t = std::time::Instant::now();
-                        wg.phases.split(xb, &g, ph);
+                        pad_planes(xb, &wg.padded_g, &mut pad[..planes]);
                         t_split += t.elapsed().as_secs_f64();
                         let t = std::time::Instant::now();
-                        unsafe { wg.input_transform(ph, tiles, b) };
+                        unsafe { wg.input_transform(pad, tiles, b) };
                         t_in += t.elapsed().as_secs_f64();
                     }
                     let t = std::time::Instant::now();
