@@ -1,10 +1,12 @@
 //! 2-D convolution for training and inference on the CPU: the forward (bias fused), the input
 //! gradient and the weight and bias gradients, exposed to candle as a custom op so that
-//! autodiff calls it instead of candle's scalar `conv2d` / `conv_transpose2d`. The forward and
-//! the stride-1 input gradient run the direct AVX-512 kernel ([`direct`]) on planes 7 or more
-//! wide; the rest, and every weight gradient, run im2col / gemm / col2im. (A direct weight
-//! gradient, 3 output channels x 9 taps of vector accumulators, was built and measured 8%
-//! slower on the training benchmark than im2col + gemm: not kept.)
+//! autodiff calls it instead of candle's scalar `conv2d` / `conv_transpose2d`. 3x3 stride-1
+//! convolutions of 32 or more channels run Winograd F(2x2, 3x3) ([`winograd`]) for the forward
+//! and both gradients; the other forwards and stride-1 input gradients run the direct AVX-512
+//! kernel ([`direct`]) on planes 7 or more wide; the rest, and the other weight gradients, run
+//! im2col / gemm / col2im. (A direct weight gradient, 3 output channels x 9 taps of vector
+//! accumulators, was built and measured 8% slower on the training benchmark than im2col +
+//! gemm: not kept.)
 //!
 //! Layouts are candle's and ONNX's: input `[N, C, H, W]`, weight `[O, C/groups, KH, KW]`,
 //! output `[N, O, OH, OW]`, all contiguous row-major.
@@ -865,6 +867,13 @@ pub fn backward(
         }
         None => InputGrad::Col2im,
     };
+    // The weight gradient through Winograd wherever the forward runs it.
+    #[cfg(target_arch = "x86_64")]
+    let wgrad = winograd::Winograd::for_weight_grad(g);
+    #[cfg(target_arch = "x86_64")]
+    let fast_dw = wgrad.is_some();
+    #[cfg(not(target_arch = "x86_64"))]
+    let fast_dw = false;
     let pd = Padded::of(g);
     let many = |len: usize| if pg > 1 { len * pg } else { 0 };
     let scratch = Unroll::len(g, pg)
@@ -878,6 +887,8 @@ pub fn backward(
             InputGrad::Flipped(gt, _) => Unroll::len(gt, pg) + many(cg * hw),
             InputGrad::Col2im => k * pg * ohw + pd.len(g),
         };
+    #[cfg(target_arch = "x86_64")]
+    let scratch = scratch + wgrad.as_ref().map_or(0, |w| w.scratch_len() + w.kernel_grad_len());
     let mut dx = if need_dx { zeroed(g.n * chw) } else { Vec::new() };
     let dx_parts: Vec<Option<&mut [f32]>> = if need_dx && chw > 0 {
         dx.chunks_mut(sp.per_chunk * chw).map(Some).collect()
@@ -922,6 +933,14 @@ pub fn backward(
                     }
                     _ => None,
                 };
+                #[cfg(target_arch = "x86_64")]
+                let mut wgrad = wgrad.as_ref().map(|wg| {
+                    let du = take(&mut buf, wg.kernel_grad_len());
+                    du.fill(0.0);
+                    let wbuf = take(&mut buf, wg.scratch_len());
+                    wg.clear(wbuf);
+                    (wg, du, wbuf)
+                });
                 let tmp = buf;
                 for (s, nb) in sp.gemms(images) {
                     let ld = nb * ohw;
@@ -941,17 +960,24 @@ pub fn backward(
                         }
                     }
                     for grp in 0..g.p.groups {
-                        let cols = ux.cols(nb, |b| &xc[(s + b) * chw + grp * cg * hw..][..cg * hw]);
-                        let dyg = if nb == 1 {
+                        let dyg = if fast_dw {
+                            // Neither the Winograd weight gradient nor a stride-1 input
+                            // gradient reads it.
+                            MatRef::new(&[], 0, 0)
+                        } else if nb == 1 {
                             MatRef::new(&dyc[s * ohw_all + grp * og * ohw..][..og * ohw], og, ohw)
                         } else {
                             let d = &mut dybuf[..og * ld];
                             gather(&dyc[s * ohw_all..], ohw_all, grp * og * ohw, og, ohw, d);
                             MatRef::new(d, og, ld)
                         };
-                        // dW_g += dY_g @ col^T
-                        let dwg = &mut dw[grp * og * k..][..og * k];
-                        matmul(dwg, dyg, MatRef::new(cols, k, ld).t(), true, par);
+                        if !fast_dw {
+                            // dW_g += dY_g @ col^T
+                            let xb = |b: usize| &xc[(s + b) * chw + grp * cg * hw..][..cg * hw];
+                            let cols = ux.cols(nb, xb);
+                            let dwg = &mut dw[grp * og * k..][..og * k];
+                            matmul(dwg, dyg, MatRef::new(cols, k, ld).t(), true, par);
+                        }
                         if need_db {
                             for b in s..s + nb {
                                 let dyb = &dyc[b * ohw_all + grp * og * ohw..][..og * ohw];
@@ -992,6 +1018,16 @@ pub fn backward(
                             }
                         }
                     }
+                }
+                #[cfg(target_arch = "x86_64")]
+                if let Some((wg, du, wbuf)) = wgrad.as_mut() {
+                    let per = wg.images_per_run();
+                    for r in (0..images).step_by(per) {
+                        let e = (r + per).min(images);
+                        let (xr, dyr) = (&xc[r * chw..e * chw], &dyc[r * ohw_all..e * ohw_all]);
+                        wg.weight_grad_run(xr, dyr, du, wbuf);
+                    }
+                    wg.weight_grad_finish(du, &mut dw);
                 }
             });
             (dw, db)
