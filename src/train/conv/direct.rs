@@ -24,9 +24,10 @@ const VECTORS: usize = 3;
 /// Floats per AVX-512 vector.
 pub(super) const LANES: usize = 16;
 /// Narrowest output the kernel takes. At 4x4 half of every position computed would be
-/// dropped (4 of 6 columns, 24 positions rounded up to 32), and those layers have channels enough (128) for gemm to run well. Taking the 7x7
-/// layers (7 rather than 12) measured 3,507 against 3,383 images/s on the shipped ResNet
-/// (scripts/bench_eval.py, one run of 3 each).
+/// dropped (4 of 6 columns, 24 positions rounded up to 32); those layers have channels enough
+/// (128) for Winograd or gemm to run well. Taking the 7x7 layers (7 rather than 12) measured
+/// 3,507 against 3,383 images/s on the shipped ResNet (scripts/bench_eval.py, one run of 3
+/// each).
 const MIN_WIDTH: usize = 7;
 
 /// One group's zero-padded input, split by stride phase: channel `c`'s phase `(a, b)` holds
@@ -34,22 +35,18 @@ const MIN_WIDTH: usize = 7;
 /// output reads each tap's pixels at one flat offset, as at stride 1 (where the split is the
 /// padded plane itself).
 #[derive(Clone, Copy, Debug)]
-pub(super) struct Phases {
+struct Phases {
     stride: (usize, usize),
     pads: (usize, usize),
     /// Rows and columns of one phase.
-    pub(super) hq: usize,
-    pub(super) wq: usize,
+    hq: usize,
+    wq: usize,
 }
 
 impl Phases {
     fn of(g: &ConvGeometry) -> Self {
-        Self::split_by(g, g.p.stride)
-    }
-
-    /// `g`'s padded input split by `stride` rather than by `g`'s own.
-    pub(super) fn split_by(g: &ConvGeometry, (sh, sw): (usize, usize)) -> Self {
         let pd = Padded::of(g);
+        let (sh, sw) = g.p.stride;
         Phases {
             stride: (sh, sw),
             pads: (g.p.pads[0], g.p.pads[1]),
@@ -59,19 +56,19 @@ impl Phases {
     }
 
     /// Floats per channel: every phase.
-    pub(super) fn plane(&self) -> usize {
+    fn plane(&self) -> usize {
         self.stride.0 * self.stride.1 * self.hq * self.wq
     }
 
     /// Flat offset of padded pixel `(r, c)` within its channel.
-    pub(super) fn offset(&self, r: usize, c: usize) -> usize {
+    fn offset(&self, r: usize, c: usize) -> usize {
         let (sh, sw) = self.stride;
         ((r % sh * sw + c % sw) * self.hq + r / sh) * self.wq + c / sw
     }
 
     /// Write one group of one image, `[C/groups, H, W]`, into the phases in `dst`; the
     /// padding is left as it is (zero, once the buffer was cleared).
-    pub(super) fn split(&self, x: &[f32], g: &ConvGeometry, dst: &mut [f32]) {
+    fn split(&self, x: &[f32], g: &ConvGeometry, dst: &mut [f32]) {
         let plane = self.plane();
         let dst = &mut dst[..g.cg() * plane];
         if self.stride == (1, 1) {
