@@ -888,7 +888,11 @@ pub fn backward(
             InputGrad::Col2im => k * pg * ohw + pd.len(g),
         };
     #[cfg(target_arch = "x86_64")]
-    let scratch = scratch + wgrad.as_ref().map_or(0, |w| w.scratch_len() + w.kernel_grad_len());
+    let scratch = scratch + wgrad.as_ref().map_or(0, |w| w.scratch_len());
+    #[cfg(target_arch = "x86_64")]
+    let dw_len = wgrad.as_ref().map_or(g.o * k, |w| w.kernel_grad_len());
+    #[cfg(not(target_arch = "x86_64"))]
+    let dw_len = g.o * k;
     let mut dx = if need_dx { zeroed(g.n * chw) } else { Vec::new() };
     let dx_parts: Vec<Option<&mut [f32]>> = if need_dx && chw > 0 {
         dx.chunks_mut(sp.per_chunk * chw).map(Some).collect()
@@ -903,7 +907,8 @@ pub fn backward(
             let first = ci * sp.per_chunk;
             let images = sp.per_chunk.min(g.n - first);
             let (xc, dyc) = (&x[first * chw..], &dy[first * ohw_all..]);
-            let mut dw = vec![0f32; g.o * k];
+            // With Winograd, the chunk's transformed-kernel gradient, finished once below.
+            let mut dw = vec![0f32; dw_len];
             let mut db = vec![0f32; if need_db { g.o } else { 0 }];
             with_scratch(scratch, |mut buf| {
                 let mut ux = Unroll::new(g, pg, &mut buf);
@@ -935,11 +940,9 @@ pub fn backward(
                 };
                 #[cfg(target_arch = "x86_64")]
                 let mut wgrad = wgrad.as_ref().map(|wg| {
-                    let du = take(&mut buf, wg.kernel_grad_len());
-                    du.fill(0.0);
                     let wbuf = take(&mut buf, wg.scratch_len());
                     wg.clear(wbuf);
-                    (wg, du, wbuf)
+                    (wg, wbuf)
                 });
                 let tmp = buf;
                 for (s, nb) in sp.gemms(images) {
@@ -1020,20 +1023,28 @@ pub fn backward(
                     }
                 }
                 #[cfg(target_arch = "x86_64")]
-                if let Some((wg, du, wbuf)) = wgrad.as_mut() {
+                if let Some((wg, wbuf)) = wgrad.as_mut() {
                     let per = wg.images_per_run();
                     for r in (0..images).step_by(per) {
                         let e = (r + per).min(images);
                         let (xr, dyr) = (&xc[r * chw..e * chw], &dyc[r * ohw_all..e * ohw_all]);
-                        wg.weight_grad_run(xr, dyr, du, wbuf);
+                        wg.weight_grad_run(xr, dyr, &mut dw, wbuf);
                     }
-                    wg.weight_grad_finish(du, &mut dw);
                 }
             });
             (dw, db)
         })
         .collect();
-    let (dw, db) = reduce_in_order(partials, g.o * k, if need_db { g.o } else { 0 });
+    let (dw, db) = reduce_in_order(partials, dw_len, if need_db { g.o } else { 0 });
+    #[cfg(target_arch = "x86_64")]
+    let dw = match &wgrad {
+        Some(wg) => {
+            let mut out = vec![0f32; g.o * k];
+            wg.weight_grad_finish(&dw, &mut out);
+            out
+        }
+        None => dw,
+    };
     ConvGrads { dx: need_dx.then_some(dx), dw, db: need_db.then_some(db) }
 }
 
