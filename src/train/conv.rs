@@ -616,17 +616,16 @@ impl ConvGeometry {
 fn flip_kernel(w: &[f32], g: &ConvGeometry) -> Vec<f32> {
     let (cg, og, taps) = (g.cg(), g.og(), g.kh * g.kw);
     let mut out = vec![0f32; w.len()];
-    for grp in 0..g.p.groups {
-        for ci in 0..cg {
-            for oj in 0..og {
-                let src = &w[((grp * og + oj) * cg + ci) * taps..][..taps];
-                let dst = &mut out[((grp * cg + ci) * og + oj) * taps..][..taps];
-                for (d, s) in dst.iter_mut().zip(src.iter().rev()) {
-                    *d = *s;
-                }
+    // On all cores: once per training step per layer, 0.6% of the step on one core.
+    out.par_chunks_mut(og * taps).enumerate().for_each(|(row, dst)| {
+        let (grp, ci) = (row / cg, row % cg);
+        for (oj, dst) in dst.chunks_exact_mut(taps).enumerate() {
+            let src = &w[((grp * og + oj) * cg + ci) * taps..][..taps];
+            for (d, s) in dst.iter_mut().zip(src.iter().rev()) {
+                *d = *s;
             }
         }
-    }
+    });
     out
 }
 
