@@ -55,12 +55,13 @@ fn wide_cases() -> Vec<Case> {
 }
 
 /// 3x3 stride-1 convolutions of 32 or more channels, which run Winograd F(2x2, 3x3) forward
-/// and for the input gradient (on CPUs with AVX-512): odd and even planes, several small images
+/// and for both gradients (on CPUs with AVX-512), and of 16, for the weight gradient alone: odd and even planes, several small images
 /// to a product, pads 0 and 1. Square planes, for candle's reference.
 fn winograd_cases() -> Vec<Case> {
     let mut out = vec![];
     for (n, hw) in [(3, 9), (9, 4)] {
-        for (c, o) in [(32, 40), (48, 32)] {
+        // (16, 12): the weight gradient alone (8 or more channels each way).
+        for (c, o) in [(32, 40), (48, 32), (16, 12)] {
             for pad in [0, 1] {
                 let p = Conv2dParams { pads: [pad; 4], ..Conv2dParams::default() };
                 let bias = pad == 1;

@@ -41,6 +41,11 @@ const BLOCK: usize = 16;
 /// 762 against 1,180 at 64x7x7, 862 against 1,260 at 128x4x4); the evaluator on the shipped
 /// ResNet ran 4,370 images/s taking 8 channels and up, 4,620 taking 32 and up.
 const MIN_CHANNELS: usize = 32;
+/// The weight gradient's least input and output channels: lower than the forward's, since
+/// the alternative there is im2col (nine copies of the input) and gemm's packing of it, not the
+/// direct kernel. Taking the ResNet's 16-channel layers: 497 against 522 images/s on the
+/// fine-tuning benchmark's command (medians of 3, alternating runs of the two builds).
+const MIN_WEIGHT_GRAD_CHANNELS: usize = 8;
 /// Tiles a product should span at least (several small images side by side). 64 against 32
 /// and 128 measured fastest at every ResNet layer (the stage timings in the tests below):
 /// wider products outgrow the L2 cache, narrower ones run the micro-tile's narrow tails.
@@ -89,16 +94,20 @@ impl Winograd {
 
     /// `g`'s tiling without a kernel, for [`Self::weight_grad_run`]; `None` as [`Self::new`].
     pub(crate) fn for_weight_grad(g: &ConvGeometry) -> Option<Self> {
-        Self::takes(g).then(|| Self::tiling(g, Vec::new(), Vec::new()))
+        let fits = Self::fits(g) && g.c.min(g.o) >= MIN_WEIGHT_GRAD_CHANNELS;
+        fits.then(|| Self::tiling(g, Vec::new(), Vec::new()))
     }
 
     fn takes(g: &ConvGeometry) -> bool {
+        Self::fits(g) && g.c >= MIN_CHANNELS
+    }
+
+    fn fits(g: &ConvGeometry) -> bool {
         let p = &g.p;
         (g.kh, g.kw) == (3, 3)
             && p.stride == (1, 1)
             && p.dilation == (1, 1)
             && p.groups == 1
-            && g.c >= MIN_CHANNELS
             && g.oh * g.ow > 0
             && avx512()
     }
