@@ -667,14 +667,24 @@ mod timings {
     use super::super::*;
     use super::*;
 
+    /// The shipped ResNet's 3x3 stride-1 layers, (C, O, side), each with 32 images' input and
+    /// a kernel.
+    fn resnet_layers() -> Vec<(ConvGeometry, Vec<f32>, Vec<f32>)> {
+        [(16, 16, 28), (32, 32, 14), (64, 64, 7), (128, 128, 4)]
+            .into_iter()
+            .map(|(c, o, hw)| {
+                let p = Conv2dParams { pads: [1; 4], ..Conv2dParams::default() };
+                let g = ConvGeometry::new(&[32, c, hw, hw], &[o, c, 3, 3], p).unwrap();
+                (g, rand_vec(32 * c * hw * hw, 1), rand_vec(o * c * 9, 2))
+            })
+            .collect()
+    }
+
     #[test]
     #[ignore]
     fn layer_timings() {
-        for (c, o, hw) in [(16, 16, 28), (32, 32, 14), (64, 64, 7), (128, 128, 4)] {
-            let p = Conv2dParams { pads: [1; 4], ..Conv2dParams::default() };
-            let g = ConvGeometry::new(&[32, c, hw, hw], &[o, c, 3, 3], p).unwrap();
-            let x = rand_vec(32 * c * hw * hw, 1);
-            let w = rand_vec(o * c * 9, 2);
+        for (g, x, w) in resnet_layers() {
+            let (c, o, hw) = (g.c, g.o, g.h);
             let plans = [
                 ("winograd", ConvPlan::new(&w, None, &g)),
                 (
@@ -702,18 +712,15 @@ mod timings {
     #[test]
     #[ignore]
     fn stage_timings() {
-        for (c, o, hw) in [(16, 16, 28), (32, 32, 14), (64, 64, 7), (128, 128, 4)] {
-            let p = Conv2dParams { pads: [1; 4], ..Conv2dParams::default() };
-            let g = ConvGeometry::new(&[32, c, hw, hw], &[o, c, 3, 3], p).unwrap();
-            let x = rand_vec(32 * c * hw * hw, 1);
-            let w = rand_vec(o * c * 9, 2);
+        for (g, x, w) in resnet_layers() {
+            let (c, o, hw) = (g.c, g.o, g.h);
             let wg = Winograd::build(&w, None, &g);
             let mut scratch = vec![0f32; wg.scratch_len()];
             wg.clear(&mut scratch);
             let mut y = vec![0f32; 32 * o * hw * hw];
             let chw = c * hw * hw;
             let per = wg.per_run;
-            let (mut t_split, mut t_in, mut t_mul, mut t_out) = (0.0, 0.0, 0.0, 0.0);
+            let (mut t_pad, mut t_in, mut t_mul, mut t_out) = (0.0, 0.0, 0.0, 0.0);
             for _ in 0..20 {
                 for (xs, ys) in x.chunks(per * chw).zip(y.chunks_mut(per * o * hw * hw)) {
                     let (pad, rest) = scratch.split_at_mut(wg.padded_len());
@@ -723,7 +730,7 @@ mod timings {
                     for (b, xb) in xs.chunks_exact(chw).enumerate() {
                         let t = std::time::Instant::now();
                         pad_planes(xb, &wg.padded_g, &mut pad[..planes]);
-                        t_split += t.elapsed().as_secs_f64();
+                        t_pad += t.elapsed().as_secs_f64();
                         let t = std::time::Instant::now();
                         unsafe { wg.input_transform(pad, tiles, b) };
                         t_in += t.elapsed().as_secs_f64();
@@ -740,8 +747,12 @@ mod timings {
             }
             let us = |v: f64| v / 20.0 * 1e6;
             eprintln!(
-                "{c}x{o}@{hw}: split {:.0} in {:.0} mul {:.0} out {:.0} us (per_run {per}, cols {})",
-                us(t_split), us(t_in), us(t_mul), us(t_out), wg.columns
+                "{c}x{o}@{hw}: pad {:.0} in {:.0} mul {:.0} out {:.0} us (per_run {per}, cols {})",
+                us(t_pad),
+                us(t_in),
+                us(t_mul),
+                us(t_out),
+                wg.columns
             );
         }
     }
