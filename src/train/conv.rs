@@ -875,7 +875,8 @@ pub fn backward(
     let fast_dw = false;
     let pd = Padded::of(g);
     let many = |len: usize| if pg > 1 { len * pg } else { 0 };
-    let scratch = Unroll::len(g, pg)
+    // The im2col of `x` serves only the gemm weight gradient.
+    let scratch = if fast_dw { 0 } else { Unroll::len(g, pg) }
         + many(og * ohw)
         + match &plan {
             InputGrad::Skip => 0,
@@ -910,7 +911,7 @@ pub fn backward(
             let mut dw = vec![0f32; dw_len];
             let mut db = vec![0f32; if need_db { g.o } else { 0 }];
             with_scratch(scratch, |mut buf| {
-                let mut ux = Unroll::new(g, pg, &mut buf);
+                let mut ux = (!fast_dw).then(|| Unroll::new(g, pg, &mut buf));
                 let dybuf = take(&mut buf, many(og * ohw));
                 let mut udy = match &plan {
                     InputGrad::Flipped(gt, _) => Some(Unroll::new(gt, pg, &mut buf)),
@@ -962,7 +963,7 @@ pub fn backward(
                         }
                     }
                     for grp in 0..g.p.groups {
-                        let dyg = if fast_dw {
+                        let dyg = if ux.is_none() {
                             // Neither the Winograd weight gradient nor a stride-1 input
                             // gradient reads it.
                             MatRef::new(&[], 0, 0)
@@ -973,7 +974,7 @@ pub fn backward(
                             gather(&dyc[s * ohw_all..], ohw_all, grp * og * ohw, og, ohw, d);
                             MatRef::new(d, og, ld)
                         };
-                        if !fast_dw {
+                        if let Some(ux) = ux.as_mut() {
                             // dW_g += dY_g @ col^T
                             let xb = |b: usize| &xc[(s + b) * chw + grp * cg * hw..][..cg * hw];
                             let cols = ux.cols(nb, xb);

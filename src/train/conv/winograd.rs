@@ -117,7 +117,7 @@ impl Winograd {
         assert_eq!(w.len(), o * c * 9, "conv weight length");
         let blocks = o.div_ceil(CHANNELS);
         // The fine-tuner builds this at every step, forward and backward: on all cores (one
-        // core took 3% of a training step).
+        // core: 442-452 images/s on the fine-tuning benchmark's command; all: 483-492).
         let mut weights = vec![0f32; blocks * BLOCK * c * CHANNELS];
         weights.par_chunks_mut(BLOCK * c * CHANNELS).enumerate().for_each(|(blk, wb)| {
             for q in 0..CHANNELS.min(o - blk * CHANNELS) {
@@ -199,22 +199,11 @@ impl Winograd {
     /// (`[nb, O, OH, OW]`, overwritten), through a ReLU when `relu`. `scratch` is
     /// [`Self::scratch_len`] floats, [`Self::clear`]ed before the convolution's first run.
     pub(crate) fn run(&self, x: &[f32], y: &mut [f32], relu: bool, scratch: &mut [f32]) {
-        let g = &self.g;
-        let (chw, ohw_all) = (g.c * g.h * g.w, g.o * g.oh * g.ow);
-        let nb = x.len() / chw.max(1);
-        assert!(nb <= self.per_run, "{nb} images for a run of {}", self.per_run);
-        assert_eq!(x.len(), nb * chw, "conv input length");
-        assert_eq!(y.len(), nb * ohw_all, "conv output length");
-        assert!(scratch.len() >= self.scratch_len(), "Winograd scratch");
-        let (pad, rest) = scratch.split_at_mut(self.padded_len());
-        let planes = g.c * self.padded.0 * self.padded.1;
-        let (tiles, products) = rest.split_at_mut(self.tiles_len());
-        let products = &mut products[..self.products_len()];
-        for (b, xb) in x.chunks_exact(chw).enumerate() {
-            pad_planes(xb, &self.padded_g, &mut pad[..planes]);
-            // SAFETY: `Winograd::new` checked AVX-512F; the transform's reads and writes are
-            // bounds-checked against the slices in `input_transform` before any vector access.
-            unsafe { self.input_transform(pad, tiles, b) };
+        let (nb, ohw_all) =
+            (self.images_of(x, y.len(), "conv output"), self.g.o * self.g.oh * self.g.ow);
+        let (pad, tiles, products) = self.carve(scratch);
+        for (b, xb) in x.chunks_exact(x.len() / nb.max(1)).enumerate() {
+            self.pad_and_transform(xb, pad, tiles, b);
         }
         let used = nb * self.th * self.tw;
         self.multiply(tiles, products, used.div_ceil(LANES));
@@ -222,6 +211,35 @@ impl Winograd {
             // SAFETY: as above.
             unsafe { self.output_transform(products, yb, b, relu) };
         }
+    }
+
+    /// Images in `x` (`[nb, C, H, W]`), checked against a run's capacity and against `out_len`,
+    /// the length of the matching `[nb, O, OH, OW]` output or output gradient (`what`).
+    fn images_of(&self, x: &[f32], out_len: usize, what: &str) -> usize {
+        let g = &self.g;
+        let (chw, ohw_all) = (g.c * g.h * g.w, g.o * g.oh * g.ow);
+        let nb = x.len() / chw.max(1);
+        assert!(nb <= self.per_run, "{nb} images for a run of {}", self.per_run);
+        assert_eq!(x.len(), nb * chw, "conv input length");
+        assert_eq!(out_len, nb * ohw_all, "{what} length");
+        nb
+    }
+
+    /// `scratch` as the padded planes, the transformed tiles and the products.
+    fn carve<'s>(&self, scratch: &'s mut [f32]) -> (&'s mut [f32], &'s mut [f32], &'s mut [f32]) {
+        assert!(scratch.len() >= self.scratch_len(), "Winograd scratch");
+        let (pad, rest) = scratch.split_at_mut(self.padded_len());
+        let (tiles, products) = rest.split_at_mut(self.tiles_len());
+        (pad, tiles, &mut products[..self.products_len()])
+    }
+
+    /// Image `b`'s input `xb` zero-padded into `pad`, then [`Self::input_transform`]ed.
+    fn pad_and_transform(&self, xb: &[f32], pad: &mut [f32], tiles: &mut [f32], b: usize) {
+        let planes = self.g.c * self.padded.0 * self.padded.1;
+        pad_planes(xb, &self.padded_g, &mut pad[..planes]);
+        // SAFETY: a `Winograd` exists only where the CPU has AVX-512F (`fits`); the transform
+        // checks its slices' bounds before any vector access.
+        unsafe { self.input_transform(pad, tiles, b) };
     }
 
     /// `B^T d B` of every tile of image `b` (its padded planes in `pad`), written to
@@ -281,25 +299,15 @@ impl Winograd {
         scratch: &mut [f32],
     ) {
         let g = &self.g;
-        let (chw, ohw_all) = (g.c * g.h * g.w, g.o * g.oh * g.ow);
-        let nb = x.len() / chw.max(1);
-        assert!(nb <= self.per_run, "{nb} images for a run of {}", self.per_run);
-        assert_eq!(x.len(), nb * chw, "conv input length");
-        assert_eq!(dy.len(), nb * ohw_all, "conv output gradient length");
+        let nb = self.images_of(x, dy.len(), "conv output gradient");
         assert_eq!(du.len(), self.kernel_grad_len(), "kernel gradient length");
-        assert!(scratch.len() >= self.scratch_len(), "Winograd scratch");
-        let (pad, rest) = scratch.split_at_mut(self.padded_len());
-        let planes = g.c * self.padded.0 * self.padded.1;
-        let (tiles, products) = rest.split_at_mut(self.tiles_len());
-        let products = &mut products[..self.products_len()];
+        let (pad, tiles, products) = self.carve(scratch);
+        let (chw, ohw_all) = (g.c * g.h * g.w, g.o * g.oh * g.ow);
         for (b, (xb, dyb)) in x.chunks_exact(chw).zip(dy.chunks_exact(ohw_all)).enumerate() {
-            pad_planes(xb, &self.padded_g, &mut pad[..planes]);
-            // SAFETY: `takes` checked AVX-512F; both transforms check their slices' bounds
-            // before any vector access.
-            unsafe {
-                self.input_transform(pad, tiles, b);
-                self.output_adjoint(dyb, products, b);
-            }
+            self.pad_and_transform(xb, pad, tiles, b);
+            // SAFETY: `fits` checked AVX-512F; the transform checks its slices' bounds before
+            // any vector access.
+            unsafe { self.output_adjoint(dyb, products, b) };
         }
         let (used, (xs, stride)) = (nb * self.th * self.tw, self.layout());
         for (xi, du) in du.chunks_exact_mut(g.o * g.c).enumerate() {
@@ -354,8 +362,6 @@ impl Winograd {
         assert!(products.len() >= self.products_len(), "products buffer");
         assert!(t_img + self.th * self.tw <= self.columns, "tiles past the columns");
         assert_eq!(dy.len(), g.o * g.oh * g.ow, "conv output gradient length");
-        let even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-        let odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
         let (src, dst, zero) = (dy.as_ptr(), products.as_mut_ptr(), _mm512_setzero_ps());
         for o in 0..g.o {
             for ty in 0..self.th {
@@ -374,8 +380,7 @@ impl Winograd {
                         let row = src.add((o * g.oh + oy) * g.ow + 2 * tx0);
                         let lo = _mm512_maskz_loadu_ps(mask_lo, row);
                         let hi = _mm512_maskz_loadu_ps(mask_hi, row.add(LANES));
-                        let y0 = _mm512_permutex2var_ps(lo, even, hi);
-                        let y1 = _mm512_permutex2var_ps(lo, odd, hi);
+                        let [y0, y1] = even_odd(lo, hi);
                         *si = [
                             y0,
                             _mm512_add_ps(y0, y1),
@@ -519,7 +524,8 @@ fn kernel_transform(k: &[f32; 9]) -> [f32; 16] {
     let g = |v: [f32; 3]| -> [f32; 4] {
         [v[0], 0.5 * (v[0] + v[1] + v[2]), 0.5 * (v[0] - v[1] + v[2]), v[2]]
     };
-    // Spelled out: `[0, 1, 2].map(..)` compiled to a call per kernel (2% of a training step).
+    // Spelled out: `[0, 1, 2].map(..)` compiled to a call per kernel (`try_map`, 1.6% of a
+    // training step's perf samples).
     let rows = [g([k[0], k[1], k[2]]), g([k[3], k[4], k[5]]), g([k[6], k[7], k[8]])];
     let mut u = [0f32; 16];
     for j in 0..4 {
@@ -536,16 +542,22 @@ fn kernel_transform(k: &[f32; 9]) -> [f32; 16] {
 #[inline(always)]
 unsafe fn pixel_row(p: *const f32) -> [std::arch::x86_64::__m512; 4] {
     use std::arch::x86_64::*;
-    let even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-    let odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
     let (a, b) = (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(LANES)));
     let (c, d) = (_mm512_loadu_ps(p.add(2)), _mm512_loadu_ps(p.add(LANES + 2)));
-    b_transpose(&[
-        _mm512_permutex2var_ps(a, even, b),
-        _mm512_permutex2var_ps(a, odd, b),
-        _mm512_permutex2var_ps(c, even, d),
-        _mm512_permutex2var_ps(c, odd, d),
-    ])
+    let ([e0, o0], [e2, o2]) = (even_odd(a, b), even_odd(c, d));
+    b_transpose(&[e0, o0, e2, o2])
+}
+
+/// The even and the odd lanes of the 32 floats `lo, hi`, each as one vector.
+#[inline(always)]
+unsafe fn even_odd(
+    lo: std::arch::x86_64::__m512,
+    hi: std::arch::x86_64::__m512,
+) -> [std::arch::x86_64::__m512; 2] {
+    use std::arch::x86_64::*;
+    let even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    let odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+    [_mm512_permutex2var_ps(lo, even, hi), _mm512_permutex2var_ps(lo, odd, hi)]
 }
 
 /// `B^T v` for one line of four vectors:
