@@ -15,12 +15,31 @@
 
 pub mod analysis;
 pub mod cli;
+pub mod data;
 pub mod driver;
 pub mod error;
 pub mod eval;
+pub mod exec;
 pub mod frontend;
 pub mod ir;
+pub mod kernels;
 pub mod passes;
 pub mod report;
 pub mod search;
 pub mod train;
+
+/// The unit tests' skip policy, the same as the integration tests' (`tests/integration/common`):
+/// a test whose prerequisite (data, a CPU feature) is missing skips with a notice, or fails
+/// when `.ci/run` has set `RELUCOMPILE_REQUIRE_PREREQUISITES`.
+#[cfg(test)]
+pub(crate) fn prerequisite(available: bool, what: &str) -> bool {
+    const REQUIRE_VAR: &str = "RELUCOMPILE_REQUIRE_PREREQUISITES";
+    if !available {
+        assert!(
+            std::env::var_os(REQUIRE_VAR).is_none(),
+            "{what} is missing and {REQUIRE_VAR} is set"
+        );
+        eprintln!("SKIPPED: {what} is missing");
+    }
+    available
+}

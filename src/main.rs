@@ -5,7 +5,7 @@ fn main() -> std::process::ExitCode {
     // elsewhere (a bug in relucompile) prints the usual message.
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        if !relucompile::eval::inside_tract() {
+        if !relucompile::error::inside_tract() {
             default_hook(info)
         }
     }));

@@ -6,7 +6,7 @@ pub fn abort_on_our_panics() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         std::panic::set_hook(Box::new(|info| {
-            if !relucompile::eval::inside_tract() {
+            if !relucompile::error::inside_tract() {
                 eprintln!("{info}");
                 std::process::abort();
             }

@@ -88,14 +88,14 @@ fn format_declared(d: &[Option<usize>]) -> String {
 /// shape. Values whose shape stays unknown are left out.
 pub fn infer_shapes(model: &Model, sample: &[usize], batch: usize) -> Result<Shapes> {
     let proto = to_proto(model);
-    let parsed = crate::eval::catch_tract(|| tract_onnx::onnx().parse(&proto, None))
+    let parsed = crate::error::catch_tract(|| tract_onnx::onnx().parse(&proto, None))
         .map_err(|e| CompileError::invalid_model(format!("tract cannot load the graph: {e:#}")))?;
     let mut tm = parsed.model;
     let mut full = vec![batch];
     full.extend_from_slice(sample);
     tm.set_input_fact(0, f32::fact(&full).into())
         .map_err(|e| CompileError::invalid_model(format!("setting the input shape: {e:#}")))?;
-    crate::eval::catch_tract(|| tm.analyse(false)).map_err(|e| {
+    crate::error::catch_tract(|| tm.analyse(false)).map_err(|e| {
         CompileError::invalid_model(format!(
             "shape inference failed for input shape {full:?}: {e:#}"
         ))

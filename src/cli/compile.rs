@@ -122,12 +122,8 @@ pub struct CompileArgs {
     /// Write the report as JSON to this file
     #[arg(long)]
     pub report: Option<PathBuf>,
-    /// Print the report as JSON on stdout instead of tables
-    #[arg(long)]
-    pub json: bool,
-    /// No progress bars
-    #[arg(long)]
-    pub no_progress: bool,
+    #[command(flatten)]
+    pub reporting: super::output_flags::OutputFlags,
     #[command(flatten)]
     pub data_flags: super::data_flags::DataFlags,
     #[command(flatten)]
@@ -181,7 +177,7 @@ impl CompileArgs {
             max_drop: self.max_drop,
             limit: self.limit,
             cost_model: self.cost_model.clone(),
-            progress: !self.json && !self.no_progress,
+            progress: self.reporting.progress(),
             data_options: (&self.data_flags).into(),
             finetune: self.finetune.training(),
             probe_images: self.probe_images,
@@ -192,7 +188,7 @@ impl CompileArgs {
 pub fn run(args: &CompileArgs) -> Result<()> {
     let compiled = compile(&args.options()?)?;
     let report = &compiled.report;
-    if args.json {
+    if args.reporting.json {
         println!("{}", serde_json::to_string_pretty(report)?);
     } else {
         print_report(report, &compiled.census_before, &compiled.census_after, &compiled.check_note);
@@ -207,7 +203,7 @@ pub fn run(args: &CompileArgs) -> Result<()> {
         eprintln!("warning: {warning}");
     }
     compiled.write()?;
-    if !args.json {
+    if !args.reporting.json {
         println!("wrote {}", compiled.output().display());
     }
     Ok(())

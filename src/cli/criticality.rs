@@ -1,12 +1,7 @@
 //! `relucompile criticality`: DeepReDuce's per-stage ReLU criticality on calibration data.
 
-use crate::analysis::shapes::sample_shape;
-use crate::eval::data;
-use crate::frontend::load_model;
-use crate::passes::{prepare, PassContext};
+use crate::driver::criticality::CriticalityJob;
 use crate::report::{table, thousands};
-use crate::search::criticality::criticality;
-use crate::search::probe::{ensure_probe_images, Prober};
 use anyhow::Result;
 use std::path::PathBuf;
 
@@ -29,44 +24,24 @@ pub struct CriticalityArgs {
     /// straight after the refit (0)
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub probe_images: usize,
-    /// Print one JSON object instead of a table
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub reporting: super::output_flags::OutputFlags,
     #[command(flatten)]
     pub data_flags: super::data_flags::DataFlags,
 }
 
 pub fn run(args: &CriticalityArgs) -> Result<()> {
-    let original = load_model(&args.model)?;
-    let sample = sample_shape(&original, args.input_shape.as_deref())?;
-    let ctx = PassContext::new(sample.clone());
-    let model = prepare(&original, &ctx)?;
-    let name = args.model.display().to_string();
-    let wanted = args.images + args.probe_images;
-    let train = crate::driver::DataOptions::from(&args.data_flags).load(
-        &args.data,
-        data::Split::Train,
-        Some(wanted),
-        &model,
-        &sample,
-        &name,
-    )?;
-    let set = train.subset(0..args.images.min(train.len()));
-    let probes = train.subset(set.len()..train.len());
-    drop(train);
-    ensure_probe_images(&probes, args.probe_images, set.len(), &args.data)?;
-    let (ctx, scoring) = PassContext::fitted_on(sample.clone(), &set, &model);
-    let prober = Prober {
-        base: &model,
-        ctx: &ctx,
-        train: &probes,
-        score: &scoring,
-        recipe: Default::default(),
-        journal: None,
-        progress: !args.json,
+    let job = CriticalityJob {
+        model: args.model.clone(),
+        data: args.data.clone(),
+        data_options: crate::driver::DataOptions::from(&args.data_flags),
+        images: args.images,
+        input_shape: args.input_shape.clone(),
+        probe_images: args.probe_images,
+        progress: args.reporting.progress(),
     };
-    let c = criticality(&model, &ctx, &scoring, (args.probe_images > 0).then_some(&prober))?;
-    if args.json {
+    let c = crate::driver::criticality::run(&job)?;
+    if args.reporting.json {
         println!("{}", serde_json::to_string_pretty(&c)?);
         return Ok(());
     }

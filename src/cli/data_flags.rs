@@ -2,8 +2,8 @@
 //! reads data: resizing and cropping, CIFAR-100's label set, and the normalisation. They
 //! become a [`DataOptions`], which does the work.
 
+use crate::data::{self, CropSize};
 use crate::driver::DataOptions;
-use crate::eval::data::{self, CropSize};
 
 #[derive(clap::Args, Debug, Clone, Default, PartialEq)]
 #[command(next_help_heading = "Data")]

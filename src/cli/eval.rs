@@ -1,8 +1,8 @@
 //! `relucompile eval model.onnx --data fashion-mnist`: top-1 accuracy and throughput under
 //! tract, optionally against a reference model.
 
+use crate::data::{self, Normalisation, Split};
 use crate::driver::eval::{eval, EvalOptions, Evaluation};
-use crate::eval::data::{self, Normalisation, Split};
 use crate::eval::evaluator::EvalReport;
 use crate::eval::EngineChoice;
 use anyhow::Result;
@@ -40,6 +40,12 @@ given (then they are treated as pixels, with the same precedence).";
 const SHORT_HELP: &str = "\
 Inputs are x = (pixel * scale - mean[c]) / std[c]; pixel as stored (0..255 for IDX). See --help.";
 
+/// `--split`'s words.
+const SPLITS: &[(&str, &str)] = &[
+    ("train", "The training split"),
+    ("test", "The test split (an image folder's val/ or test/)"),
+];
+
 #[derive(clap::Args, Debug)]
 #[command(
     after_help = format!("{SHORT_HELP}\n\n{}", super::EXIT_CODES_HELP),
@@ -52,7 +58,7 @@ pub struct EvalArgs {
     #[arg(long, value_name = "SPEC", default_value = data::FASHION_MNIST_SPEC)]
     pub data: String,
     /// Which split to read [default: test]
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = super::words::<Split>(SPLITS))]
     pub split: Option<Split>,
     /// Evaluate the first N images only
     #[arg(long, value_name = "N", value_parser = super::data_flags::parse_positive)]
@@ -72,12 +78,8 @@ pub struct EvalArgs {
     #[arg(long, value_name = "SHAPE", value_parser = super::parse_shape)]
     // `::std::vec::Vec`: one value parsed whole, not a list of values (clap's derive rule).
     pub input_shape: Option<::std::vec::Vec<usize>>,
-    /// Print one JSON object (the report) on stdout
-    #[arg(long)]
-    pub json: bool,
-    /// No progress bar (it is also hidden when stderr is not a terminal)
-    #[arg(long)]
-    pub no_progress: bool,
+    #[command(flatten)]
+    pub reporting: super::output_flags::OutputFlags,
     #[command(flatten)]
     pub data_flags: super::data_flags::DataFlags,
 }
@@ -94,14 +96,14 @@ impl From<&EvalArgs> for EvalOptions {
             engine: a.engine,
             input_shape: a.input_shape.clone(),
             data_options: (&a.data_flags).into(),
-            progress: !a.no_progress && !a.json,
+            progress: a.reporting.progress(),
         }
     }
 }
 
 pub fn run(args: &EvalArgs) -> Result<()> {
     let Evaluation { report, normalisation } = eval(&args.into())?;
-    if args.json {
+    if args.reporting.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", human(&report, &normalisation));

@@ -1,9 +1,9 @@
 //! `relucompile finetune reduced.onnx --teacher original.onnx -o tuned.onnx --epochs N`:
 //! knowledge-distillation fine-tuning of a reduced graph (see `crate::train`).
 
+use crate::data;
 use crate::driver::finetune::{finetune, FinetuneJob, FinetuneReport};
 use crate::driver::TrainOptions;
-use crate::eval::data;
 use crate::train::optim::{default_lr, OptimizerKind, ScheduleKind};
 use crate::train::FinetuneOptions;
 use anyhow::Result;
@@ -28,12 +28,8 @@ pub struct FinetuneArgs {
     /// Evaluate accuracy before and after on the first N test images [default: all]
     #[arg(long, value_name = "N")]
     pub limit: Option<usize>,
-    /// Print the report as JSON
-    #[arg(long)]
-    pub json: bool,
-    /// No progress bars
-    #[arg(long)]
-    pub no_progress: bool,
+    #[command(flatten)]
+    pub reporting: super::output_flags::OutputFlags,
     #[command(flatten)]
     pub data_flags: super::data_flags::DataFlags,
 }
@@ -151,14 +147,14 @@ impl From<&FinetuneArgs> for FinetuneJob {
             data_options: (&a.data_flags).into(),
             training: (&a.train).into(),
             limit: a.limit,
-            progress: !a.json && !a.no_progress,
+            progress: a.reporting.progress(),
         }
     }
 }
 
 pub fn run(args: &FinetuneArgs) -> Result<()> {
     let report = finetune(&args.into())?;
-    if args.json {
+    if args.reporting.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_report(&report);

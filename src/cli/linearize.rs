@@ -3,10 +3,23 @@
 //! budget, then distilled again (see `crate::train::masks`).
 
 use super::finetune::TrainFlags;
+use crate::data;
 use crate::driver::linearize::{linearize, LinearizeJob, LinearizeReport};
-use crate::eval::data;
 use crate::report::{table, thousands};
 use crate::train::masks::{Granularity, DEFAULT_MASK_LR};
+
+/// `--granularity`'s words (also `pareto --learned-granularity`).
+pub(crate) const GRANULARITIES: &[(&str, &str)] = &[
+    (
+        "channel",
+        "One mask per channel: the kept channels' ReLUs run on a dense `[N, K, H, W]` slice",
+    ),
+    (
+        "pixel",
+        "One mask per element of an image's activation (SNL's pixel masks): the kept positions \
+         run as one dense `[N, K]` ReLU",
+    ),
+];
 use anyhow::Result;
 use std::path::PathBuf;
 
@@ -31,7 +44,7 @@ pub struct LinearizeArgs {
     pub max_relu_layers: Option<u64>,
     /// A mask per channel (its ReLUs kept or dropped together) or per pixel (any element of an
     /// activation; the kept ones are gathered into one dense ReLU per layer)
-    #[arg(long, value_enum, default_value_t = Granularity::Channel)]
+    #[arg(long, default_value = "channel", value_parser = super::words::<Granularity>(GRANULARITIES))]
     pub granularity: Granularity,
     /// Adam's learning rate for the masks
     #[arg(long, default_value_t = DEFAULT_MASK_LR)]
@@ -44,12 +57,8 @@ pub struct LinearizeArgs {
     /// Evaluate on the first N test images [default: all]
     #[arg(long, value_name = "N")]
     pub limit: Option<usize>,
-    /// Print the report as JSON
-    #[arg(long)]
-    pub json: bool,
-    /// No progress bars
-    #[arg(long)]
-    pub no_progress: bool,
+    #[command(flatten)]
+    pub reporting: super::output_flags::OutputFlags,
     #[command(flatten)]
     pub data_flags: super::data_flags::DataFlags,
 }
@@ -65,7 +74,7 @@ impl From<&LinearizeArgs> for LinearizeJob {
             data_options: (&a.data_flags).into(),
             training: (&a.train).into(),
             limit: a.limit,
-            progress: !a.json && !a.no_progress,
+            progress: a.reporting.progress(),
             ..LinearizeJob::new(&a.model, &a.output, &a.relu_budget)
         }
     }
@@ -73,7 +82,7 @@ impl From<&LinearizeArgs> for LinearizeJob {
 
 pub fn run(args: &LinearizeArgs) -> Result<()> {
     let report = linearize(&args.into())?;
-    if args.json {
+    if args.reporting.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_report(&report);

@@ -7,6 +7,7 @@ mod eval;
 pub mod finetune;
 mod inspect;
 mod linearize;
+mod output_flags;
 mod pareto;
 mod run;
 
@@ -122,6 +123,19 @@ pub fn parse_shape(text: &str) -> Result<Vec<usize>, String> {
         Ok(d) if !d.is_empty() && d.iter().all(|&v| v > 0) => Ok(d),
         _ => Err(format!("'{text}' is not a shape like 1x3x32x32 (positive integers)")),
     }
+}
+
+/// A clap value parser over a library enum's words, each with its help: `--help` lists them
+/// and a bad word exits 2 naming the flag, while the library's types stay free of clap.
+pub(crate) fn words<T>(
+    words: &'static [(&'static str, &'static str)],
+) -> impl clap::builder::TypedValueParser<Value = T>
+where
+    T: std::str::FromStr<Err = String> + Clone + Send + Sync + 'static,
+{
+    use clap::builder::{PossibleValue, TypedValueParser};
+    let values = words.iter().map(|&(word, help)| PossibleValue::new(word).help(help));
+    clap::builder::PossibleValuesParser::new(values).try_map(|word| word.parse::<T>())
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! `relucompile pareto`: flags into [`ParetoOptions`], the frontier search
 //! ([`crate::driver::pareto`]), then the frontier printed.
 
+use super::linearize::GRANULARITIES;
 use crate::driver::pareto::{pareto, Frontier, ParetoOptions};
 use crate::report::{table, thousands};
 use crate::search::objective::Objective;
@@ -64,7 +65,7 @@ pub struct ParetoArgs {
     #[arg(long, value_name = "N|P%,...", value_delimiter = ',')]
     pub learned: Vec<String>,
     /// The learned points' masks: per channel or per pixel (see `relucompile linearize --help`)
-    #[arg(long, value_enum, default_value_t = Granularity::Channel)]
+    #[arg(long, default_value = "channel", value_parser = super::words::<Granularity>(GRANULARITIES))]
     pub learned_granularity: Granularity,
     /// Rank the candidates near the frontier by the calibration accuracy they reach after a
     /// one-epoch distillation probe on N training images, at a quarter of the recipe's

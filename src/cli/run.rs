@@ -3,7 +3,7 @@
 
 use crate::analysis::shapes::sample_shape;
 use crate::error::CompileError;
-use crate::eval::Runner;
+use crate::exec::tract::Runner;
 use crate::frontend::load_model;
 use anyhow::{Context, Result};
 use npyz::WriterBuilder;

@@ -3,18 +3,23 @@
 //! accuracies; [`Compilation::write`] writes it only if it computes the same function (or
 //! passed the accuracy gate).
 
+use super::context::RunData;
 use super::finetune::{finetune_model, FinetuneReport};
+use super::pareto::Frontier;
 use super::{check_output_path, DataOptions, TrainOptions, DEFAULT_DATA};
 use crate::analysis::census::{census, Census};
 use crate::analysis::cost::{CostEstimate, CostModel};
 use crate::analysis::shapes::sample_shape;
+use crate::data;
+use crate::data::random_inputs;
 use crate::error::{exit_code_of, CompileError, ExitCode};
-use crate::eval::compare::{compare_models_on, random_inputs, Comparison, LOSSLESS_REL_TOLERANCE};
-use crate::eval::data;
+use crate::eval::compare::{compare_models_on, Comparison, LOSSLESS_REL_TOLERANCE};
+use crate::eval::evaluator::Reference;
 use crate::frontend::load_model;
 use crate::ir::Model;
 use crate::passes::{
-    prepare, run_pipeline, PassContext, PassRecord, Pipeline, VerifyOptions, DEFAULT_PIPELINE,
+    run_pipeline, PassContext, PassInfo, PassRecord, Pipeline, Step, VerifyOptions,
+    DEFAULT_PIPELINE,
 };
 use crate::search::objective::{Budget, Cost, Objective};
 use crate::search::probe::{ensure_probe_images, probe_set, Prober};
@@ -22,6 +27,7 @@ use crate::search::{best_under_budget, Candidate};
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Passes that always close a pipeline: emitted graphs never hold Identity or dead nodes.
 const FINALIZE: &str = "identity-elim,dce";
@@ -326,55 +332,33 @@ pub fn compile(opts: &CompileOptions) -> Result<Compilation> {
         census(&original, &sample).with_context(|| format!("in model {}", input.display()))?;
     let cost_model = CostModel::load(&opts.cost_model)?;
     let budget = budget_of(opts, &Cost::from_census(&before, &cost_model))?;
+    let spec = opts.data.as_deref().unwrap_or(DEFAULT_DATA);
+    let run = RunData::new(
+        original.clone(),
+        sample.clone(),
+        input_name(opts),
+        (spec, &opts.data_options),
+        opts.limit,
+    );
     let budget_choice = match &budget {
-        Some(b) => Some(choose_for_budget(&original, &sample, b, &cost_model, opts)?),
+        Some(b) => Some(choose_for_budget(&run, b, &cost_model, opts)?),
         None => None,
     };
-    let pipeline = Pipeline::parse(&format!(
-        "{},{FINALIZE}",
-        pipeline_text(opts, budget_choice.as_ref().map(|(c, _)| c.pipeline.as_str()))
-    ))?;
-    let lossy = pipeline.steps.iter().any(|(_, _, p)| !p.lossless());
+    let mut steps = pipeline_steps(opts, budget_choice.as_ref().map(|(c, _)| c.pipeline.as_str()))?;
+    steps.extend(Step::parse_list(FINALIZE)?);
+    let pipeline = Pipeline::new(steps)?;
+    let lossy = pipeline.lossy();
     // The test images are read before any pass runs: data that does not fit fails fast.
-    let test_set = test_set(&original, &sample, lossy, opts)?;
+    let test_set = test_set(&run, lossy, opts)?;
 
     let check_spec = opts.check_data.as_deref().or(opts.data.as_deref()).unwrap_or(DEFAULT_DATA);
-    let (real, check_note) = real_check_inputs(&original, &sample, check_spec, opts);
+    let (real, check_note) = real_check_inputs(&run, check_spec, opts);
     let random = random_inputs(CHECK_RANDOM * sample.iter().product::<usize>(), CHECK_SEED);
     let verify = VerifyOptions {
         structure: opts.verify_each,
         outputs: opts.verify_each.then(|| random.clone()),
     };
-    let mut model = original.clone();
-    let mut ctx = PassContext::new(sample.clone());
-    let data_driven = ["channel-thin", "recalibrate"];
-    if pipeline.steps.iter().any(|(name, _, _)| data_driven.contains(&name.as_str())) {
-        let draw = calibration_set(&original, &sample, opts)?;
-        ctx = PassContext::fitted_on(sample.clone(), &draw, &prepare(&original, &ctx)?).0;
-    }
-    let records = run_pipeline(&mut model, &pipeline, &ctx, &verify)?;
-    let finetune = match &opts.finetune {
-        Some(_) if !lossy => {
-            return Err(CompileError::new(
-                ExitCode::Usage,
-                "--finetune-epochs needs a lossy pipeline: a lossless one computes the original already",
-            )
-            .into());
-        }
-        Some(training) => {
-            let (tuned, report) = finetune_model(
-                &model,
-                &original,
-                (opts.data.as_deref().unwrap_or(DEFAULT_DATA), &opts.data_options),
-                training,
-                opts.limit,
-                opts.progress,
-            )?;
-            model = tuned;
-            Some(report)
-        }
-        None => None,
-    };
+    let (model, records, finetune) = rewrite(&run, &pipeline, &verify, opts)?;
     let after = census(&model, &sample)?;
 
     let mut sets: Vec<&[f32]> = vec![&random];
@@ -385,7 +369,7 @@ pub fn compile(opts: &CompileOptions) -> Result<Compilation> {
     let check_random = checks.next().context("the random-input comparison")?;
     let check_real = checks.next();
     let accuracy = match &test_set {
-        Some(set) => Some(measure_accuracy(&original, &model, set, opts)?),
+        Some(set) => Some(measure_accuracy(&run, &model, set, opts)?),
         None => None,
     };
     let accuracy_not_measured = (lossy && accuracy.is_none()).then(|| {
@@ -429,43 +413,77 @@ pub fn compile(opts: &CompileOptions) -> Result<Compilation> {
     })
 }
 
-/// The pipeline text: `--passes`, with the lossy flags' passes placed after BatchNorm folding
-/// (so stage numbers are those `inspect` shows for the input) or first when there is none.
-fn pipeline_text(opts: &CompileOptions, searched: Option<&str>) -> String {
-    let mut lossy: Vec<String> =
-        searched.into_iter().filter(|s| !s.is_empty()).map(String::from).collect();
-    let list = |v: &[usize]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(",");
+/// The rewrite: the pipeline (on the calibration draw when a pass needs images), then the
+/// distillation of `--finetune-epochs`.
+fn rewrite(
+    run: &RunData,
+    pipeline: &Pipeline,
+    verify: &VerifyOptions,
+    opts: &CompileOptions,
+) -> Result<(Model, Vec<PassRecord>, Option<FinetuneReport>)> {
+    if opts.finetune.is_some() && !pipeline.lossy() {
+        return Err(CompileError::new(
+            ExitCode::Usage,
+            "--finetune-epochs needs a lossy pipeline: a lossless one computes the original already",
+        )
+        .into());
+    }
+    let mut model = run.original.clone();
+    let mut ctx = PassContext::new(run.sample.clone());
+    if pipeline.needs_calibration() {
+        let draw = calibration_set(run, opts)?;
+        ctx = PassContext::fitted_on(run.sample.clone(), &draw, &*run.prepared()?).0;
+    }
+    let records = run_pipeline(&mut model, pipeline, &ctx, verify)?;
+    let finetune = match &opts.finetune {
+        Some(training) => {
+            let (tuned, report) = finetune_model(&model, run, training, opts.progress)?;
+            model = tuned;
+            Some(report)
+        }
+        None => None,
+    };
+    Ok((model, records, finetune))
+}
+
+/// The pipeline: `--passes`, with the lossy flags' steps (and a searched budget's) placed by
+/// phase ([`crate::passes::place_lossy`]).
+fn pipeline_steps(opts: &CompileOptions, searched: Option<&str>) -> Result<Vec<Step>> {
+    let base = Step::parse_list(&opts.passes)?;
+    let mut lossy: Vec<Step> = match searched.filter(|s| !s.is_empty()) {
+        Some(text) => Step::parse_list(text)?,
+        None => Vec::new(),
+    };
+    let list = |v: &[usize]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     if !opts.cull.is_empty() {
-        lossy.push(format!("cull({})", list(&opts.cull)));
+        lossy.push(Step { pass: PassInfo::named("cull")?, args: list(&opts.cull) });
     }
     if let Some(mode) = opts.thin {
-        let mode = mode.name();
-        if opts.thin_stages.is_empty() {
-            lossy.push(format!("thin({mode})"));
-        } else {
-            lossy.push(format!("thin({mode},{})", list(&opts.thin_stages)));
-        }
+        let mut args = vec![mode.name().to_string()];
+        args.extend(list(&opts.thin_stages));
+        lossy.push(Step { pass: PassInfo::named("thin")?, args });
     }
     if let Some(t) = opts.channel_threshold {
-        lossy.push(format!("channel-thin({t})"));
+        lossy.push(Step::new("channel-thin", &[&t.to_string()])?);
     }
     if let Some(f) = opts.resolution {
-        lossy.push(format!("resolution({f})"));
+        lossy.push(Step::new("resolution", &[&f.to_string()])?);
     }
     if let Some(f) = opts.width {
-        lossy.push(format!("width({f})"));
+        lossy.push(Step::new("width", &[&f.to_string()])?);
     }
-    if opts.avg_pool && !lossy.iter().any(|l| l.contains("maxpool-to-avgpool")) {
-        lossy.push("maxpool-to-avgpool".into());
+    let avg_pool = Step::new("maxpool-to-avgpool", &[])?;
+    if opts.avg_pool && !lossy.contains(&avg_pool) {
+        lossy.push(avg_pool);
     }
     if lossy.is_empty() {
-        return opts.passes.clone();
+        return Ok(base);
     }
     // Recalibration needs calibration images, which --no-eval (for when none fit) goes without.
     if opts.recalibrate && opts.evaluate {
-        lossy.push("recalibrate".into());
+        lossy.push(Step::new("recalibrate", &[])?);
     }
-    crate::passes::place_lossy(&opts.passes, &lossy)
+    Ok(crate::passes::place_lossy(&base, &lossy))
 }
 
 /// The one budget asked for (`--relu-budget`, `--bytes-budget` or `--latency-budget`), if any.
@@ -497,8 +515,7 @@ fn budget_of(opts: &CompileOptions, original: &Cost) -> Result<Option<Budget>> {
 /// Search the lossy configurations for the best one under the budget, on calibration images
 /// from the training split. The lossless passes before the lossy ones run first.
 fn choose_for_budget(
-    original: &Model,
-    sample: &[usize],
+    run: &RunData,
     budget: &Budget,
     cost_model: &CostModel,
     opts: &CompileOptions,
@@ -506,9 +523,10 @@ fn choose_for_budget(
     if let Some(path) = &opts.frontier {
         return choose_from_frontier(path, budget);
     }
-    let train = training_split(original, sample, opts)?;
+    let sample = run.sample.as_slice();
+    let train = training_split(run)?;
     let drawn = train.seeded_subset(opts.calibration_images, opts.seed);
-    let base = prepare(original, &PassContext::new(sample.to_vec()))?;
+    let base = run.prepared()?;
     let (mut ctx, calib) = PassContext::fitted_on(sample.to_vec(), &drawn, &base);
     if !opts.recalibrate {
         ctx.reference = None;
@@ -532,27 +550,17 @@ fn choose_for_budget(
 
 /// The most accurate point of a written frontier whose cost fits the budget.
 fn choose_from_frontier(path: &Path, budget: &Budget) -> Result<(Candidate, Vec<Candidate>)> {
-    let file = if path.is_dir() { path.join("frontier.json") } else { path.to_path_buf() };
-    let text = std::fs::read_to_string(&file)
-        .with_context(|| format!("cannot read the frontier {}", file.display()))?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not a frontier.json", file.display()))?;
-    let points: Vec<Candidate> = v["points"]
-        .as_array()
-        .with_context(|| format!("{} has no points", file.display()))?
+    let frontier = Frontier::load(path)?;
+    let points: Vec<Candidate> = frontier
+        .points
         .iter()
-        .filter_map(|p| {
-            let config = p["config"].as_str()?;
-            Some(Candidate {
-                pipeline: if config == "original" { String::new() } else { config.to_string() },
-                relus: p["relus"].as_u64()?,
-                // Frontiers written before the cost objectives lack these: no bytes or latency
-                // budget can be met from them.
-                bytes: p["bytes"].as_f64().unwrap_or(f64::INFINITY),
-                seconds: p["seconds"].as_f64().unwrap_or(f64::INFINITY),
-                calibration_accuracy: p["accuracy"].as_f64(),
-                probe_accuracy: None,
-            })
+        .map(|p| Candidate {
+            pipeline: if p.config == "original" { String::new() } else { p.config.clone() },
+            relus: p.relus,
+            bytes: p.bytes,
+            seconds: p.seconds,
+            calibration_accuracy: Some(p.accuracy),
+            probe_accuracy: None,
         })
         .collect();
     let best = points
@@ -565,7 +573,7 @@ fn choose_from_frontier(path: &Path, budget: &Budget) -> Result<(Candidate, Vec<
         .ok_or_else(|| {
             CompileError::new(
                 ExitCode::Usage,
-                format!("no point of {} fits a budget of {}", file.display(), budget.describe()),
+                format!("no point of {} fits a budget of {}", path.display(), budget.describe()),
             )
         })?;
     Ok((best, points))
@@ -573,59 +581,35 @@ fn choose_from_frontier(path: &Path, budget: &Budget) -> Result<(Candidate, Vec<
 
 /// The seeded draw is the one `pareto` makes, so a frontier point's channel decisions are
 /// reproduced exactly when its seed and count are used.
-fn calibration_set(
-    original: &Model,
-    sample: &[usize],
-    opts: &CompileOptions,
-) -> Result<data::Dataset> {
+fn calibration_set(run: &RunData, opts: &CompileOptions) -> Result<data::Dataset> {
     let (count, seed) = match &opts.frontier {
         Some(path) => frontier_calibration(path)?,
         None => (opts.calibration_images, opts.seed),
     };
-    Ok(training_split(original, sample, opts)?.seeded_subset(count, seed))
+    Ok(training_split(run)?.seeded_subset(count, seed))
 }
 
-/// The whole training split of `--data`.
-fn training_split(
-    original: &Model,
-    sample: &[usize],
-    opts: &CompileOptions,
-) -> Result<data::Dataset> {
-    let spec = opts.data.as_deref().unwrap_or(DEFAULT_DATA);
-    opts.data_options
-        .load(spec, data::Split::Train, None, original, sample, &input_name(opts))
-        .map_err(|e| {
-            no_fitting_data(e, "gather calibration statistics from the training split", false)
-        })
+/// The whole training split of `--data`, read once per run.
+fn training_split(run: &RunData) -> Result<Arc<data::Dataset>> {
+    run.train(None).map_err(|e| {
+        no_fitting_data(e, "gather calibration statistics from the training split", false)
+    })
 }
 
 /// The calibration count and seed a frontier was searched with.
 fn frontier_calibration(path: &Path) -> Result<(usize, u64)> {
-    let file = if path.is_dir() { path.join("frontier.json") } else { path.to_path_buf() };
-    let v: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(&file)
-            .with_context(|| format!("cannot read {}", file.display()))?,
-    )
-    .with_context(|| format!("{} is not a frontier.json", file.display()))?;
-    match (v["calibration_images"].as_u64(), v["seed"].as_u64()) {
-        (Some(n), Some(seed)) => Ok((n as usize, seed)),
-        _ => Err(CompileError::new(
-            ExitCode::Usage,
-            format!("{} lacks calibration_images or seed", file.display()),
-        )
-        .into()),
-    }
+    let frontier = Frontier::load(path)?;
+    Ok((frontier.calibration_images, frontier.seed))
 }
 
 /// The test split of `--data` when accuracy is to be measured: always for a lossy pipeline
 /// (unless --no-eval), and whenever --data or --max-drop asks. Data that cannot be read or
 /// does not fit the model is an error naming --data and --no-eval.
 fn test_set(
-    original: &Model,
-    sample: &[usize],
+    run: &RunData,
     lossy: bool,
     opts: &CompileOptions,
-) -> Result<Option<data::Dataset>> {
+) -> Result<Option<Arc<data::Dataset>>> {
     if !opts.evaluate {
         if opts.max_drop.is_some() {
             return Err(CompileError::new(
@@ -640,13 +624,9 @@ fn test_set(
     if !(lossy || opts.data.is_some() || opts.max_drop.is_some()) {
         return Ok(None);
     }
-    let spec = opts.data.as_deref().unwrap_or(DEFAULT_DATA);
     let what =
         if lossy { "measure the accuracy of this lossy rewrite" } else { "measure accuracy" };
-    opts.data_options
-        .load(spec, data::Split::Test, opts.limit, original, sample, &input_name(opts))
-        .map(Some)
-        .map_err(|e| no_fitting_data(e, what, true))
+    run.test().map(Some).map_err(|e| no_fitting_data(e, what, true))
 }
 
 /// A data error, restated as what it prevents and what to give instead.
@@ -672,16 +652,16 @@ fn input_name(opts: &CompileOptions) -> String {
 
 /// Accuracy of the original and the rewritten graph on the test split, in one pass each.
 fn measure_accuracy(
-    original: &Model,
+    run: &RunData,
     model: &Model,
     set: &data::Dataset,
     opts: &CompileOptions,
 ) -> Result<AccuracyReport> {
-    let name = input_name(opts);
-    let eval = crate::eval::evaluator::evaluate(
+    let original = run.original_on_test(opts.progress)?;
+    let (eval, _) = crate::eval::evaluator::evaluate_against(
         model,
         "rewritten",
-        Some((original, &name)),
+        Some(Reference::Outputs(&original)),
         set,
         crate::eval::RunSpec::default(),
         opts.progress,
@@ -712,11 +692,16 @@ fn measure_accuracy(
 /// Real images for the check when the data set is there and fits the model; otherwise `None`
 /// and a note saying why (random inputs are always used).
 fn real_check_inputs(
-    model: &Model,
-    sample: &[usize],
+    run: &RunData,
     spec: &str,
     opts: &CompileOptions,
 ) -> (Option<Vec<f32>>, String) {
+    let (model, sample) = (&run.original, run.sample.as_slice());
+    // The test images already read, when they are of this data set and enough.
+    if let Some(test) = run.test_if_read().filter(|t| spec == run.spec && t.len() >= CHECK_IMAGES) {
+        let note = format!("{CHECK_IMAGES} real images from {spec}");
+        return (Some(test.subset(0..CHECK_IMAGES).images), note);
+    }
     // As DataFlags::load, without its notes: these images only feed the output comparison.
     let fit = opts.data_options.fit(sample, "the model");
     let loaded = opts.data_options.normalisation(model).and_then(|norm| {

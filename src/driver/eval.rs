@@ -3,8 +3,8 @@
 
 use super::{DataOptions, DEFAULT_DATA};
 use crate::analysis::shapes::sample_shape;
+use crate::data::{self, Normalisation, Source, Split};
 use crate::error::{CompileError, ExitCode};
-use crate::eval::data::{self, Normalisation, Source, Split};
 use crate::eval::evaluator::{evaluate, EvalReport};
 use crate::eval::{EngineChoice, RunSpec};
 use crate::frontend::load_model;

@@ -2,9 +2,10 @@
 //! `crate::train`): [`finetune`] reads and writes files, [`finetune_model`] works on graphs in
 //! memory (compile and pareto call it for `--finetune-epochs`).
 
+use super::context::RunData;
 use super::{check_output_path, DataOptions, TrainOptions, DEFAULT_DATA};
 use crate::analysis::{census::census, shapes::sample_shape};
-use crate::eval::data::Split;
+use crate::eval::evaluator::accuracy_of;
 use crate::eval::evaluator::evaluate;
 use crate::eval::RunSpec;
 use crate::frontend::{load_model, write_model_atomic};
@@ -68,21 +69,19 @@ pub struct FinetuneReport {
     pub relus: u64,
 }
 
-/// Fine-tune `student` against `teacher` on the training split of `data` and measure it on
-/// the first `limit` test images; shared with compile and pareto.
+/// Fine-tune `student` against the run's original on its training split (the first
+/// `training.train_limit` images) and measure it on the run's test images; shared with
+/// compile, pareto and linearize, whose runs read each split and evaluate the original once.
 pub fn finetune_model(
     student: &Model,
-    teacher: &Model,
-    (data_spec, data_options): (&str, &DataOptions),
+    run: &RunData,
     training: &TrainOptions,
-    limit: Option<usize>,
     progress: bool,
 ) -> Result<(Model, FinetuneReport)> {
-    let sample = sample_shape(student, None)?;
-    let name = "the teacher";
-    let train =
-        data_options.load(data_spec, Split::Train, training.train_limit, teacher, &sample, name)?;
-    let test = data_options.load(data_spec, Split::Test, limit, teacher, &sample, name)?;
+    let sample = &run.sample;
+    let teacher = &run.original;
+    let train = run.train(training.train_limit)?;
+    let test = run.test()?;
     let result = Finetuner {
         student,
         teacher,
@@ -97,8 +96,8 @@ pub fn finetune_model(
     crate::ir::verify(&tuned).map_err(|e| anyhow::anyhow!("the tuned graph is invalid: {e}"))?;
     // The written weights must give under tract what the fine-tuner computed.
     let probe = &test.images[..test.sample_len() * test.len().min(16)];
-    let ours = candle_logits(&tuned, probe, &sample)?;
-    let runner = crate::eval::Runner::new(&tuned, &sample, 1)?;
+    let ours = candle_logits(&tuned, probe, sample)?;
+    let runner = crate::exec::tract::Runner::new(&tuned, sample, 1)?;
     let mut theirs = vec![];
     for img in probe.chunks(test.sample_len()) {
         theirs.extend(runner.run(img)?.0);
@@ -111,15 +110,15 @@ pub fn finetune_model(
     );
     let after =
         evaluate(&tuned, "tuned", Some((student, "before")), &test, RunSpec::default(), progress)?;
-    let teacher_eval = evaluate(teacher, "teacher", None, &test, RunSpec::default(), progress)?;
+    let teacher_outputs = run.original_on_test(progress)?;
     let before = after.reference.as_ref().context("no reference evaluation")?.accuracy;
-    let relus = census(&tuned, &sample)?.total_relus;
+    let relus = census(&tuned, sample)?.total_relus;
     let report = FinetuneReport {
         options: training.recipe.clone(),
         train_images: train.len(),
         epochs: result.history,
         test_images: test.len(),
-        teacher_accuracy: teacher_eval.accuracy,
+        teacher_accuracy: accuracy_of(&teacher_outputs, &test),
         accuracy_before: before,
         accuracy_after: after.accuracy,
         written_graph_rel_diff: rel as f64,
@@ -133,15 +132,11 @@ pub fn finetune(job: &FinetuneJob) -> Result<FinetuneReport> {
     check_output_path(&job.model, &job.output, false)?;
     let student = load_model(&job.model)?;
     let teacher = load_model(&job.teacher)?;
-    let (tuned, report) = finetune_model(
-        &student,
-        &teacher,
-        (&job.data, &job.data_options),
-        &job.training,
-        job.limit,
-        job.progress,
-    )
-    .with_context(|| format!("fine-tuning {}", job.model.display()))?;
+    let sample = sample_shape(&student, None)?;
+    let run =
+        RunData::new(teacher, sample, "the teacher", (&job.data, &job.data_options), job.limit);
+    let (tuned, report) = finetune_model(&student, &run, &job.training, job.progress)
+        .with_context(|| format!("fine-tuning {}", job.model.display()))?;
     write_model_atomic(&job.output, &tuned)?;
     Ok(report)
 }

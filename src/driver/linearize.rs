@@ -1,11 +1,11 @@
 //! `relucompile linearize`: learned per-channel or per-pixel ReLU masks to a ReLU budget (see
 //! `crate::train::masks`), then distillation of the binarised graph (`finetune_model`).
 
+use super::context::RunData;
 use super::finetune::{finetune_model, FinetuneReport};
 use super::{check_output_path, DataOptions, TrainOptions, DEFAULT_DATA};
 use crate::analysis::{census::census, shapes::sample_shape};
 use crate::error::{CompileError, ExitCode};
-use crate::eval::data::Split;
 use crate::frontend::{load_model, write_bytes_atomic, write_model_atomic};
 use crate::ir::Model;
 use crate::passes::{prepare, run_pipeline, PassContext, Pipeline, VerifyOptions};
@@ -99,16 +99,15 @@ pub fn linearize(job: &LinearizeJob) -> Result<LinearizeReport> {
     let budget = Budget::parse(Objective::Relus, &job.relu_budget, &cost)
         .map_err(|e| usage(format!("--relu-budget: {e}")))?
         .limit as u64;
+    let run = RunData::new(model, sample, "the model", (&job.data, &job.data_options), job.limit);
     let learned = LearnedMasks {
-        model: &model,
+        run: &run,
         budget,
         max_layers: job.max_relu_layers,
         granularity: job.granularity,
         mask_epochs: job.mask_epochs,
         mask_lr: job.mask_lr,
-        data: (&job.data, &job.data_options),
         training: &job.training,
-        limit: job.limit,
         progress: job.progress,
     }
     .run()
@@ -137,8 +136,9 @@ pub fn linearize(job: &LinearizeJob) -> Result<LinearizeReport> {
 /// learned to `budget` with the weights, made binary, then distilled. With a checkpoint
 /// directory in `training`, the mask phase and the distillation each resume from it.
 pub struct LearnedMasks<'a> {
-    /// The prepared original: the graph whose ReLUs are masked, and the teacher.
-    pub model: &'a Model,
+    /// The data of the run, whose original (prepared) is the graph whose ReLUs are masked,
+    /// and the teacher.
+    pub run: &'a RunData,
     /// ReLUs to keep, counted.
     pub budget: u64,
     /// At most this many layers keep ReLUs (see `choose_kept`).
@@ -146,12 +146,8 @@ pub struct LearnedMasks<'a> {
     pub granularity: Granularity,
     pub mask_epochs: usize,
     pub mask_lr: f64,
-    /// The data set and its options.
-    pub data: (&'a str, &'a DataOptions),
     /// The recipe of both phases; `recipe.epochs` is the distillation after binarisation.
     pub training: &'a TrainOptions,
-    /// Evaluate on the first N test images (`None`: all).
-    pub limit: Option<usize>,
     pub progress: bool,
 }
 
@@ -165,16 +161,9 @@ pub struct Learned {
 
 impl LearnedMasks<'_> {
     pub fn run(&self) -> Result<Learned> {
-        let sample = sample_shape(self.model, None)?;
-        let (spec, data_options) = self.data;
-        let train = data_options.load(
-            spec,
-            Split::Train,
-            self.training.train_limit,
-            self.model,
-            &sample,
-            "the model",
-        )?;
+        let model = &self.run.original;
+        let sample = self.run.sample.clone();
+        let train = self.run.train(self.training.train_limit)?;
         let checkpoint = self.training.checkpoint_dir.as_deref();
         let resumed = match checkpoint.filter(|_| self.training.resume) {
             Some(dir) => read_mask_checkpoint(dir, &self.checkpoint_key())?,
@@ -184,8 +173,8 @@ impl LearnedMasks<'_> {
             Some(done) => done,
             None => {
                 let masks = MaskLearning {
-                    model: self.model,
-                    teacher: self.model,
+                    model,
+                    teacher: model,
                     train: &train,
                     options: crate::train::FinetuneOptions {
                         epochs: self.mask_epochs,
@@ -215,9 +204,8 @@ impl LearnedMasks<'_> {
             &PassContext::new(sample.clone()),
             &VerifyOptions::default(),
         )?;
-        let (tuned, finetune) =
-            finetune_model(&reduced, self.model, self.data, &training, self.limit, self.progress)
-                .context("distilling the masked graph")?;
+        let (tuned, finetune) = finetune_model(&reduced, self.run, &training, self.progress)
+            .context("distilling the masked graph")?;
         anyhow::ensure!(
             finetune.relus <= self.budget,
             "internal error: the distilled graph has {} ReLUs, over the budget of {}",

@@ -22,13 +22,15 @@
 //! ([`crate::error::exit_code_of`]).
 
 pub mod compile;
+pub mod context;
+pub mod criticality;
 pub mod eval;
 pub mod finetune;
 pub mod linearize;
 pub mod pareto;
 
+use crate::data::{self, CropSize, Dataset, Fit, Normalisation, Split};
 use crate::error::{CompileError, ExitCode};
-use crate::eval::data::{self, CropSize, Dataset, Fit, Normalisation, Split};
 use crate::ir::Model;
 use crate::train::optim::{default_lr, OptimizerKind};
 pub use crate::train::FinetuneOptions;

@@ -1,6 +1,7 @@
 //! The frontier of networks trading ReLUs, or estimated PI bytes or latency, against accuracy
 //! (`relucompile pareto`).
 
+use super::context::RunData;
 use super::finetune::finetune_model;
 use super::linearize::LearnedMasks;
 use super::{DataOptions, TrainOptions, DEFAULT_DATA};
@@ -8,7 +9,7 @@ use crate::analysis::cost::CostModel;
 use crate::analysis::shapes::sample_shape;
 use crate::analysis::stages::residual_adds;
 use crate::error::{CompileError, ExitCode};
-use crate::eval::data;
+use crate::eval::evaluator::accuracy_of;
 use crate::frontend::{load_model, write_bytes_atomic, write_model_atomic};
 use crate::passes::{prepare, run_pipeline, PassContext, Pipeline, VerifyOptions};
 use crate::report::plot::{frontier_plot, Axis, PlotPoint, Reference};
@@ -138,20 +139,23 @@ struct SearchKey {
     dimensions: bool,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FrontierPoint {
     pub relus: u64,
-    /// Estimated PI bytes per image.
+    /// Estimated PI bytes per image. Frontiers written before the cost objectives lack it (and
+    /// `seconds`): read back as infinite, so no bytes or latency budget is met from them.
+    #[serde(default = "infinite")]
     pub bytes: f64,
     /// Estimated PI seconds per image.
+    #[serde(default = "infinite")]
     pub seconds: f64,
     pub accuracy: f64,
     /// With --finetune-epochs: the test accuracy before fine-tuning (`accuracy` is after).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accuracy_before_finetune: Option<f64>,
     pub calibration_accuracy: f64,
     /// Calibration accuracy after the recovery probe, which ranked this point.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probe_accuracy: Option<f64>,
     pub file: String,
     pub config: String,
@@ -216,7 +220,11 @@ impl FrontierPoint {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+fn infinite() -> f64 {
+    f64::INFINITY
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Frontier {
     pub model: String,
     /// The cost the frontier minimises.
@@ -233,17 +241,17 @@ pub struct Frontier {
     pub probed: usize,
     pub points: Vec<FrontierPoint>,
     /// With --finetune-epochs: the cost levels under each of which the best point was trained.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub finetune_levels: Vec<f64>,
     /// `--reference`: another method's points, beside these in the table and the plot.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference: Option<ReferenceSet>,
     /// The learned-mask points of `--learned`, on the frontier (`file` set) or dominated.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub learned: Vec<FrontierPoint>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct OriginalPoint {
     pub relus: u64,
     pub bytes: f64,
@@ -266,270 +274,377 @@ fn label(config: &str) -> String {
     }
 }
 
+impl Frontier {
+    /// A written frontier: its directory or its `frontier.json`.
+    pub fn load(path: &Path) -> Result<Frontier> {
+        let file = if path.is_dir() { path.join("frontier.json") } else { path.to_path_buf() };
+        let text = std::fs::read_to_string(&file)
+            .with_context(|| format!("cannot read the frontier {}", file.display()))?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a frontier.json", file.display()))
+    }
+}
+
 /// Search the frontier and write it to `opts.output`; returns what `frontier.json` holds.
+/// The phases: set up (parse the levels, check a resumed directory), score every candidate on
+/// calibration images, choose the calibration frontier (after probes), measure it on the test
+/// images, train the points worth training, write the frontier.
 pub fn pareto(opts: &ParetoOptions) -> Result<Frontier> {
-    let progress = opts.progress;
-    let cost_model = CostModel::load(&opts.cost_model)?;
-    let objective = opts.objective;
-    let original = load_model(&opts.model)?;
-    let sample = sample_shape(&original, opts.input_shape.as_deref())?;
-    let ctx = PassContext::new(sample.clone());
-    let base = prepare(&original, &ctx)?;
-    let original_cost = Cost::of(&original, &sample, &cost_model)?;
-    let reference = opts.reference.as_deref().map(ReferenceSet::load).transpose()?;
-    let finetune_levels: Vec<f64> = opts
-        .finetune_levels
-        .iter()
-        .map(|spec| {
-            Budget::parse(objective, spec, &original_cost).map(|b| b.limit).map_err(|e| {
-                CompileError::new(ExitCode::Usage, format!("--finetune-levels {spec}: {e}"))
-            })
-        })
-        .collect::<Result<_, _>>()?;
-    let learned_budgets: Vec<u64> = opts
-        .learned
-        .iter()
-        .map(|spec| {
-            Budget::parse(Objective::Relus, spec, &original_cost)
-                .map(|b| b.limit as u64)
-                .map_err(|e| CompileError::new(ExitCode::Usage, format!("--learned {spec}: {e}")))
-        })
-        .collect::<Result<_, _>>()?;
+    let search = Search::set_up(opts)?;
+    let scoring = search.score()?;
+    let (chosen, probed) = search.choose(&scoring)?;
+    let measured = search.measure(&scoring, &chosen)?;
+    let candidates = search.train(&scoring, &chosen, &measured)?;
+    search.write(&scoring, candidates, probed)
+}
 
-    std::fs::create_dir_all(&opts.output)
-        .with_context(|| format!("cannot create the output directory {}", opts.output.display()))?;
-    let key = SearchKey {
-        model_fnv64: fnv64(&std::fs::read(&opts.model)?),
-        seed: opts.seed,
-        calibration_images: opts.calibration_images,
-        data: match opts.data_options.describe() {
-            flags if flags.is_empty() => opts.data.clone(),
-            flags => format!("{} {flags}", opts.data),
-        },
-        recalibrate: opts.recalibrate,
-        dimensions: opts.dimensions,
-    };
-    check_resume(&opts.output, &key)?;
+/// What every phase of one frontier search shares.
+struct Search<'a> {
+    opts: &'a ParetoOptions,
+    cost_model: CostModel,
+    original_cost: Cost,
+    /// The original, prepared (BatchNorm folded): the graph candidates are cut from.
+    base: crate::ir::Model,
+    run: RunData,
+    reference: Option<ReferenceSet>,
+    finetune_levels: Vec<f64>,
+    learned_budgets: Vec<u64>,
+}
 
-    let name = opts.model.display().to_string();
-    let train =
-        opts.data_options.load(&opts.data, data::Split::Train, None, &original, &sample, &name)?;
-    let draw = train.seeded_subset(opts.calibration_images, opts.seed);
-    let (mut ctx, calibration) = PassContext::fitted_on(sample.clone(), &draw, &base);
-    if !opts.recalibrate {
-        ctx.reference = None;
-    }
+/// The scoring phase's outcome.
+struct Scoring {
+    /// The calibration draw's size.
+    drawn: usize,
+    /// The draw's fitting half, with the original as the reference to recalibrate against.
+    ctx: PassContext,
+    /// The draw's held-out half, on which candidates are scored.
+    calibration: crate::data::Dataset,
+    cull_order: Vec<usize>,
+    scored: Vec<crate::search::pareto::Scored>,
+}
 
-    let crit_path = opts.output.join("criticality.json");
-    let crit = match std::fs::read_to_string(&crit_path)
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-    {
-        Some(v) => serde_json::from_value::<Vec<usize>>(v["cull_order"].clone())?,
-        None => {
-            let c = criticality(&base, &ctx, &calibration, None)?;
-            write_bytes_atomic(&crit_path, serde_json::to_string_pretty(&c)?.as_bytes())?;
-            c.cull_order
-        }
-    };
-    let shapes = crate::analysis::shapes::infer_shapes(&base, &sample, 1)?;
-    let residual = !residual_adds(&base.graph, &shapes).is_empty();
-    // The dimension knobs enter the search where the graph takes them.
-    let knobs: Vec<&str> = if !opts.dimensions {
-        vec![]
-    } else {
-        crate::search::pareto::DIMENSION_KNOBS
+/// A point measured on the test images: its graph (recalibrated, cleaned), cost and accuracy.
+type Measured = (crate::ir::Model, Cost, f64);
+
+impl<'a> Search<'a> {
+    fn set_up(opts: &'a ParetoOptions) -> Result<Self> {
+        let cost_model = CostModel::load(&opts.cost_model)?;
+        let objective = opts.objective;
+        let original = load_model(&opts.model)?;
+        let sample = sample_shape(&original, opts.input_shape.as_deref())?;
+        let base = prepare(&original, &PassContext::new(sample.clone()))?;
+        let original_cost = Cost::of(&original, &sample, &cost_model)?;
+        let reference = opts.reference.as_deref().map(ReferenceSet::load).transpose()?;
+        let finetune_levels: Vec<f64> = opts
+            .finetune_levels
             .iter()
-            .copied()
-            .filter(|k| build_candidate(&base, k, &PassContext::new(sample.clone())).is_ok())
-            .collect()
-    };
-    let mut knobs = knobs;
-    if objective.values_pooling() && base.graph.nodes.iter().any(|n| n.op_type == "MaxPool") {
-        knobs.push(crate::search::pareto::POOLING_KNOB);
+            .map(|spec| {
+                Budget::parse(objective, spec, &original_cost).map(|b| b.limit).map_err(|e| {
+                    CompileError::new(ExitCode::Usage, format!("--finetune-levels {spec}: {e}"))
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        let learned_budgets: Vec<u64> = opts
+            .learned
+            .iter()
+            .map(|spec| {
+                Budget::parse(Objective::Relus, spec, &original_cost)
+                    .map(|b| b.limit as u64)
+                    .map_err(|e| {
+                        CompileError::new(ExitCode::Usage, format!("--learned {spec}: {e}"))
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        std::fs::create_dir_all(&opts.output).with_context(|| {
+            format!("cannot create the output directory {}", opts.output.display())
+        })?;
+        let key = SearchKey {
+            model_fnv64: fnv64(&std::fs::read(&opts.model)?),
+            seed: opts.seed,
+            calibration_images: opts.calibration_images,
+            data: match opts.data_options.describe() {
+                flags if flags.is_empty() => opts.data.clone(),
+                flags => format!("{} {flags}", opts.data),
+            },
+            recalibrate: opts.recalibrate,
+            dimensions: opts.dimensions,
+        };
+        check_resume(&opts.output, &key)?;
+        let run = RunData::new(
+            original,
+            sample,
+            opts.model.display().to_string(),
+            (&opts.data, &opts.data_options),
+            opts.test_limit,
+        );
+        Ok(Search {
+            opts,
+            cost_model,
+            original_cost,
+            base,
+            run,
+            reference,
+            finetune_levels,
+            learned_budgets,
+        })
     }
-    let scored = score_all(
-        &base,
-        &crit,
-        residual,
-        &knobs,
-        opts.exhaustive_culls,
-        &ctx,
-        &calibration,
-        &cost_model,
-        &opts.output.join("candidates.jsonl"),
-        progress,
-    )?;
 
-    // Frontier on calibration data (after recovery probes, when they run), then each of its
-    // points measured once on the test split.
-    let cost_of = |s: &crate::search::pareto::Scored| s.cost.unwrap_or_default().get(objective);
-    let calib_points: Vec<(f64, f64)> =
-        scored.iter().map(|s| (cost_of(s), s.calibration_accuracy)).collect();
-    let probe_images = opts.probe_images;
-    // (index into `scored`, accuracy after its probe)
-    let (chosen, probed): (Vec<(usize, Option<f64>)>, usize) = if probe_images == 0 {
-        (frontier_indices(&calib_points).into_iter().map(|i| (i, None)).collect(), 0)
-    } else {
+    fn sample(&self) -> &[usize] {
+        &self.run.sample
+    }
+
+    fn cost_of(&self, s: &crate::search::pareto::Scored) -> f64 {
+        s.cost.unwrap_or_default().get(self.opts.objective)
+    }
+
+    /// Criticality (from the directory when a run wrote it), then every candidate scored on
+    /// the calibration draw's held-out half, resuming from `candidates.jsonl`.
+    fn score(&self) -> Result<Scoring> {
+        let (opts, base) = (self.opts, &self.base);
+        let train = self.run.train(None)?;
+        let draw = train.seeded_subset(opts.calibration_images, opts.seed);
+        let (mut ctx, calibration) = PassContext::fitted_on(self.sample().to_vec(), &draw, base);
+        if !opts.recalibrate {
+            ctx.reference = None;
+        }
+        let crit_path = opts.output.join("criticality.json");
+        let cull_order = match std::fs::read_to_string(&crit_path)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        {
+            Some(v) => serde_json::from_value::<Vec<usize>>(v["cull_order"].clone())?,
+            None => {
+                let c = criticality(base, &ctx, &calibration, None)?;
+                write_bytes_atomic(&crit_path, serde_json::to_string_pretty(&c)?.as_bytes())?;
+                c.cull_order
+            }
+        };
+        let shapes = crate::analysis::shapes::infer_shapes(base, self.sample(), 1)?;
+        let residual = !residual_adds(&base.graph, &shapes).is_empty();
+        // The dimension knobs enter the search where the graph takes them.
+        let knobs = crate::search::candidates::knobs_for(
+            base,
+            self.sample(),
+            opts.dimensions,
+            opts.objective.values_pooling(),
+        );
+        let scored = score_all(
+            base,
+            &cull_order,
+            residual,
+            &knobs,
+            opts.exhaustive_culls,
+            &ctx,
+            &calibration,
+            &self.cost_model,
+            &opts.output.join("candidates.jsonl"),
+            opts.progress,
+        )?;
+        Ok(Scoring { drawn: draw.len(), ctx, calibration, cull_order, scored })
+    }
+
+    /// The frontier on calibration images (after recovery probes, when they run): indices
+    /// into `scored` with each one's probe accuracy, and how many candidates were probed.
+    #[allow(clippy::type_complexity)]
+    fn choose(&self, s: &Scoring) -> Result<(Vec<(usize, Option<f64>)>, usize)> {
+        let opts = self.opts;
+        let calib_points: Vec<(f64, f64)> =
+            s.scored.iter().map(|c| (self.cost_of(c), c.calibration_accuracy)).collect();
+        let probe_images = opts.probe_images;
+        if probe_images == 0 {
+            return Ok((
+                frontier_indices(&calib_points).into_iter().map(|i| (i, None)).collect(),
+                0,
+            ));
+        }
         let near = pareto_layers(&calib_points, PROBED_LAYERS);
         // The probes train on training images the calibration draw does not hold.
-        let probe_set = probe_set(&train, draw.len(), probe_images, opts.seed);
-        ensure_probe_images(&probe_set, probe_images, draw.len(), &opts.data)?;
-        let configs: Vec<String> = near.iter().map(|&i| scored[i].config.clone()).collect();
+        let train = self.run.train(None)?;
+        let probe_set = probe_set(&train, s.drawn, probe_images, opts.seed);
+        ensure_probe_images(&probe_set, probe_images, s.drawn, &opts.data)?;
+        let configs: Vec<String> = near.iter().map(|&i| s.scored[i].config.clone()).collect();
         let records = Prober {
-            base: &base,
-            ctx: &ctx,
+            base: &self.base,
+            ctx: &s.ctx,
             train: &probe_set,
-            score: &calibration,
+            score: &s.calibration,
             recipe: opts.finetune.as_ref().map(|t| t.recipe.clone()).unwrap_or_default(),
             journal: Some(&opts.output.join("probes.jsonl")),
-            progress,
+            progress: opts.progress,
         }
         .probe(&configs)?;
-        let points: Vec<(f64, f64)> =
-            near.iter().zip(&records).map(|(&i, r)| (cost_of(&scored[i]), r.accuracy)).collect();
+        let points: Vec<(f64, f64)> = near
+            .iter()
+            .zip(&records)
+            .map(|(&i, r)| (self.cost_of(&s.scored[i]), r.accuracy))
+            .collect();
         let chosen = frontier_indices(&points)
             .into_iter()
             .map(|k| (near[k], Some(records[k].accuracy)))
             .collect();
-        (chosen, near.len())
-    };
-    drop(train);
-    let test = opts.data_options.load(
-        &opts.data,
-        data::Split::Test,
-        opts.test_limit,
-        &original,
-        &sample,
-        &name,
-    )?;
-    let measured: Vec<(crate::ir::Model, Cost, f64)> = chosen
-        .par_iter()
-        .map(|&(i, _)| {
-            let (m, _) = build_candidate(&base, &scored[i].config, &ctx)?;
-            let mut m = m;
-            run_pipeline(
-                &mut m,
-                &Pipeline::parse(crate::passes::DEFAULT_PIPELINE)?,
-                &ctx,
-                &VerifyOptions::default(),
-            )?;
-            let cost = Cost::of(&m, &sample, &cost_model)?;
-            let acc = accuracy(&m, &test)?;
-            Ok((m, cost, acc))
-        })
-        .collect::<Result<_>>()?;
-    // Without probes, the untrained test accuracy decides which points are worth training;
-    // probed points were ranked by what they recover, so every one of them is trained.
-    let keep: Vec<usize> = if probe_images == 0 {
-        let test_points: Vec<(f64, f64)> =
-            measured.iter().map(|(_, c, a)| (c.get(objective), *a)).collect();
-        frontier_indices(&test_points)
-    } else {
-        (0..measured.len()).collect()
-    };
-    // Training takes minutes a point: only the best point under each level is trained.
-    let keep = if opts.finetune.is_some() {
-        let ranked: Vec<(f64, f64)> = keep
-            .iter()
-            .map(|&k| (measured[k].1.get(objective), chosen[k].1.unwrap_or(measured[k].2)))
-            .collect();
-        best_under_levels(&ranked, &finetune_levels).into_iter().map(|i| keep[i]).collect()
-    } else {
-        keep
-    };
-    // (graph, its point without a file name yet)
-    let mut candidates_out: Vec<(crate::ir::Model, FrontierPoint)> = Vec::new();
-    for k in keep {
-        let (model, cost, acc) = &measured[k];
-        let (scored_ix, probe_accuracy) = chosen[k];
-        let config = &scored[scored_ix].config;
-        // Fine-tuning runs on every core, so the points take their turn.
-        let (model, acc, before) = if opts.finetune.is_some() {
-            let (tuned, after) = finetuned_point(opts, &original, model, config, progress)?;
-            (tuned, after, Some(*acc))
+        Ok((chosen, near.len()))
+    }
+
+    /// Each chosen point built, cleaned, costed and measured once on the test images.
+    fn measure(&self, s: &Scoring, chosen: &[(usize, Option<f64>)]) -> Result<Vec<Measured>> {
+        let test = self.run.test()?;
+        chosen
+            .par_iter()
+            .map(|&(i, _)| {
+                let (mut m, _) = build_candidate(&self.base, &s.scored[i].config, &s.ctx)?;
+                run_pipeline(
+                    &mut m,
+                    &Pipeline::parse(crate::passes::DEFAULT_PIPELINE)?,
+                    &s.ctx,
+                    &VerifyOptions::default(),
+                )?;
+                let cost = Cost::of(&m, self.sample(), &self.cost_model)?;
+                let acc = accuracy(&m, &test)?;
+                Ok((m, cost, acc))
+            })
+            .collect()
+    }
+
+    /// The points that go on the final frontier, each with its graph: the measured points
+    /// worth keeping (with `--finetune-epochs`, the best under each level, trained), then the
+    /// learned-mask points. Fine-tuning runs on every core, so the points take their turn.
+    fn train(
+        &self,
+        s: &Scoring,
+        chosen: &[(usize, Option<f64>)],
+        measured: &[Measured],
+    ) -> Result<Vec<(crate::ir::Model, FrontierPoint)>> {
+        let (opts, objective) = (self.opts, self.opts.objective);
+        // Without probes, the untrained test accuracy decides which points are worth
+        // training; probed points were ranked by what they recover, so every one is trained.
+        let keep: Vec<usize> = if opts.probe_images == 0 {
+            let test_points: Vec<(f64, f64)> =
+                measured.iter().map(|(_, c, a)| (c.get(objective), *a)).collect();
+            frontier_indices(&test_points)
         } else {
-            (model.clone(), *acc, None)
+            (0..measured.len()).collect()
         };
-        let point = FrontierPoint {
-            relus: cost.relus,
-            bytes: cost.bytes,
-            seconds: cost.seconds,
-            accuracy: acc,
-            accuracy_before_finetune: before,
-            calibration_accuracy: scored[scored_ix].calibration_accuracy,
-            probe_accuracy,
-            file: String::new(),
-            config: label(config),
+        // Training takes minutes a point: only the best point under each level is trained.
+        let keep = if opts.finetune.is_some() {
+            let ranked: Vec<(f64, f64)> = keep
+                .iter()
+                .map(|&k| (measured[k].1.get(objective), chosen[k].1.unwrap_or(measured[k].2)))
+                .collect();
+            best_under_levels(&ranked, &self.finetune_levels).into_iter().map(|i| keep[i]).collect()
+        } else {
+            keep
         };
-        candidates_out.push((model, point));
-    }
-    for &budget in &learned_budgets {
-        let (model, after, before) = learned_point(opts, &base, budget, progress)?;
-        let cost = Cost::of(&model, &sample, &cost_model)?;
-        let point = FrontierPoint {
-            relus: cost.relus,
-            bytes: cost.bytes,
-            seconds: cost.seconds,
-            accuracy: after,
-            accuracy_before_finetune: Some(before),
-            calibration_accuracy: accuracy(&model, &calibration)?,
-            probe_accuracy: None,
-            file: String::new(),
-            config: learned_config(budget, opts.learned_granularity),
-        };
-        candidates_out.push((model, point));
-    }
-    // Trained points are compared by the accuracy they reached.
-    let final_points: Vec<(f64, f64)> =
-        candidates_out.iter().map(|(_, p)| (p.cost().get(objective), p.accuracy)).collect();
-    let mut points = Vec::new();
-    for (k, i) in frontier_indices(&final_points).into_iter().enumerate() {
-        let (model, point) = &mut candidates_out[i];
-        point.file = format!("point-{k:02}.onnx");
-        write_model_atomic(&opts.output.join(&point.file), model)?;
-        points.push(point.clone());
-    }
-    let learned: Vec<FrontierPoint> = candidates_out
-        .iter()
-        .filter(|(_, p)| p.config.starts_with(LEARNED_LABEL))
-        .map(|(_, p)| p.clone())
-        .collect();
-    // Points of an earlier, interrupted or different run must not linger beside this frontier.
-    let written: Vec<&str> = points.iter().map(|p| p.file.as_str()).collect();
-    for entry in std::fs::read_dir(&opts.output)?.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with("point-")
-            && name.ends_with(".onnx")
-            && !written.contains(&name.as_str())
-        {
-            std::fs::remove_file(entry.path())?;
+        let mut out = Vec::new();
+        for k in keep {
+            let (model, cost, acc) = &measured[k];
+            let (scored_ix, probe_accuracy) = chosen[k];
+            let config = &s.scored[scored_ix].config;
+            let (model, acc, before) = if opts.finetune.is_some() {
+                let (tuned, after) = finetuned_point(opts, &self.run, model, config)?;
+                (tuned, after, Some(*acc))
+            } else {
+                (model.clone(), *acc, None)
+            };
+            let point = FrontierPoint {
+                relus: cost.relus,
+                bytes: cost.bytes,
+                seconds: cost.seconds,
+                accuracy: acc,
+                accuracy_before_finetune: before,
+                calibration_accuracy: s.scored[scored_ix].calibration_accuracy,
+                probe_accuracy,
+                file: String::new(),
+                config: label(config),
+            };
+            out.push((model, point));
         }
+        if !self.learned_budgets.is_empty() {
+            // The learned points distil from the prepared graph, on the same images.
+            let run = self.run.with_original(self.base.clone());
+            for &budget in &self.learned_budgets {
+                let (model, after, before) = learned_point(opts, &run, budget)?;
+                let cost = Cost::of(&model, self.sample(), &self.cost_model)?;
+                let point = FrontierPoint {
+                    relus: cost.relus,
+                    bytes: cost.bytes,
+                    seconds: cost.seconds,
+                    accuracy: after,
+                    accuracy_before_finetune: Some(before),
+                    calibration_accuracy: accuracy(&model, &s.calibration)?,
+                    probe_accuracy: None,
+                    file: String::new(),
+                    config: learned_config(budget, opts.learned_granularity),
+                };
+                out.push((model, point));
+            }
+        }
+        Ok(out)
     }
-    let original_acc = accuracy(&original, &test)?;
-    let frontier = Frontier {
-        model: opts.model.display().to_string(),
-        objective,
-        seed: opts.seed,
-        calibration_images: draw.len(),
-        test_images: test.len(),
-        original: OriginalPoint {
-            relus: original_cost.relus,
-            bytes: original_cost.bytes,
-            seconds: original_cost.seconds,
-            accuracy: original_acc,
-        },
-        cull_order: crit,
-        candidates: scored.len(),
-        probe_images,
-        probed,
-        points,
-        finetune_levels: if opts.finetune.is_some() { finetune_levels } else { vec![] },
-        learned,
-        reference,
-    };
-    write_outputs(&opts.output, &frontier)?;
-    Ok(frontier)
+
+    /// The final frontier among `candidates` (trained points compared by the accuracy they
+    /// reached), one file per point, and `frontier.json/.csv/.md/.svg/.png`.
+    fn write(
+        &self,
+        s: &Scoring,
+        mut candidates: Vec<(crate::ir::Model, FrontierPoint)>,
+        probed: usize,
+    ) -> Result<Frontier> {
+        let opts = self.opts;
+        let final_points: Vec<(f64, f64)> =
+            candidates.iter().map(|(_, p)| (p.cost().get(opts.objective), p.accuracy)).collect();
+        let mut points = Vec::new();
+        for (k, i) in frontier_indices(&final_points).into_iter().enumerate() {
+            let (model, point) = &mut candidates[i];
+            point.file = format!("point-{k:02}.onnx");
+            write_model_atomic(&opts.output.join(&point.file), model)?;
+            points.push(point.clone());
+        }
+        let learned: Vec<FrontierPoint> = candidates
+            .iter()
+            .filter(|(_, p)| p.config.starts_with(LEARNED_LABEL))
+            .map(|(_, p)| p.clone())
+            .collect();
+        // Points of an earlier, interrupted or different run must not linger beside this one.
+        let written: Vec<&str> = points.iter().map(|p| p.file.as_str()).collect();
+        for entry in std::fs::read_dir(&opts.output)?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with("point-")
+                && name.ends_with(".onnx")
+                && !written.contains(&name.as_str())
+            {
+                std::fs::remove_file(entry.path())?;
+            }
+        }
+        let test = self.run.test()?;
+        let original_accuracy = accuracy_of(&*self.run.original_on_test(false)?, &test);
+        let frontier = Frontier {
+            model: opts.model.display().to_string(),
+            objective: opts.objective,
+            seed: opts.seed,
+            calibration_images: s.drawn,
+            test_images: test.len(),
+            original: OriginalPoint {
+                relus: self.original_cost.relus,
+                bytes: self.original_cost.bytes,
+                seconds: self.original_cost.seconds,
+                accuracy: original_accuracy,
+            },
+            cull_order: s.cull_order.clone(),
+            candidates: s.scored.len(),
+            probe_images: opts.probe_images,
+            probed,
+            points,
+            finetune_levels: if opts.finetune.is_some() {
+                self.finetune_levels.clone()
+            } else {
+                vec![]
+            },
+            learned,
+            reference: self.reference.clone(),
+        };
+        write_outputs(&opts.output, &frontier)?;
+        Ok(frontier)
+    }
 }
 
 fn check_resume(dir: &Path, key: &SearchKey) -> Result<()> {
@@ -672,26 +787,19 @@ struct FinetunedRecord {
 /// test images, so an interrupted search resumes without training a point twice.
 fn finetuned_point(
     opts: &ParetoOptions,
-    original: &crate::ir::Model,
+    run: &RunData,
     model: &crate::ir::Model,
     config: &str,
-    progress: bool,
 ) -> Result<(crate::ir::Model, f64)> {
+    let progress = opts.progress;
     let training = opts.finetune.as_ref().context("no fine-tuning recipe")?;
     let key = fnv64(
         serde_json::to_string(&(config, &training.recipe, training.train_limit, opts.test_limit))?
             .as_bytes(),
     );
     let (model, after, _) = cached_training(&opts.output.join("finetuned"), &key, config, || {
-        let (tuned, report) = finetune_model(
-            model,
-            original,
-            (&opts.data, &opts.data_options),
-            training,
-            opts.test_limit,
-            progress,
-        )
-        .with_context(|| format!("fine-tuning frontier point {}", label(config)))?;
+        let (tuned, report) = finetune_model(model, run, training, progress)
+            .with_context(|| format!("fine-tuning frontier point {}", label(config)))?;
         Ok((tuned, report.accuracy_after, None))
     })?;
     Ok((model, after))
@@ -737,10 +845,10 @@ fn learned_config(budget: u64, granularity: Granularity) -> String {
 /// [`finetuned_point`]; the mask phase and the distillation checkpoint there as they go.
 fn learned_point(
     opts: &ParetoOptions,
-    base: &crate::ir::Model,
+    run: &RunData,
     budget: u64,
-    progress: bool,
 ) -> Result<(crate::ir::Model, f64, f64)> {
+    let progress = opts.progress;
     let mut training = opts.finetune.clone().unwrap_or_else(|| TrainOptions::epochs(1));
     let granularity = opts.learned_granularity;
     let mut key = serde_json::to_string(&(
@@ -761,15 +869,13 @@ fn learned_point(
     let config = learned_config(budget, granularity);
     let (model, after, before) = cached_training(&dir, &key, &config, || {
         let learned = LearnedMasks {
-            model: base,
+            run,
             budget,
             max_layers: None,
             granularity,
             mask_epochs: 1,
             mask_lr: DEFAULT_MASK_LR,
-            data: (&opts.data, &opts.data_options),
             training: &training,
-            limit: opts.test_limit,
             progress,
         }
         .run()

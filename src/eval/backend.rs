@@ -1,8 +1,8 @@
 //! What runs a graph for the evaluator and the search: the native engine ([`Engine`]) when it
 //! takes the graph, tract otherwise or when asked.
 
-use super::engine::Engine;
-use super::Runner;
+use crate::exec::engine::Engine;
+use crate::exec::tract::Runner;
 use crate::ir::Model;
 use anyhow::Result;
 use serde::Serialize;

@@ -6,9 +6,9 @@
 //! Only inference is timed (not loading, normalising or preparing the plan).
 
 use super::compare::argmax;
-use super::data::{check_fits_named, Dataset};
 use super::{Backend, RunSpec};
 use crate::analysis::shapes::declared_input_shape;
+use crate::data::{check_fits_named, Dataset};
 use crate::error::CompileError;
 use crate::frontend::to_bytes;
 use crate::ir::Model;
@@ -100,6 +100,48 @@ pub fn evaluate(
     spec: RunSpec,
     show_progress: bool,
 ) -> Result<EvalReport> {
+    let reference = reference.map(|(m, name)| Reference::Model(m, name));
+    Ok(evaluate_against(model, model_name, reference, data, spec, show_progress)?.0)
+}
+
+/// A model's outputs on a data set, kept so that later evaluations on the same images compare
+/// against them instead of running the model again.
+#[derive(Debug, Clone)]
+pub struct Outputs {
+    pub name: String,
+    pub logits: Vec<f32>,
+    pub classes: usize,
+}
+
+/// Top-1 accuracy of `outputs` against `data`'s labels.
+pub fn accuracy_of(outputs: &Outputs, data: &Dataset) -> f64 {
+    let correct = outputs
+        .logits
+        .chunks(outputs.classes.max(1))
+        .zip(&data.labels)
+        .filter(|(row, &label)| argmax(row) == label as usize)
+        .count();
+    correct as f64 / data.len().max(1) as f64
+}
+
+/// What an evaluation compares its model with.
+#[derive(Clone, Copy)]
+pub enum Reference<'a> {
+    /// A model, run on the same images.
+    Model(&'a Model, &'a str),
+    /// Outputs of a model on the same images, computed before.
+    Outputs(&'a Outputs),
+}
+
+/// [`evaluate`] against a reference model or its outputs; also returns the model's outputs.
+pub fn evaluate_against(
+    model: &Model,
+    model_name: &str,
+    reference: Option<Reference>,
+    data: &Dataset,
+    spec: RunSpec,
+    show_progress: bool,
+) -> Result<(EvalReport, Outputs)> {
     if data.is_empty() {
         return Err(CompileError::invalid_data(format!("{} holds no images", data.source)).into());
     }
@@ -109,7 +151,9 @@ pub fn evaluate(
     let runner = prepare(model, model_name, data, spec)?;
     // A reference that serialises to the same bytes computes the same outputs.
     let ref_runner = match reference {
-        Some((r, name)) if to_bytes(r) != to_bytes(model) => Some(prepare(r, name, data, spec)?),
+        Some(Reference::Model(r, name)) if to_bytes(r) != to_bytes(model) => {
+            Some(prepare(r, name, data, spec)?)
+        }
         _ => None,
     };
 
@@ -124,13 +168,27 @@ pub fn evaluate(
     let predictions = check_labels_and_predict(&logits, classes, data, model_name)?;
     let correct = predictions.iter().zip(&data.labels).filter(|(p, l)| **p == **l as usize).count();
 
-    let reference = match (reference, ref_runner) {
-        (Some((_, name)), Some(rr)) => {
+    let reference_outputs = match (reference, ref_runner) {
+        (Some(Reference::Model(_, name)), Some(rr)) => {
             let bar = progress_bar(data.len(), &format!("reference {name}"), show_progress);
             let result = predict(&rr, data, Some(&bar));
             bar.finish_and_clear();
-            let (ref_logits, ref_classes) =
+            let (logits, classes) =
                 result.with_context(|| format!("running the reference {name}"))?;
+            Some(std::borrow::Cow::Owned(Outputs { name: name.to_string(), logits, classes }))
+        }
+        (Some(Reference::Outputs(o)), _) => Some(std::borrow::Cow::Borrowed(o)),
+        _ => None,
+    };
+    let reference = match (reference, reference_outputs) {
+        (_, Some(outputs)) => {
+            let (name, ref_logits, ref_classes) =
+                (outputs.name.as_str(), &outputs.logits, outputs.classes);
+            anyhow::ensure!(
+                ref_logits.len() == ref_classes * data.len(),
+                "the reference {name}'s outputs are not of these {} images",
+                data.len()
+            );
             if ref_classes != classes {
                 return Err(CompileError::invalid_data(format!(
                     "the reference {name} has {ref_classes} outputs per image but {model_name} \
@@ -138,14 +196,14 @@ pub fn evaluate(
                 ))
                 .into());
             }
-            let ref_predictions = check_labels_and_predict(&ref_logits, classes, data, name)?;
+            let ref_predictions = check_labels_and_predict(ref_logits, classes, data, name)?;
             let ref_correct = ref_predictions
                 .iter()
                 .zip(&data.labels)
                 .filter(|(p, l)| **p == **l as usize)
                 .count();
             let agree = predictions.iter().zip(&ref_predictions).filter(|(a, b)| a == b).count();
-            let max_abs_diff = logits.iter().zip(&ref_logits).fold(0f32, |m, (a, b)| {
+            let max_abs_diff = logits.iter().zip(ref_logits).fold(0f32, |m, (a, b)| {
                 let d = (a - b).abs();
                 if d.is_nan() || m.is_nan() {
                     f32::NAN
@@ -160,7 +218,7 @@ pub fn evaluate(
                 max_abs_diff,
             })
         }
-        (Some((_, name)), None) => Some(ReferenceReport {
+        (Some(Reference::Model(_, name)), None) => Some(ReferenceReport {
             model: name.to_string(),
             accuracy: correct as f64 / data.len() as f64,
             agreement: 1.0,
@@ -169,7 +227,7 @@ pub fn evaluate(
         _ => None,
     };
 
-    Ok(EvalReport {
+    let report = EvalReport {
         model: model_name.to_string(),
         data: data.source.clone(),
         split: String::new(),
@@ -182,7 +240,8 @@ pub fn evaluate(
         threads: rayon::current_num_threads(),
         engine: runner.name().to_string(),
         reference,
-    })
+    };
+    Ok((report, Outputs { name: model_name.to_string(), logits, classes }))
 }
 
 /// A backend for `model` on samples of the data's shape. A model may well run on another size
@@ -261,7 +320,7 @@ pub fn counted_progress_bar(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::eval::data::{load, Normalisation, Split};
+    use crate::data::{load, Normalisation, Split};
     use crate::frontend::load_model;
     use std::path::Path;
 
@@ -270,7 +329,7 @@ mod tests {
     fn tiny_data(n: usize, sample: &[usize], labels: u32) -> Dataset {
         let per: usize = sample.iter().product();
         Dataset {
-            images: crate::eval::compare::random_inputs(n * per, 7),
+            images: crate::data::random_inputs(n * per, 7),
             labels: (0..n as u32).map(|i| i % labels).collect(),
             sample_shape: sample.to_vec(),
             source: "random".into(),
@@ -286,7 +345,7 @@ mod tests {
         let whole = Backend::new(&model, &sample, spec).unwrap();
         let (logits, classes) = predict(&whole, &data, None).unwrap();
         assert_eq!(logits.len(), 37 * classes);
-        let single = crate::eval::Runner::new(&model, &sample, 1).unwrap();
+        let single = crate::exec::tract::Runner::new(&model, &sample, 1).unwrap();
         for i in [0, 8, 36] {
             let (y, _) = single.run(data.sample(i)).unwrap();
             for (a, b) in y.iter().zip(&logits[i * classes..(i + 1) * classes]) {
@@ -329,8 +388,8 @@ mod tests {
 
     #[test]
     fn fashion_mnist_when_installed() {
-        if !Path::new(crate::eval::data::DEFAULT_FASHION_MNIST_DIR).is_dir() {
-            eprintln!("skipped: no Fashion-MNIST");
+        let dir = Path::new(crate::data::DEFAULT_FASHION_MNIST_DIR);
+        if !crate::prerequisite(dir.is_dir(), "Fashion-MNIST") {
             return;
         }
         let d = load("fashion-mnist", Split::Test, Some(100), &Normalisation::default()).unwrap();

@@ -4,6 +4,7 @@
 //! front end is a thin translation and emitted graphs keep the names users know, but it
 //! owns decoded tensors and keeps nodes topologically sorted, which passes rely on.
 
+pub mod channel_affine;
 mod tensor;
 mod verify;
 

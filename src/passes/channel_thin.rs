@@ -9,7 +9,7 @@
 use super::{Pass, PassContext};
 use crate::analysis::shapes::infer_shapes;
 use crate::error::{CompileError, ExitCode};
-use crate::eval::Runner;
+use crate::exec::tract::Runner;
 use crate::ir::{Model, Node, Tensor};
 use anyhow::Result;
 use rayon::prelude::*;
@@ -93,12 +93,6 @@ pub fn positive_fractions(
 }
 
 impl Pass for ChannelThin {
-    fn name(&self) -> &'static str {
-        "channel-thin"
-    }
-    fn lossless(&self) -> bool {
-        false
-    }
     fn run(&self, model: &mut Model, ctx: &PassContext) -> Result<usize> {
         let images = ctx.calibration.as_deref().ok_or_else(|| {
             CompileError::new(

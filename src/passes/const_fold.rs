@@ -25,9 +25,6 @@ const NONDETERMINISTIC: &[&str] = &[
 pub struct ConstFold;
 
 impl Pass for ConstFold {
-    fn name(&self) -> &'static str {
-        "const-fold"
-    }
     fn run(&self, model: &mut Model, _ctx: &PassContext) -> Result<usize> {
         let graph = &model.graph;
         let mut constant: HashSet<&str> = graph.initializers.keys().map(|s| s.as_str()).collect();
@@ -99,7 +96,7 @@ fn evaluate(model: &Model, nodes: &[usize], needed: &[String]) -> Result<Vec<Ten
         .collect();
     sub.graph.remove_unused_initializers();
     let proto = crate::frontend::to_proto(&sub);
-    let outputs = crate::eval::catch_tract(|| {
+    let outputs = crate::error::catch_tract(|| {
         let plan =
             tract_onnx::onnx().parse(&proto, None)?.model.into_optimized()?.into_runnable()?;
         plan.run(tvec!())

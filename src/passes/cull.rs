@@ -56,12 +56,6 @@ pub fn check_stages_exist(wanted: &BTreeSet<usize>, count: usize, pass: &str) ->
 }
 
 impl Pass for Cull {
-    fn name(&self) -> &'static str {
-        "cull"
-    }
-    fn lossless(&self) -> bool {
-        false
-    }
     fn run(&self, model: &mut Model, ctx: &PassContext) -> Result<usize> {
         let shapes = infer_shapes(model, &ctx.sample, 1)?;
         let stages = find_stages(&model.graph, &shapes);

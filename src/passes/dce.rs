@@ -8,9 +8,6 @@ use anyhow::Result;
 pub struct DeadNodes;
 
 impl Pass for DeadNodes {
-    fn name(&self) -> &'static str {
-        "dce"
-    }
     fn run(&self, model: &mut Model, _ctx: &PassContext) -> Result<usize> {
         let (nodes, inits) = model.graph.remove_dead();
         Ok(nodes + inits)

@@ -10,9 +10,6 @@ use anyhow::Result;
 pub struct DedupRelu;
 
 impl Pass for DedupRelu {
-    fn name(&self) -> &'static str {
-        "dedup-relu"
-    }
     fn run(&self, model: &mut Model, _ctx: &PassContext) -> Result<usize> {
         let mut merged = 0;
         let mut stuck = std::collections::HashSet::new();

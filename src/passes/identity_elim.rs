@@ -9,9 +9,6 @@ use anyhow::Result;
 pub struct IdentityElim;
 
 impl Pass for IdentityElim {
-    fn name(&self) -> &'static str {
-        "identity-elim"
-    }
     fn run(&self, model: &mut Model, _ctx: &PassContext) -> Result<usize> {
         let mut removed = 0;
         let mut stuck = std::collections::HashSet::new();

@@ -19,12 +19,6 @@ use anyhow::Result;
 pub struct MaxPoolToAvgPool;
 
 impl Pass for MaxPoolToAvgPool {
-    fn name(&self) -> &'static str {
-        "maxpool-to-avgpool"
-    }
-    fn lossless(&self) -> bool {
-        false
-    }
     fn run(&self, model: &mut Model, _ctx: &PassContext) -> Result<usize> {
         let mut rewrites = 0;
         for node in model.graph.nodes.iter_mut().filter(|n| n.op_type == "MaxPool") {
@@ -56,7 +50,7 @@ impl Pass for MaxPoolToAvgPool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::eval::Runner;
+    use crate::exec::tract::Runner;
     use crate::ir::{Graph, Node};
     use tract_onnx::pb;
 

@@ -21,7 +21,6 @@ mod thin;
 mod width;
 
 pub(crate) use cull::bypass_named;
-pub(crate) use fold_bn::apply_channel_affine;
 
 use crate::error::{CompileError, ExitCode};
 use crate::eval::compare::{compare_models, Comparison, LOSSLESS_REL_TOLERANCE};
@@ -31,13 +30,9 @@ use serde::Serialize;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-/// One graph rewrite.
+/// One graph rewrite. Its name, whether it is lossless and where it goes in a pipeline are
+/// its [`PassInfo`] in the [`REGISTRY`], said once.
 pub trait Pass: Send + Sync {
-    fn name(&self) -> &'static str;
-    /// Whether outputs are unchanged (up to float rounding).
-    fn lossless(&self) -> bool {
-        true
-    }
     /// Rewrite `model` in place; returns how many rewrites were made.
     fn run(&self, model: &mut Model, ctx: &PassContext) -> Result<usize>;
 }
@@ -62,9 +57,9 @@ impl PassContext {
     /// the held-out rest of the draw, on which a search scores its candidates.
     pub fn fitted_on(
         sample: Vec<usize>,
-        set: &crate::eval::data::Dataset,
+        set: &crate::data::Dataset,
         reference: &Model,
-    ) -> (Self, crate::eval::data::Dataset) {
+    ) -> (Self, crate::data::Dataset) {
         let fit = fitting_images(set.len());
         let ctx = Self::with_data(sample, Arc::new(set.subset(0..fit).images), reference);
         let score = if fit < set.len() { set.subset(fit..set.len()) } else { set.clone() };
@@ -97,7 +92,7 @@ pub fn fitting_images(n: usize) -> usize {
 /// however many candidates a search recalibrates against it.
 pub struct Reference {
     pub model: Model,
-    moments: Mutex<Option<Arc<HashMap<String, recalibrate::Moments>>>>,
+    moments: Mutex<Option<Arc<HashMap<String, crate::kernels::stats::Moments>>>>,
     activations: Mutex<Option<Arc<recalibrate::Activations>>>,
 }
 
@@ -111,7 +106,7 @@ impl Reference {
         &self,
         sample: &[usize],
         images: &[f32],
-    ) -> Result<Arc<HashMap<String, recalibrate::Moments>>> {
+    ) -> Result<Arc<HashMap<String, crate::kernels::stats::Moments>>> {
         let mut cached = self.moments.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(m) = cached.as_ref() {
             return Ok(m.clone());
@@ -143,13 +138,65 @@ impl std::fmt::Debug for Reference {
     }
 }
 
-/// A registry entry: how `relucompile passes` lists a pass and how a pipeline builds it.
+/// Where a pass goes in a pipeline. Lossy steps are placed among a pipeline's lossless ones
+/// by phase: structure is cut right after BatchNorm folding (so stage numbers are those
+/// `inspect` shows for the input, and a pool replaced before `relu-after-maxpool` keeps its
+/// ReLUs in front of it, since moving a ReLU behind an average pool is not lossless), the
+/// cleanup moves ReLUs behind the remaining pools, recalibration refits the final structure,
+/// channel thinning reads the recalibrated graph's signs, dead nodes go last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    Prepare,
+    Structural,
+    Cleanup,
+    Recalibrate,
+    ChannelThin,
+    Final,
+}
+
+/// What a pass needs from its [`PassContext`] besides the graph.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Needs {
+    Nothing,
+    /// Calibration images (the training split).
+    Calibration,
+    /// Calibration images and the original graph to match.
+    CalibrationAndReference,
+}
+
+/// A registry entry: how `relucompile passes` lists a pass and how a pipeline builds and
+/// places it.
 pub struct PassInfo {
     pub name: &'static str,
     pub lossless: bool,
+    pub phase: Phase,
+    pub needs: Needs,
     pub description: &'static str,
     pub make: fn(&[String]) -> Result<Box<dyn Pass>>,
 }
+
+impl PassInfo {
+    /// The registry entry named `name`, or a usage error listing the known passes.
+    pub fn named(name: &str) -> Result<&'static PassInfo> {
+        REGISTRY.iter().find(|p| p.name == name).ok_or_else(|| {
+            let known: Vec<&str> = REGISTRY.iter().map(|p| p.name).collect();
+            usage(format!("unknown pass '{name}' in --passes; known passes: {}", known.join(", ")))
+        })
+    }
+}
+
+impl std::fmt::Debug for PassInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name)
+    }
+}
+
+impl PartialEq for PassInfo {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+    }
+}
+impl Eq for PassInfo {}
 
 fn no_args<P: Pass + Default + 'static>(args: &[String]) -> Result<Box<dyn Pass>> {
     if !args.is_empty() {
@@ -175,84 +222,112 @@ pub const REGISTRY: &[PassInfo] = &[
     PassInfo {
         name: "const-fold",
         lossless: true,
+        phase: Phase::Prepare,
+        needs: Needs::Nothing,
         description: "evaluate weight subgraphs (Constant, ConstantOfShape, arithmetic on weights) into initializers",
         make: no_args::<const_fold::ConstFold>,
     },
     PassInfo {
         name: "identity-elim",
         lossless: true,
+        phase: Phase::Prepare,
+        needs: Needs::Nothing,
         description: "remove Identity nodes and inference-mode Dropout (PI engines refuse Identity)",
         make: no_args::<identity_elim::IdentityElim>,
     },
     PassInfo {
         name: "fold-bn",
         lossless: true,
+        phase: Phase::Prepare,
+        needs: Needs::Nothing,
         description: "fold BatchNormalization into the Conv or Gemm before it",
         make: no_args::<fold_bn::FoldBatchNorm>,
     },
     PassInfo {
         name: "relu-after-maxpool",
         lossless: true,
+        phase: Phase::Cleanup,
+        needs: Needs::Nothing,
         description: "move a ReLU (or ReLU6, LeakyRelu) after the MaxPool it feeds: same outputs, fewer ReLUs",
         make: no_args::<relu_after_maxpool::ReluAfterMaxPool>,
     },
     PassInfo {
         name: "nonneg-relu",
         lossless: true,
+        phase: Phase::Cleanup,
+        needs: Needs::Nothing,
         description: "remove a ReLU whose input is provably non-negative",
         make: no_args::<nonneg_relu::NonNegRelu>,
     },
     PassInfo {
         name: "dedup-relu",
         lossless: true,
+        phase: Phase::Cleanup,
+        needs: Needs::Nothing,
         description: "merge ReLU-like nodes that compute the same value from the same input",
         make: no_args::<dedup_relu::DedupRelu>,
     },
     PassInfo {
         name: "dce",
         lossless: true,
+        phase: Phase::Final,
+        needs: Needs::Nothing,
         description: "dead-node elimination: drop nodes and weights no output depends on",
         make: no_args::<dce::DeadNodes>,
     },
     PassInfo {
         name: "cull",
         lossless: false,
+        phase: Phase::Structural,
+        needs: Needs::Nothing,
         description: "cull(1,2): remove every ReLU of the given stages (stage 0 is the stem), making them linear",
         make: cull::Cull::from_args,
     },
     PassInfo {
         name: "thin",
         lossless: false,
+        phase: Phase::Structural,
+        needs: Needs::Nothing,
         description: "thin(bottom|top|alternate[,stages]): drop the ReLU after each residual add (bottom), after each block's first conv (top), or every other ReLU layer (alternate)",
         make: thin::Thin::from_args,
     },
     PassInfo {
         name: "resolution",
         lossless: false,
+        phase: Phase::Structural,
+        needs: Needs::Nothing,
         description: "resolution(0.5): run the network on its input average-pooled by 1/factor per side (ReLUs and MACs fall by the factor squared)",
         make: resolution::Resolution::from_args,
     },
     PassInfo {
         name: "width",
         lossless: false,
+        phase: Phase::Structural,
+        needs: Needs::Nothing,
         description: "width(0.5): every channel group (a residual stream, a block's inner layer) keeps that fraction of its channels, the most active on calibration images (else the largest filters)",
         make: width::Width::from_args,
     },
     PassInfo {
         name: "maxpool-to-avgpool",
         lossless: false,
+        phase: Phase::Structural,
+        needs: Needs::Nothing,
         description: "replace every MaxPool by an AveragePool of the same window (secure max-pooling is a tree of comparisons; averaging is linear)",
         make: no_args::<maxpool_to_avgpool::MaxPoolToAvgPool>,
     },
     PassInfo {
         name: "recalibrate",
         lossless: false,
+        phase: Phase::Recalibrate,
+        needs: Needs::CalibrationAndReference,
         description: "recalibrate(refit|rectified|scale|mean): refit every Conv/Gemm's weights by least squares to the original graph's output on calibration images (the rectified output where its ReLU was removed); or only map each output channel's mean and scale; runs after lossy passes by default",
         make: recalibrate::Recalibrate::from_args,
     },
     PassInfo {
         name: "channel-thin",
         lossless: false,
+        phase: Phase::ChannelThin,
+        needs: Needs::Calibration,
         description: "channel-thin(0.99): per channel, from calibration images, keep ReLU only where the input's sign varies; identity or zero elsewhere",
         make: channel_thin::ChannelThin::from_args,
     },
@@ -278,80 +353,133 @@ pub fn prepare(model: &Model, ctx: &PassContext) -> Result<Model> {
 /// thinning comes after them so that ReLUs have already moved behind max-pools.
 pub const AFTER_STRUCTURAL: &str = "relu-after-maxpool,nonneg-relu,dedup-relu,dce";
 
-/// Place lossy steps into `base`: culling, thinning and max-pool replacement right after
-/// BatchNorm folding (stage numbers are then those `inspect` shows for the input; a pool
-/// replaced before `relu-after-maxpool` keeps its ReLUs in front of it, since moving a ReLU
-/// behind an average pool is not lossless), recalibration and channel thinning before the
-/// final dead-node elimination, after ReLUs have been moved behind the remaining pools.
-pub fn place_lossy(base: &str, lossy: &[String]) -> String {
-    let step_text = |(name, args): (String, Vec<String>)| {
-        if args.is_empty() {
-            name
-        } else {
-            format!("{name}({})", args.join(","))
-        }
-    };
-    let mut steps: Vec<String> =
-        split_pipeline(base).map(|s| s.into_iter().map(step_text).collect()).unwrap_or_default();
-    let lossy: Vec<String> = lossy
-        .iter()
-        .flat_map(|l| {
-            split_pipeline(l)
-                .map(|s| s.into_iter().map(step_text).collect::<Vec<String>>())
-                .unwrap_or_default()
-        })
-        .collect::<Vec<String>>();
-    // Late steps, in this order: recalibration once the structure is final; channel thinning
-    // last, on the sign statistics of the recalibrated graph.
-    const LATE: [&str; 2] = ["recalibrate", "channel-thin"];
-    let rank = |s: &String| LATE.iter().position(|p| s.starts_with(p));
-    let (mut late, structural): (Vec<String>, Vec<String>) =
-        lossy.into_iter().partition(|s| rank(s).is_some());
-    late.sort_by_key(rank);
-    late.dedup();
-    let at = steps.iter().position(|s| s == "fold-bn").map(|i| i + 1).unwrap_or(0);
-    steps.splice(at..at, structural);
-    let end = steps.iter().rposition(|s| s == "dce").unwrap_or(steps.len());
-    steps.splice(end..end, late);
-    steps.join(",")
-}
-
 /// The pipeline `relucompile in.onnx -o out.onnx` runs when no `--passes` is given.
 pub const DEFAULT_PIPELINE: &str =
     "const-fold,identity-elim,fold-bn,relu-after-maxpool,nonneg-relu,dedup-relu,dce";
 
-/// A parsed pipeline: passes with their arguments, printable back as text.
+/// One step of a pipeline: a registered pass and its arguments. Written `name` or
+/// `name(arg,arg)`; this type alone prints and parses that text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    pub pass: &'static PassInfo,
+    pub args: Vec<String>,
+}
+
+impl Step {
+    /// The step `name(args)`, or a usage error naming an unknown pass.
+    pub fn new(name: &str, args: &[&str]) -> Result<Step> {
+        Ok(Step {
+            pass: PassInfo::named(name)?,
+            args: args.iter().map(|a| a.to_string()).collect(),
+        })
+    }
+
+    /// Parse `name,name(arg,arg),...`.
+    pub fn parse_list(text: &str) -> Result<Vec<Step>> {
+        split_pipeline(text)?
+            .into_iter()
+            .map(|(name, args)| Ok(Step { pass: PassInfo::named(&name)?, args }))
+            .collect()
+    }
+
+    /// Steps as pipeline text.
+    pub fn list_text(steps: &[Step]) -> String {
+        steps.iter().map(Step::to_string).collect::<Vec<_>>().join(",")
+    }
+
+    fn build(&self) -> Result<Box<dyn Pass>> {
+        (self.pass.make)(&self.args).map_err(|e| usage(format!("pass '{}': {e}", self.pass.name)))
+    }
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.pass.name)?;
+        if !self.args.is_empty() {
+            write!(f, "({})", self.args.join(","))?;
+        }
+        Ok(())
+    }
+}
+
+/// `base` with `lossy` steps placed by [`Phase`]: each after the last step of `base` whose
+/// phase is not later than its own (the lossless steps keep the order they were given in),
+/// lossy steps of one phase in their given order; a late step (recalibration, channel
+/// thinning) asked for twice runs once.
+pub fn place_lossy(base: &[Step], lossy: &[Step]) -> Vec<Step> {
+    let mut lossy: Vec<&Step> = lossy.iter().collect();
+    lossy.sort_by_key(|s| s.pass.phase);
+    lossy.dedup_by(|a, b| a == b && a.pass.phase > Phase::Structural);
+    let mut steps: Vec<Step> = base.to_vec();
+    for step in lossy {
+        // After the last step of an earlier or equal phase (placed lossy steps included).
+        let at = steps.iter().rposition(|s| s.pass.phase <= step.pass.phase).map_or(0, |i| i + 1);
+        steps.insert(at, step.clone());
+    }
+    steps
+}
+
+/// A parsed pipeline: steps with their passes built, printable back as text.
 pub struct Pipeline {
-    pub steps: Vec<(String, Vec<String>, Box<dyn Pass>)>,
+    pub steps: Vec<(Step, Box<dyn Pass>)>,
 }
 
 impl Pipeline {
     /// Parse `name,name(arg,arg),...`.
     pub fn parse(text: &str) -> Result<Self> {
-        let mut steps = Vec::new();
-        for (name, args) in split_pipeline(text)? {
-            let info = REGISTRY.iter().find(|p| p.name == name).ok_or_else(|| {
-                let known: Vec<&str> = REGISTRY.iter().map(|p| p.name).collect();
-                usage(format!(
-                    "unknown pass '{name}' in --passes; known passes: {}",
-                    known.join(", ")
-                ))
-            })?;
-            let pass = (info.make)(&args).map_err(|e| usage(format!("pass '{name}': {e}")))?;
-            steps.push((name, args, pass));
-        }
+        Self::new(Step::parse_list(text)?)
+    }
+
+    /// Build every step's pass (a bad argument is a usage error naming the pass).
+    pub fn new(steps: Vec<Step>) -> Result<Self> {
+        let steps = steps
+            .into_iter()
+            .map(|step| {
+                let pass = step.build()?;
+                Ok((step, pass))
+            })
+            .collect::<Result<_>>()?;
         Ok(Pipeline { steps })
     }
 
     pub fn text(&self) -> String {
-        self.steps
-            .iter()
-            .map(|(n, a, _)| if a.is_empty() { n.clone() } else { format!("{n}({})", a.join(",")) })
-            .collect::<Vec<_>>()
-            .join(",")
+        self.steps.iter().map(|(s, _)| s.to_string()).collect::<Vec<_>>().join(",")
+    }
+
+    /// Whether any step changes outputs.
+    pub fn lossy(&self) -> bool {
+        self.steps.iter().any(|(s, _)| !s.pass.lossless)
+    }
+
+    /// Whether any step needs calibration images.
+    pub fn needs_calibration(&self) -> bool {
+        self.steps.iter().any(|(s, _)| s.pass.needs != Needs::Nothing)
+    }
+
+    /// A usage error naming the first step whose needs `ctx` does not meet, before any runs.
+    pub fn check_context(&self, ctx: &PassContext) -> Result<()> {
+        for (step, _) in &self.steps {
+            let missing = match step.pass.needs {
+                Needs::Nothing => None,
+                _ if ctx.calibration.is_none() => Some("calibration images"),
+                Needs::CalibrationAndReference if ctx.reference.is_none() => {
+                    Some("the original graph")
+                }
+                _ => None,
+            };
+            if let Some(what) = missing {
+                let fix = match step.pass.name {
+                    "recalibrate" => "give --data with a training split, or --no-recalibrate",
+                    _ => "give --data with a training split",
+                };
+                return Err(usage(format!("{} needs {what}; {fix}", step.pass.name)));
+            }
+        }
+        Ok(())
     }
 }
 
+/// `name,name(arg,arg),...` as (name, arguments) pairs.
 fn split_pipeline(text: &str) -> Result<Vec<(String, Vec<String>)>> {
     let mut out = Vec::new();
     let mut rest = text.trim();
@@ -410,8 +538,10 @@ pub fn run_pipeline(
     ctx: &PassContext,
     opts: &VerifyOptions,
 ) -> Result<Vec<PassRecord>> {
+    pipeline.check_context(ctx)?;
     let mut records = Vec::new();
-    for (name, _, pass) in &pipeline.steps {
+    for (step, pass) in &pipeline.steps {
+        let name = step.pass.name;
         let before = opts.outputs.as_ref().map(|_| model.clone());
         let rewrites = pass.run(model, ctx).map_err(|e| e.context(format!("in pass '{name}'")))?;
         if opts.structure || cfg!(debug_assertions) {
@@ -424,7 +554,7 @@ pub fn run_pipeline(
         }
         let mut check = None;
         if let (Some(inputs), Some(before)) = (&opts.outputs, before) {
-            if pass.lossless() && rewrites > 0 {
+            if step.pass.lossless && rewrites > 0 {
                 let cmp = compare_models(&before, model, &ctx.sample, inputs)?;
                 if !cmp.within(LOSSLESS_REL_TOLERANCE) {
                     return Err(CompileError::new(
@@ -441,7 +571,7 @@ pub fn run_pipeline(
             }
         }
         records.push(PassRecord {
-            pass: name.clone(),
+            pass: name.to_string(),
             rewrites,
             nodes_after: model.graph.nodes.len(),
             check,
@@ -471,25 +601,40 @@ mod tests {
 
     #[test]
     fn lossy_steps_are_placed_around_the_lossless_ones() {
-        let lossy = vec!["cull(1,2),channel-thin(0.9)".to_string(), "thin(bottom)".to_string()];
+        let place = |base: &str, lossy: &str| {
+            let placed =
+                place_lossy(&Step::parse_list(base).unwrap(), &Step::parse_list(lossy).unwrap());
+            Step::list_text(&placed)
+        };
         assert_eq!(
-            place_lossy(DEFAULT_PIPELINE, &lossy),
+            place(DEFAULT_PIPELINE, "cull(1,2),channel-thin(0.9),thin(bottom)"),
             "const-fold,identity-elim,fold-bn,cull(1,2),thin(bottom),relu-after-maxpool,\
              nonneg-relu,dedup-relu,channel-thin(0.9),dce"
         );
         assert_eq!(
-            place_lossy(AFTER_STRUCTURAL, &lossy[1..]),
+            place(AFTER_STRUCTURAL, "thin(bottom)"),
             format!("thin(bottom),{AFTER_STRUCTURAL}")
         );
-        let lossy: Vec<String> =
-            ["channel-thin(0.9)", "recalibrate", "resolution(0.5)", "maxpool-to-avgpool"]
-                .map(String::from)
-                .to_vec();
         assert_eq!(
-            place_lossy(DEFAULT_PIPELINE, &lossy),
+            place(
+                DEFAULT_PIPELINE,
+                "channel-thin(0.9),recalibrate,resolution(0.5),maxpool-to-avgpool,recalibrate"
+            ),
             "const-fold,identity-elim,fold-bn,resolution(0.5),maxpool-to-avgpool,\
              relu-after-maxpool,nonneg-relu,dedup-relu,recalibrate,channel-thin(0.9),dce"
         );
+    }
+
+    #[test]
+    fn a_missing_requirement_is_named_before_any_pass_runs() {
+        let pipeline = Pipeline::parse("dce,recalibrate").unwrap();
+        let err = pipeline.check_context(&PassContext::new(vec![1, 4, 4])).err().unwrap();
+        let text = format!("{err:#}");
+        assert!(text.contains("recalibrate needs calibration images"), "{text}");
+        assert!(Pipeline::parse(DEFAULT_PIPELINE)
+            .unwrap()
+            .check_context(&PassContext::new(vec![1, 4, 4]))
+            .is_ok());
     }
 
     #[test]

@@ -10,9 +10,6 @@ use anyhow::Result;
 pub struct NonNegRelu;
 
 impl Pass for NonNegRelu {
-    fn name(&self) -> &'static str {
-        "nonneg-relu"
-    }
     fn run(&self, model: &mut Model, _ctx: &PassContext) -> Result<usize> {
         let mut removed = 0;
         let mut stuck = std::collections::HashSet::new();

@@ -27,16 +27,17 @@
 //! A search scores its candidates on calibration images the refit did not see
 //! ([`super::fitting_images`]).
 
-use super::fold_bn::{apply_channel_affine, replace_linear_params};
 use super::{Pass, PassContext};
 use crate::error::{CompileError, ExitCode};
+use crate::exec::graph::TrainGraph;
+use crate::exec::op::conv_params;
+use crate::ir::channel_affine::{apply_channel_affine, replace_linear_params};
 use crate::ir::{Graph, Model, Node};
-use crate::train::conv::{self, Conv2dParams, ConvGeometry};
-use crate::train::graph::{conv_params, TrainGraph};
-use crate::train::least_squares::{conv_normal_equations, ridge_solve};
+use crate::kernels::conv::{self, Conv2dParams, ConvGeometry};
+use crate::kernels::least_squares::{conv_normal_equations, ridge_solve};
+use crate::kernels::stats::{channel_moments, Moments};
 use anyhow::Result;
 use candle_core::Tensor;
-use rayon::prelude::*;
 use std::collections::{HashMap, HashSet};
 
 /// Which statistics are matched.
@@ -104,43 +105,9 @@ const REFIT_RIDGE: f64 = 1e-3;
 /// scaling a constant channel up would amplify rounding noise.
 const MIN_STD: f64 = 1e-6;
 
-/// Per-channel mean and standard deviation of one value.
-#[derive(Debug, Clone)]
-pub struct Moments {
-    pub mean: Vec<f64>,
-    pub std: Vec<f64>,
-}
-
 /// Whether a node's output gets matched: the linear layers whose weights can absorb the map.
 fn is_matched(node: &Node) -> bool {
     matches!(node.op_type.as_str(), "Conv" | "Gemm")
-}
-
-/// Per-channel (axis 1) moments of a `[N, C, ...]` tensor, in a fixed summation order.
-pub fn channel_moments(t: &Tensor) -> Result<Moments> {
-    let dims = t.dims().to_vec();
-    anyhow::ensure!(dims.len() >= 2, "value of rank {} has no channel axis", dims.len());
-    let (n, c) = (dims[0], dims[1]);
-    let spatial: usize = dims[2..].iter().product();
-    let data: Vec<f32> = t.flatten_all()?.to_vec1()?;
-    let count = (n * spatial) as f64;
-    let (mean, std) = (0..c)
-        .into_par_iter()
-        .map(|ch| {
-            let values = (0..n).flat_map(|i| {
-                let start = (i * c + ch) * spatial;
-                data[start..start + spatial].iter()
-            });
-            let (mut sum, mut sq) = (0.0f64, 0.0f64);
-            for &v in values {
-                sum += v as f64;
-                sq += (v as f64) * (v as f64);
-            }
-            let mean = sum / count;
-            (mean, (sq / count - mean * mean).max(0.0).sqrt())
-        })
-        .unzip();
-    Ok(Moments { mean, std })
 }
 
 /// Moments of every Conv/Gemm output of `model` on `images` (`[N] + sample`).
@@ -228,12 +195,6 @@ fn channel_map(current: &Moments, target: &Moments, matched: Matched) -> (Vec<f3
 }
 
 impl Pass for Recalibrate {
-    fn name(&self) -> &'static str {
-        "recalibrate"
-    }
-    fn lossless(&self) -> bool {
-        false
-    }
     fn run(&self, model: &mut Model, ctx: &PassContext) -> Result<usize> {
         let missing = |what: &str| {
             CompileError::new(

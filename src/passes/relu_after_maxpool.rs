@@ -11,9 +11,6 @@ use anyhow::Result;
 pub struct ReluAfterMaxPool;
 
 impl Pass for ReluAfterMaxPool {
-    fn name(&self) -> &'static str {
-        "relu-after-maxpool"
-    }
     fn run(&self, model: &mut Model, _ctx: &PassContext) -> Result<usize> {
         let mut moved = 0;
         loop {

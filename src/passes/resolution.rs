@@ -29,12 +29,6 @@ impl Resolution {
 }
 
 impl Pass for Resolution {
-    fn name(&self) -> &'static str {
-        "resolution"
-    }
-    fn lossless(&self) -> bool {
-        false
-    }
     fn run(&self, model: &mut Model, ctx: &PassContext) -> Result<usize> {
         let refuse = |m: String| -> anyhow::Error {
             CompileError::new(ExitCode::Usage, format!("resolution: {m}")).into()

@@ -79,12 +79,6 @@ fn top_relu(graph: &Graph, add: usize) -> Option<usize> {
 }
 
 impl Pass for Thin {
-    fn name(&self) -> &'static str {
-        "thin"
-    }
-    fn lossless(&self) -> bool {
-        false
-    }
     fn run(&self, model: &mut Model, ctx: &PassContext) -> Result<usize> {
         let shapes = infer_shapes(model, &ctx.sample, 1)?;
         let stages = find_stages(&model.graph, &shapes);

@@ -253,12 +253,6 @@ fn channel_scores(graph: &Graph, g: &Group, ctx: &PassContext) -> Result<Vec<f64
 }
 
 impl Pass for Width {
-    fn name(&self) -> &'static str {
-        "width"
-    }
-    fn lossless(&self) -> bool {
-        false
-    }
     fn run(&self, model: &mut Model, ctx: &PassContext) -> Result<usize> {
         let shapes = infer_shapes(model, &ctx.sample, 1)?;
         let groups = channel_groups(&model.graph, &shapes);

@@ -9,7 +9,7 @@
 use super::probe::Prober;
 use super::{accuracy, build_candidate};
 use crate::analysis::census::census;
-use crate::eval::data::Dataset;
+use crate::data::Dataset;
 use crate::ir::Model;
 use crate::passes::PassContext;
 use anyhow::Result;

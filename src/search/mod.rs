@@ -2,6 +2,7 @@
 //! estimated PI bytes or latency) with the least accuracy loss, measured on calibration data
 //! (training split), never on test data.
 
+pub mod candidates;
 pub mod criticality;
 pub mod objective;
 pub mod pareto;
@@ -9,20 +10,20 @@ pub mod probe;
 
 use crate::analysis::census::census;
 use crate::analysis::cost::CostModel;
-use crate::analysis::stages::residual_adds;
+use crate::analysis::stages::{find_stages, residual_adds};
+use crate::data::Dataset;
 use crate::eval::compare::argmax;
-use crate::eval::data::Dataset;
 use crate::eval::evaluator::predict;
 use crate::ir::Model;
-use crate::passes::{run_pipeline, PassContext, Pipeline, VerifyOptions};
+use crate::passes::{
+    place_lossy, run_pipeline, PassContext, Pipeline, Step, VerifyOptions, AFTER_STRUCTURAL,
+};
 use anyhow::Result;
+use candidates::{CullSubsets, CHANNEL_THRESHOLDS};
 use objective::{Budget, Cost};
 use rayon::prelude::*;
 use serde::Serialize;
 use std::sync::Arc;
-
-/// Channel thresholds tried when culling and thinning alone cannot meet a budget.
-const CHANNEL_THRESHOLDS: &[f64] = &[0.99, 0.95, 0.9];
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Candidate {
@@ -63,12 +64,13 @@ impl Candidate {
 /// `relucompile` would compile it.
 pub fn build_candidate(base: &Model, lossy: &str, ctx: &PassContext) -> Result<(Model, u64)> {
     let mut m = base.clone();
-    let mut steps = vec![lossy.to_string()];
-    if ctx.reference.is_some() && !lossy.is_empty() {
-        steps.push("recalibrate".into());
+    let mut steps = if lossy.is_empty() { Vec::new() } else { Step::parse_list(lossy)? };
+    if ctx.reference.is_some() && !steps.is_empty() {
+        steps.push(Step::new("recalibrate", &[])?);
     }
-    let text = crate::passes::place_lossy(crate::passes::AFTER_STRUCTURAL, &steps);
-    run_pipeline(&mut m, &Pipeline::parse(&text)?, ctx, &VerifyOptions::default())?;
+    let base_steps = Step::parse_list(AFTER_STRUCTURAL)?;
+    let pipeline = Pipeline::new(place_lossy(&base_steps, &steps))?;
+    run_pipeline(&mut m, &pipeline, ctx, &VerifyOptions::default())?;
     let relus = census(&m, &ctx.sample)?.total_relus;
     Ok((m, relus))
 }
@@ -90,47 +92,10 @@ pub fn accuracy(model: &Model, data: &Dataset) -> Result<f64> {
 /// latency budget) and the graph has MaxPool.
 fn structural_candidates(base: &Model, ctx: &PassContext, pooling: bool) -> Result<Vec<String>> {
     let shapes = crate::analysis::shapes::infer_shapes(base, &ctx.sample, 1)?;
-    let stages = crate::analysis::stages::find_stages(&base.graph, &shapes).count();
-    let thins: &[&str] = if residual_adds(&base.graph, &shapes).is_empty() {
-        &["", "thin(alternate)"]
-    } else {
-        &["", "thin(bottom)", "thin(top)"]
-    };
-    let mut out = Vec::new();
-    for mask in 0u32..(1 << stages) {
-        let culled: Vec<String> =
-            (0..stages).filter(|s| mask & (1 << s) != 0).map(|s| s.to_string()).collect();
-        for thin in thins {
-            let mut parts = Vec::new();
-            if !culled.is_empty() {
-                parts.push(format!("cull({})", culled.join(",")));
-            }
-            if !thin.is_empty() && culled.len() < stages {
-                parts.push(thin.to_string());
-            }
-            let text = parts.join(",");
-            if !out.contains(&text) {
-                out.push(text);
-            }
-        }
-    }
-    // DeepReDuce's resolution and width knobs, where the graph takes them.
-    let structure_only = PassContext::new(ctx.sample.clone());
-    let plain = out.clone();
-    let has_maxpool = base.graph.nodes.iter().any(|n| n.op_type == "MaxPool");
-    let pool_knob = (pooling && has_maxpool).then_some(pareto::POOLING_KNOB);
-    for knob in pareto::DIMENSION_KNOBS.iter().chain(pool_knob.as_ref()) {
-        if build_candidate(base, knob, &structure_only).is_ok() {
-            out.extend(plain.iter().map(|c| {
-                if c.is_empty() {
-                    knob.to_string()
-                } else {
-                    format!("{c},{knob}")
-                }
-            }));
-        }
-    }
-    Ok(out)
+    let stages: Vec<usize> = (0..find_stages(&base.graph, &shapes).count()).collect();
+    let residual = !residual_adds(&base.graph, &shapes).is_empty();
+    let knobs = candidates::knobs_for(base, &ctx.sample, true, pooling);
+    Ok(candidates::structural_configs(&stages, residual, &knobs, CullSubsets::All))
 }
 
 /// The configuration meeting `budget` with the best calibration accuracy (ties: the lower

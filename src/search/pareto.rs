@@ -8,10 +8,13 @@
 //! structural configuration and reused for every threshold, and finished candidates are
 //! appended to a journal so an interrupted search resumes where it stopped.
 
+use super::candidates::{
+    join, structural_configs, CullSubsets, CHANNEL_THRESHOLDS, MAX_EXHAUSTIVE_STAGES,
+};
 use super::objective::Cost;
 use super::{accuracy, build_candidate};
 use crate::analysis::cost::CostModel;
-use crate::eval::data::Dataset;
+use crate::data::Dataset;
 use crate::ir::Model;
 use crate::passes::channel_thin::{apply_channel_thin, channel_stats};
 use crate::passes::PassContext;
@@ -21,9 +24,6 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
-
-/// Thresholds tried for channel-level reduction on every structural configuration.
-pub const CHANNEL_THRESHOLDS: &[f64] = &[0.99, 0.95, 0.9];
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Scored {
@@ -59,74 +59,6 @@ pub fn frontier_indices(points: &[(f64, f64)]) -> Vec<usize> {
     out
 }
 
-/// Up to this many stages with ReLUs, every subset of them is tried for culling (32 subsets
-/// for a ResNet-18's five) unless only prefixes are asked for; beyond it, prefixes of the
-/// criticality order only.
-pub const MAX_EXHAUSTIVE_STAGES: usize = 5;
-
-/// Dimension knobs (DeepReDuce's resolution and width) each structural configuration is also
-/// tried with, where the graph takes them.
-pub const DIMENSION_KNOBS: &[&str] = &["resolution(0.5)", "width(0.5)"];
-
-/// Max-pool replacement, tried with every structural configuration when the search minimises
-/// PI bytes or latency (it leaves the ReLU count as it is).
-pub const POOLING_KNOB: &str = "maxpool-to-avgpool";
-
-/// Structural configurations: every cull subset (or, for deep networks, prefixes of the cull
-/// order), each with every thinning mode, and each of those again with every knob of `knobs`.
-pub fn structural_configs(
-    cull_order: &[usize],
-    residual: bool,
-    knobs: &[&str],
-    exhaustive: bool,
-) -> Vec<String> {
-    let thins: &[&str] =
-        if residual { &["", "thin(bottom)", "thin(top)"] } else { &["", "thin(alternate)"] };
-    let subsets: Vec<Vec<usize>> = if exhaustive && cull_order.len() <= MAX_EXHAUSTIVE_STAGES {
-        let mut stages = cull_order.to_vec();
-        stages.sort();
-        (0u32..1 << stages.len())
-            .map(|mask| {
-                (0..stages.len()).filter(|i| mask & (1 << i) != 0).map(|i| stages[i]).collect()
-            })
-            .collect()
-    } else {
-        (0..=cull_order.len())
-            .map(|k| {
-                let mut culled = cull_order[..k].to_vec();
-                culled.sort();
-                culled
-            })
-            .collect()
-    };
-    let mut out = Vec::new();
-    for culled in subsets {
-        for thin in thins {
-            if culled.len() == cull_order.len() && !thin.is_empty() {
-                continue; // nothing left to thin
-            }
-            let mut parts = Vec::new();
-            if !culled.is_empty() {
-                let list: Vec<String> = culled.iter().map(|s| s.to_string()).collect();
-                parts.push(format!("cull({})", list.join(",")));
-            }
-            if !thin.is_empty() {
-                parts.push(thin.to_string());
-            }
-            out.push(parts.join(","));
-        }
-    }
-    let plain = out.clone();
-    for knob in knobs {
-        out.extend(plain.iter().map(|c| join(c, knob)));
-    }
-    out
-}
-
-fn join(a: &str, b: &str) -> String {
-    [a, b].iter().filter(|s| !s.is_empty()).copied().collect::<Vec<_>>().join(",")
-}
-
 /// Score every configuration on the calibration images, resuming from `journal`.
 #[allow(clippy::too_many_arguments)]
 pub fn score_all(
@@ -152,7 +84,12 @@ pub fn score_all(
             }
         }
     }
-    let structural = structural_configs(cull_order, residual, knobs, exhaustive);
+    let subsets = if exhaustive && cull_order.len() <= MAX_EXHAUSTIVE_STAGES {
+        CullSubsets::All
+    } else {
+        CullSubsets::Prefixes
+    };
+    let structural = structural_configs(cull_order, residual, knobs, subsets);
     // Channel thresholds on full-size configurations only: the knobs' candidates are many
     // already, and channel statistics shift with resolution and width.
     let sized = |c: &str| knobs.iter().any(|k| c.contains(k));

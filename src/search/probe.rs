@@ -9,7 +9,7 @@
 //! journaled, so an interrupted search does not pay for them twice.
 
 use super::build_candidate;
-use crate::eval::data::Dataset;
+use crate::data::Dataset;
 use crate::ir::Model;
 use crate::passes::PassContext;
 use crate::train::{FinetuneOptions, Finetuner};

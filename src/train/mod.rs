@@ -9,25 +9,20 @@
 //! with Nesterov momentum and a one-cycle schedule by default, AdamW with a cosine schedule on
 //! request ([`optim`]). A seed fixes the shuffling and the augmentation, so runs repeat.
 
-pub mod batchnorm;
-pub mod conv;
-pub mod elementwise;
-pub mod graph;
-pub mod least_squares;
-pub mod malloc;
+pub mod loss;
 pub mod masks;
 pub mod optim;
-pub mod pool;
 pub mod teacher;
 
-use crate::eval::data::Dataset;
+use crate::data::Dataset;
+use crate::exec::graph::TrainGraph;
 use crate::ir::Model;
 use crate::passes::recalibrate::Recalibrate;
 use crate::passes::{prepare, Pass, PassContext};
 use anyhow::{Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::Tensor;
-use graph::{kl_divergence, TrainGraph};
+use loss::kl_divergence;
 use optim::{learning_rate, Optimizer, OptimizerKind, ScheduleKind};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -215,7 +210,7 @@ impl Finetuner<'_> {
             graph.insert_batchnorm(&x)?;
         }
         graph.set_training(true);
-        malloc::retain_freed_memory();
+        crate::kernels::malloc::retain_freed_memory();
         let teacher = Teacher::new(self.teacher, sample)?;
         let logits = Distiller::logits(&teacher, self.teacher, self.train, opts, self.progress)?;
         let mut opt = Optimizer::new(opts.optimizer, graph.vars(), opts.lr, opts.weight_decay)?;

@@ -15,10 +15,10 @@
 //! release build) an epoch took 27.0 s with the teacher run every step and 22.3 s with its
 //! logits read back, so the teacher was about a sixth of a distillation step.
 
-use super::graph::TrainGraph;
-use crate::eval::data::Dataset;
-use crate::eval::engine::Engine;
-use crate::eval::Runner;
+use crate::data::Dataset;
+use crate::exec::engine::Engine;
+use crate::exec::graph::TrainGraph;
+use crate::exec::tract::Runner;
 use crate::ir::Model;
 use anyhow::{Context, Result};
 use candle_core::Tensor;
@@ -159,7 +159,7 @@ mod tests {
         assert!(matches!(engine, Teacher::Engine(_)));
         let graph = Teacher::Graph(Box::new(TrainGraph::new(&model).unwrap()));
         let n = ENGINE_BATCH + 5;
-        let xs = crate::train::conv::tests::rand_vec(n * 28 * 28, 3);
+        let xs = crate::kernels::conv::tests::rand_vec(n * 28 * 28, 3);
         let x = Tensor::from_vec(xs, (n, 1, 28, 28), &candle_core::Device::Cpu).unwrap();
         let flat = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let (a, b) = (flat(engine.logits(&x).unwrap()), flat(graph.logits(&x).unwrap()));

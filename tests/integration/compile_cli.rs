@@ -101,7 +101,7 @@ fn onnxruntime_and_checker_accept_every_output() {
             v["input_shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap()).collect();
         let per: u64 = sample.iter().product();
         let input = dir.path().join(format!("{name}_x.npy"));
-        let data = relucompile::eval::compare::random_inputs(8 * per as usize, 11);
+        let data = relucompile::data::random_inputs(8 * per as usize, 11);
         let mut shape = vec![8];
         shape.extend(&sample);
         write_npy(&input, &shape, &data);

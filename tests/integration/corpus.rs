@@ -108,7 +108,7 @@ fn every_corpus_graph_compiles_losslessly_or_is_refused_clearly() {
         let x = work.path().join(format!("{name}_x.npy"));
         let mut shape = vec![4];
         shape.extend(&sample);
-        write_npy(&x, &shape, &relucompile::eval::compare::random_inputs(4 * per as usize, 5));
+        write_npy(&x, &shape, &relucompile::data::random_inputs(4 * per as usize, 5));
         let mut case = tract_case(&out, &x, &work.path().join(format!("{name}_y.npy")));
         case["reference"] = serde_json::json!(file);
         case["relus"] = after["total_relus"].clone();

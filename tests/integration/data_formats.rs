@@ -9,7 +9,7 @@
 //! yields, not the pixels the generator encoded.
 
 use crate::common::*;
-use relucompile::eval::data::{self, image_folder, Dataset, Fit, Normalisation, Split};
+use relucompile::data::{self, image_folder, Dataset, Fit, Normalisation, Split};
 use std::path::Path;
 
 const MODEL: &str = "fixtures/data/colour_resnet.onnx";

@@ -24,21 +24,14 @@ fn root() -> PathBuf {
 fn have_fashion_mnist(test: &str) -> bool {
     let ok = Path::new(FASHION_MNIST).join("t10k-images-idx3-ubyte.gz").is_file()
         || Path::new(FASHION_MNIST).join("t10k-images-idx3-ubyte").is_file();
-    if !ok {
-        eprintln!("{test}: skipped, Fashion-MNIST is not installed at {FASHION_MNIST}");
-    }
-    ok
+    crate::common::prerequisite(ok, &format!("{test}: Fashion-MNIST at {FASHION_MNIST}"))
 }
 
-/// `models/<name>.onnx` when it exists.
+/// `models/<name>.onnx`, which is committed: its absence is a failure, not a skip.
 fn shipped(name: &str, test: &str) -> Option<PathBuf> {
     let p = root().join("models").join(format!("{name}.onnx"));
-    if p.is_file() {
-        Some(p)
-    } else {
-        eprintln!("{test}: skipped for {name}, {} does not exist yet", p.display());
-        None
-    }
+    assert!(p.is_file(), "{test}: {} is missing", p.display());
+    Some(p)
 }
 
 fn tiny() -> PathBuf {
@@ -220,7 +213,7 @@ fn npy_data_matches_idx() {
         return;
     }
     use npyz::WriterBuilder;
-    use relucompile::eval::data;
+    use relucompile::data;
     let model_path = shipped("resnet18w16", "npy_data_matches_idx").unwrap_or_else(tiny);
     let model = relucompile::frontend::load_model(&model_path).unwrap();
     let norm = data::try_normalisation_for(&model, None, None, None).unwrap();

@@ -3,7 +3,8 @@
 
 use crate::common::*;
 use relucompile::analysis::shapes::sample_shape;
-use relucompile::eval::compare::{compare_models, random_inputs, LOSSLESS_REL_TOLERANCE};
+use relucompile::data::random_inputs;
+use relucompile::eval::compare::{compare_models, LOSSLESS_REL_TOLERANCE};
 use relucompile::frontend::load_model;
 use relucompile::passes::{
     run_pipeline, PassContext, Pipeline, VerifyOptions, DEFAULT_PIPELINE, REGISTRY,

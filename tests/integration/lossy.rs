@@ -2,7 +2,8 @@
 //! independently built reduced network, the accuracy gate, and goldens per pass.
 
 use crate::common::*;
-use relucompile::eval::compare::{compare_models, random_inputs};
+use relucompile::data::random_inputs;
+use relucompile::eval::compare::compare_models;
 use relucompile::frontend::load_model;
 
 fn stage_relus(v: &serde_json::Value) -> Vec<u64> {

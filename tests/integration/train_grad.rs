@@ -4,7 +4,7 @@
 //! and bias; the weight gradient's bytes do not depend on the thread count.
 
 use candle_core::{Device, Tensor, Var};
-use relucompile::train::conv::{backward, conv2d, forward, Conv2dParams, ConvGeometry};
+use relucompile::kernels::conv::{backward, conv2d, forward, Conv2dParams, ConvGeometry};
 
 /// A deterministic pseudo-random vector in [-1, 1).
 fn rand_vec(len: usize, seed: u64) -> Vec<f32> {
@@ -341,8 +341,8 @@ fn weight_gradient_bytes_do_not_depend_on_the_thread_count() {
 mod graph_ops {
     use super::{assert_close, flat, rand_vec};
     use candle_core::{Tensor, Var};
+    use relucompile::exec::graph::TrainGraph;
     use relucompile::ir::{Graph, Model, Node, Tensor as IrTensor};
-    use relucompile::train::graph::TrainGraph;
     use tract_onnx::pb;
 
     fn ints(name: &str, v: &[i64]) -> pb::AttributeProto {

@@ -5,6 +5,23 @@ use npyz::WriterBuilder;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// Set by `.ci/run`: a test whose prerequisite (data, Python packages, a CPU feature) is
+/// missing fails instead of skipping, so a green CI run means every test really ran.
+pub const REQUIRE_VAR: &str = "RELUCOMPILE_REQUIRE_PREREQUISITES";
+
+/// The one skip policy: `true` when `available`; otherwise a skip notice and `false`, or a
+/// failure when [`REQUIRE_VAR`] is set.
+pub fn prerequisite(available: bool, what: &str) -> bool {
+    if !available {
+        assert!(
+            std::env::var_os(REQUIRE_VAR).is_none(),
+            "{what} is missing and {REQUIRE_VAR} is set"
+        );
+        eprintln!("SKIPPED: {what} is missing (.ci/run installs it)");
+    }
+    available
+}
+
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -118,11 +135,7 @@ pub fn python_ready(modules: &[&str]) -> bool {
         .args(["-c", &format!("import {}", modules.join(", "))])
         .status()
         .is_ok_and(|s| s.success());
-    if !ready {
-        assert!(std::env::var("CI").is_err(), "CI must install tests/py/requirements.txt");
-        eprintln!("SKIPPED: python3 lacks one of {modules:?} (see .ci/run)");
-    }
-    ready
+    prerequisite(ready, &format!("python3 with {modules:?} (tests/py/requirements.txt)"))
 }
 
 /// Run tests/py/check_onnx.py (onnx.checker full check, no Identity/dead nodes, onnxruntime

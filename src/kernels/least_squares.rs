@@ -198,7 +198,7 @@ fn cholesky_solve(a: &mut [f64], n: usize, b: &mut [f64], m: usize) -> Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::train::conv::{forward, im2col, tests::rand_vec, Conv2dParams};
+    use crate::kernels::conv::{forward, im2col, tests::rand_vec, Conv2dParams};
 
     #[test]
     fn cholesky_solves_a_known_system() {

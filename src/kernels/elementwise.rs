@@ -2,7 +2,7 @@
 //! where the CPU has it: the release build targets baseline x86-64, whose SSE2 loops left the
 //! engine's ReLU and Add at a quarter of the time of its gemms (perf, shipped ResNet).
 
-use super::conv::cpu_slice;
+use super::candle::cpu_slice;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 

@@ -3,7 +3,7 @@
 //! tract runs a batch of N images as N times the work and reached 0.54x onnxruntime's best
 //! throughput on the shipped ResNet (1,506 against 2,785-3,577 images/s, scripts/bench_eval.py).
 //! This engine runs whole batches through the training engine's convolution
-//! ([`crate::train::conv`]: the direct AVX-512 kernel on planes 7 or more wide, im2col + gemm
+//! ([`crate::kernels::conv`]: the direct AVX-512 kernel on planes 7 or more wide, im2col + gemm
 //! on the rest), fuses a ReLU into the Conv, Gemm, Add or BatchNormalization whose
 //! only reader it is, frees every activation after its last reader, and is run one batch per
 //! thread by the evaluator, so nothing between the gemms is serial.
@@ -13,12 +13,12 @@
 //! independent check: the compile harness compares graphs under tract, and the tests compare
 //! this engine's outputs with tract's.
 
+use super::op::{axis, reshape_dims, Op};
 use crate::error::CompileError;
 use crate::ir::{DataType, Model, Node, Tensor as IrTensor};
-use crate::train::conv::{self, Conv2dParams, ConvGeometry, ConvPlan, MatRef};
-use crate::train::elementwise::{add_in_place, affine_in_place, relu_in_place};
-use crate::train::graph::{axis, conv_params, pool_params, reshape_dims};
-use crate::train::pool::{self, Pool2dParams};
+use crate::kernels::conv::{self, Conv2dParams, ConvGeometry, ConvPlan, MatRef};
+use crate::kernels::elementwise::{add_in_place, affine_in_place, relu_in_place};
+use crate::kernels::pool::{self, Pool2dParams};
 use anyhow::{Context, Result};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::OnceLock;
@@ -104,7 +104,7 @@ impl Engine {
         // Every batch allocates and frees the same few-megabyte activations; without this
         // glibc returns them to the kernel and page-faults them back (2,370 against 1,915
         // images/s on the shipped ResNet).
-        crate::train::malloc::retain_freed_memory();
+        crate::kernels::malloc::retain_freed_memory();
         let graph = &model.graph;
         let input = &graph.inputs.first().context("the graph has no input")?.name;
         let output_name = &graph.outputs.first().context("the graph has no output")?.name;
@@ -154,8 +154,9 @@ impl Engine {
             };
             let x = node.input(0).map(activation).transpose()?;
             let mut inputs: Vec<usize> = x.into_iter().collect();
-            let kernel = match node.op_type.as_str() {
-                "Conv" => {
+            let op = Op::decode(node).map_err(|e| unsupported(node, e))?;
+            let kernel = match op {
+                Op::Conv(params) => {
                     let w = floats(1)?.ok_or_else(|| unsupported(node, "no weight"))?;
                     let dims = <[usize; 4]>::try_from(w.dims.as_slice())
                         .map_err(|_| unsupported(node, "only 2-D convolutions are taken"))?;
@@ -163,16 +164,21 @@ impl Engine {
                         weight: w.to_f32(),
                         dims,
                         bias: floats(2)?.map(IrTensor::to_f32),
-                        params: conv_params(node).map_err(|e| unsupported(node, e))?,
+                        params,
                         plan: Box::default(),
                     }
                 }
-                "Gemm" | "MatMul" => dense(node, floats(1)?, floats(2)?)?,
-                "BatchNormalization" => {
+                Op::Gemm { trans_a, trans_b, alpha, beta } => {
+                    if trans_a {
+                        return Err(unsupported(node, "transA is not taken"));
+                    }
+                    dense(node, floats(1)?, floats(2)?, trans_b, alpha, beta)?
+                }
+                Op::MatMul => dense(node, floats(1)?, None, false, 1.0, 1.0)?,
+                Op::BatchNormalization { epsilon: eps } => {
                     let get = |i| floats(i)?.ok_or_else(|| unsupported(node, "missing input"));
                     let (gamma, beta) = (get(1)?.to_f32(), get(2)?.to_f32());
                     let (mean, var) = (get(3)?.to_f32(), get(4)?.to_f32());
-                    let eps = node.attr_float("epsilon").unwrap_or(1e-5);
                     let scale: Vec<f32> =
                         gamma.iter().zip(&var).map(|(g, v)| g / (v + eps).sqrt()).collect();
                     let shift =
@@ -182,7 +188,7 @@ impl Engine {
                 // A per-channel constant factor (`channel-thin`'s mask of channels that become
                 // zero): without it every such search candidate ran under tract, one image at
                 // a time.
-                "Mul" => {
+                Op::Mul => {
                     let m = floats(1)?.ok_or_else(|| unsupported(node, "no constant factor"))?;
                     let per_channel =
                         m.dims.len() >= 2 && m.dims[0] == 1 && m.dims[2..].iter().all(|&d| d == 1);
@@ -192,51 +198,53 @@ impl Engine {
                     let scale = m.to_f32();
                     Kernel::ChannelAffine { shift: vec![0.0; scale.len()], scale }
                 }
-                "Add" => {
+                Op::Add => {
                     inputs.push(activation(node.input(1).unwrap_or_default())?);
                     Kernel::Add
                 }
-                "Relu" => Kernel::Relu,
-                "Clip" => {
-                    let bound = |ix: usize, attr: &str, default: f32| -> Result<f32> {
+                Op::Relu => Kernel::Relu,
+                Op::Clip { min, max } => {
+                    let bound = |ix: usize, attr: Option<f32>, default: f32| -> Result<f32> {
                         Ok(match floats(ix)? {
                             Some(t) => *t
                                 .to_f32()
                                 .first()
                                 .ok_or_else(|| unsupported(node, "an empty bound"))?,
-                            None => node.attr_float(attr).unwrap_or(default),
+                            None => attr.unwrap_or(default),
                         })
                     };
-                    let (lo, hi) = (bound(1, "min", f32::MIN)?, bound(2, "max", f32::MAX)?);
+                    let (lo, hi) = (bound(1, min, f32::MIN)?, bound(2, max, f32::MAX)?);
                     if lo.is_nan() || hi.is_nan() || lo > hi {
                         return Err(unsupported(node, format!("Clip bounds {lo} > {hi}")));
                     }
                     Kernel::Clip(lo, hi)
                 }
-                "MaxPool" | "AveragePool" => Kernel::Pool(
-                    pool_params(node, node.op_type == "MaxPool")
-                        .map_err(|e| unsupported(node, e))?,
-                ),
-                "GlobalAveragePool" => Kernel::GlobalAverage,
-                "GlobalMaxPool" => Kernel::GlobalMax,
-                "Flatten" => Kernel::Flatten(node.attr_int("axis").unwrap_or(1)),
-                "Reshape" => Kernel::Reshape(ints(1)?),
-                "Identity" | "Dropout" => Kernel::Copy,
-                "Gather" => {
+                Op::Pool(params) => Kernel::Pool(params),
+                Op::GlobalAveragePool => Kernel::GlobalAverage,
+                Op::GlobalMaxPool => Kernel::GlobalMax,
+                Op::Flatten { axis } => Kernel::Flatten(axis),
+                Op::Reshape => Kernel::Reshape(ints(1)?),
+                Op::Identity => Kernel::Copy,
+                Op::Gather { axis } => {
                     let name = node.input(1).unwrap_or_default();
                     let rank = constants.get(name).map(|t| t.dims.len());
                     if rank != Some(1) {
                         return Err(unsupported(node, "only 1-D constant indices are taken"));
                     }
-                    Kernel::Gather { axis: node.attr_int("axis").unwrap_or(0), indices: ints(1)? }
+                    Kernel::Gather { axis, indices: ints(1)? }
                 }
-                "Concat" => {
+                Op::Concat { axis } => {
                     for name in &node.inputs[1..] {
                         inputs.push(activation(name)?);
                     }
-                    Kernel::Concat(node.attr_int("axis").unwrap_or(0))
+                    Kernel::Concat(axis)
                 }
-                op => return Err(unsupported(node, format!("operator {op} is not taken"))),
+                Op::Sub | Op::Div | Op::Sum | Op::Slice => {
+                    return Err(unsupported(
+                        node,
+                        format!("operator {} is not taken", node.op_type),
+                    ))
+                }
             };
             if inputs.is_empty() {
                 return Err(unsupported(node, "no input"));
@@ -324,18 +332,19 @@ impl Engine {
     }
 }
 
-/// Gemm (`transA` 0, constant B and C) or MatMul by a constant 2-D matrix, as [`Kernel::Dense`].
-fn dense(node: &Node, b: Option<&IrTensor>, c: Option<&IrTensor>) -> Result<Kernel> {
+/// Gemm (`transA` 0, constant B and C) or MatMul (no C) by a constant 2-D matrix, as
+/// [`Kernel::Dense`].
+fn dense(
+    node: &Node,
+    b: Option<&IrTensor>,
+    c: Option<&IrTensor>,
+    trans_b: bool,
+    alpha: f32,
+    beta: f32,
+) -> Result<Kernel> {
     let b = b.ok_or_else(|| unsupported(node, "the weight is not a float constant"))?;
     let [r, cols] = <[usize; 2]>::try_from(b.dims.as_slice())
         .map_err(|_| unsupported(node, "the weight is not 2-D"))?;
-    let gemm = node.op_type == "Gemm";
-    if gemm && node.attr_int("transA").unwrap_or(0) != 0 {
-        return Err(unsupported(node, "transA is not taken"));
-    }
-    let trans_b = gemm && node.attr_int("transB").unwrap_or(0) != 0;
-    let alpha = if gemm { node.attr_float("alpha").unwrap_or(1.0) } else { 1.0 };
-    let beta = node.attr_float("beta").unwrap_or(1.0);
     let (k, n) = if trans_b { (cols, r) } else { (r, cols) };
     let src = b.to_f32();
     let mut weight = vec![0f32; k * n];
@@ -344,7 +353,7 @@ fn dense(node: &Node, b: Option<&IrTensor>, c: Option<&IrTensor>) -> Result<Kern
             weight[i * n + j] = alpha * if trans_b { src[j * cols + i] } else { src[i * cols + j] };
         }
     }
-    let bias = match c.filter(|_| gemm) {
+    let bias = match c {
         None => None,
         Some(c) => {
             let v = c.to_f32();
@@ -568,8 +577,8 @@ fn run_step(step: &Step, slots: &mut [Option<Value>]) -> Result<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::eval::compare::random_inputs;
-    use crate::eval::Runner;
+    use crate::data::random_inputs;
+    use crate::exec::tract::Runner;
     use crate::frontend::load_model;
     use std::path::Path;
 

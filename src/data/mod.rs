@@ -22,6 +22,7 @@ pub mod idx;
 pub mod image_folder;
 pub mod normalise;
 pub mod npy;
+mod random;
 
 pub use cifar::Cifar;
 pub use fit::{CropSize, Fit};
@@ -29,6 +30,7 @@ pub use normalise::{
     model_normalisation, normalisation_for, parse_floats, try_normalisation_for, Normalisation,
     PartialNormalisation, DEFAULT_SCALE, META_MEAN, META_SCALE, META_STD,
 };
+pub use random::random_inputs;
 
 use crate::error::{CompileError, ExitCode};
 use anyhow::Result;
@@ -47,7 +49,7 @@ pub const FORMATS: &str = "`fashion-mnist`, a directory of IDX files, CIFAR-10/1
     class folders of PNG/JPEG images (an image-folder tree), or a .npy file";
 
 /// Which half of a data set to read (`test` also selects an image folder's `val/`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Split {
     Train,
     Test,
@@ -67,6 +69,16 @@ impl Split {
             Split::Train => "train",
             Split::Test => "t10k",
         }
+    }
+}
+
+impl std::str::FromStr for Split {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        [Split::Train, Split::Test]
+            .into_iter()
+            .find(|split| split.name() == s)
+            .ok_or_else(|| format!("split '{s}' is not one of: train, test"))
     }
 }
 

@@ -8,8 +8,9 @@
 //! statistics are the conv output's on a calibration batch and `gamma = sqrt(var + eps)`,
 //! `beta = mean`.
 
-use super::conv::{self, cpu_slice, Conv2dParams, ConvGeometry};
-use crate::passes::recalibrate::channel_moments;
+use super::candle::cpu_slice;
+use super::conv::{self, Conv2dParams, ConvGeometry};
+use super::stats::channel_moments;
 use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage};
 use candle_core::{Tensor, Var};
@@ -537,7 +538,7 @@ mod tests {
     /// at stride 1 (the direct kernel on a wide plane) and 2.
     #[test]
     fn fused_conv_batchnorm_matches_the_two_ops() {
-        use crate::train::conv::{conv2d, tests::rand_vec};
+        use crate::kernels::conv::{conv2d, tests::rand_vec};
         let dev = Device::Cpu;
         for (stride, with_bias) in [(1, true), (2, false), (1, false)] {
             let p = Conv2dParams { stride: (stride, stride), pads: [1; 4], ..Default::default() };

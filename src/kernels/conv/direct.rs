@@ -363,8 +363,7 @@ mod tests {
 
     #[test]
     fn direct_kernel_matches_im2col_and_gemm() {
-        if !avx512() {
-            eprintln!("no AVX-512 on this CPU: the direct kernel is never chosen here");
+        if !crate::prerequisite(avx512(), "AVX-512 (the direct kernel's only target)") {
             return;
         }
         let mut tried = 0;

@@ -29,7 +29,7 @@
 
 use super::direct::{avx512, tile_widths, Tile, CHANNELS, LANES};
 use super::{matmul, pad_planes, ConvGeometry, MatRef, Padded};
-use gemm::Parallelism;
+use ::gemm::Parallelism;
 use rayon::prelude::*;
 
 /// Positions of a transformed 4x4 block.
@@ -96,6 +96,11 @@ impl Winograd {
     pub(crate) fn for_weight_grad(g: &ConvGeometry) -> Option<Self> {
         let fits = Self::fits(g) && g.c.min(g.o) >= MIN_WEIGHT_GRAD_CHANNELS;
         fits.then(|| Self::tiling(g, Vec::new(), Vec::new()))
+    }
+
+    /// [`Self::new`] without the channel threshold, for benchmarks that time every path.
+    pub(crate) fn forced(w: &[f32], bias: Option<&[f32]>, g: &ConvGeometry) -> Option<Self> {
+        Self::fits(g).then(|| Self::build(w, bias, g))
     }
 
     fn takes(g: &ConvGeometry) -> bool {
@@ -602,8 +607,7 @@ mod tests {
 
     #[test]
     fn winograd_matches_im2col_and_gemm() {
-        if !avx512() {
-            eprintln!("no AVX-512 on this CPU: Winograd is never chosen here");
+        if !crate::prerequisite(avx512(), "AVX-512 (Winograd's only target)") {
             return;
         }
         let mut tried = 0;
@@ -668,104 +672,5 @@ mod tests {
         assert!(!take([16, 32, 5, 3], d));
         let narrow = ConvGeometry::new(&[1, 16, 8, 8], &[16, 16, 3, 3], d).unwrap();
         assert!(Winograd::new(&w[..16 * 16 * 9], None, &narrow).is_none());
-    }
-}
-
-/// Timings that chose [`MIN_CHANNELS`] and [`MIN_COLUMNS`] (run by hand, one core:
-/// `RAYON_NUM_THREADS=1 cargo test --release --lib timings -- --ignored --nocapture`).
-#[cfg(test)]
-mod timings {
-    use super::super::tests::rand_vec;
-    use super::super::*;
-    use super::*;
-
-    /// The shipped ResNet's 3x3 stride-1 layers, (C, O, side), each with 32 images' input and
-    /// a kernel.
-    fn resnet_layers() -> Vec<(ConvGeometry, Vec<f32>, Vec<f32>)> {
-        [(16, 16, 28), (32, 32, 14), (64, 64, 7), (128, 128, 4)]
-            .into_iter()
-            .map(|(c, o, hw)| {
-                let p = Conv2dParams { pads: [1; 4], ..Conv2dParams::default() };
-                let g = ConvGeometry::new(&[32, c, hw, hw], &[o, c, 3, 3], p).unwrap();
-                (g, rand_vec(32 * c * hw * hw, 1), rand_vec(o * c * 9, 2))
-            })
-            .collect()
-    }
-
-    #[test]
-    #[ignore]
-    fn layer_timings() {
-        for (g, x, w) in resnet_layers() {
-            let (c, o, hw) = (g.c, g.o, g.h);
-            let plans = [
-                ("winograd", ConvPlan::new(&w, None, &g)),
-                (
-                    "direct",
-                    DirectConv::new(&w, None, &g).map_or(ConvPlan::Im2col, ConvPlan::Direct),
-                ),
-                ("im2col", ConvPlan::Im2col),
-            ];
-            for (name, plan) in &plans {
-                let t = std::time::Instant::now();
-                let reps = 20;
-                for _ in 0..reps {
-                    std::hint::black_box(forward_planned(plan, &x, &w, None, &g, true));
-                }
-                let s = t.elapsed().as_secs_f64() / reps as f64;
-                let gf = 2.0 * (32 * o * c * 9 * g.oh * g.ow) as f64 / s / 1e9;
-                eprintln!(
-                    "{c}x{o}@{hw}: {name:9} {:8.1} us  {gf:6.1} GFLOP/s(direct-equiv)",
-                    s * 1e6
-                );
-            }
-        }
-    }
-
-    #[test]
-    #[ignore]
-    fn stage_timings() {
-        for (g, x, w) in resnet_layers() {
-            let (c, o, hw) = (g.c, g.o, g.h);
-            let wg = Winograd::build(&w, None, &g);
-            let mut scratch = vec![0f32; wg.scratch_len()];
-            wg.clear(&mut scratch);
-            let mut y = vec![0f32; 32 * o * hw * hw];
-            let chw = c * hw * hw;
-            let per = wg.per_run;
-            let (mut t_pad, mut t_in, mut t_mul, mut t_out) = (0.0, 0.0, 0.0, 0.0);
-            for _ in 0..20 {
-                for (xs, ys) in x.chunks(per * chw).zip(y.chunks_mut(per * o * hw * hw)) {
-                    let (pad, rest) = scratch.split_at_mut(wg.padded_len());
-                    let planes = c * wg.padded.0 * wg.padded.1;
-                    let (tiles, products) = rest.split_at_mut(wg.tiles_len());
-                    let nb = xs.len() / chw;
-                    for (b, xb) in xs.chunks_exact(chw).enumerate() {
-                        let t = std::time::Instant::now();
-                        pad_planes(xb, &wg.padded_g, &mut pad[..planes]);
-                        t_pad += t.elapsed().as_secs_f64();
-                        let t = std::time::Instant::now();
-                        unsafe { wg.input_transform(pad, tiles, b) };
-                        t_in += t.elapsed().as_secs_f64();
-                    }
-                    let t = std::time::Instant::now();
-                    wg.multiply(tiles, products, (nb * wg.th * wg.tw).div_ceil(LANES));
-                    t_mul += t.elapsed().as_secs_f64();
-                    let t = std::time::Instant::now();
-                    for (b, yb) in ys.chunks_exact_mut(o * hw * hw).enumerate() {
-                        unsafe { wg.output_transform(products, yb, b, true) };
-                    }
-                    t_out += t.elapsed().as_secs_f64();
-                }
-            }
-            let us = |v: f64| v / 20.0 * 1e6;
-            eprintln!(
-                "{c}x{o}@{hw}: pad {:.0} in {:.0} mul {:.0} out {:.0} us (per_run {per}, cols {})",
-                us(t_pad),
-                us(t_in),
-                us(t_mul),
-                us(t_out),
-                wg.columns
-            );
-        }
     }
 }

@@ -33,7 +33,7 @@ impl Runner {
     fn prepare(proto: &tract_onnx::pb::ModelProto, sample: &[usize], batch: usize) -> Result<Self> {
         let mut full = vec![batch];
         full.extend_from_slice(sample);
-        let plan = crate::eval::catch_tract(|| {
+        let plan = crate::error::catch_tract(|| {
             tract_onnx::onnx()
                 .parse(proto, None)?
                 .model
@@ -68,7 +68,7 @@ impl Runner {
         let mut shape = vec![self.batch];
         shape.extend_from_slice(&self.sample);
         let tensor = tract_ndarray::ArrayD::from_shape_vec(shape, data)?.into_tensor();
-        let outputs = crate::eval::catch_tract(|| self.plan.run(tvec!(tensor.into_tvalue())))
+        let outputs = crate::error::catch_tract(|| self.plan.run(tvec!(tensor.into_tvalue())))
             .map_err(|e| anyhow::anyhow!("tract failed running the graph: {e:#}"))?;
         outputs
             .iter()

@@ -262,7 +262,7 @@ mod tests {
         out
     }
 
-    use crate::train::conv::tests::rand_vec;
+    use crate::kernels::conv::tests::rand_vec;
 
     fn params() -> Vec<Pool2dParams> {
         let mut out = vec![];

@@ -1,0 +1,51 @@
+//! Per-layer forward timings of the three convolution paths (Winograd F(2x2, 3x3), the direct
+//! AVX-512 kernel, im2col + gemm) on the shipped ResNet's 3x3 stride-1 layers, 32 images
+//! each: the measurement behind the Winograd channel threshold (`MIN_CHANNELS`, 32) in
+//! `src/kernels/conv/winograd.rs`. One core gives steadier figures:
+//! `RAYON_NUM_THREADS=1 cargo bench --bench conv_paths`.
+
+use relucompile::kernels::conv::{forward_via, Conv2dParams, ConvGeometry, ConvPath};
+use std::time::Instant;
+
+const IMAGES: usize = 32;
+const REPS: usize = 20;
+
+fn pseudo_random(len: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+fn main() {
+    println!("layer (C x O @ side)  path       us/batch  GFLOP/s (direct-equivalent)");
+    for (c, o, side) in [(16, 16, 28), (32, 32, 14), (64, 64, 7), (128, 128, 4)] {
+        let p = Conv2dParams { pads: [1; 4], ..Conv2dParams::default() };
+        let g = ConvGeometry::new(&[IMAGES, c, side, side], &[o, c, 3, 3], p).expect("geometry");
+        let x = pseudo_random(IMAGES * c * side * side, 1);
+        let w = pseudo_random(o * c * 9, 2);
+        for path in [ConvPath::Winograd, ConvPath::Direct, ConvPath::Im2col] {
+            if forward_via(path, &x, &w, None, &g, true).is_none() {
+                println!("{c:>4} x {o:<4} @ {side:<3}      {path:?}: not available on this CPU");
+                continue;
+            }
+            let t = Instant::now();
+            for _ in 0..REPS {
+                std::hint::black_box(forward_via(path, &x, &w, None, &g, true));
+            }
+            let s = t.elapsed().as_secs_f64() / REPS as f64;
+            let flops = 2.0 * (IMAGES * o * c * 9 * g.oh * g.ow) as f64;
+            println!(
+                "{c:>4} x {o:<4} @ {side:<3}      {:<9} {:>9.1} {:>8.1}",
+                format!("{path:?}"),
+                s * 1e6,
+                flops / s / 1e9
+            );
+        }
+    }
+}

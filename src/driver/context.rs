@@ -1,0 +1,154 @@
+//! What one driver run shares between its phases (search, passes, fine-tuning, measuring):
+//! the original model, the data splits it reads, each read once however many phases use it,
+//! and the original's outputs on the test images, run once however many reports compare
+//! against it.
+
+use super::DataOptions;
+use crate::data::{Dataset, Split};
+use crate::eval::evaluator::{evaluate_against, Outputs};
+use crate::eval::RunSpec;
+use crate::ir::Model;
+use anyhow::Result;
+use std::sync::{Arc, Mutex};
+
+/// The data of one run: the original model, where its images come from, and the splits once
+/// read. Loads are lazy, so a phase that never needs a split never reads it.
+pub struct RunData {
+    pub original: Model,
+    /// Per-sample input shape (batch excluded).
+    pub sample: Vec<usize>,
+    /// The model as messages name it.
+    pub name: String,
+    pub spec: String,
+    pub options: DataOptions,
+    /// Test images measured (`None`: the whole split).
+    pub test_limit: Option<usize>,
+    splits: Arc<Splits>,
+    original_on_test: Mutex<Option<Arc<Outputs>>>,
+    prepared: Mutex<Option<Arc<Model>>>,
+}
+
+/// The splits read so far; shared by runs whose models read the same images.
+#[derive(Default)]
+struct Splits {
+    /// Training images, by the limit they were read with.
+    train: Mutex<Vec<(Option<usize>, Arc<Dataset>)>>,
+    test: Mutex<Option<Arc<Dataset>>>,
+}
+
+impl RunData {
+    pub fn new(
+        original: Model,
+        sample: Vec<usize>,
+        name: impl Into<String>,
+        (spec, options): (&str, &DataOptions),
+        test_limit: Option<usize>,
+    ) -> Self {
+        RunData {
+            original,
+            sample,
+            name: name.into(),
+            spec: spec.to_string(),
+            options: options.clone(),
+            test_limit,
+            splits: Arc::default(),
+            original_on_test: Mutex::new(None),
+            prepared: Mutex::new(None),
+        }
+    }
+
+    /// The same data with `teacher` as the original (pareto's learned points distil from the
+    /// prepared graph): the splits already read are shared when `teacher` normalises images
+    /// as the original does.
+    pub fn with_original(&self, teacher: Model) -> RunData {
+        let same_pixels = matches!(
+            (self.options.normalisation(&self.original), self.options.normalisation(&teacher)),
+            (Ok(a), Ok(b)) if a == b
+        );
+        RunData {
+            original: teacher,
+            sample: self.sample.clone(),
+            name: self.name.clone(),
+            spec: self.spec.clone(),
+            options: self.options.clone(),
+            test_limit: self.test_limit,
+            splits: if same_pixels { self.splits.clone() } else { Arc::default() },
+            original_on_test: Mutex::new(None),
+            prepared: Mutex::new(None),
+        }
+    }
+
+    /// The original after the preparing passes ([`crate::passes::prepare`]), prepared once:
+    /// the graph searches cut candidates from and recalibration matches.
+    pub fn prepared(&self) -> Result<Arc<Model>> {
+        let mut cache = self.prepared.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = cache.as_ref() {
+            return Ok(m.clone());
+        }
+        let ctx = crate::passes::PassContext::new(self.sample.clone());
+        let m = Arc::new(crate::passes::prepare(&self.original, &ctx)?);
+        *cache = Some(m.clone());
+        Ok(m)
+    }
+
+    fn load(&self, split: Split, limit: Option<usize>) -> Result<Dataset> {
+        self.options.load(&self.spec, split, limit, &self.original, &self.sample, &self.name)
+    }
+
+    /// The first `limit` images of the training split (`None`: all of it), cut from a larger
+    /// read when there was one.
+    pub fn train(&self, limit: Option<usize>) -> Result<Arc<Dataset>> {
+        let mut cache = self.splits.train.lock().unwrap_or_else(|e| e.into_inner());
+        let covers = |read: Option<usize>, set: &Dataset| match (read, limit) {
+            (None, _) => true,
+            (Some(r), Some(l)) => l <= r || set.len() < r,
+            (Some(r), None) => set.len() < r,
+        };
+        if let Some((_, set)) = cache.iter().find(|(read, set)| covers(*read, set)) {
+            return Ok(match limit {
+                Some(l) if l < set.len() => Arc::new(set.subset(0..l)),
+                _ => set.clone(),
+            });
+        }
+        let set = Arc::new(self.load(Split::Train, limit)?);
+        cache.push((limit, set.clone()));
+        Ok(set)
+    }
+
+    /// The test images (the first [`Self::test_limit`]).
+    pub fn test(&self) -> Result<Arc<Dataset>> {
+        let mut cache = self.splits.test.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(set) = cache.as_ref() {
+            return Ok(set.clone());
+        }
+        let set = Arc::new(self.load(Split::Test, self.test_limit)?);
+        *cache = Some(set.clone());
+        Ok(set)
+    }
+
+    /// The test images when they have been read already.
+    pub fn test_if_read(&self) -> Option<Arc<Dataset>> {
+        self.splits.test.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The original's outputs on the test images, computed on first use.
+    pub fn original_on_test(&self, progress: bool) -> Result<Arc<Outputs>> {
+        let mut cache = self.original_on_test.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(o) = cache.as_ref() {
+            return Ok(o.clone());
+        }
+        let test = self.test()?;
+        let (_, mut outputs) = evaluate_against(
+            &self.original,
+            &self.name,
+            None,
+            &test,
+            RunSpec::default(),
+            progress,
+        )?;
+        outputs.name = self.name.clone();
+        let outputs = Arc::new(outputs);
+        *cache = Some(outputs.clone());
+        Ok(outputs)
+    }
+}
