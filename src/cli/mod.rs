@@ -1,4 +1,5 @@
-//! The command line: `relucompile in.onnx -o out.onnx`, plus `inspect`, `eval` and `passes`.
+//! The command line: `relucompile in.onnx -o out.onnx`, and the subcommands, each a thin layer
+//! over its driver; every `--help` ends with the exit codes.
 
 mod compile;
 mod criticality;
@@ -48,27 +49,36 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Rewrite a model (the same as giving no subcommand)
+    #[command(after_help = EXIT_CODES_HELP)]
     Compile(Box<compile::CompileArgs>),
     /// Print the ReLU census: every ReLU layer with its stage, shape and count, and MACs
+    #[command(after_help = EXIT_CODES_HELP)]
     Inspect(inspect::InspectArgs),
     /// Measure top-1 accuracy and throughput (native engine, tract for graphs it does not take)
+    #[command(after_help = EXIT_CODES_HELP)]
     Eval(eval::EvalArgs),
     /// Per-stage ReLU criticality (DeepReDuce) on calibration images, and the cull order
+    #[command(after_help = EXIT_CODES_HELP)]
     Criticality(criticality::CriticalityArgs),
     /// Search the Pareto frontier of ReLUs (or estimated PI bytes or latency) against accuracy
     /// and write one model per point
+    #[command(after_help = EXIT_CODES_HELP)]
     Pareto(pareto::ParetoArgs),
     /// Fine-tune a reduced graph by knowledge distillation from the original (BatchNorm
     /// re-inserted, SGD with Nesterov momentum and a one-cycle schedule; crops and flips on
     /// request), checkpointing every epoch
+    #[command(after_help = EXIT_CODES_HELP)]
     Finetune(finetune::FinetuneArgs),
     /// Learn per-channel ReLU masks to a ReLU budget with the weights, under distillation
     /// (beyond DeepReDuce's whole-stage culling), and write the graph with ReLUs only on the
     /// kept channels
+    #[command(after_help = EXIT_CODES_HELP)]
     Linearize(linearize::LinearizeArgs),
     /// List every pass a pipeline (--passes) can name
+    #[command(after_help = EXIT_CODES_HELP)]
     Passes,
     /// Run a model under tract on inputs from a .npy file and write its outputs as .npy
+    #[command(after_help = EXIT_CODES_HELP)]
     Run(run::RunArgs),
 }
 

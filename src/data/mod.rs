@@ -1,4 +1,4 @@
-//! Labelled image data sets for the evaluator, one format per file:
+//! Labelled image data sets for evaluation, calibration and training, one format per file:
 //! - [`idx`]: IDX files with the Fashion-MNIST names (`fashion-mnist` names Debian's copy);
 //! - [`npy`]: a `.npy` array of images with its labels;
 //! - [`image_folder`]: a torchvision `ImageFolder` tree of PNG and JPEG files;

@@ -1,7 +1,9 @@
-//! The build steps as a library: compile, eval, pareto and finetune, each a function taking a
-//! plain option struct (no command-line types) and returning a typed report, the same one the
-//! command line prints as JSON. The drivers never print tables; `crate::cli` parses flags into
-//! these options, calls the driver and prints or writes its report.
+//! The build steps as a library: compile, eval, pareto, finetune, linearize and criticality,
+//! each a function taking a plain option struct (no command-line types) and returning a typed
+//! report, the same one the command line prints as JSON. Each runs in named phases around one
+//! [`context::RunData`], which reads every data split once and runs the original on it once.
+//! The drivers never print tables; `crate::cli` parses flags into these options, calls the
+//! driver and prints or writes its report.
 //!
 //! ```no_run
 //! use relucompile::driver::compile::{compile, CompileOptions, ThinMode};
@@ -164,8 +166,24 @@ impl TrainOptions {
     }
 }
 
-/// Refuse to overwrite the input (unless forced) or to write into a directory.
+/// Refuse, before any work, to overwrite the input (unless forced), to write into a directory,
+/// or to write where the output's directory does not exist.
 pub fn check_output_path(input: &Path, output: &Path, force: bool) -> Result<()> {
+    let dir = match output.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        return Err(CompileError::new(
+            ExitCode::Usage,
+            format!(
+                "cannot write {}: the directory {} does not exist",
+                output.display(),
+                dir.display()
+            ),
+        )
+        .into());
+    }
     if output.is_dir() {
         return Err(CompileError::new(
             ExitCode::Usage,

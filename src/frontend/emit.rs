@@ -82,6 +82,20 @@ pub fn write_model_atomic(path: &Path, model: &Model) -> Result<()> {
     write_bytes_atomic(path, &to_bytes(model))
 }
 
+/// A temporary file in `dir` that will carry the user's umask when persisted (tempfile's
+/// default mode, 0600, would make every output private whatever the umask).
+fn temp_file_in(dir: &Path) -> Result<tempfile::NamedTempFile> {
+    let mut builder = tempfile::Builder::new();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        builder.permissions(std::fs::Permissions::from_mode(0o666));
+    }
+    builder
+        .tempfile_in(dir)
+        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))
+}
+
 pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     if path.is_dir() {
         anyhow::bail!("output path {} is a directory", path.display());
@@ -90,8 +104,7 @@ pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
+    let mut tmp = temp_file_in(dir)?;
     tmp.write_all(bytes).with_context(|| format!("writing {}", path.display()))?;
     tmp.as_file().sync_all().ok();
     tmp.persist(path).with_context(|| format!("cannot write {}", path.display()))?;
