@@ -4,6 +4,7 @@
     cargo build --release
     python3 scripts/bench_eval.py                       # both shipped models, 3 repetitions
     python3 scripts/bench_eval.py --models models/vgg.onnx --reps 5 --ort-batch 1 16 64 128
+    python3 scripts/bench_eval.py --in-graph-normalisation   # also the graphs with Sub/Div in them
 
 For each model, in one run: `target/release/relucompile eval MODEL --json --no-progress` on the
 full Fashion-MNIST test set (10k images) with each engine at its own default batch (the native
@@ -56,6 +57,32 @@ def normalisation(sess):
     floats = lambda key, default: [float(v) for v in meta[key].split(",")] if key in meta else default
     scale = floats("relucompile.scale", [1.0 / 255.0])[0]
     return scale, floats("relucompile.mean", [0.0]), floats("relucompile.std", [1.0])
+
+
+def with_normalisation_in_graph(model, out_dir):
+    """`model` as a wrapper module exports it: its `relucompile.*` metadata removed and the
+    normalisation put in the graph as Sub and Div by constants before the first node (it then
+    takes pixels scaled to [0, 1], which both runtimes feed it)."""
+    import onnx
+    from onnx import helper, numpy_helper
+    m = onnx.load(model)
+    meta = {p.key: p.value for p in m.metadata_props}
+    floats = lambda key, default: [float(v) for v in meta[key].split(",")] if key in meta else default
+    mean, std = floats("relucompile.mean", [0.0]), floats("relucompile.std", [1.0])
+    c = 1 if len(mean) == 1 else len(mean)
+    del m.metadata_props[:]
+    g = m.graph
+    x = g.input[0].name
+    for node in g.node:
+        node.input[:] = ["normalised" if i == x else i for i in node.input]
+    g.initializer.append(numpy_helper.from_array(np.array(mean, np.float32).reshape(1, c, 1, 1), "pixel_mean"))
+    g.initializer.append(numpy_helper.from_array(np.array(std, np.float32).reshape(1, c, 1, 1), "pixel_std"))
+    g.node.insert(0, helper.make_node("Div", ["centred", "pixel_std"], ["normalised"], name="div"))
+    g.node.insert(0, helper.make_node("Sub", [x, "pixel_mean"], ["centred"], name="sub"))
+    onnx.checker.check_model(m, full_check=True)
+    out = os.path.join(out_dir, os.path.basename(model).replace(".onnx", ".in-graph.onnx"))
+    onnx.save(m, out)
+    return out
 
 
 def bench_relucompile(binary, model, engine, reps, data_dir):
@@ -114,6 +141,9 @@ def main():
     ap.add_argument("--ort-batch", type=int, nargs="+", default=[1, 64],
                     help="onnxruntime batch sizes (default: 1 64); its best counts")
     ap.add_argument("--data-dir", default=DATA_DIR)
+    ap.add_argument("--in-graph-normalisation", action="store_true",
+                    help="also bench each model with its normalisation moved from the metadata "
+                         "into the graph (Sub, Div), as wrapper modules export it")
     ap.add_argument("--bin", default=BIN, help="the relucompile binary (default: the release build)")
     ap.add_argument("--max-acc-diff", type=float, default=0.001,
                     help="largest accepted accuracy difference (fraction; default 0.001 = 10 images "
@@ -133,11 +163,16 @@ def main():
           f"cores; onnxruntime {ort.__version__} (intra-op threads {cores}, batches "
           f"{args.ort_batch}), relucompile {args.bin}")
     rows, ok = [], True
-    for model in args.models:
+    models = list(args.models)
+    if args.in_graph_normalisation:
+        import tempfile
+        tmp = tempfile.mkdtemp(prefix="bench_eval_")
+        models += [with_normalisation_in_graph(m, tmp) for m in args.models]
+    for model in models:
         if not os.path.exists(model):
             print(f"{model}: missing, skipped")
             continue
-        name = os.path.relpath(model, ROOT)
+        name = os.path.relpath(model, ROOT) if model.startswith(ROOT) else os.path.basename(model)
         speeds, accs = {}, {}
         for engine in ("native", "tract"):
             runs = bench_relucompile(args.bin, model, engine, args.reps, args.data_dir)

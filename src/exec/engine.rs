@@ -13,7 +13,7 @@
 //! independent check: the compile harness compares graphs under tract, and the tests compare
 //! this engine's outputs with tract's.
 
-use super::op::{axis, reshape_dims, Op};
+use super::op::{axis, reduce_axes, reshape_dims, Op};
 use crate::error::CompileError;
 use crate::ir::{DataType, Model, Node, Tensor as IrTensor};
 use crate::kernels::conv::{self, Conv2dParams, ConvGeometry, ConvPlan, MatRef};
@@ -66,6 +66,47 @@ enum Kernel {
         indices: Vec<i64>,
     },
     Concat(i64),
+    /// Element-wise arithmetic of two activations, or of one and a constant, with numpy
+    /// broadcasting (the input normalisation exporters put in the graph, a squeeze-excite
+    /// block's scaling).
+    Binary {
+        op: Arith,
+        /// The constant operand and whether it comes first (`c - x`).
+        constant: Option<(Vec<f32>, Vec<usize>, bool)>,
+    },
+    /// The sum of any number of activations.
+    Sum,
+    /// Mean over axes (the attribute's, or constant input 1's; resolved per batch).
+    ReduceMean {
+        axes: Option<Vec<i64>>,
+        keepdims: bool,
+    },
+    Sigmoid,
+    /// Softmax along the last axis (given as `axis`, resolved per batch).
+    Softmax(i64),
+    /// Zero padding, `[begin..., end...]` per axis.
+    Pad(Vec<i64>),
+}
+
+/// An element-wise arithmetic operator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Arith {
+    Add,
+    Sub,
+    Mul,
+    Div,
+}
+
+impl Arith {
+    #[inline(always)]
+    fn apply(self, a: f32, b: f32) -> f32 {
+        match self {
+            Arith::Add => a + b,
+            Arith::Sub => a - b,
+            Arith::Mul => a * b,
+            Arith::Div => a / b,
+        }
+    }
 }
 
 struct Step {
@@ -120,6 +161,12 @@ impl Engine {
                 let t = IrTensor::from_proto(value, None).map_err(|e| unsupported(node, e))?;
                 constants.insert(&node.outputs[0], t);
             }
+            // The TorchScript exporter passes some weights through Identity nodes.
+            if matches!(node.op_type.as_str(), "Identity" | "Dropout") {
+                if let Some(t) = node.input(0).and_then(|i| constants.get(i)).cloned() {
+                    constants.insert(&node.outputs[0], t);
+                }
+            }
             for i in node.inputs.iter().filter(|i| !i.is_empty()) {
                 *readers.entry(i.as_str()).or_default() += 1;
             }
@@ -127,7 +174,11 @@ impl Engine {
         let mut slot_of: HashMap<&str, usize> = HashMap::from([(input.as_str(), 0)]);
         let mut producer: HashMap<usize, usize> = HashMap::new();
         let mut steps: Vec<Step> = Vec::new();
-        for node in graph.nodes.iter().filter(|n| n.op_type != "Constant") {
+        let is_constant = |n: &Node| {
+            n.op_type == "Constant"
+                || n.outputs.first().is_some_and(|o| constants.contains_key(o.as_str()))
+        };
+        for node in graph.nodes.iter().filter(|n| !is_constant(n)) {
             let activation = |name: &str| {
                 slot_of.get(name).copied().ok_or_else(|| {
                     unsupported(node, format!("input {name} is not computed from the graph input"))
@@ -152,9 +203,21 @@ impl Engine {
                     _ => Err(unsupported(node, format!("input {name} is not an integer constant"))),
                 }
             };
-            let x = node.input(0).map(activation).transpose()?;
-            let mut inputs: Vec<usize> = x.into_iter().collect();
             let op = Op::decode(node).map_err(|e| unsupported(node, e))?;
+            let arith = match op {
+                Op::Add => Some(Arith::Add),
+                Op::Sub => Some(Arith::Sub),
+                Op::Mul => Some(Arith::Mul),
+                Op::Div => Some(Arith::Div),
+                _ => None,
+            };
+            // Arithmetic may take its constant first (`c - x`); every other op's input 0 is
+            // an activation.
+            let constant_first =
+                arith.is_some() && node.input(0).is_some_and(|n| constants.contains_key(n));
+            let x =
+                if constant_first { None } else { node.input(0).map(activation).transpose()? };
+            let mut inputs: Vec<usize> = x.into_iter().collect();
             let kernel = match op {
                 Op::Conv(params) => {
                     let w = floats(1)?.ok_or_else(|| unsupported(node, "no weight"))?;
@@ -188,20 +251,71 @@ impl Engine {
                 // A per-channel constant factor (`channel-thin`'s mask of channels that become
                 // zero): without it every such search candidate ran under tract, one image at
                 // a time.
-                Op::Mul => {
-                    let m = floats(1)?.ok_or_else(|| unsupported(node, "no constant factor"))?;
-                    let per_channel =
-                        m.dims.len() >= 2 && m.dims[0] == 1 && m.dims[2..].iter().all(|&d| d == 1);
-                    if !per_channel {
-                        return Err(unsupported(node, "only a [1, C, 1, ...] constant factor"));
+                Op::Add | Op::Sub | Op::Mul | Op::Div => {
+                    let op = arith.context("an arithmetic operator")?;
+                    let second = node.input(1).unwrap_or_default();
+                    let constant = |ix: usize| {
+                        floats(ix)?.ok_or_else(|| unsupported(node, "a missing operand"))
+                    };
+                    match (constant_first, constants.contains_key(second)) {
+                        (true, true) => {
+                            return Err(unsupported(node, "both operands are constants"))
+                        }
+                        (false, false) => {
+                            inputs.push(activation(second)?);
+                            match op {
+                                Arith::Add => Kernel::Add,
+                                _ => Kernel::Binary { op, constant: None },
+                            }
+                        }
+                        (true, false) => {
+                            inputs.push(activation(second)?);
+                            let c = constant(0)?;
+                            Kernel::Binary {
+                                op,
+                                constant: Some((c.to_f32(), c.dims.clone(), true)),
+                            }
+                        }
+                        (false, true) => {
+                            let c = constant(1)?;
+                            // A per-channel factor (`channel-thin`'s mask of channels that
+                            // become zero) as a channel affine map, which fuses a ReLU: without
+                            // it every such search candidate ran under tract.
+                            let per_channel = c.dims.len() >= 2
+                                && c.dims[0] == 1
+                                && c.dims[2..].iter().all(|&d| d == 1);
+                            if op == Arith::Mul && per_channel {
+                                let scale = c.to_f32();
+                                Kernel::ChannelAffine { shift: vec![0.0; scale.len()], scale }
+                            } else {
+                                Kernel::Binary {
+                                    op,
+                                    constant: Some((c.to_f32(), c.dims.clone(), false)),
+                                }
+                            }
+                        }
                     }
-                    let scale = m.to_f32();
-                    Kernel::ChannelAffine { shift: vec![0.0; scale.len()], scale }
                 }
-                Op::Add => {
-                    inputs.push(activation(node.input(1).unwrap_or_default())?);
-                    Kernel::Add
+                Op::Sum => {
+                    for name in &node.inputs[1..] {
+                        inputs.push(activation(name)?);
+                    }
+                    Kernel::Sum
                 }
+                Op::ReduceMean { axes, keepdims } => {
+                    let axes = match (axes, node.input(1).filter(|n| !n.is_empty())) {
+                        (Some(a), _) => Some(a),
+                        (None, Some(_)) => Some(ints(1)?),
+                        (None, None) => None,
+                    };
+                    Kernel::ReduceMean { axes, keepdims }
+                }
+                Op::Sigmoid => Kernel::Sigmoid,
+                Op::Softmax { axis } => Kernel::Softmax(axis),
+                Op::Pad { pads } => Kernel::Pad(match pads {
+                    Some(p) => p,
+                    None => ints(1)?,
+                }),
                 Op::Relu => Kernel::Relu,
                 Op::Clip { min, max } => {
                     let bound = |ix: usize, attr: Option<f32>, default: f32| -> Result<f32> {
@@ -239,7 +353,7 @@ impl Engine {
                     }
                     Kernel::Concat(axis)
                 }
-                Op::Sub | Op::Div | Op::Sum | Op::Slice => {
+                Op::Slice => {
                     return Err(unsupported(
                         node,
                         format!("operator {} is not taken", node.op_type),
@@ -442,6 +556,10 @@ fn run_step(step: &Step, slots: &mut [Option<Value>]) -> Result<Value> {
             }
             return Ok(v);
         }
+        Kernel::Add if !same_dims(step, slots)? => {
+            let (a, b) = (input(step, slots, 0)?, input(step, slots, 1)?);
+            broadcast(Arith::Add, (&a.data, &a.dims), (&b.data, &b.dims))?
+        }
         Kernel::Add => {
             let (a, b) = (step.inputs[0], step.inputs[1]);
             let (keep, other) = if last(a) { (a, b) } else { (b, a) };
@@ -499,7 +617,13 @@ fn run_step(step: &Step, slots: &mut [Option<Value>]) -> Result<Value> {
         }
         Kernel::Reshape(target) => {
             let mut v = take_or_copy(slots, step.inputs[0], last(step.inputs[0]))?;
-            let dims = reshape_dims(&v.dims, target)?;
+            let mut dims = reshape_dims(&v.dims, target)?;
+            // A target shape exported with the batch baked in as 1 (`[1, 512]`): the batch
+            // is the first axis on both sides, so it takes this batch's size.
+            let n = v.dims.first().copied().unwrap_or(1);
+            if target.first() == Some(&1) && dims.iter().product::<usize>() * n == v.data.len() {
+                dims[0] = n;
+            }
             anyhow::ensure!(
                 dims.iter().product::<usize>() == v.data.len(),
                 "cannot reshape {:?} to {target:?}",
@@ -542,6 +666,79 @@ fn run_step(step: &Step, slots: &mut [Option<Value>]) -> Result<Value> {
             dims[a] = idx.len();
             Value { data, dims }
         }
+        Kernel::Binary { op, constant } => {
+            let x = input(step, slots, 0)?;
+            match constant {
+                Some((c, dims, true)) => broadcast(*op, (c, dims), (&x.data, &x.dims))?,
+                Some((c, dims, false)) => broadcast(*op, (&x.data, &x.dims), (c, dims))?,
+                None => {
+                    let y = input(step, slots, 1)?;
+                    broadcast(*op, (&x.data, &x.dims), (&y.data, &y.dims))?
+                }
+            }
+        }
+        Kernel::Sum => {
+            let mut v = take_or_copy(slots, step.inputs[0], last(step.inputs[0]))?;
+            for i in 1..step.inputs.len() {
+                let o = input(step, slots, i)?;
+                if o.dims == v.dims {
+                    add_in_place(&mut v.data, &o.data, false);
+                } else {
+                    v = broadcast(Arith::Add, (&v.data, &v.dims), (&o.data, &o.dims))?;
+                }
+            }
+            v
+        }
+        Kernel::ReduceMean { axes, keepdims } => {
+            let x = input(step, slots, 0)?;
+            let rank = x.dims.len();
+            let axes = reduce_axes(axes.as_deref(), None, rank)?;
+            // Trailing axes only (a global average over the spatial axes): each mean is then
+            // one contiguous block.
+            let first = axes.first().copied().unwrap_or(rank);
+            anyhow::ensure!(
+                axes.iter().copied().eq(first..rank),
+                "ReduceMean over axes {axes:?} of a rank-{rank} value: only trailing axes are taken"
+            );
+            let inner: usize = x.dims[first..].iter().product();
+            let data =
+                x.data.chunks_exact(inner.max(1)).map(|p| conv::sum(p) / inner as f32).collect();
+            let mut dims = x.dims[..first].to_vec();
+            if *keepdims {
+                dims.extend(std::iter::repeat_n(1, rank - first));
+            }
+            Value { data, dims }
+        }
+        Kernel::Sigmoid => {
+            let mut v = take_or_copy(slots, step.inputs[0], last(step.inputs[0]))?;
+            for x in &mut v.data {
+                *x = 1.0 / (1.0 + (-*x).exp());
+            }
+            return Ok(v);
+        }
+        Kernel::Softmax(a) => {
+            let mut v = take_or_copy(slots, step.inputs[0], last(step.inputs[0]))?;
+            let rank = v.dims.len();
+            anyhow::ensure!(
+                axis(*a, rank)? + 1 == rank,
+                "Softmax along axis {a} of a rank-{rank} value: only the last axis is taken"
+            );
+            let width = v.dims[rank - 1].max(1);
+            for row in v.data.chunks_exact_mut(width) {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut total = 0.0;
+                for x in row.iter_mut() {
+                    *x = (*x - max).exp();
+                    total += *x;
+                }
+                row.iter_mut().for_each(|x| *x /= total);
+            }
+            return Ok(v);
+        }
+        Kernel::Pad(pads) => {
+            let x = input(step, slots, 0)?;
+            pad_zeros(x, pads)?
+        }
         Kernel::Concat(a) => {
             let parts: Vec<&Value> =
                 (0..step.inputs.len()).map(|i| input(step, slots, i)).collect::<Result<_>>()?;
@@ -572,6 +769,103 @@ fn run_step(step: &Step, slots: &mut [Option<Value>]) -> Result<Value> {
         relu_in_place(&mut y.data);
     }
     Ok(y)
+}
+
+/// Whether a two-input step's inputs have one shape.
+fn same_dims(step: &Step, slots: &[Option<Value>]) -> Result<bool> {
+    Ok(input(step, slots, 0)?.dims == input(step, slots, 1)?.dims)
+}
+
+/// `op` of `a` and `b` with numpy broadcasting.
+fn broadcast(op: Arith, a: (&[f32], &[usize]), b: (&[f32], &[usize])) -> Result<Value> {
+    let rank = a.1.len().max(b.1.len());
+    let padded = |d: &[usize]| {
+        let mut v = vec![1; rank - d.len()];
+        v.extend_from_slice(d);
+        v
+    };
+    let (ad, bd) = (padded(a.1), padded(b.1));
+    let dims = (0..rank)
+        .map(|i| match (ad[i], bd[i]) {
+            (x, y) if x == y || y == 1 => Ok(x),
+            (1, y) => Ok(y),
+            _ => Err(anyhow::anyhow!("shapes {:?} and {:?} do not broadcast", a.1, b.1)),
+        })
+        .collect::<Result<Vec<usize>>>()?;
+    // Row-major strides, 0 along the axes an operand is broadcast over.
+    let strides = |d: &[usize]| {
+        let mut s = vec![0; rank];
+        let mut step = 1;
+        for i in (0..rank).rev() {
+            s[i] = if d[i] == 1 { 0 } else { step };
+            step *= d[i];
+        }
+        s
+    };
+    let (sa, sb) = (strides(&ad), strides(&bd));
+    let n: usize = dims.iter().product();
+    anyhow::ensure!(
+        a.0.len() == ad.iter().product::<usize>() && b.0.len() == bd.iter().product::<usize>(),
+        "operands do not hold their shapes' values"
+    );
+    let mut data = Vec::with_capacity(n);
+    if rank == 0 {
+        data.push(op.apply(a.0[0], b.0[0]));
+        return Ok(Value { data, dims });
+    }
+    let inner = dims[rank - 1];
+    let (ia, ib) = (sa[rank - 1], sb[rank - 1]);
+    let mut index = vec![0usize; rank - 1];
+    for _ in 0..n / inner.max(1) {
+        let oa: usize = index.iter().zip(&sa).map(|(i, s)| i * s).sum();
+        let ob: usize = index.iter().zip(&sb).map(|(i, s)| i * s).sum();
+        data.extend((0..inner).map(|j| op.apply(a.0[oa + j * ia], b.0[ob + j * ib])));
+        for i in (0..rank - 1).rev() {
+            index[i] += 1;
+            if index[i] < dims[i] {
+                break;
+            }
+            index[i] = 0;
+        }
+    }
+    Ok(Value { data, dims })
+}
+
+/// `x` padded with zeros by `pads` (`[begin..., end...]`, one pair per axis, none negative).
+fn pad_zeros(x: &Value, pads: &[i64]) -> Result<Value> {
+    let rank = x.dims.len();
+    anyhow::ensure!(
+        pads.len() == 2 * rank && pads.iter().all(|&p| p >= 0),
+        "pads {pads:?} are not non-negative begin and end pads for a rank-{rank} value"
+    );
+    let (begin, end): (Vec<usize>, Vec<usize>) =
+        (0..rank).map(|i| (pads[i] as usize, pads[rank + i] as usize)).unzip();
+    let dims: Vec<usize> = (0..rank).map(|i| x.dims[i] + begin[i] + end[i]).collect();
+    let mut data = vec![0f32; dims.iter().product()];
+    if rank == 0 || x.data.is_empty() {
+        return Ok(Value { data, dims });
+    }
+    // Copy each innermost row of `x` to its place in the padded output.
+    let row = x.dims[rank - 1];
+    let mut out_strides = vec![1usize; rank];
+    for i in (0..rank - 1).rev() {
+        out_strides[i] = out_strides[i + 1] * dims[i + 1];
+    }
+    let mut index = vec![0usize; rank - 1];
+    for src in x.data.chunks_exact(row.max(1)) {
+        let at: usize =
+            (0..rank - 1).map(|i| (index[i] + begin[i]) * out_strides[i]).sum::<usize>()
+                + begin[rank - 1];
+        data[at..at + row].copy_from_slice(src);
+        for i in (0..rank - 1).rev() {
+            index[i] += 1;
+            if index[i] < x.dims[i] {
+                break;
+            }
+            index[i] = 0;
+        }
+    }
+    Ok(Value { data, dims })
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! and the nodes are interpreted in order. Any graph the passes emit from the supported
 //! operator set trains this way, not one hand-written network.
 
-use super::op::{axis, reshape_dims, Op, OPERATORS};
+use super::op::{axis, reduce_axes, reshape_dims, Op, OPERATORS};
 use crate::error::CompileError;
 use crate::ir::{DataType, Model, Node, Tensor as IrTensor};
 use crate::kernels::batchnorm::InsertedBatchNorm;
@@ -371,6 +371,43 @@ impl TrainGraph {
                     .collect();
                 let idx = Tensor::from_vec(idx.clone(), idx.len(), &self.device)?;
                 x.index_select(&idx, axis)?
+            }
+            Op::ReduceMean { axes, keepdims } => {
+                let mut x = x()?;
+                let input = match node.input(1).filter(|n| !n.is_empty()) {
+                    Some(n) => Some(self.ints(n)?),
+                    None => None,
+                };
+                let axes = reduce_axes(axes.as_deref(), input, x.rank())?;
+                for &a in axes.iter().rev() {
+                    x = if *keepdims { x.mean_keepdim(a)? } else { x.mean(a)? };
+                }
+                x
+            }
+            Op::Sigmoid => candle_nn::ops::sigmoid(&x()?)?,
+            Op::Softmax { axis: a } => {
+                let x = x()?;
+                let a = axis(*a, x.rank())?;
+                candle_nn::ops::softmax(&x, a)?
+            }
+            Op::Pad { pads } => {
+                let mut x = x()?;
+                let pads = match pads {
+                    Some(p) => p.clone(),
+                    None => self.ints(node.input(1).context("Pad has no pads")?)?.to_vec(),
+                };
+                let rank = x.rank();
+                anyhow::ensure!(
+                    pads.len() == 2 * rank && pads.iter().all(|&p| p >= 0),
+                    "pads {pads:?} are not non-negative begin and end pads for rank {rank}"
+                );
+                for i in 0..rank {
+                    let (b, e) = (pads[i] as usize, pads[rank + i] as usize);
+                    if b + e > 0 {
+                        x = x.pad_with_zeros(i, b, e)?;
+                    }
+                }
+                x
             }
             Op::Slice => {
                 let mut x = x()?;

@@ -54,6 +54,22 @@ pub enum Op {
     },
     /// Starts, ends, axes and steps from inputs 1-4.
     Slice,
+    /// Mean over `axes` (before opset 18 an attribute, from opset 18 input 1).
+    ReduceMean {
+        axes: Option<Vec<i64>>,
+        keepdims: bool,
+    },
+    Sigmoid,
+    /// Softmax along `axis` (opset 13's default, the last axis, when the attribute is absent;
+    /// earlier opsets' default, 1, is the same axis for the `[N, classes]` logits it is used on).
+    Softmax {
+        axis: i64,
+    },
+    /// Zero padding: `pads` from the attribute (before opset 11) or input 1, as
+    /// `[begin..., end...]` per axis.
+    Pad {
+        pads: Option<Vec<i64>>,
+    },
 }
 
 /// The operator names [`Op::decode`] takes.
@@ -80,6 +96,10 @@ pub const OPERATORS: &[&str] = &[
     "Concat",
     "Gather",
     "Slice",
+    "ReduceMean",
+    "Sigmoid",
+    "Softmax",
+    "Pad",
 ];
 
 impl Op {
@@ -114,6 +134,33 @@ impl Op {
             "Concat" => Op::Concat { axis: node.attr_int("axis").unwrap_or(0) },
             "Gather" => Op::Gather { axis: node.attr_int("axis").unwrap_or(0) },
             "Slice" => Op::Slice,
+            "ReduceMean" => {
+                if node.attr_int("noop_with_empty_axes").unwrap_or(0) != 0 {
+                    bail!("ReduceMean with noop_with_empty_axes is not taken");
+                }
+                Op::ReduceMean {
+                    axes: node.attr_ints("axes").map(<[i64]>::to_vec),
+                    keepdims: node.attr_int("keepdims").unwrap_or(1) != 0,
+                }
+            }
+            "Sigmoid" => Op::Sigmoid,
+            "Softmax" => Op::Softmax { axis: node.attr_int("axis").unwrap_or(-1) },
+            "Pad" => {
+                let mode = node.attr_string("mode").unwrap_or_else(|| "constant".into());
+                if mode != "constant" {
+                    bail!("Pad mode {mode} is not taken (only constant zero padding)");
+                }
+                if node.attr_float("value").is_some_and(|v| v != 0.0) {
+                    bail!("Pad with a non-zero value is not taken");
+                }
+                if node.input(2).is_some_and(|n| !n.is_empty()) {
+                    bail!("Pad with a constant_value input is not taken");
+                }
+                if node.input(3).is_some_and(|n| !n.is_empty()) {
+                    bail!("Pad with an axes input is not taken");
+                }
+                Op::Pad { pads: node.attr_ints("pads").map(<[i64]>::to_vec) }
+            }
             op => bail!("operator {op} is not taken"),
         })
     }
@@ -127,6 +174,18 @@ impl Op {
             _ => &[],
         }
     }
+}
+
+/// The axes `ReduceMean` averages over, resolved and sorted: the attribute's, else input 1's
+/// (`ints`), else every axis.
+pub fn reduce_axes(attr: Option<&[i64]>, input: Option<&[i64]>, rank: usize) -> Result<Vec<usize>> {
+    let mut axes = match attr.or(input) {
+        Some(a) if !a.is_empty() => a.iter().map(|&a| axis(a, rank)).collect::<Result<Vec<_>>>()?,
+        _ => (0..rank).collect(),
+    };
+    axes.sort_unstable();
+    axes.dedup();
+    Ok(axes)
 }
 
 /// `a` as an index into `rank` axes (negative counts from the end).
@@ -190,10 +249,8 @@ fn pool_params(node: &Node, max: bool) -> Result<Pool2dParams> {
         Some(_) => pair(node, "strides")?,
         None => (1, 1),
     };
-    anyhow::ensure!(
-        node.attr_int("ceil_mode").unwrap_or(0) == 0,
-        "ceil_mode pools are not supported"
-    );
+    let ceil = node.attr_int("ceil_mode").unwrap_or(0) != 0;
+    anyhow::ensure!(max || !ceil, "ceil_mode average pools are not supported");
     anyhow::ensure!(
         node.attr_ints("dilations").is_none_or(|d| d.iter().all(|&v| v == 1)),
         "dilated pools are not supported"
@@ -206,5 +263,6 @@ fn pool_params(node: &Node, max: bool) -> Result<Pool2dParams> {
             count_include_pad: node.attr_int("count_include_pad").unwrap_or(0) != 0,
         }
     };
-    Ok(Pool2dParams { kernel, stride: strides, pads: [pads[0], pads[1], pads[2], pads[3]], mode })
+    let pads = [pads[0], pads[1], pads[2], pads[3]];
+    Ok(Pool2dParams { kernel, stride: strides, pads, mode, ceil })
 }

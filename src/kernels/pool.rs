@@ -29,20 +29,29 @@ pub struct Pool2dParams {
     /// `[top, left, bottom, right]`, the order of ONNX's `pads`.
     pub pads: [usize; 4],
     pub mode: PoolMode,
+    /// ONNX's `ceil_mode` (max pooling only): output sizes rounded up, the last window clipped
+    /// to the input (GoogLeNet's and SqueezeNet's exports).
+    pub ceil: bool,
 }
 
 /// Output size of one axis, when the kernel fits and every window touches the input.
-fn out_len(len: usize, pad0: usize, pad1: usize, k: usize, s: usize) -> Option<usize> {
+fn out_len(len: usize, pad0: usize, pad1: usize, k: usize, s: usize, ceil: bool) -> Option<usize> {
     if k == 0 || s == 0 || len + pad0 + pad1 < k || pad0 >= k || pad1 >= k {
         return None;
     }
-    Some((len + pad0 + pad1 - k) / s + 1)
+    let span = len + pad0 + pad1 - k;
+    let mut out = if ceil { span.div_ceil(s) + 1 } else { span / s + 1 };
+    // As ONNX and PyTorch: no window starts in the end padding.
+    if ceil && (out - 1) * s >= len + pad0 {
+        out -= 1;
+    }
+    Some(out)
 }
 
 /// Output `(OH, OW)` for an input plane of `h x w`.
 pub fn out_dims(h: usize, w: usize, p: &Pool2dParams) -> Result<(usize, usize), String> {
-    let oh = out_len(h, p.pads[0], p.pads[2], p.kernel.0, p.stride.0);
-    let ow = out_len(w, p.pads[1], p.pads[3], p.kernel.1, p.stride.1);
+    let oh = out_len(h, p.pads[0], p.pads[2], p.kernel.0, p.stride.0, p.ceil);
+    let ow = out_len(w, p.pads[1], p.pads[3], p.kernel.1, p.stride.1, p.ceil);
     oh.zip(ow).ok_or_else(|| format!("pool {p:?} does not fit a {h}x{w} input"))
 }
 
@@ -117,7 +126,7 @@ const PLANES_PER_TASK_FLOATS: usize = 1 << 14;
 
 /// Pool one plane into `out`.
 fn forward_plane(plane: &[f32], h: usize, w: usize, p: &Pool2dParams, out: &mut [f32]) {
-    if p.pads == [0; 4] && p.mode == PoolMode::Max {
+    if p.pads == [0; 4] && p.mode == PoolMode::Max && !p.ceil {
         // Every window lies inside the plane: no clipping, no index kept. Same value as the
         // first maximum the general path takes.
         let ow = out_dims(h, w, p).expect("pool geometry").1;
@@ -274,7 +283,10 @@ mod tests {
                         PoolMode::Average { count_include_pad: false },
                         PoolMode::Average { count_include_pad: true },
                     ] {
-                        out.push(Pool2dParams { kernel, stride, pads, mode });
+                        out.push(Pool2dParams { kernel, stride, pads, mode, ceil: false });
+                        if mode == PoolMode::Max {
+                            out.push(Pool2dParams { kernel, stride, pads, mode, ceil: true });
+                        }
                     }
                 }
             }
@@ -318,7 +330,13 @@ mod tests {
 
     #[test]
     fn max_pool_ties_go_to_the_first_maximum() {
-        let p = Pool2dParams { kernel: (2, 2), stride: (2, 2), pads: [0; 4], mode: PoolMode::Max };
+        let p = Pool2dParams {
+            kernel: (2, 2),
+            stride: (2, 2),
+            pads: [0; 4],
+            mode: PoolMode::Max,
+            ceil: false,
+        };
         let dx = backward(&[1.0, 1.0, 0.0, 1.0], &[5.0], 2, 2, &p);
         assert_eq!(dx, vec![5.0, 0.0, 0.0, 0.0]);
     }
@@ -330,6 +348,7 @@ mod tests {
             stride: (2, 2),
             pads: [1; 4],
             mode: PoolMode::Average { count_include_pad: false },
+            ceil: false,
         };
         let x0 = rand_vec(2 * 3 * 5 * 6, 8);
         let x = candle_core::Var::from_vec(x0.clone(), (2, 3, 5, 6), &candle_core::Device::Cpu)

@@ -133,3 +133,58 @@ fn every_corpus_graph_compiles_losslessly_or_is_refused_clearly() {
     std::fs::write(dir.join("table.md"), &table).unwrap();
     assert_golden("fixtures/golden/corpus.census.json", &serde_json::Value::Object(census_golden));
 }
+
+/// The native engine on every corpus graph tract runs: the same outputs as tract on random
+/// inputs, or a refusal naming the operator (or attribute) it does not take. The count of
+/// graphs it takes is the README's.
+#[test]
+fn the_native_engine_runs_the_corpus_as_tract_does_or_names_what_it_does_not_take() {
+    use relucompile::exec::engine::Engine;
+    use relucompile::exec::tract::Runner;
+    let Some(manifest) = corpus() else { return };
+    let dir = corpus_dir();
+    let (mut taken, mut refused) = (vec![], vec![]);
+    for g in manifest["graphs"].as_array().unwrap() {
+        if g["expect"] == "unsupported" {
+            continue;
+        }
+        let name = g["name"].as_str().unwrap();
+        let model =
+            relucompile::frontend::load_model(&dir.join(g["file"].as_str().unwrap())).unwrap();
+        let sample = relucompile::analysis::shapes::sample_shape(&model, None).unwrap();
+        let per: usize = sample.iter().product();
+        match Engine::new(&model, &sample) {
+            Ok(engine) => {
+                let x = relucompile::data::random_inputs(2 * per, 17);
+                let (ours, width) = engine.run(&x).unwrap();
+                let runner = Runner::new(&model, &sample, 1).unwrap();
+                for i in 0..2 {
+                    let (want, w) = runner.run(&x[i * per..(i + 1) * per]).unwrap();
+                    assert_eq!(w, width, "{name}");
+                    let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+                    let d = ours[i * width..(i + 1) * width]
+                        .iter()
+                        .zip(&want)
+                        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                    assert!(d / scale < 1e-4, "{name}: the engine differs from tract by {d}");
+                }
+                taken.push(name.to_string());
+            }
+            Err(e) => {
+                let msg = format!("{e:#}");
+                assert!(
+                    msg.contains("node "),
+                    "{name}: the refusal names no node and no operator: {msg}"
+                );
+                refused.push(format!("{name}: {}", msg.lines().next().unwrap_or("")));
+            }
+        }
+    }
+    eprintln!("native engine takes {} corpus graphs; refuses {}:", taken.len(), refused.len());
+    for r in &refused {
+        eprintln!("  {r}");
+    }
+    // Every export of ResNet-18/50, MobileNetV2, SqueezeNet, DenseNet, GoogLeNet and
+    // EfficientNet (29 of 32; ShuffleNet's channel shuffle needs Transpose).
+    assert!(taken.len() >= 29, "the engine took only {taken:?}");
+}

@@ -246,3 +246,51 @@ fn npy_data_matches_idx() {
     assert_eq!(from_npy["correct"], from_idx["correct"], "idx {from_idx}\nnpy {from_npy}");
     assert_eq!(from_npy["split"], "npy");
 }
+
+/// The shipped ResNet as a wrapper module exports it: no normalisation metadata, the
+/// normalisation in the graph as Sub and Div by constants before the first Conv (so it takes
+/// pixels scaled to [0, 1]). It must run on the native engine, not tract, at the accuracy of
+/// the original with its metadata.
+#[test]
+fn normalisation_in_the_graph_runs_natively_at_the_original_accuracy() {
+    use relucompile::ir::{Node, Tensor};
+    if !have_fashion_mnist("normalisation_in_the_graph_runs_natively_at_the_original_accuracy") {
+        return;
+    }
+    let original = root().join("models/resnet18w16.onnx");
+    let mut model = relucompile::frontend::load_model(&original).unwrap();
+    let meta = |key: &str| -> f32 {
+        let entry = model.metadata_props.iter().find(|e| e.key == key).unwrap();
+        entry.value.parse().unwrap()
+    };
+    let (mean, std) = (meta("relucompile.mean"), meta("relucompile.std"));
+    model.metadata_props.retain(|e| !e.key.starts_with("relucompile."));
+    let g = &mut model.graph;
+    let input = g.inputs[0].name.clone();
+    for n in g.nodes.iter_mut() {
+        for i in n.inputs.iter_mut().filter(|i| **i == input) {
+            *i = "normalised".into();
+        }
+    }
+    g.initializers.insert("pixel_mean".into(), Tensor::from_f32(vec![1, 1, 1, 1], &[mean]));
+    g.initializers.insert("pixel_std".into(), Tensor::from_f32(vec![1, 1, 1, 1], &[std]));
+    let sub = Node::new("sub", "Sub", vec![input, "pixel_mean".into()], vec!["centred".into()]);
+    let div = Node::new(
+        "div",
+        "Div",
+        vec!["centred".into(), "pixel_std".into()],
+        vec!["normalised".into()],
+    );
+    g.nodes.insert(0, div);
+    g.nodes.insert(0, sub);
+    let dir = tempfile::tempdir().unwrap();
+    let variant = dir.path().join("resnet18w16_in_graph.onnx");
+    relucompile::frontend::write_model_atomic(&variant, &model).unwrap();
+    let ours = eval_json(&[path_str(&variant), "--limit", "1000"]);
+    let theirs = eval_json(&[path_str(&original), "--limit", "1000"]);
+    assert_eq!(ours["engine"], "native", "{ours}");
+    let (a, b) = (ours["accuracy"].as_f64().unwrap(), theirs["accuracy"].as_f64().unwrap());
+    // Normalising in the graph rounds differently from normalising while loading: a prediction
+    // may flip, not more.
+    assert!((a - b).abs() <= 0.002, "in-graph {a} against metadata {b}");
+}
