@@ -284,8 +284,8 @@ fn check_labels_and_predict(
     Ok(logits.chunks(classes).map(argmax).collect())
 }
 
-/// A progress bar on stderr with images/s and ETA; hidden when stderr is not a terminal or
-/// progress is off.
+/// A progress bar on stderr with images/s and ETA (plain lines when stderr is not a terminal);
+/// hidden when progress is off.
 pub fn progress_bar(len: usize, label: &str, show: bool) -> ProgressBar {
     counted_progress_bar(len, label, "images", show)
 }
@@ -297,17 +297,20 @@ pub fn counted_progress_bar(
     unit: &'static str,
     show: bool,
 ) -> ProgressBar {
-    let bar = ProgressBar::with_draw_target(
-        Some(len as u64),
-        if show && std::io::stderr().is_terminal() {
-            ProgressDrawTarget::stderr()
-        } else {
-            ProgressDrawTarget::hidden()
-        },
-    );
-    if let Ok(style) = ProgressStyle::with_template(&format!(
-        "{{msg}} [{{bar:30}}] {{pos}}/{{len}} {unit}  {{rate}}  ETA {{eta}}"
-    )) {
+    let terminal = std::io::stderr().is_terminal();
+    let target = match (show, terminal) {
+        (true, true) => ProgressDrawTarget::stderr(),
+        // A pipeline's log (CI, a subprocess, a notebook) gets plain lines instead of a bar.
+        (true, false) => ProgressDrawTarget::term_like_with_hz(Box::new(PlainLines::default()), 1),
+        (false, _) => ProgressDrawTarget::hidden(),
+    };
+    let bar = ProgressBar::with_draw_target(Some(len as u64), target);
+    let template = if terminal {
+        format!("{{msg}} [{{bar:30}}] {{pos}}/{{len}} {unit}  {{rate}}  ETA {{eta}}")
+    } else {
+        format!("{{msg}}: {{pos}}/{{len}} {unit}, {{rate}}, {{elapsed}} elapsed, ETA {{eta}}")
+    };
+    if let Ok(style) = ProgressStyle::with_template(&template) {
         let rate = move |state: &ProgressState, w: &mut dyn std::fmt::Write| {
             let _ = write!(w, "{:.1} {unit}/s", state.per_sec());
         };
@@ -315,6 +318,65 @@ pub fn counted_progress_bar(
     }
     bar.set_message(label.to_string());
     bar
+}
+
+/// Seconds of work before the first plain progress line (shorter work prints none), and
+/// between two lines: a log shows a long command alive without a line a second.
+const PLAIN_PROGRESS_FIRST_S: u64 = 5;
+const PLAIN_PROGRESS_EVERY_S: u64 = 15;
+
+/// A progress bar's "terminal" when stderr is none: each redraw is a plain line, printed when
+/// [`PLAIN_PROGRESS_FIRST_S`] have passed since the bar began and then every
+/// [`PLAIN_PROGRESS_EVERY_S`].
+#[derive(Debug)]
+struct PlainLines {
+    started: Instant,
+    last: std::sync::Mutex<Option<Instant>>,
+}
+
+impl Default for PlainLines {
+    fn default() -> Self {
+        PlainLines { started: Instant::now(), last: std::sync::Mutex::new(None) }
+    }
+}
+
+impl indicatif::TermLike for PlainLines {
+    fn width(&self) -> u16 {
+        200
+    }
+    fn move_cursor_up(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_down(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_right(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_left(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn write_line(&self, line: &str) -> std::io::Result<()> {
+        let line = line.trim_end();
+        if line.is_empty() || self.started.elapsed().as_secs() < PLAIN_PROGRESS_FIRST_S {
+            return Ok(());
+        }
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_none_or(|t| t.elapsed().as_secs() >= PLAIN_PROGRESS_EVERY_S) {
+            eprintln!("{line}");
+            *last = Some(Instant::now());
+        }
+        Ok(())
+    }
+    fn write_str(&self, s: &str) -> std::io::Result<()> {
+        self.write_line(s)
+    }
+    fn clear_line(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -140,3 +140,44 @@ fn onnxruntime_and_checker_accept_every_output() {
     }
     cross_check(dir.path(), &cases);
 }
+
+/// With stderr a pipe (CI, a subprocess), a long compile still shows it is alive: plain
+/// progress lines with the elapsed time and an ETA, no terminal bar.
+#[test]
+fn a_piped_budget_compile_prints_progress_lines() {
+    let dir = tmpdir();
+    let out = dir.path().join("vgg.budget.onnx");
+    let o = relucompile(&[
+        "models/vgg.onnx",
+        "-o",
+        out.to_str().unwrap(),
+        "--relu-budget",
+        "25%",
+        "--calibration-images",
+        "256",
+        "--limit",
+        "500",
+    ]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let lines: Vec<&str> = o.stderr.lines().filter(|l| l.contains("ETA")).collect();
+    assert!(!lines.is_empty(), "no progress line on a piped stderr:\n{}", o.stderr);
+    assert!(lines.iter().all(|l| l.contains("elapsed") && !l.contains('\r')), "{lines:?}");
+}
+
+/// An output whose directory does not exist is refused before any work, naming it.
+#[test]
+fn a_missing_output_directory_is_refused_at_once() {
+    let dir = tmpdir();
+    let out = dir.path().join("missing_dir/x.onnx");
+    let started = std::time::Instant::now();
+    let o = relucompile(&["models/resnet18w16.onnx", "-o", out.to_str().unwrap(), "--cull", "1,2"]);
+    let seconds = started.elapsed().as_secs_f64();
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(
+        o.stderr.contains("missing_dir") && o.stderr.contains("does not exist"),
+        "{}",
+        o.stderr
+    );
+    assert!(seconds < 2.0, "the refusal took {seconds:.1} s");
+    assert!(!out.exists());
+}
