@@ -14,7 +14,7 @@ pub struct CriticalityArgs {
     #[arg(long, default_value = "fashion-mnist")]
     pub data: String,
     /// Calibration images taken from the training split
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long = "calibration-images", value_name = "N", alias = "images", default_value_t = 2000)]
     pub images: usize,
     /// Input shape with batch, e.g. 1x3x32x32 (default: the model's declared shape)
     #[arg(long, value_parser = super::parse_shape)]

@@ -28,6 +28,9 @@ pub struct FinetuneArgs {
     /// Evaluate accuracy before and after on the first N test images [default: all]
     #[arg(long, value_name = "N")]
     pub limit: Option<usize>,
+    /// Allow the output to overwrite the input model
+    #[arg(long)]
+    pub force: bool,
     #[command(flatten)]
     pub reporting: super::output_flags::OutputFlags,
     #[command(flatten)]
@@ -98,7 +101,7 @@ pub struct FinetuneFlags {
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub finetune_epochs: usize,
     /// Fine-tune on the first N training images only [default: all]
-    #[arg(long, value_name = "N")]
+    #[arg(long = "train-limit", value_name = "N", alias = "finetune-train-limit")]
     pub finetune_train_limit: Option<usize>,
 }
 
@@ -148,6 +151,7 @@ impl From<&FinetuneArgs> for FinetuneJob {
             training: (&a.train).into(),
             limit: a.limit,
             progress: a.reporting.progress(),
+            force: a.force,
         }
     }
 }

@@ -57,6 +57,9 @@ pub struct LinearizeArgs {
     /// Evaluate on the first N test images [default: all]
     #[arg(long, value_name = "N")]
     pub limit: Option<usize>,
+    /// Allow the output to overwrite the input model
+    #[arg(long)]
+    pub force: bool,
     #[command(flatten)]
     pub reporting: super::output_flags::OutputFlags,
     #[command(flatten)]
@@ -75,6 +78,7 @@ impl From<&LinearizeArgs> for LinearizeJob {
             training: (&a.train).into(),
             limit: a.limit,
             progress: a.reporting.progress(),
+            force: a.force,
             ..LinearizeJob::new(&a.model, &a.output, &a.relu_budget)
         }
     }

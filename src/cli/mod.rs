@@ -157,4 +157,44 @@ mod tests {
         use clap::CommandFactory;
         super::Cli::command().debug_assert();
     }
+
+    /// The names made one across subcommands keep their old spellings as hidden aliases.
+    #[test]
+    fn renamed_flags_keep_their_old_names() {
+        use clap::Parser;
+        let parse = |args: &[&str]| super::Cli::try_parse_from(args).map(|c| format!("{c:?}"));
+        let cases: [(&[&str], &[&str]); 3] = [
+            (
+                &["relucompile", "pareto", "m.onnx", "-o", "d", "--limit", "7"],
+                &["relucompile", "pareto", "m.onnx", "-o", "d", "--test-limit", "7"],
+            ),
+            (
+                &["relucompile", "m.onnx", "-o", "o.onnx", "--train-limit", "7"],
+                &["relucompile", "m.onnx", "-o", "o.onnx", "--finetune-train-limit", "7"],
+            ),
+            (
+                &["relucompile", "criticality", "m.onnx", "--calibration-images", "7", "--json"],
+                &["relucompile", "criticality", "m.onnx", "--images", "7", "--json"],
+            ),
+        ];
+        for (new, old) in cases {
+            let (a, b) = (parse(new).unwrap(), parse(old).unwrap());
+            assert_eq!(a, b);
+            assert!(a.contains("Some(7)") || a.contains("images: 7"), "{a}");
+        }
+    }
+
+    /// Every subcommand's --help ends with the exit codes.
+    #[test]
+    fn every_help_lists_the_exit_codes() {
+        use clap::CommandFactory;
+        let mut cli = super::Cli::command();
+        for sub in cli.get_subcommands_mut() {
+            let help = sub.render_long_help().to_string();
+            assert!(
+                help.contains("Exit codes:") && help.contains("7  the accuracy gate"),
+                "{help}"
+            );
+        }
+    }
 }

@@ -26,7 +26,7 @@ pub struct ParetoArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Measure the frontier on the first N test images only (default: the whole test split)
-    #[arg(long)]
+    #[arg(long = "limit", value_name = "N", alias = "test-limit")]
     pub test_limit: Option<usize>,
     /// Input shape with batch, e.g. 1x3x32x32 (default: the model's declared shape)
     #[arg(long, value_parser = super::parse_shape)]

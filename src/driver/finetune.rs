@@ -32,6 +32,8 @@ pub struct FinetuneJob {
     pub limit: Option<usize>,
     /// Show progress bars on stderr.
     pub progress: bool,
+    /// Allow the output to overwrite the input.
+    pub force: bool,
 }
 
 impl FinetuneJob {
@@ -50,6 +52,7 @@ impl FinetuneJob {
             training: TrainOptions::default(),
             limit: None,
             progress: false,
+            force: false,
         }
     }
 }
@@ -129,7 +132,7 @@ pub fn finetune_model(
 
 /// Load the student and the teacher, fine-tune, and write the tuned graph to `job.output`.
 pub fn finetune(job: &FinetuneJob) -> Result<FinetuneReport> {
-    check_output_path(&job.model, &job.output, false)?;
+    check_output_path(&job.model, &job.output, job.force)?;
     let student = load_model(&job.model)?;
     let teacher = load_model(&job.teacher)?;
     let sample = sample_shape(&student, None)?;

@@ -37,6 +37,8 @@ pub struct LinearizeJob {
     /// Evaluate on the first N test images (`None`: all).
     pub limit: Option<usize>,
     pub progress: bool,
+    /// Allow the output to overwrite the input.
+    pub force: bool,
 }
 
 impl LinearizeJob {
@@ -58,6 +60,7 @@ impl LinearizeJob {
             training: TrainOptions::epochs(1),
             limit: None,
             progress: false,
+            force: false,
         }
     }
 }
@@ -84,7 +87,7 @@ pub struct LinearizeReport {
 
 pub fn linearize(job: &LinearizeJob) -> Result<LinearizeReport> {
     let started = Instant::now();
-    check_output_path(&job.model, &job.output, false)?;
+    check_output_path(&job.model, &job.output, job.force)?;
     let usage = |m: String| -> anyhow::Error { CompileError::new(ExitCode::Usage, m).into() };
     if job.mask_epochs == 0 || job.training.recipe.epochs == 0 {
         return Err(usage("linearize needs --mask-epochs and --epochs of at least 1".into()));
