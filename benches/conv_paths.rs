@@ -4,31 +4,20 @@
 //! `src/kernels/conv/winograd.rs`. One core gives steadier figures:
 //! `RAYON_NUM_THREADS=1 cargo bench --bench conv_paths`.
 
+use relucompile::data::random_inputs;
 use relucompile::kernels::conv::{forward_via, Conv2dParams, ConvGeometry, ConvPath};
 use std::time::Instant;
 
 const IMAGES: usize = 32;
 const REPS: usize = 20;
 
-fn pseudo_random(len: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
-}
-
 fn main() {
     println!("layer (C x O @ side)  path       us/batch  GFLOP/s (direct-equivalent)");
     for (c, o, side) in [(16, 16, 28), (32, 32, 14), (64, 64, 7), (128, 128, 4)] {
         let p = Conv2dParams { pads: [1; 4], ..Conv2dParams::default() };
         let g = ConvGeometry::new(&[IMAGES, c, side, side], &[o, c, 3, 3], p).expect("geometry");
-        let x = pseudo_random(IMAGES * c * side * side, 1);
-        let w = pseudo_random(o * c * 9, 2);
+        let x = random_inputs(IMAGES * c * side * side, 1);
+        let w = random_inputs(o * c * 9, 2);
         for path in [ConvPath::Winograd, ConvPath::Direct, ConvPath::Im2col] {
             if forward_via(path, &x, &w, None, &g, true).is_none() {
                 println!("{c:>4} x {o:<4} @ {side:<3}      {path:?}: not available on this CPU");
