@@ -18,8 +18,7 @@ use crate::eval::evaluator::Reference;
 use crate::frontend::load_model;
 use crate::ir::Model;
 use crate::passes::{
-    run_pipeline, PassContext, PassInfo, PassRecord, Pipeline, Step, VerifyOptions,
-    DEFAULT_PIPELINE,
+    run_pipeline, PassContext, PassRecord, Pipeline, Step, VerifyOptions, DEFAULT_PIPELINE,
 };
 use crate::search::objective::{Budget, Cost, Objective};
 use crate::search::probe::{ensure_probe_images, probe_set, Prober};
@@ -454,25 +453,23 @@ fn pipeline_steps(opts: &CompileOptions, searched: Option<&str>) -> Result<Vec<S
         Some(text) => Step::parse_list(text)?,
         None => Vec::new(),
     };
-    let list = |v: &[usize]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     if !opts.cull.is_empty() {
-        lossy.push(Step { pass: PassInfo::named("cull")?, args: list(&opts.cull) });
+        lossy.push(Step::new("cull", &opts.cull)?);
     }
     if let Some(mode) = opts.thin {
-        let mut args = vec![mode.name().to_string()];
-        args.extend(list(&opts.thin_stages));
-        lossy.push(Step { pass: PassInfo::named("thin")?, args });
+        let stages = opts.thin_stages.iter().map(|s| s.to_string());
+        lossy.push(Step::new("thin", std::iter::once(mode.name().to_string()).chain(stages))?);
     }
     if let Some(t) = opts.channel_threshold {
-        lossy.push(Step::new("channel-thin", &[&t.to_string()])?);
+        lossy.push(Step::new("channel-thin", [t])?);
     }
     if let Some(f) = opts.resolution {
-        lossy.push(Step::new("resolution", &[&f.to_string()])?);
+        lossy.push(Step::new("resolution", [f])?);
     }
     if let Some(f) = opts.width {
-        lossy.push(Step::new("width", &[&f.to_string()])?);
+        lossy.push(Step::new("width", [f])?);
     }
-    let avg_pool = Step::new("maxpool-to-avgpool", &[])?;
+    let avg_pool = Step::named("maxpool-to-avgpool")?;
     if opts.avg_pool && !lossy.contains(&avg_pool) {
         lossy.push(avg_pool);
     }
@@ -481,7 +478,7 @@ fn pipeline_steps(opts: &CompileOptions, searched: Option<&str>) -> Result<Vec<S
     }
     // Recalibration needs calibration images, which --no-eval (for when none fit) goes without.
     if opts.recalibrate && opts.evaluate {
-        lossy.push(Step::new("recalibrate", &[])?);
+        lossy.push(Step::named("recalibrate")?);
     }
     Ok(crate::passes::place_lossy(&base, &lossy))
 }

@@ -367,19 +367,19 @@ pub struct Step {
 
 impl Step {
     /// The step `name(args)`, or a usage error naming an unknown pass.
-    pub fn new(name: &str, args: &[&str]) -> Result<Step> {
-        Ok(Step {
-            pass: PassInfo::named(name)?,
-            args: args.iter().map(|a| a.to_string()).collect(),
-        })
+    pub fn new<A: ToString>(name: &str, args: impl IntoIterator<Item = A>) -> Result<Step> {
+        let args = args.into_iter().map(|a| a.to_string()).collect();
+        Ok(Step { pass: PassInfo::named(name)?, args })
+    }
+
+    /// The step `name`, without arguments.
+    pub fn named(name: &str) -> Result<Step> {
+        Ok(Step { pass: PassInfo::named(name)?, args: Vec::new() })
     }
 
     /// Parse `name,name(arg,arg),...`.
     pub fn parse_list(text: &str) -> Result<Vec<Step>> {
-        split_pipeline(text)?
-            .into_iter()
-            .map(|(name, args)| Ok(Step { pass: PassInfo::named(&name)?, args }))
-            .collect()
+        split_pipeline(text)?.into_iter().map(|(name, args)| Step::new(&name, args)).collect()
     }
 
     /// Steps as pipeline text.

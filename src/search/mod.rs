@@ -66,7 +66,7 @@ pub fn build_candidate(base: &Model, lossy: &str, ctx: &PassContext) -> Result<(
     let mut m = base.clone();
     let mut steps = if lossy.is_empty() { Vec::new() } else { Step::parse_list(lossy)? };
     if ctx.reference.is_some() && !steps.is_empty() {
-        steps.push(Step::new("recalibrate", &[])?);
+        steps.push(Step::named("recalibrate")?);
     }
     let base_steps = Step::parse_list(AFTER_STRUCTURAL)?;
     let pipeline = Pipeline::new(place_lossy(&base_steps, &steps))?;
