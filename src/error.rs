@@ -21,6 +21,9 @@ pub enum ExitCode {
     InvalidData = 6,
     /// The accuracy gate (`--max-drop`) failed; nothing was written.
     AccuracyGate = 7,
+    /// Accuracy would be measured on a guess: no flag, metadata or graph states the pixel
+    /// normalisation, or the original scores near chance on the data as fed.
+    Normalisation = 8,
 }
 
 /// An error that carries its exit code; anything else exits with [`ExitCode::Internal`].

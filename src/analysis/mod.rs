@@ -2,6 +2,7 @@
 
 pub mod census;
 pub mod cost;
+pub mod input_normalisation;
 pub mod ranges;
 pub mod shapes;
 pub mod stages;

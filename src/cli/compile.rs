@@ -199,6 +199,9 @@ pub fn run(args: &CompileArgs) -> Result<()> {
     if let Some(warning) = report.accuracy.as_ref().and_then(|a| a.warning.as_ref()) {
         eprintln!("WARNING: {warning}");
     }
+    if let Some(warning) = report.finetune.as_ref().and_then(|f| f.warning.as_ref()) {
+        eprintln!("warning: {warning}");
+    }
     if let Some(warning) = &report.accuracy_not_measured {
         eprintln!("warning: {warning}");
     }
@@ -297,5 +300,6 @@ fn print_report(r: &CompileReport, before: &Census, after: &Census, real_note: &
                 None => String::new(),
             }
         );
+        println!("  inputs {}  ({})", a.normalisation, a.normalisation.source.describe());
     }
 }

@@ -52,6 +52,9 @@ pub fn run(args: &CriticalityArgs) -> Result<()> {
         100.0 * c.accuracy_original,
         100.0 * c.accuracy_all_linear
     );
+    if let Some(n) = &c.normalisation {
+        println!("inputs {n}  ({})", n.source.describe());
+    }
     let rows: Vec<Vec<String>> = c
         .stages
         .iter()

@@ -18,7 +18,9 @@ pub struct DataFlags {
     /// CIFAR-100 binaries: score against the 20 coarse labels instead of the 100 fine ones
     #[arg(long)]
     pub coarse_labels: bool,
-    /// Pixel scale (x = (pixel * scale - mean) / std) [default: the model's metadata, else 1/255]
+    /// Pixel scale (x = (pixel * scale - mean) / std) [default: the model's metadata, else
+    /// 1/255]. A model that states no normalisation (no metadata, none in its graph) needs
+    /// --mean/--std or --raw-pixels to be measured
     #[arg(long, value_name = "F", value_parser = parse_finite, allow_hyphen_values = true)]
     pub scale: Option<f32>,
     /// Mean subtracted after scaling: one value, or one per channel (a,b,c)
@@ -27,6 +29,10 @@ pub struct DataFlags {
     /// Standard deviation divided by: one value, or one per channel (a,b,c)
     #[arg(long, value_name = "A[,B,C]", value_parser = data::parse_floats)]
     pub std: Option<::std::vec::Vec<f32>>,
+    /// The model takes pixels scaled to [0, 1] (pixel / 255, no mean or std): say so for a
+    /// model that states no normalisation of its own
+    #[arg(long, conflicts_with_all = ["scale", "mean", "std"])]
+    pub raw_pixels: bool,
 }
 
 pub(crate) fn parse_positive(text: &str) -> std::result::Result<usize, String> {
@@ -52,6 +58,7 @@ impl From<&DataFlags> for DataOptions {
             scale: f.scale,
             mean: f.mean.clone(),
             std: f.std.clone(),
+            raw_pixels: f.raw_pixels,
         }
     }
 }
@@ -85,7 +92,13 @@ mod tests {
         assert_eq!((fit.shape, fit.model.as_deref()), (Some(vec![3, 224, 224]), Some("m.onnx")));
         assert_eq!(parse(&[]).unwrap(), DataFlags::default());
         assert_eq!(DataOptions::from(&parse(&[]).unwrap()).describe(), "");
-        for bad in [&["--resize", "0"][..], &["--center-crop", "3x"], &["--std", "a"]] {
+        assert!(parse(&["--raw-pixels"]).unwrap().raw_pixels);
+        for bad in [
+            &["--resize", "0"][..],
+            &["--center-crop", "3x"],
+            &["--std", "a"],
+            &["--raw-pixels", "--mean", "0.5"],
+        ] {
             assert!(parse(bad).is_err(), "{bad:?}");
         }
     }

@@ -116,7 +116,7 @@ fn human(r: &EvalReport, norm: &Normalisation) -> String {
     let mut rows = vec![
         ("model", r.model.clone()),
         ("data", format!("{} ({}, {} images)", r.data, r.split, r.images)),
-        ("inputs", norm.to_string()),
+        ("inputs", format!("{norm}  ({})", norm.source.describe())),
         ("accuracy", format!("{:.2}%  ({} of {})", 100.0 * r.accuracy, r.correct, r.images)),
         (
             "speed",
@@ -137,6 +137,9 @@ fn human(r: &EvalReport, norm: &Normalisation) -> String {
                 rf.max_abs_diff
             ),
         ));
+    }
+    if let Some(w) = &r.warning {
+        rows.push(("warning", w.clone()));
     }
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     rows.iter().map(|(k, v)| format!("{k:<width$}  {v}\n")).collect()
@@ -207,6 +210,9 @@ mod tests {
             batch: 10,
             threads: 2,
             engine: "native".into(),
+            classes: 10,
+            normalisation: None,
+            warning: None,
             reference: Some(crate::eval::evaluator::ReferenceReport {
                 model: "r.onnx".into(),
                 accuracy: 0.8,

@@ -52,7 +52,9 @@ pub struct TrainFlags {
     /// Learning-rate schedule over the whole run
     #[arg(long, value_enum, default_value_t = ScheduleKind::OneCycle)]
     pub schedule: ScheduleKind,
-    /// Peak learning rate [default: 0.02 for sgd, 0.001 for adamw]
+    /// Peak learning rate [default: 0.02 for sgd, 0.001 for adamw, scaled by steps / 938 for
+    /// runs shorter than 938 steps, so that a short run does not wreck a refitted network; a
+    /// rate given here is used as it is]
     #[arg(long)]
     pub lr: Option<f64>,
     /// Weight decay (L2 for SGD, decoupled for AdamW)
@@ -90,6 +92,10 @@ pub struct TrainFlags {
     /// Continue from the checkpoint in --checkpoint-dir
     #[arg(long, requires = "checkpoint_dir")]
     pub resume: bool,
+    /// Write the trained network even when it ends below the refitted one it started from
+    /// (by default the better of the two is written, with a warning)
+    #[arg(long)]
+    pub keep_trained: bool,
 }
 
 /// `--finetune-epochs` and `--finetune-train-limit`, for `compile` and `pareto`; the rest of
@@ -103,6 +109,10 @@ pub struct FinetuneFlags {
     /// Fine-tune on the first N training images only [default: all]
     #[arg(long = "train-limit", value_name = "N", alias = "finetune-train-limit")]
     pub finetune_train_limit: Option<usize>,
+    /// Write the trained network even when it ends below the refitted one it started from
+    /// (by default the better of the two is written, with a warning)
+    #[arg(long, requires = "finetune_epochs")]
+    pub keep_trained: bool,
 }
 
 impl FinetuneFlags {
@@ -110,6 +120,7 @@ impl FinetuneFlags {
     pub fn training(&self) -> Option<TrainOptions> {
         (self.finetune_epochs > 0).then(|| TrainOptions {
             train_limit: self.finetune_train_limit,
+            keep_trained: self.keep_trained,
             ..TrainOptions::epochs(self.finetune_epochs)
         })
     }
@@ -122,6 +133,7 @@ impl From<&TrainFlags> for TrainOptions {
                 epochs: f.epochs,
                 batch: f.batch,
                 lr: f.lr.unwrap_or(default_lr(f.optimizer)),
+                scale_lr_to_run: f.lr.is_none(),
                 weight_decay: f.weight_decay,
                 optimizer: f.optimizer,
                 schedule: f.schedule,
@@ -136,6 +148,7 @@ impl From<&TrainFlags> for TrainOptions {
             train_limit: f.train_limit,
             checkpoint_dir: f.checkpoint_dir.clone(),
             resume: f.resume,
+            keep_trained: f.keep_trained,
         }
     }
 }
@@ -158,6 +171,9 @@ impl From<&FinetuneArgs> for FinetuneJob {
 
 pub fn run(args: &FinetuneArgs) -> Result<()> {
     let report = finetune(&args.into())?;
+    if let Some(w) = &report.warning {
+        eprintln!("warning: {w}");
+    }
     if args.reporting.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -180,8 +196,13 @@ pub fn print_report(r: &FinetuneReport) {
             e.seconds
         );
     }
+    let input = match r.accuracy_input {
+        Some(a) => format!("input {:.2}%, ", 100.0 * a),
+        None => String::new(),
+    };
     println!(
-        "test accuracy on {} images: teacher {:.2}%, before {:.2}%, after {:.2}% ({:+.2} points); {} ReLUs",
+        "test accuracy on {} images: teacher {:.2}%, {input}start (after the refit) {:.2}%, \
+         after {:.2}% ({:+.2} points); {} ReLUs",
         r.test_images,
         100.0 * r.teacher_accuracy,
         100.0 * r.accuracy_before,
@@ -189,4 +210,14 @@ pub fn print_report(r: &FinetuneReport) {
         100.0 * (r.accuracy_after - r.accuracy_before),
         r.relus
     );
+    let g = &r.guard;
+    println!(
+        "check on {} {}training images: start {:.2}%, trained {:.2}%; wrote the {} network",
+        g.images,
+        if g.held_out { "held-out " } else { "" },
+        100.0 * g.accuracy_start,
+        100.0 * g.accuracy_trained,
+        g.kept
+    );
+    println!("inputs {}  ({})", r.normalisation, r.normalisation.source.describe());
 }

@@ -86,6 +86,9 @@ impl From<&LinearizeArgs> for LinearizeJob {
 
 pub fn run(args: &LinearizeArgs) -> Result<()> {
     let report = linearize(&args.into())?;
+    if let Some(w) = &report.finetune.warning {
+        eprintln!("warning: {w}");
+    }
     if args.reporting.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

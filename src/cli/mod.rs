@@ -24,7 +24,8 @@ Exit codes:
   4  the model uses a construct relucompile does not support (control flow, unknown op)
   5  a lossless rewrite changed the outputs; nothing was written
   6  the data set cannot be read or does not fit the model
-  7  the accuracy gate failed; nothing was written";
+  7  the accuracy gate failed; nothing was written
+  8  the pixel normalisation is unstated, or the original scores near chance on the data";
 
 #[derive(Parser, Debug)]
 #[command(

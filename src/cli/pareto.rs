@@ -131,6 +131,9 @@ fn print_frontier(f: &Frontier) {
         "{}: {} candidates scored on {} calibration images; cull order {:?}",
         f.model, f.candidates, f.calibration_images, f.cull_order
     );
+    if let Some(n) = &f.normalisation {
+        println!("inputs {n}  ({})", n.source.describe());
+    }
     if f.probe_images > 0 {
         println!(
             "{} candidates near the frontier ranked after a distillation probe on {} training images",

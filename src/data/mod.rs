@@ -28,6 +28,7 @@ pub use cifar::Cifar;
 pub use fit::{CropSize, Fit};
 pub use normalise::{
     model_normalisation, normalisation_for, parse_floats, try_normalisation_for, Normalisation,
+    NormalisationSource,
     PartialNormalisation, DEFAULT_SCALE, META_MEAN, META_SCALE, META_STD,
 };
 pub use random::random_inputs;
@@ -327,7 +328,7 @@ pub fn load_fitted(
         }
     };
     let Stored { mut images, labels, sample_shape, source, normalised } = stored;
-    if !normalised || norm.explicit {
+    if !normalised || norm.explicit() {
         norm.apply(&mut images, sample_shape[0], sample_shape[1] * sample_shape[2], &source)?;
     }
     Ok((Dataset { images, labels, sample_shape, source }, notes))

@@ -1,5 +1,6 @@
 //! Pixel normalisation: `x = (pixel * scale - mean[c]) / std[c]`, from the user's flags, the
-//! model's ONNX metadata or the default for raw 8-bit pixels.
+//! model's ONNX metadata, normalisation found in the graph or the data itself, and where it
+//! came from: a normalisation nothing states is never used silently to measure accuracy.
 
 use crate::error::CompileError;
 use crate::ir::Model;
@@ -17,27 +18,117 @@ pub const DEFAULT_SCALE: f32 = 1.0 / 255.0;
 
 /// `x = (pixel * scale - mean[c]) / std[c]`; `pixel` is the raw value as stored (0..255 for IDX
 /// u8). `mean` and `std` hold one value (every channel) or one per channel.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Normalisation {
     pub scale: f32,
     pub mean: Vec<f32>,
     pub std: Vec<f32>,
-    /// The user asked for these values (command-line flags). Float `.npy` images are already
-    /// normalised and are fed unchanged unless this is set.
-    pub explicit: bool,
+    /// What says these are the values the model was trained with.
+    pub source: NormalisationSource,
+}
+
+/// Where a normalisation comes from, in the order they are consulted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NormalisationSource {
+    /// `--scale`, `--mean`, `--std` (a field not given comes from the metadata, else the
+    /// default).
+    Flags,
+    /// `--raw-pixels`: the user states the model takes pixels scaled to [0, 1].
+    RawPixels,
+    /// The model's `relucompile.*` metadata.
+    Metadata,
+    /// `Sub`/`Div` or `Mul`/`Add` by constants on the input before the first Conv: the model
+    /// normalises inside and takes pixels scaled to [0, 1].
+    InGraph,
+    /// Float `.npy` images, saved already normalised and fed as stored.
+    StoredFloats,
+    /// Nothing states it: the default is a guess.
+    Unknown,
+}
+
+impl NormalisationSource {
+    /// The user gave the values: float `.npy` images are normalised with them too.
+    pub fn explicit(self) -> bool {
+        matches!(self, NormalisationSource::Flags | NormalisationSource::RawPixels)
+    }
+
+    /// Whether the values are a guess nothing states.
+    pub fn is_known(self) -> bool {
+        self != NormalisationSource::Unknown
+    }
+
+    /// Where the values came from, for reports.
+    pub fn describe(self) -> &'static str {
+        match self {
+            NormalisationSource::Flags => "from --scale/--mean/--std",
+            NormalisationSource::RawPixels => "from --raw-pixels (pixels scaled to [0, 1])",
+            NormalisationSource::Metadata => "from the model's metadata",
+            NormalisationSource::InGraph => {
+                "the model normalises in its graph (Sub/Div before the first Conv): pixels \
+                 scaled to [0, 1]"
+            }
+            NormalisationSource::StoredFloats => "float .npy images, fed as stored",
+            NormalisationSource::Unknown => "assumed: nothing states the model's normalisation",
+        }
+    }
 }
 
 impl Default for Normalisation {
-    /// Raw 8-bit pixels to [0, 1]: scale 1/255, mean 0, std 1.
+    /// Raw 8-bit pixels to [0, 1]: scale 1/255, mean 0, std 1, stated by nothing.
     fn default() -> Self {
-        Normalisation { scale: DEFAULT_SCALE, mean: vec![0.0], std: vec![1.0], explicit: false }
+        Normalisation {
+            scale: DEFAULT_SCALE,
+            mean: vec![0.0],
+            std: vec![1.0],
+            source: NormalisationSource::Unknown,
+        }
     }
 }
 
 impl Normalisation {
-    /// Values fed unchanged.
+    /// Values fed unchanged: float images saved already normalised.
     pub fn identity() -> Self {
-        Normalisation { scale: 1.0, mean: vec![0.0], std: vec![1.0], explicit: false }
+        Normalisation {
+            scale: 1.0,
+            mean: vec![0.0],
+            std: vec![1.0],
+            source: NormalisationSource::StoredFloats,
+        }
+    }
+
+    /// The user gave the values (flags): float `.npy` images are normalised with them too.
+    pub fn explicit(&self) -> bool {
+        self.source.explicit()
+    }
+
+    /// The same values, now stated by `source`.
+    pub fn stated_by(self, source: NormalisationSource) -> Self {
+        Normalisation { source, ..self }
+    }
+
+    /// Record these values in `model`'s metadata, so that the next command reads them without
+    /// flags. Values that came from the metadata stay as written; images fed as stored and
+    /// values nothing states are not recorded.
+    pub fn record_in(&self, model: &mut Model) {
+        use NormalisationSource::*;
+        if matches!(self.source, Metadata | StoredFloats | Unknown) {
+            return;
+        }
+        let list = |v: &[f32]| v.iter().map(|x| format!("{x}")).collect::<Vec<_>>().join(",");
+        let entries = [
+            (META_SCALE, format!("{}", self.scale)),
+            (META_MEAN, list(&self.mean)),
+            (META_STD, list(&self.std)),
+        ];
+        for (key, value) in entries {
+            match model.metadata_props.iter_mut().find(|e| e.key == key) {
+                Some(entry) => entry.value = value,
+                None => model
+                    .metadata_props
+                    .push(tract_onnx::pb::StringStringEntryProto { key: key.into(), value }),
+            }
+        }
     }
 
     fn is_identity(&self) -> bool {
@@ -160,8 +251,8 @@ pub fn parse_floats(text: &str) -> std::result::Result<Vec<f32>, String> {
 }
 
 /// The normalisation to use, field by field: the user's values (flags) first, then the model's
-/// metadata, then the default for raw 8-bit pixels (scale 1/255, mean 0, std 1). `explicit`
-/// is set when the user gave any of the three.
+/// metadata, then the default for raw 8-bit pixels (scale 1/255, mean 0, std 1). The source is
+/// the flags when any was given, else the metadata when it holds any entry, else unknown.
 pub fn try_normalisation_for(
     model: &Model,
     scale: Option<f32>,
@@ -188,11 +279,18 @@ fn resolve(
     meta: PartialNormalisation,
 ) -> Normalisation {
     let default = Normalisation::default();
+    let source = if scale.is_some() || mean.is_some() || std.is_some() {
+        NormalisationSource::Flags
+    } else if meta != PartialNormalisation::default() {
+        NormalisationSource::Metadata
+    } else {
+        NormalisationSource::Unknown
+    };
     Normalisation {
-        explicit: scale.is_some() || mean.is_some() || std.is_some(),
         scale: scale.or(meta.scale).unwrap_or(default.scale),
         mean: mean.map(<[f32]>::to_vec).or(meta.mean).unwrap_or(default.mean),
         std: std.map(<[f32]>::to_vec).or(meta.std).unwrap_or(default.std),
+        source,
     }
 }
 
@@ -223,14 +321,25 @@ mod tests {
         model.metadata_props.push(entry(META_STD, "0.3530"));
         let n = try_normalisation_for(&model, None, None, None).unwrap();
         assert_eq!(
-            (n.scale, n.mean.clone(), n.std.clone(), n.explicit),
-            (1.0 / 255.0, vec![0.286], vec![0.353], false)
+            (n.scale, n.mean.clone(), n.std.clone(), n.source),
+            (1.0 / 255.0, vec![0.286], vec![0.353], NormalisationSource::Metadata)
         );
         let n = try_normalisation_for(&model, None, Some(&[0.5]), None).unwrap();
         assert_eq!(
-            (n.scale, n.mean.clone(), n.std.clone(), n.explicit),
-            (1.0 / 255.0, vec![0.5], vec![0.353], true)
+            (n.scale, n.mean.clone(), n.std.clone(), n.source),
+            (1.0 / 255.0, vec![0.5], vec![0.353], NormalisationSource::Flags)
         );
+        // Recorded values read back as the metadata's, and overwrite what was there.
+        let mut written = model.clone();
+        let flags = Normalisation { scale: 0.5, mean: vec![0.1, 0.2], std: vec![3.0], ..n };
+        flags.record_in(&mut written);
+        let back = try_normalisation_for(&written, None, None, None).unwrap();
+        assert_eq!(back, flags.clone().stated_by(NormalisationSource::Metadata));
+        assert_eq!(written.metadata_props.len(), model.metadata_props.len());
+        let mut unchanged = model.clone();
+        Normalisation::default().record_in(&mut unchanged);
+        back.record_in(&mut unchanged);
+        assert_eq!(unchanged.metadata_props, model.metadata_props);
         model.metadata_props.push(entry(META_STD, "x"));
         model.metadata_props.retain(|e| e.key != META_STD || e.value == "x");
         let e = try_normalisation_for(&model, None, None, None).unwrap_err();

@@ -234,7 +234,7 @@ mod tests {
             scale: 2.0,
             mean: vec![0.0, 1.0, 2.0],
             std: vec![1.0, 2.0, 4.0],
-            explicit: true,
+            source: crate::data::NormalisationSource::Flags,
         };
         let d = load(&p, Split::Test, Some(1), &norm).unwrap();
         assert_eq!(d.len(), 1);

@@ -187,6 +187,8 @@ pub struct AccuracyReport {
     pub agreement: f64,
     pub max_drop: Option<f64>,
     pub passed: bool,
+    /// How pixels became both graphs' inputs, and what states it.
+    pub normalisation: data::Normalisation,
     /// Set when accuracy fell by more than [`LOUD_DROP_POINTS`] and no gate was asked for.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub warning: Option<String>,
@@ -339,6 +341,12 @@ pub fn compile(opts: &CompileOptions) -> Result<Compilation> {
         (spec, &opts.data_options),
         opts.limit,
     );
+    // The original is measured before any search or pass runs: an unstated normalisation or
+    // an original near chance stops here (exit 8), as does data that does not fit.
+    let lossy_flags = pipeline_steps(opts, None)?.iter().any(|s| !s.pass.lossless);
+    if test_set(&run, lossy_flags || budget.is_some(), opts)?.is_some() {
+        run.original_on_test(opts.progress)?;
+    }
     let budget_choice = match &budget {
         Some(b) => Some(choose_for_budget(&run, b, &cost_model, opts)?),
         None => None,
@@ -357,7 +365,8 @@ pub fn compile(opts: &CompileOptions) -> Result<Compilation> {
         structure: opts.verify_each,
         outputs: opts.verify_each.then(|| random.clone()),
     };
-    let (model, records, finetune) = rewrite(&run, &pipeline, &verify, opts)?;
+    let (mut model, records, finetune) = rewrite(&run, &pipeline, &verify, opts)?;
+    run.record_normalisation(&mut model);
     let after = census(&model, &sample)?;
 
     let mut sets: Vec<&[f32]> = vec![&random];
@@ -674,6 +683,7 @@ fn measure_accuracy(
         agreement: reference.agreement,
         max_drop: opts.max_drop,
         passed: opts.max_drop.is_none_or(|m| drop_points <= m),
+        normalisation: run.normalisation()?,
         warning: (opts.max_drop.is_none() && drop_points > LOUD_DROP_POINTS).then(|| {
             format!(
                 "accuracy fell by {drop_points:.2} points ({:.2}% -> {:.2}%) and no --max-drop \

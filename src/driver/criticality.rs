@@ -64,5 +64,7 @@ pub fn run(job: &CriticalityJob) -> Result<Criticality> {
         journal: None,
         progress: job.progress,
     };
-    criticality(model, &ctx, &scoring, (job.probe_images > 0).then_some(&prober))
+    let mut found = criticality(model, &ctx, &scoring, (job.probe_images > 0).then_some(&prober))?;
+    found.normalisation = Some(run.normalisation()?);
+    Ok(found)
 }

@@ -5,10 +5,10 @@ use super::{DataOptions, DEFAULT_DATA};
 use crate::analysis::shapes::sample_shape;
 use crate::data::{self, Normalisation, Source, Split};
 use crate::error::{CompileError, ExitCode};
+use super::context::NEAR_CHANCE_FACTOR;
 use crate::eval::evaluator::{evaluate, EvalReport};
 use crate::eval::{EngineChoice, RunSpec};
 use crate::frontend::load_model;
-use crate::ir::Model;
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 
@@ -62,19 +62,6 @@ pub struct Evaluation {
     pub normalisation: Normalisation,
 }
 
-/// The normalisation for `model` on the data `opts` names: float .npy images are fed as stored
-/// unless a normalisation option is given.
-fn normalisation(opts: &EvalOptions, model: &Model, model_path: &Path) -> Result<Normalisation> {
-    let norm = opts
-        .data_options
-        .normalisation(model)
-        .with_context(|| format!("reading the normalisation of {}", model_path.display()))?;
-    if !norm.explicit && data::stores_normalised_floats(&opts.data)? {
-        return Ok(Normalisation::identity());
-    }
-    Ok(norm)
-}
-
 /// Evaluate `opts.model` (and `opts.reference`) on the data. A warning goes to stderr when the
 /// reference declares another normalisation than the one both are fed.
 pub fn eval(opts: &EvalOptions) -> Result<Evaluation> {
@@ -97,9 +84,9 @@ pub fn eval(opts: &EvalOptions) -> Result<Evaluation> {
     let model = load_model(&opts.model)?;
     let sample = sample_shape(&model, opts.input_shape.as_deref())
         .with_context(|| format!("the input shape of {model_name}"))?;
-    let norm = normalisation(opts, &model, &opts.model)?;
+    let norm = opts.data_options.stated_normalisation(&model, &model_name, &opts.data)?;
     let dataset =
-        opts.data_options.load(&opts.data, split, opts.limit, &model, &sample, &model_name)?;
+        opts.data_options.load((&opts.data, split, opts.limit), &norm, &sample, &model_name)?;
 
     // The reference is loaded once, and not at all when it is the model's own file.
     let same_file = |p: &Path| match (p.canonicalize(), opts.model.canonicalize()) {
@@ -122,7 +109,12 @@ pub fn eval(opts: &EvalOptions) -> Result<Evaluation> {
             .data_options
             .normalisation(m)
             .with_context(|| format!("reading the normalisation of {}", path.display()))?;
-        if !ref_norm.explicit && ref_norm != norm && !data::stores_normalised_floats(&opts.data)? {
+        let differs = (ref_norm.scale, &ref_norm.mean, &ref_norm.std) != (norm.scale, &norm.mean, &norm.std);
+        if !ref_norm.explicit()
+            && ref_norm.source.is_known()
+            && differs
+            && !data::stores_normalised_floats(&opts.data)?
+        {
             eprintln!(
                 "warning: the reference {name} declares the normalisation {ref_norm}, but both \
                  models are fed {norm}"
@@ -138,10 +130,27 @@ pub fn eval(opts: &EvalOptions) -> Result<Evaluation> {
         RunSpec { batch: opts.batch, engine: opts.engine },
         opts.progress,
     )?;
+    report.normalisation = Some(norm.clone());
+    report.warning = near_chance_warning(&report);
     report.split = match source {
         Source::Npy(_) => "npy".to_string(),
         s if !s.has_splits() => "all".to_string(),
         _ => split.name().to_string(),
     };
     Ok(Evaluation { report, normalisation: norm })
+}
+
+/// `eval` measures what it is asked to, but says when the result looks like wrong inputs
+/// rather than a weak model (the commands that reduce a model refuse such an original).
+fn near_chance_warning(report: &EvalReport) -> Option<String> {
+    let chance = 1.0 / report.classes.max(1) as f64;
+    (report.accuracy < NEAR_CHANCE_FACTOR * chance).then(|| {
+        format!(
+            "{:.2}% is near chance for {} classes ({:.0}%): check the normalisation \
+             (--scale/--mean/--std, --raw-pixels) and --data",
+            100.0 * report.accuracy,
+            report.classes,
+            100.0 * chance
+        )
+    })
 }

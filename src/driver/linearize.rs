@@ -103,6 +103,8 @@ pub fn linearize(job: &LinearizeJob) -> Result<LinearizeReport> {
         .map_err(|e| usage(format!("--relu-budget: {e}")))?
         .limit as u64;
     let run = RunData::new(model, sample, "the model", (&job.data, &job.data_options), job.limit);
+    // Measured first: an unstated normalisation or a model near chance stops here (exit 8).
+    run.original_on_test(job.progress)?;
     let learned = LearnedMasks {
         run: &run,
         budget,
@@ -115,7 +117,8 @@ pub fn linearize(job: &LinearizeJob) -> Result<LinearizeReport> {
     }
     .run()
     .with_context(|| format!("learning ReLU masks of {}", job.model.display()))?;
-    let (tuned, masked, finetune) = (learned.model, learned.masks, learned.finetune);
+    let (mut tuned, masked, finetune) = (learned.model, learned.masks, learned.finetune);
+    run.record_normalisation(&mut tuned);
     let relus_after = finetune.relus;
     write_model_atomic(&job.output, &tuned)?;
     Ok(LinearizeReport {
@@ -181,6 +184,8 @@ impl LearnedMasks<'_> {
                     train: &train,
                     options: crate::train::FinetuneOptions {
                         epochs: self.mask_epochs,
+                        // The masks' recipe was measured at the full rate (docs/learned-masks.md).
+                        scale_lr_to_run: false,
                         ..self.training.recipe.clone()
                     },
                     budget: self.budget,

@@ -31,7 +31,8 @@ pub mod finetune;
 pub mod linearize;
 pub mod pareto;
 
-use crate::data::{self, CropSize, Dataset, Fit, Normalisation, Split};
+use crate::analysis::input_normalisation::in_graph_normalisation;
+use crate::data::{self, CropSize, Dataset, Fit, Normalisation, NormalisationSource, Split};
 use crate::error::{CompileError, ExitCode};
 use crate::ir::Model;
 use crate::train::optim::{default_lr, OptimizerKind};
@@ -60,10 +61,14 @@ pub struct DataOptions {
     pub mean: Option<Vec<f32>>,
     /// Standard deviation divided by: one value, or one per channel.
     pub std: Option<Vec<f32>>,
+    /// The user states the model takes pixels scaled to [0, 1] (scale 1/255, mean 0, std 1).
+    pub raw_pixels: bool,
 }
 
 impl DataOptions {
-    /// The normalisation for `model`: these options first, then its metadata, then the default.
+    /// The normalisation for `model`, and what states it: these options first (`raw_pixels`,
+    /// then the values), then its metadata, then normalisation found in its graph; else the
+    /// default, stated by nothing ([`NormalisationSource::Unknown`]).
     pub fn normalisation(&self, model: &Model) -> Result<Normalisation> {
         if let Some(std) = &self.std {
             if std.contains(&0.0) {
@@ -74,7 +79,53 @@ impl DataOptions {
                 .into());
             }
         }
-        data::try_normalisation_for(model, self.scale, self.mean.as_deref(), self.std.as_deref())
+        if self.raw_pixels {
+            return Ok(Normalisation::default().stated_by(NormalisationSource::RawPixels));
+        }
+        let norm = data::try_normalisation_for(
+            model,
+            self.scale,
+            self.mean.as_deref(),
+            self.std.as_deref(),
+        )?;
+        if norm.source == NormalisationSource::Unknown
+            && in_graph_normalisation(&model.graph).is_some()
+        {
+            return Ok(norm.stated_by(NormalisationSource::InGraph));
+        }
+        Ok(norm)
+    }
+
+    /// The normalisation `model` (named `model_name`) is fed the images of `spec` with, to
+    /// measure accuracy or train: float `.npy` images go as stored unless the user gave
+    /// values. Nothing stating it is an error ([`ExitCode::Normalisation`]) naming the flags.
+    pub fn stated_normalisation(
+        &self,
+        model: &Model,
+        model_name: &str,
+        spec: &str,
+    ) -> Result<Normalisation> {
+        let norm = self
+            .normalisation(model)
+            .with_context(|| format!("reading the normalisation of {model_name}"))?;
+        if !norm.explicit() && data::stores_normalised_floats(spec)? {
+            return Ok(Normalisation::identity());
+        }
+        if !norm.source.is_known() {
+            return Err(CompileError::new(
+                ExitCode::Normalisation,
+                format!(
+                    "{model_name} does not say how its pixels were normalised (no \
+                     relucompile.scale/mean/std metadata, no Sub/Div or Mul/Add on its input \
+                     before the first Conv), so its accuracy on {spec} would be measured on a \
+                     guess.\n  Give the normalisation it was trained with: --mean A[,B,C] \
+                     --std A[,B,C] (and --scale F unless pixels were divided by 255), or \
+                     --raw-pixels if it takes pixels scaled to [0, 1]. Nothing was written."
+                ),
+            )
+            .into());
+        }
+        Ok(norm)
     }
 
     /// How images become inputs of a model taking `sample` (`[C, H, W]`), named `model_name`.
@@ -110,24 +161,24 @@ impl DataOptions {
         if let Some(s) = &self.std {
             parts.push(format!("--std {}", list(s)));
         }
+        if self.raw_pixels {
+            parts.push("--raw-pixels".into());
+        }
         parts.join(" ")
     }
 
-    /// `split` of `spec` for `model` (taking `sample`, named `model_name` in messages),
-    /// normalised, fitted and checked against the model's input; notes on conversions go to
-    /// stderr.
+    /// `split` of `spec` for a model taking `sample` (named `model_name` in messages),
+    /// normalised with `norm`, fitted and checked against the model's input; notes on
+    /// conversions go to stderr.
     pub fn load(
         &self,
-        spec: &str,
-        split: Split,
-        limit: Option<usize>,
-        model: &Model,
+        (spec, split, limit): (&str, Split, Option<usize>),
+        norm: &Normalisation,
         sample: &[usize],
         model_name: &str,
     ) -> Result<Dataset> {
-        let norm = self.normalisation(model).context("reading the model's normalisation")?;
         let (set, notes) =
-            data::load_fitted(spec, split, limit, &norm, &self.fit(sample, model_name))?;
+            data::load_fitted(spec, split, limit, norm, &self.fit(sample, model_name))?;
         data::check_fits_named(&set, sample, model_name)?;
         for note in notes {
             eprintln!("note: {note}");
@@ -147,6 +198,8 @@ pub struct TrainOptions {
     pub checkpoint_dir: Option<PathBuf>,
     /// Continue from the checkpoint in `checkpoint_dir`.
     pub resume: bool,
+    /// Write the trained network even when it ends below its start.
+    pub keep_trained: bool,
 }
 
 impl TrainOptions {

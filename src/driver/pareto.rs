@@ -249,6 +249,9 @@ pub struct Frontier {
     /// The learned-mask points of `--learned`, on the frontier (`file` set) or dominated.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub learned: Vec<FrontierPoint>,
+    /// How pixels became the inputs, and what states it (recorded in every point's file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub normalisation: Option<crate::data::Normalisation>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -355,6 +358,16 @@ impl<'a> Search<'a> {
                     })
             })
             .collect::<Result<_, _>>()?;
+        let run = RunData::new(
+            original,
+            sample,
+            opts.model.display().to_string(),
+            (&opts.data, &opts.data_options),
+            opts.test_limit,
+        );
+        // Before anything is written: an unstated normalisation or an original near chance
+        // stops the search (exit 8).
+        run.original_on_test(opts.progress)?;
         std::fs::create_dir_all(&opts.output).with_context(|| {
             format!("cannot create the output directory {}", opts.output.display())
         })?;
@@ -370,13 +383,6 @@ impl<'a> Search<'a> {
             dimensions: opts.dimensions,
         };
         check_resume(&opts.output, &key)?;
-        let run = RunData::new(
-            original,
-            sample,
-            opts.model.display().to_string(),
-            (&opts.data, &opts.data_options),
-            opts.test_limit,
-        );
         Ok(Search {
             opts,
             cost_model,
@@ -596,6 +602,7 @@ impl<'a> Search<'a> {
         for (k, i) in frontier_indices(&final_points).into_iter().enumerate() {
             let (model, point) = &mut candidates[i];
             point.file = format!("point-{k:02}.onnx");
+            self.run.record_normalisation(model);
             write_model_atomic(&opts.output.join(&point.file), model)?;
             points.push(point.clone());
         }
@@ -641,6 +648,7 @@ impl<'a> Search<'a> {
             },
             learned,
             reference: self.reference.clone(),
+            normalisation: Some(self.run.normalisation()?),
         };
         write_outputs(&opts.output, &frontier)?;
         Ok(frontier)

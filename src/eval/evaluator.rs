@@ -36,7 +36,15 @@ pub struct EvalReport {
     pub threads: usize,
     /// `native` or `tract`: what ran the model.
     pub engine: String,
+    /// Outputs per image: the classes, for chance-level checks.
+    pub classes: usize,
     pub reference: Option<ReferenceReport>,
+    /// How pixels became the model's inputs, and what states it (the caller fills it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub normalisation: Option<crate::data::Normalisation>,
+    /// Set when the accuracy is near chance (the caller fills it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -239,7 +247,10 @@ pub fn evaluate_against(
         batch: runner.batch(),
         threads: rayon::current_num_threads(),
         engine: runner.name().to_string(),
+        classes,
         reference,
+        normalisation: None,
+        warning: None,
     };
     Ok((report, Outputs { name: model_name.to_string(), logits, classes }))
 }

@@ -38,6 +38,9 @@ pub struct Criticality {
     pub stages: Vec<StageCriticality>,
     /// Stages with ReLUs, least critical first: the order to cull them in.
     pub cull_order: Vec<usize>,
+    /// How pixels became the inputs, and what states it (the driver fills it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub normalisation: Option<crate::data::Normalisation>,
 }
 
 fn cull_text(stages: impl Iterator<Item = usize>) -> String {
@@ -96,5 +99,6 @@ pub fn criticality(
         accuracy_all_linear: linear,
         stages,
         cull_order,
+        normalisation: None,
     })
 }

@@ -163,6 +163,8 @@ impl Prober<'_> {
             epochs: 1,
             recalibrate: false,
             lr: self.recipe.lr * PROBE_LR_FRACTION,
+            // PROBE_LR_FRACTION was measured for these one-epoch probes as they are.
+            scale_lr_to_run: false,
             ..self.recipe.clone()
         };
         let trained = Finetuner {
