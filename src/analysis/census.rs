@@ -64,7 +64,43 @@ pub struct Census {
     pub muls: Vec<PoolLayer>,
     /// Every operator the engine executes, weights' Constant nodes excluded.
     pub operators: usize,
+    /// Nonlinearities other than ReLU, max-pooling and products (Sigmoid, Tanh, GELU, ...):
+    /// each costs a PI engine its own protocol, which no cost model here prices.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unpriced: Vec<UnpricedNode>,
 }
+
+/// A nonlinearity the cost model has no price for, and its elements per sample.
+#[derive(Debug, Clone, Serialize)]
+pub struct UnpricedNode {
+    pub name: String,
+    pub op: String,
+    pub elements: u64,
+}
+
+/// Operators that are neither linear nor a ReLU, max-pool or product: a PI engine evaluates
+/// each by its own protocol (approximations, exponentials, divisions).
+pub const UNPRICED_NONLINEARITIES: &[&str] = &[
+    "Sigmoid",
+    "Tanh",
+    "Gelu",
+    "Erf",
+    "Softmax",
+    "LogSoftmax",
+    "HardSwish",
+    "HardSigmoid",
+    "Elu",
+    "Selu",
+    "Celu",
+    "Softplus",
+    "Softsign",
+    "Mish",
+    "Exp",
+    "Log",
+    "Sqrt",
+    "Reciprocal",
+    "Pow",
+];
 
 /// Count ReLUs and MACs for one sample of shape `sample` (batch dimension excluded).
 pub fn census(model: &Model, sample: &[usize]) -> Result<Census> {
@@ -81,6 +117,7 @@ pub fn census_with(model: &Model, sample: &[usize], shapes: &Shapes, stages: &St
     let mut linear = Vec::new();
     let mut pools = Vec::new();
     let mut muls = Vec::new();
+    let mut unpriced = Vec::new();
     let numel_of = |v: Option<&str>, batch: bool| -> u64 {
         v.and_then(|v| shapes.get(v))
             .map(|s| s.iter().skip(batch as usize).map(|&d| d as u64).product())
@@ -104,6 +141,14 @@ pub fn census_with(model: &Model, sample: &[usize], shapes: &Shapes, stages: &St
         }
         if node.op_type == "Mul" {
             muls.push(PoolLayer { name: node.name.clone(), stage, comparisons: numel });
+            continue;
+        }
+        if UNPRICED_NONLINEARITIES.contains(&node.op_type.as_str()) {
+            unpriced.push(UnpricedNode {
+                name: node.label(),
+                op: node.op_type.clone(),
+                elements: numel,
+            });
             continue;
         }
         if node.op_type == "MaxPool" || node.op_type == "GlobalMaxPool" {
@@ -178,5 +223,6 @@ pub fn census_with(model: &Model, sample: &[usize], shapes: &Shapes, stages: &St
         pools,
         muls,
         operators: graph.nodes.iter().filter(|n| n.op_type != "Constant").count(),
+        unpriced,
     }
 }

@@ -49,14 +49,24 @@ pub fn declared_input_shape(model: &Model) -> Result<Vec<Option<usize>>> {
 /// otherwise the model's declaration, which must be concrete apart from the batch.
 pub fn sample_shape(model: &Model, user: Option<&[usize]>) -> Result<Vec<usize>> {
     if let Some(shape) = user {
-        if shape.len() < 2 {
-            return Err(CompileError::new(
+        let rank = declared_input_shape(model).ok().map(|d| d.len()).filter(|&r| r > 1);
+        let text = shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x");
+        return match rank {
+            // The shape `inspect` prints: one sample, without the batch.
+            Some(r) if shape.len() + 1 == r => Ok(shape.to_vec()),
+            Some(r) if shape.len() == r => Ok(shape[1..].to_vec()),
+            None if shape.len() >= 2 => Ok(shape[1..].to_vec()),
+            _ => Err(CompileError::new(
                 crate::error::ExitCode::Usage,
-                format!("--input-shape {shape:?} needs a batch dimension and at least one more"),
+                format!(
+                    "--input-shape {text} does not fit the model's input of rank {}: give the \
+                     shape of one sample as `inspect` prints it (e.g. 1x28x28) or with the batch \
+                     (e.g. 1x1x28x28)",
+                    rank.map_or("unknown".into(), |r| r.to_string())
+                ),
             )
-            .into());
-        }
-        return Ok(shape[1..].to_vec());
+            .into()),
+        };
     }
     let declared = declared_input_shape(model)?;
     if declared.is_empty() {

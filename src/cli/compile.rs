@@ -22,7 +22,8 @@ pub struct CompileArgs {
     /// The pass pipeline, e.g. 'const-fold,fold-bn,dce' (see `relucompile passes`)
     #[arg(long, default_value = DEFAULT_PIPELINE)]
     pub passes: String,
-    /// Input shape with batch, e.g. 1x3x32x32 (default: the model's declared shape)
+    /// Input shape: one sample as `inspect` prints it (3x32x32) or with the batch (1x3x32x32)
+    /// [default: the model's declared shape]
     #[arg(long, value_parser = super::parse_shape)]
     pub input_shape: Option<::std::vec::Vec<usize>>,
     /// Verify the IR and compare outputs after every pass; names the first pass that breaks
@@ -198,6 +199,9 @@ pub fn run(args: &CompileArgs) -> Result<()> {
     }
     if let Some(warning) = report.accuracy.as_ref().and_then(|a| a.warning.as_ref()) {
         eprintln!("WARNING: {warning}");
+    }
+    if let Some(warning) = &report.cost_after.warning {
+        eprintln!("warning: {warning}");
     }
     if let Some(warning) = report.finetune.as_ref().and_then(|f| f.warning.as_ref()) {
         eprintln!("warning: {warning}");

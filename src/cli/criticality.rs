@@ -16,7 +16,8 @@ pub struct CriticalityArgs {
     /// Calibration images taken from the training split
     #[arg(long = "calibration-images", value_name = "N", alias = "images", default_value_t = 2000)]
     pub images: usize,
-    /// Input shape with batch, e.g. 1x3x32x32 (default: the model's declared shape)
+    /// Input shape: one sample as `inspect` prints it (3x32x32) or with the batch (1x3x32x32)
+    /// [default: the model's declared shape]
     #[arg(long, value_parser = super::parse_shape)]
     pub input_shape: Option<::std::vec::Vec<usize>>,
     /// Score every variant after a one-epoch distillation on N training images after the

@@ -74,7 +74,8 @@ pub struct EvalArgs {
     /// only the native engine, or only tract
     #[arg(long, value_enum, default_value_t = EngineChoice::Auto)]
     pub engine: EngineChoice,
-    /// The model's input shape with the batch, e.g. 1x1x28x28 (default: the model's own)
+    /// Input shape: one sample as `inspect` prints it (1x28x28) or with the batch (1x1x28x28)
+    /// [default: the model's declared shape]
     #[arg(long, value_name = "SHAPE", value_parser = super::parse_shape)]
     // `::std::vec::Vec`: one value parsed whole, not a list of values (clap's derive rule).
     pub input_shape: Option<::std::vec::Vec<usize>>,

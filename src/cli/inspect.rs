@@ -9,7 +9,8 @@ use std::path::PathBuf;
 pub struct InspectArgs {
     /// The ONNX model to inspect
     pub model: PathBuf,
-    /// Input shape with batch, e.g. 1x3x32x32 (default: the model's declared shape)
+    /// Input shape: one sample as `inspect` prints it (3x32x32) or with the batch (1x3x32x32)
+    /// [default: the model's declared shape]
     #[arg(long, value_parser = super::parse_shape)]
     pub input_shape: Option<::std::vec::Vec<usize>>,
     /// Print one JSON object instead of tables
@@ -34,6 +35,9 @@ pub fn run(args: &InspectArgs) -> Result<()> {
     let c =
         census(&model, &sample).with_context(|| format!("in model {}", args.model.display()))?;
     let cost = crate::analysis::cost::CostModel::load(&args.cost_model)?.estimate(&c);
+    if let Some(w) = &cost.warning {
+        eprintln!("warning: {w}");
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&Inspection { census: &c, cost })?);
     } else {

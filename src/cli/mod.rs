@@ -77,7 +77,7 @@ enum Command {
     Linearize(linearize::LinearizeArgs),
     /// List every pass a pipeline (--passes) can name
     #[command(after_help = EXIT_CODES_HELP)]
-    Passes,
+    Passes(PassesArgs),
     /// Run a model under tract on inputs from a .npy file and write its outputs as .npy
     #[command(after_help = EXIT_CODES_HELP)]
     Run(run::RunArgs),
@@ -101,15 +101,38 @@ pub fn main() -> Result<()> {
         Some(Command::Pareto(args)) => pareto::run(&args),
         Some(Command::Finetune(args)) => finetune::run(&args),
         Some(Command::Linearize(args)) => linearize::run(&args),
-        Some(Command::Passes) => {
-            print_passes();
-            Ok(())
-        }
+        Some(Command::Passes(args)) => print_passes(&args),
         None => compile::run(&cli.compile),
     }
 }
 
-fn print_passes() {
+#[derive(clap::Args, Debug)]
+struct PassesArgs {
+    /// Print the passes as one JSON object instead of a table
+    #[arg(long)]
+    json: bool,
+}
+
+fn print_passes(args: &PassesArgs) -> Result<()> {
+    if args.json {
+        let passes: Vec<serde_json::Value> = crate::passes::REGISTRY
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "name": p.name,
+                    "lossless": p.lossless,
+                    "phase": format!("{:?}", p.phase).to_lowercase(),
+                    "description": p.description,
+                })
+            })
+            .collect();
+        let out = serde_json::json!({
+            "passes": passes,
+            "default_pipeline": crate::passes::DEFAULT_PIPELINE,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
     let rows: Vec<Vec<String>> = crate::passes::REGISTRY
         .iter()
         .map(|p| {
@@ -122,6 +145,7 @@ fn print_passes() {
         .collect();
     print!("{}", crate::report::table(&["pass", "kind", "what it does"], &rows));
     println!("\ndefault pipeline: {}", crate::passes::DEFAULT_PIPELINE);
+    Ok(())
 }
 
 /// Parse `1x3x32x32` (also `1,3,32,32`). Fields holding the result are typed

@@ -7,8 +7,8 @@ pub struct OutputFlags {
     /// Print the report as one JSON object on stdout instead of tables
     #[arg(long)]
     pub json: bool,
-    /// No progress bars (they are also hidden when stderr is not a terminal)
-    #[arg(long)]
+    /// No progress bars or progress lines (bars in a terminal, else a plain line every 15 s)
+    #[arg(long, visible_alias = "quiet")]
     pub no_progress: bool,
 }
 

@@ -28,7 +28,8 @@ pub struct ParetoArgs {
     /// Measure the frontier on the first N test images only (default: the whole test split)
     #[arg(long = "limit", value_name = "N", alias = "test-limit")]
     pub test_limit: Option<usize>,
-    /// Input shape with batch, e.g. 1x3x32x32 (default: the model's declared shape)
+    /// Input shape: one sample as `inspect` prints it (3x32x32) or with the batch (1x3x32x32)
+    /// [default: the model's declared shape]
     #[arg(long, value_parser = super::parse_shape)]
     pub input_shape: Option<::std::vec::Vec<usize>>,
     /// Score candidates without recalibrating them to the original's outputs
@@ -72,9 +73,8 @@ pub struct ParetoArgs {
     /// learning rate (0: by their accuracy after recalibration; 8192 is a useful N)
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub probe_images: usize,
-    /// No progress bars
-    #[arg(long)]
-    pub no_progress: bool,
+    #[command(flatten)]
+    pub reporting: super::output_flags::OutputFlags,
     #[command(flatten)]
     pub data_flags: super::data_flags::DataFlags,
     #[command(flatten)]
@@ -100,7 +100,7 @@ impl From<&ParetoArgs> for ParetoOptions {
             recalibrate: !a.no_recalibrate,
             dimensions: !a.no_dimensions,
             exhaustive_culls: a.cull_search == CullSearch::Subsets,
-            progress: !a.no_progress,
+            progress: a.reporting.progress(),
             data_options: (&a.data_flags).into(),
             finetune: a.finetune.training(),
             probe_images: a.probe_images,
@@ -117,6 +117,10 @@ impl From<&ParetoArgs> for ParetoOptions {
 pub fn run(args: &ParetoArgs) -> Result<()> {
     let started = std::time::Instant::now();
     let frontier = pareto(&args.into())?;
+    if args.reporting.json {
+        println!("{}", serde_json::to_string_pretty(&frontier)?);
+        return Ok(());
+    }
     print_frontier(&frontier);
     println!(
         "search took {:.1}s; wrote {}",

@@ -19,6 +19,9 @@ pub struct RunArgs {
     /// Where to write the first output as a float32 .npy array
     #[arg(long)]
     pub output: PathBuf,
+    /// Print what was run as one JSON object (model, samples, shapes, output file)
+    #[arg(long)]
+    pub json: bool,
 }
 
 pub fn run(args: &RunArgs) -> Result<()> {
@@ -41,9 +44,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let Some((&n, sample)) = shape.split_first() else {
         return Err(CompileError::invalid_data("--input is a scalar; it needs a batch axis").into());
     };
-    let mut full = vec![1];
-    full.extend_from_slice(sample);
-    let expected = sample_shape(&model, Some(&full))?;
+    let expected = sample.to_vec();
     let declared = sample_shape(&model, None).unwrap_or_else(|_| expected.clone());
     if declared != expected {
         return Err(CompileError::invalid_data(format!(
@@ -70,5 +71,17 @@ pub fn run(args: &RunArgs) -> Result<()> {
         .begin_nd()?;
     writer.extend(outputs.iter().copied())?;
     writer.finish()?;
+    if args.json {
+        let report = serde_json::json!({
+            "model": args.model.display().to_string(),
+            "input": args.input.display().to_string(),
+            "output": args.output.display().to_string(),
+            "samples": n,
+            "sample_shape": sample,
+            "output_shape": [n, width],
+            "engine": "tract",
+        });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
     Ok(())
 }

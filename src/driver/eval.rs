@@ -5,7 +5,7 @@ use super::{DataOptions, DEFAULT_DATA};
 use crate::analysis::shapes::sample_shape;
 use crate::data::{self, Normalisation, Source, Split};
 use crate::error::{CompileError, ExitCode};
-use super::context::NEAR_CHANCE_FACTOR;
+use super::context::near_chance;
 use crate::eval::evaluator::{evaluate, EvalReport};
 use crate::eval::{EngineChoice, RunSpec};
 use crate::frontend::load_model;
@@ -143,14 +143,13 @@ pub fn eval(opts: &EvalOptions) -> Result<Evaluation> {
 /// `eval` measures what it is asked to, but says when the result looks like wrong inputs
 /// rather than a weak model (the commands that reduce a model refuse such an original).
 fn near_chance_warning(report: &EvalReport) -> Option<String> {
-    let chance = 1.0 / report.classes.max(1) as f64;
-    (report.accuracy < NEAR_CHANCE_FACTOR * chance).then(|| {
+    (report.accuracy < near_chance(report.classes)).then(|| {
         format!(
-            "{:.2}% is near chance for {} classes ({:.0}%): check the normalisation \
+            "{:.2}% is near chance for {} classes (chance {:.0}%): check the normalisation \
              (--scale/--mean/--std, --raw-pixels) and --data",
             100.0 * report.accuracy,
             report.classes,
-            100.0 * chance
+            100.0 / report.classes.max(1) as f64
         )
     })
 }

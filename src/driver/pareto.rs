@@ -11,7 +11,9 @@ use crate::analysis::stages::residual_adds;
 use crate::error::{CompileError, ExitCode};
 use crate::eval::evaluator::accuracy_of;
 use crate::frontend::{load_model, write_bytes_atomic, write_model_atomic};
-use crate::passes::{prepare, run_pipeline, PassContext, Pipeline, VerifyOptions};
+use crate::passes::{
+    lossy_pipeline, prepare, run_pipeline, PassContext, Pipeline, VerifyOptions, DEFAULT_PIPELINE,
+};
 use crate::report::plot::{frontier_plot, Axis, PlotPoint, Reference};
 use crate::report::thousands;
 use crate::search::criticality::criticality;
@@ -159,6 +161,34 @@ pub struct FrontierPoint {
     pub probe_accuracy: Option<f64>,
     pub file: String,
     pub config: String,
+    /// The pipeline that rebuilds this point's file from the model (`--passes`), recalibration
+    /// explicit in it; empty for learned points, which `replay` rebuilds by `linearize`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub passes: String,
+    /// The command-line arguments (after `relucompile`, before `-o FILE`) that rebuild this
+    /// point's file byte for byte.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replay: Vec<String>,
+}
+
+impl FrontierPoint {
+    /// The replay as a shell command writing `file`.
+    pub fn replay_command(&self) -> String {
+        let mut words: Vec<String> = vec!["relucompile".into()];
+        words.extend(self.replay.iter().map(|w| shell_word(w)));
+        words.push(format!("-o {}", shell_word(&self.file)));
+        words.join(" ")
+    }
+}
+
+/// `word` quoted for a POSIX shell when it holds anything but safe characters.
+fn shell_word(word: &str) -> String {
+    let safe = |c: char| c.is_ascii_alphanumeric() || "-_./=:%".contains(c);
+    if !word.is_empty() && word.chars().all(safe) {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', "'\\''"))
+    }
 }
 
 /// Points of another method (`--reference`), as its file gives them.
@@ -399,6 +429,82 @@ impl<'a> Search<'a> {
         &self.run.sample
     }
 
+    /// The pipeline `compile --passes` runs to rebuild a structural point from the model: the
+    /// one its lossy flags would run (the default pipeline, the configuration placed in it,
+    /// then recalibration), which is what [`Search::measure`] builds.
+    fn replay_passes(&self, config: &str) -> Result<String> {
+        let steps = lossy_pipeline(DEFAULT_PIPELINE, config, self.opts.recalibrate)?;
+        Ok(Pipeline::new(steps)?.text())
+    }
+
+    /// The data flags of this search, as command-line words.
+    fn data_words(&self) -> Vec<String> {
+        let opts = self.opts;
+        let mut words = vec!["--data".to_string(), opts.data.clone()];
+        words.extend(opts.data_options.describe().split_whitespace().map(String::from));
+        if let Some(shape) = &opts.input_shape {
+            let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+            words.extend(["--input-shape".into(), dims.join("x")]);
+        }
+        if let Some(l) = opts.test_limit {
+            words.extend(["--limit".into(), l.to_string()]);
+        }
+        words
+    }
+
+    /// `compile` arguments that rebuild a structural point: its pipeline on the same
+    /// calibration draw, then the same fine-tuning.
+    fn structural_replay(&self, point: &FrontierPoint) -> Vec<String> {
+        let opts = self.opts;
+        let mut words = vec![
+            opts.model.display().to_string(),
+            "--passes".into(),
+            point.passes.clone(),
+            "--calibration-images".into(),
+            opts.calibration_images.to_string(),
+            "--seed".into(),
+            opts.seed.to_string(),
+        ];
+        words.extend(self.data_words());
+        words.extend(self.training_words(opts.finetune.as_ref(), "--finetune-epochs"));
+        words
+    }
+
+    /// `linearize` arguments that rebuild a learned point: the same masks, learned and
+    /// distilled with the same recipe.
+    fn learned_replay(&self, budget: u64) -> Vec<String> {
+        let opts = self.opts;
+        let mut words = vec![
+            "linearize".to_string(),
+            opts.model.display().to_string(),
+            "--relu-budget".into(),
+            budget.to_string(),
+            "--granularity".into(),
+            opts.learned_granularity.to_string(),
+            "--mask-epochs".into(),
+            "1".into(),
+            "--mask-lr".into(),
+            DEFAULT_MASK_LR.to_string(),
+        ];
+        words.extend(self.data_words());
+        let training = opts.finetune.clone().unwrap_or_else(|| TrainOptions::epochs(1));
+        words.extend(self.training_words(Some(&training), "--epochs"));
+        words
+    }
+
+    /// The fine-tuning flags of `training` (the frontier's recipe is the default one).
+    fn training_words(&self, training: Option<&TrainOptions>, epochs_flag: &str) -> Vec<String> {
+        let Some(t) = training else { return Vec::new() };
+        let mut words = vec![epochs_flag.to_string(), t.recipe.epochs.to_string()];
+        if let Some(l) = t.train_limit {
+            words.extend(["--train-limit".into(), l.to_string()]);
+        }
+        if t.keep_trained {
+            words.push("--keep-trained".into());
+        }
+        words
+    }
+
     fn cost_of(&self, s: &crate::search::pareto::Scored) -> f64 {
         s.cost.unwrap_or_default().get(self.opts.objective)
     }
@@ -561,7 +667,10 @@ impl<'a> Search<'a> {
                 probe_accuracy,
                 file: String::new(),
                 config: label(config),
+                passes: self.replay_passes(config)?,
+                replay: Vec::new(),
             };
+            let point = FrontierPoint { replay: self.structural_replay(&point), ..point };
             out.push((model, point));
         }
         if !self.learned_budgets.is_empty() {
@@ -580,6 +689,8 @@ impl<'a> Search<'a> {
                     probe_accuracy: None,
                     file: String::new(),
                     config: learned_config(budget, opts.learned_granularity),
+                    passes: String::new(),
+                    replay: self.learned_replay(budget),
                 };
                 out.push((model, point));
             }
@@ -726,6 +837,14 @@ fn write_outputs(dir: &Path, f: &Frontier) -> Result<()> {
             p.config,
             p.file
         );
+    }
+    let replays: Vec<&FrontierPoint> = f.points.iter().filter(|p| !p.replay.is_empty()).collect();
+    if !replays.is_empty() {
+        md += "\nEach point's file, rebuilt byte for byte:\n\n```sh\n";
+        for p in replays {
+            md += &format!("{}\n", p.replay_command());
+        }
+        md += "```\n";
     }
     if let Some(r) = &f.reference {
         md += &format!("\n{}:\n\n| point | ReLUs | accuracy |\n|---|---:|---:|\n", r.name);

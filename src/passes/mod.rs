@@ -419,6 +419,17 @@ pub fn place_lossy(base: &[Step], lossy: &[Step]) -> Vec<Step> {
     steps
 }
 
+/// The pipeline of a lossy configuration: `lossy` (pipeline text) placed in `base` by phase,
+/// followed by recalibration when asked for and there is anything lossy. What `compile`'s
+/// lossy flags run, and so what a frontier point's replay names.
+pub fn lossy_pipeline(base: &str, lossy: &str, recalibrate: bool) -> Result<Vec<Step>> {
+    let mut steps = if lossy.is_empty() { Vec::new() } else { Step::parse_list(lossy)? };
+    if recalibrate && !steps.is_empty() {
+        steps.push(Step::named("recalibrate")?);
+    }
+    Ok(place_lossy(&Step::parse_list(base)?, &steps))
+}
+
 /// A parsed pipeline: steps with their passes built, printable back as text.
 pub struct Pipeline {
     pub steps: Vec<(Step, Box<dyn Pass>)>,

@@ -16,7 +16,7 @@ use crate::eval::compare::argmax;
 use crate::eval::evaluator::predict;
 use crate::ir::Model;
 use crate::passes::{
-    place_lossy, run_pipeline, PassContext, Pipeline, Step, VerifyOptions, AFTER_STRUCTURAL,
+    lossy_pipeline, run_pipeline, PassContext, Pipeline, VerifyOptions, AFTER_STRUCTURAL,
 };
 use anyhow::Result;
 use candidates::{CullSubsets, CHANNEL_THRESHOLDS};
@@ -64,12 +64,8 @@ impl Candidate {
 /// `relucompile` would compile it.
 pub fn build_candidate(base: &Model, lossy: &str, ctx: &PassContext) -> Result<(Model, u64)> {
     let mut m = base.clone();
-    let mut steps = if lossy.is_empty() { Vec::new() } else { Step::parse_list(lossy)? };
-    if ctx.reference.is_some() && !steps.is_empty() {
-        steps.push(Step::named("recalibrate")?);
-    }
-    let base_steps = Step::parse_list(AFTER_STRUCTURAL)?;
-    let pipeline = Pipeline::new(place_lossy(&base_steps, &steps))?;
+    let steps = lossy_pipeline(AFTER_STRUCTURAL, lossy, ctx.reference.is_some())?;
+    let pipeline = Pipeline::new(steps)?;
     run_pipeline(&mut m, &pipeline, ctx, &VerifyOptions::default())?;
     let relus = census(&m, &ctx.sample)?.total_relus;
     Ok((m, relus))

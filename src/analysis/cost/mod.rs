@@ -56,6 +56,10 @@ pub struct CostEstimate {
     pub rounds: f64,
     pub seconds: f64,
     pub layers: Vec<LayerCost>,
+    /// Set when the graph holds nonlinearities the model has no price for: the estimate
+    /// leaves them out, so the true cost is higher.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
 }
 
 impl CostModel {
@@ -123,6 +127,61 @@ impl CostModel {
             + self.seconds_per_round * self.rounds_fixed
             + self.seconds_per_operator * census.operators as f64
             + layers.iter().map(|l| l.seconds).sum::<f64>();
-        CostEstimate { engine: self.engine.clone(), bytes, rounds, seconds, layers }
+        let warning = unpriced_warning(census);
+        CostEstimate { engine: self.engine.clone(), bytes, rounds, seconds, layers, warning }
+    }
+}
+
+/// The warning for nonlinearities the cost model does not price, naming each operator with
+/// its node count and elements per image.
+fn unpriced_warning(census: &Census) -> Option<String> {
+    if census.unpriced.is_empty() {
+        return None;
+    }
+    let mut ops: Vec<(&str, usize, u64)> = Vec::new();
+    for n in &census.unpriced {
+        match ops.iter_mut().find(|(op, _, _)| *op == n.op) {
+            Some(entry) => {
+                entry.1 += 1;
+                entry.2 += n.elements;
+            }
+            None => ops.push((&n.op, 1, n.elements)),
+        }
+    }
+    let list: Vec<String> = ops
+        .iter()
+        .map(|(op, nodes, elements)| {
+            format!("{op} ({nodes} node{}, {elements} elements)", if *nodes == 1 { "" } else { "s" })
+        })
+        .collect();
+    Some(format!(
+        "the cost model has no price for {}: the estimate counts them as free, so the real \
+         PI cost is higher",
+        list.join(", ")
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::analysis::census::UnpricedNode;
+
+    #[test]
+    fn unpriced_nonlinearities_are_named_not_counted_free() {
+        let model = CostModel::load("crypten").unwrap();
+        let mut census = crate::analysis::census::census(
+            &crate::frontend::load_model(std::path::Path::new(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/models/vgg.onnx"
+            )))
+            .unwrap(),
+            &[1, 28, 28],
+        )
+        .unwrap();
+        assert_eq!(model.estimate(&census).warning, None);
+        let node = |op: &str, elements| UnpricedNode { name: op.into(), op: op.into(), elements };
+        census.unpriced = vec![node("Sigmoid", 10), node("Sigmoid", 5), node("Softmax", 10)];
+        let warning = model.estimate(&census).warning.unwrap();
+        assert!(warning.contains("Sigmoid (2 nodes, 15 elements), Softmax (1 node, 10 elements)"), "{warning}");
     }
 }
