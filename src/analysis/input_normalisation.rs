@@ -47,7 +47,8 @@ mod tests {
     fn graph(ops: &[(&str, bool)]) -> Graph {
         let mut g = Graph::default();
         for name in ["x", "y"] {
-            g.inputs.push(tract_onnx::pb::ValueInfoProto { name: name.into(), ..Default::default() });
+            g.inputs
+                .push(tract_onnx::pb::ValueInfoProto { name: name.into(), ..Default::default() });
         }
         let mut value = "x".to_string();
         for (i, (op, constant)) in ops.iter().enumerate() {
@@ -78,7 +79,8 @@ mod tests {
         assert_eq!(in_graph_normalisation(&graph(&[("Relu", false), ("Conv", true)])), None);
         assert_eq!(in_graph_normalisation(&graph(&[("Sub", false), ("Conv", true)])), None);
         // Cast passes values through.
-        let found = in_graph_normalisation(&graph(&[("Cast", false), ("Sub", true), ("Conv", true)]));
+        let found =
+            in_graph_normalisation(&graph(&[("Cast", false), ("Sub", true), ("Conv", true)]));
         assert_eq!(found.map(|f| f.len()), Some(1));
     }
 }

@@ -217,9 +217,13 @@ mod tests {
         for sub in cli.get_subcommands_mut() {
             let help = sub.render_long_help().to_string();
             assert!(
-                help.contains("Exit codes:") && help.contains("7  the accuracy gate"),
+                help.contains("Exit codes:")
+                    && help.contains("7  the accuracy gate")
+                    && help.contains("8  the pixel normalisation"),
                 "{help}"
             );
+            // Every command prints its report as JSON on request.
+            assert!(help.contains("--json"), "{} has no --json", sub.get_name());
         }
     }
 }

@@ -297,8 +297,12 @@ mod tests {
     #[test]
     fn normalises_and_limits() {
         let dir = idx_dir(5, 2, 2, true);
-        let norm =
-            Normalisation { scale: 1.0 / 255.0, mean: vec![0.5], std: vec![0.25], source: crate::data::NormalisationSource::Flags };
+        let norm = Normalisation {
+            scale: 1.0 / 255.0,
+            mean: vec![0.5],
+            std: vec![0.25],
+            source: crate::data::NormalisationSource::Flags,
+        };
         let d = load(&spec(&dir), Split::Train, Some(3), &norm).unwrap();
         assert_eq!(d.len(), 3);
         assert_eq!(d.images.len(), 12);

@@ -28,8 +28,7 @@ pub use cifar::Cifar;
 pub use fit::{CropSize, Fit};
 pub use normalise::{
     model_normalisation, normalisation_for, parse_floats, try_normalisation_for, Normalisation,
-    NormalisationSource,
-    PartialNormalisation, DEFAULT_SCALE, META_MEAN, META_SCALE, META_STD,
+    NormalisationSource, PartialNormalisation, DEFAULT_SCALE, META_MEAN, META_SCALE, META_STD,
 };
 pub use random::random_inputs;
 

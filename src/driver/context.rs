@@ -218,3 +218,12 @@ impl RunData {
         Ok(outputs)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn near_chance_is_three_times_chance_capped_for_few_classes() {
+        let close = |classes, want: f64| (super::near_chance(classes) - want).abs() < 1e-12;
+        assert!(close(10, 0.28) && close(2, 0.6) && close(100, 0.03) && close(1000, 0.003));
+    }
+}

@@ -1,11 +1,11 @@
 //! Top-1 accuracy and throughput of a model under tract, optionally against a reference model
 //! (`relucompile eval`).
 
+use super::context::near_chance;
 use super::{DataOptions, DEFAULT_DATA};
 use crate::analysis::shapes::sample_shape;
 use crate::data::{self, Normalisation, Source, Split};
 use crate::error::{CompileError, ExitCode};
-use super::context::near_chance;
 use crate::eval::evaluator::{evaluate, EvalReport};
 use crate::eval::{EngineChoice, RunSpec};
 use crate::frontend::load_model;
@@ -109,7 +109,8 @@ pub fn eval(opts: &EvalOptions) -> Result<Evaluation> {
             .data_options
             .normalisation(m)
             .with_context(|| format!("reading the normalisation of {}", path.display()))?;
-        let differs = (ref_norm.scale, &ref_norm.mean, &ref_norm.std) != (norm.scale, &norm.mean, &norm.std);
+        let differs =
+            (ref_norm.scale, &ref_norm.mean, &ref_norm.std) != (norm.scale, &norm.mean, &norm.std);
         if !ref_norm.explicit()
             && ref_norm.source.is_known()
             && differs

@@ -66,7 +66,8 @@ pub struct FinetuneReport {
     pub epochs: Vec<EpochRecord>,
     pub test_images: usize,
     pub teacher_accuracy: f64,
-    /// The student as given, before the refit (absent when the recipe does not refit).
+    /// The student as given, before the refit (`finetune` measures it when the recipe refits;
+    /// inside compile, pareto and linearize the student was never a file).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub accuracy_input: Option<f64>,
     /// Where training started: the student after the refit.
@@ -86,9 +87,11 @@ pub struct FinetuneReport {
     pub normalisation: crate::data::Normalisation,
 }
 
-/// Training images the end-of-run check compares the start and the trained student on:
-/// enough that one image is 0.05 points.
+/// Training images the end-of-run check compares the start and the trained student on: as many
+/// as the run trains on, within these bounds (at 2,048 one image is 0.05 points; a short test
+/// run of 256 images checking on 2,048 took more than twice as long as without the check).
 pub const GUARD_IMAGES: usize = 2048;
+pub const GUARD_MIN_IMAGES: usize = 512;
 
 /// Did training end above where it started? Measured on training images it did not see
 /// (beyond `--train-limit`) or, when it saw the whole split, on its first images.
@@ -174,13 +177,8 @@ pub fn finetune_model(
         )
     });
     let written = if keep_start { start.clone() } else { tuned };
-    let after =
-        evaluate(&written, "written", Some((&start, "start")), &test, spec, progress)?;
+    let after = evaluate(&written, "written", Some((&start, "start")), &test, spec, progress)?;
     let before = after.reference.as_ref().context("no reference evaluation")?.accuracy;
-    let accuracy_input = match training.recipe.recalibrate {
-        true => Some(evaluate(student, "input", None, &test, spec, progress)?.accuracy),
-        false => None,
-    };
     let relus = census(&written, sample)?.total_relus;
     let report = FinetuneReport {
         options: training.recipe.clone(),
@@ -188,7 +186,7 @@ pub fn finetune_model(
         epochs: result.history,
         test_images: test.len(),
         teacher_accuracy: accuracy_of(&teacher_outputs, &test),
-        accuracy_input,
+        accuracy_input: None,
         accuracy_before: before,
         accuracy_after: after.accuracy,
         guard,
@@ -200,20 +198,22 @@ pub fn finetune_model(
     Ok((written, report))
 }
 
-/// The training images (the first `limit`) and the images the end-of-run check uses: the
-/// [`GUARD_IMAGES`] after them when the split has them (held out), else its first images.
+/// The training images (the first `limit`) and the images the end-of-run check uses: as many
+/// as the run trains on (within [`GUARD_MIN_IMAGES`]..[`GUARD_IMAGES`]) after them when the
+/// split has them (held out), else its first images.
 fn training_and_guard_images(
     run: &RunData,
     limit: Option<usize>,
 ) -> Result<(Arc<Dataset>, Dataset, bool)> {
+    let guard_len = limit.map_or(GUARD_IMAGES, |l| l.clamp(GUARD_MIN_IMAGES, GUARD_IMAGES));
     if let Some(l) = limit {
-        let wider = run.train(Some(l + GUARD_IMAGES))?;
+        let wider = run.train(Some(l + guard_len))?;
         if wider.len() > l {
             return Ok((run.train(Some(l))?, wider.subset(l..wider.len()), true));
         }
     }
     let train = run.train(limit)?;
-    let guard = train.subset(0..train.len().min(GUARD_IMAGES));
+    let guard = train.subset(0..train.len().min(guard_len));
     Ok((train, guard, false))
 }
 
@@ -225,8 +225,13 @@ pub fn finetune(job: &FinetuneJob) -> Result<FinetuneReport> {
     let sample = sample_shape(&student, None)?;
     let run =
         RunData::new(teacher, sample, "the teacher", (&job.data, &job.data_options), job.limit);
-    let (mut tuned, report) = finetune_model(&student, &run, &job.training, job.progress)
+    let (mut tuned, mut report) = finetune_model(&student, &run, &job.training, job.progress)
         .with_context(|| format!("fine-tuning {}", job.model.display()))?;
+    if job.training.recipe.recalibrate {
+        let test = run.test()?;
+        let input = evaluate(&student, "input", None, &test, RunSpec::default(), job.progress)?;
+        report.accuracy_input = Some(input.accuracy);
+    }
     run.record_normalisation(&mut tuned);
     write_model_atomic(&job.output, &tuned)?;
     Ok(report)

@@ -103,8 +103,6 @@ pub fn linearize(job: &LinearizeJob) -> Result<LinearizeReport> {
         .map_err(|e| usage(format!("--relu-budget: {e}")))?
         .limit as u64;
     let run = RunData::new(model, sample, "the model", (&job.data, &job.data_options), job.limit);
-    // Measured first: an unstated normalisation or a model near chance stops here (exit 8).
-    run.original_on_test(job.progress)?;
     let learned = LearnedMasks {
         run: &run,
         budget,
@@ -175,6 +173,8 @@ impl LearnedMasks<'_> {
             Some(dir) => read_mask_checkpoint(dir, &self.checkpoint_key())?,
             None => None,
         };
+        // Measured before any training: a model near chance on the data stops here (exit 8).
+        self.run.original_on_test(self.progress)?;
         let masks = match resumed {
             Some(done) => done,
             None => {

@@ -395,12 +395,8 @@ impl<'a> Search<'a> {
             (&opts.data, &opts.data_options),
             opts.test_limit,
         );
-        // Before anything is written: an unstated normalisation or an original near chance
-        // stops the search (exit 8).
-        run.original_on_test(opts.progress)?;
-        std::fs::create_dir_all(&opts.output).with_context(|| {
-            format!("cannot create the output directory {}", opts.output.display())
-        })?;
+        // An unstated normalisation stops the search before anything is read or written.
+        run.normalisation()?;
         let key = SearchKey {
             model_fnv64: fnv64(&std::fs::read(&opts.model)?),
             seed: opts.seed,
@@ -412,7 +408,14 @@ impl<'a> Search<'a> {
             recalibrate: opts.recalibrate,
             dimensions: opts.dimensions,
         };
-        check_resume(&opts.output, &key)?;
+        check_resume(&opts.output, &key, false)?;
+        // Measured before anything is written: an original near chance on the data stops the
+        // search here (exit 8).
+        run.original_on_test(opts.progress)?;
+        std::fs::create_dir_all(&opts.output).with_context(|| {
+            format!("cannot create the output directory {}", opts.output.display())
+        })?;
+        check_resume(&opts.output, &key, true)?;
         Ok(Search {
             opts,
             cost_model,
@@ -647,12 +650,26 @@ impl<'a> Search<'a> {
             keep
         };
         let mut out = Vec::new();
-        for k in keep {
+        let started = std::time::Instant::now();
+        let to_train = if opts.finetune.is_some() { keep.len() } else { 0 };
+        for (done, k) in keep.into_iter().enumerate() {
             let (model, cost, acc) = &measured[k];
             let (scored_ix, probe_accuracy) = chosen[k];
             let config = &s.scored[scored_ix].config;
             let (model, acc, before) = if opts.finetune.is_some() {
                 let (tuned, after) = finetuned_point(opts, &self.run, model, config)?;
+                crate::eval::evaluator::progress_line(opts.progress, || {
+                    let elapsed = started.elapsed().as_secs_f64();
+                    let left = elapsed / (done + 1) as f64 * (to_train - done - 1) as f64;
+                    format!(
+                        "trained point {}/{to_train} ({}): {:.2}% -> {:.2}%, {elapsed:.0} s \
+                         elapsed, ETA {left:.0} s",
+                        done + 1,
+                        label(config),
+                        100.0 * acc,
+                        100.0 * after
+                    )
+                });
                 (tuned, after, Some(*acc))
             } else {
                 (model.clone(), *acc, None)
@@ -766,7 +783,9 @@ impl<'a> Search<'a> {
     }
 }
 
-fn check_resume(dir: &Path, key: &SearchKey) -> Result<()> {
+/// Refuse a directory holding another search; with `record`, write this search's key into a
+/// directory that holds none.
+fn check_resume(dir: &Path, key: &SearchKey, record: bool) -> Result<()> {
     let path = dir.join("search.json");
     match std::fs::read_to_string(&path) {
         Ok(text) => {
@@ -786,7 +805,10 @@ fn check_resume(dir: &Path, key: &SearchKey) -> Result<()> {
             }
             Ok(())
         }
-        Err(_) => write_bytes_atomic(&path, serde_json::to_string_pretty(key)?.as_bytes()),
+        Err(_) if record => {
+            write_bytes_atomic(&path, serde_json::to_string_pretty(key)?.as_bytes())
+        }
+        Err(_) => Ok(()),
     }
 }
 

@@ -301,6 +301,14 @@ pub fn progress_bar(len: usize, label: &str, show: bool) -> ProgressBar {
     counted_progress_bar(len, label, "images", show)
 }
 
+/// A milestone (an epoch, a trained point) as one line on stderr when progress is shown and
+/// stderr is not a terminal: a pipeline's log sees every one, where a terminal has its bars.
+pub fn progress_line(show: bool, line: impl FnOnce() -> String) {
+    if show && !std::io::stderr().is_terminal() {
+        eprintln!("{}", line());
+    }
+}
+
 /// A progress bar counting `unit`s (images, candidates) with their rate and an ETA.
 pub fn counted_progress_bar(
     len: usize,

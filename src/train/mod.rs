@@ -401,6 +401,17 @@ impl Distiller<'_> {
         }
         bar.finish_and_clear();
         let seconds = started.elapsed().as_secs_f64();
+        crate::eval::evaluator::progress_line(self.progress, || {
+            format!(
+                "epoch {}/{} done: loss {:.4}, train accuracy {:.2}%, {:.0} img/s, {:.1} s",
+                epoch + 1,
+                opts.epochs,
+                loss_sum / seen as f64,
+                100.0 * correct as f64 / seen as f64,
+                seen as f64 / seconds,
+                seconds
+            )
+        });
         Ok(EpochRecord {
             epoch: epoch + 1,
             loss: loss_sum / seen as f64,

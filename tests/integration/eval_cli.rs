@@ -289,8 +289,74 @@ fn normalisation_in_the_graph_runs_natively_at_the_original_accuracy() {
     let ours = eval_json(&[path_str(&variant), "--limit", "1000"]);
     let theirs = eval_json(&[path_str(&original), "--limit", "1000"]);
     assert_eq!(ours["engine"], "native", "{ours}");
+    // Found in the graph: fed pixels scaled to [0, 1], and the report says why.
+    assert_eq!(ours["normalisation"]["source"], "in-graph", "{ours}");
+    assert_eq!(ours["normalisation"]["mean"], serde_json::json!([0.0]), "{ours}");
+    assert_eq!(theirs["normalisation"]["source"], "metadata", "{theirs}");
     let (a, b) = (ours["accuracy"].as_f64().unwrap(), theirs["accuracy"].as_f64().unwrap());
     // Normalising in the graph rounds differently from normalising while loading: a prediction
     // may flip, not more.
     assert!((a - b).abs() <= 0.002, "in-graph {a} against metadata {b}");
+}
+
+/// The shipped ResNet with its normalisation metadata removed, as a plain export gives it. A
+/// lossy compile is refused before any work (exit 8, nothing written) with a message naming
+/// the flags; stating the wrong normalisation (`--raw-pixels`) leaves the original near chance
+/// and is refused the same way (`eval` measures it and warns); the right `--mean/--std`
+/// compiles, and the output carries them, so `eval` needs no flags.
+#[test]
+fn a_model_without_normalisation_is_refused_until_it_is_stated() {
+    if !have_fashion_mnist("a_model_without_normalisation_is_refused_until_it_is_stated") {
+        return;
+    }
+    let mut model =
+        relucompile::frontend::load_model(&root().join("models/resnet18w16.onnx")).unwrap();
+    let meta =
+        |key: &str| model.metadata_props.iter().find(|e| e.key == key).unwrap().value.clone();
+    let (mean, std) = (meta("relucompile.mean"), meta("relucompile.std"));
+    model.metadata_props.retain(|e| !e.key.starts_with("relucompile."));
+    let dir = tempfile::tempdir().unwrap();
+    let variant = dir.path().join("plain_export.onnx");
+    relucompile::frontend::write_model_atomic(&variant, &model).unwrap();
+    let out = dir.path().join("out.onnx");
+    let compile = |extra: &[&str]| {
+        let mut args = vec![path_str(&variant), "-o", path_str(&out), "--cull", "1"];
+        args.extend_from_slice(&["--limit", "200", "--calibration-images", "128", "--no-progress"]);
+        args.extend_from_slice(extra);
+        relucompile(&args)
+    };
+    let started = std::time::Instant::now();
+    let refused = compile(&["--max-drop", "1.5"]);
+    let err = text(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(8), "{err}");
+    for needed in ["plain_export.onnx", "--mean", "--std", "--raw-pixels", "Nothing was written"] {
+        assert!(err.contains(needed), "{needed} not in: {err}");
+    }
+    assert!(started.elapsed().as_secs_f64() < 5.0, "refused after {:?}", started.elapsed());
+    assert!(!out.exists());
+
+    let wrong = compile(&["--raw-pixels"]);
+    let err = text(&wrong.stderr);
+    assert_eq!(wrong.status.code(), Some(8), "{err}");
+    assert!(err.contains("near chance") && err.contains("--data"), "{err}");
+    assert!(!out.exists());
+    let measured = eval_json(&[path_str(&variant), "--raw-pixels", "--limit", "200"]);
+    assert!(measured["warning"].as_str().unwrap().contains("near chance"), "{measured}");
+    assert_eq!(measured["normalisation"]["source"], "raw-pixels", "{measured}");
+
+    let stated = compile(&["--mean", &mean, "--std", &std, "--json"]);
+    assert!(stated.status.success(), "{}", text(&stated.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&stated.stdout).unwrap();
+    let accuracy = &report["accuracy"];
+    assert_eq!(accuracy["normalisation"]["source"], "flags", "{accuracy}");
+    assert!(accuracy["before"].as_f64().unwrap() > 0.9, "{accuracy}");
+    let written = relucompile::frontend::load_model(&out).unwrap();
+    let entry =
+        |key: &str| written.metadata_props.iter().find(|e| e.key == key).map(|e| e.value.clone());
+    assert_eq!(entry("relucompile.mean").as_deref(), Some(mean.as_str()));
+    assert_eq!(entry("relucompile.std").as_deref(), Some(std.as_str()));
+    assert_eq!(entry("relucompile.scale").map(|s| s.parse::<f32>().unwrap()), Some(1.0 / 255.0));
+    let again = eval_json(&[path_str(&out), "--limit", "200"]);
+    assert_eq!(again["normalisation"]["source"], "metadata", "{again}");
+    assert_eq!(again["accuracy"], accuracy["after"], "{again}");
 }

@@ -100,7 +100,9 @@ fn runs_repeat_and_checkpoints_resume() {
     let reduced = reduced(dir.path());
     let (a, b) = (dir.path().join("a.onnx"), dir.path().join("b.onnx"));
     let ckpt = dir.path().join("ckpt");
-    let flags = ["--train-limit", "96", "--limit", "32"];
+    // --keep-trained: so short a run may end below its start, and this test is about the
+    // trained bytes, not the guard.
+    let flags = ["--train-limit", "96", "--limit", "32", "--keep-trained"];
     let mut first = vec!["--epochs", "1", "--checkpoint-dir", ckpt.to_str().unwrap()];
     first.extend_from_slice(&flags);
     let ra = finetune(&reduced, &a, &first);
@@ -149,4 +151,51 @@ fn compile_fine_tunes_with_finetune_epochs() {
         relucompile(&["models/vgg.onnx", "-o", out.to_str().unwrap(), "--finetune-epochs", "1"]);
     assert_eq!(o.code, 2, "{}", o.stderr);
     assert!(o.stderr.contains("--finetune-epochs"), "{}", o.stderr);
+}
+
+/// A short run with the default recipe (refit, then distil) on 1,024 images: the report's
+/// start is the refitted student's accuracy, not the input's, and the run ends at or above it
+/// on 1,024 held-out training images, or writes the refitted student with a warning. A run
+/// that wrecks the network (peak rate 0.5) writes the refitted student unless --keep-trained.
+#[test]
+fn a_short_finetune_starts_from_the_refit_and_never_ends_below_it() {
+    let dir = tmpdir();
+    let reduced = reduced(dir.path());
+    let out = dir.path().join("short.onnx");
+    let r = finetune(&reduced, &out, &["--epochs", "2", "--train-limit", "1024", "--limit", "500"]);
+    let acc = |v: &serde_json::Value, key: &str| v[key].as_f64().unwrap();
+    let (input, start, end) =
+        (acc(&r, "accuracy_input"), acc(&r, "accuracy_before"), acc(&r, "accuracy_after"));
+    assert!(start > input, "the refit ({start}) should lift the culled input ({input})");
+    let guard = &r["guard"];
+    assert_eq!((guard["images"].as_u64(), guard["held_out"].as_bool()), (Some(1024), Some(true)));
+    if guard["kept"] == "trained" {
+        assert!(acc(guard, "accuracy_trained") >= acc(guard, "accuracy_start"), "{guard}");
+        assert!(r["warning"].is_null(), "{r}");
+        // On the 500 test images a held-out gain may still show as a loss of a few images.
+        assert!(end >= start - 0.01, "ended at {end}, started at {start}");
+    } else {
+        assert!(r["warning"].as_str().unwrap().contains("--keep-trained"), "{r}");
+        assert_eq!(end, start);
+    }
+
+    let wreck = ["--epochs", "1", "--train-limit", "256", "--limit", "500", "--lr", "0.5"];
+    let wrecked = dir.path().join("wrecked.onnx");
+    let w = finetune(&reduced, &wrecked, &wreck);
+    assert_eq!(w["guard"]["kept"], "start", "{w}");
+    assert!(w["warning"].as_str().unwrap().contains("ended below its start"), "{w}");
+    assert_eq!(acc(&w, "accuracy_after"), acc(&w, "accuracy_before"));
+    // What was written is the refitted student: its accuracy is the report's start.
+    let measured = relucompile_json(&[
+        "eval",
+        wrecked.to_str().unwrap(),
+        "--limit",
+        "500",
+        "--json",
+        "--no-progress",
+    ]);
+    assert_eq!(measured["accuracy"].as_f64(), w["accuracy_before"].as_f64(), "{measured}");
+    let kept = finetune(&reduced, &wrecked, &[&wreck[..], &["--keep-trained"]].concat());
+    assert_eq!(kept["guard"]["kept"], "trained", "{kept}");
+    assert!(acc(&kept, "accuracy_after") < acc(&kept, "accuracy_before"), "{kept}");
 }

@@ -6,6 +6,7 @@ mod bad_input;
 mod census;
 mod common;
 mod compile_cli;
+mod conventions;
 mod corpus;
 mod data_formats;
 mod dimensions;

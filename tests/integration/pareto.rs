@@ -25,12 +25,16 @@ fn pareto_of(model: &str, dir: &std::path::Path, extra: &[&str]) -> serde_json::
         "--cull-search",
         "prefixes",
         "--no-dimensions",
-        "--no-progress",
+        "--json",
     ];
     args.extend_from_slice(extra);
     let o = relucompile(&args);
     assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
-    serde_json::from_str(&std::fs::read_to_string(dir.join("frontier.json")).unwrap()).unwrap()
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("frontier.json")).unwrap()).unwrap();
+    let printed: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(printed, written, "--json prints what frontier.json holds");
+    written
 }
 
 #[test]
@@ -161,6 +165,29 @@ fn criticality_orders_every_stage() {
 /// max-pool replacement reaches the frontier (pooling is most of this network's PI cost), and
 /// the points match the golden: configurations, ReLUs and estimated costs exactly, accuracy
 /// within 0.3 points (500 test images).
+/// Every point's replay (shown in frontier.md) rebuilds its file byte for byte, with the
+/// recalibration explicit in its --passes.
+fn assert_points_replay(dir: &std::path::Path, points: &[serde_json::Value]) {
+    let md = std::fs::read_to_string(dir.join("frontier.md")).unwrap();
+    for p in points {
+        let file = p["file"].as_str().unwrap();
+        let replay: Vec<&str> =
+            p["replay"].as_array().unwrap().iter().map(|w| w.as_str().unwrap()).collect();
+        if p["config"] != "original" {
+            assert!(p["passes"].as_str().unwrap().contains("recalibrate"), "{p}");
+        }
+        assert!(md.contains(&format!("-o {file}\n")), "{file} has no replay in:\n{md}");
+        let rebuilt = dir.join("replayed.onnx");
+        let mut args = replay.clone();
+        args.extend_from_slice(&["-o", rebuilt.to_str().unwrap(), "--no-progress"]);
+        let o = relucompile(&args);
+        assert_eq!(o.code, 0, "{args:?}: {}", o.stderr);
+        let original = std::fs::read(dir.join(file)).unwrap();
+        assert!(std::fs::read(&rebuilt).unwrap() == original, "replaying {file} differs: {args:?}");
+        std::fs::remove_file(&rebuilt).unwrap();
+    }
+}
+
 #[test]
 fn latency_frontier_of_the_vgg_matches_its_golden() {
     let dir = tmpdir();
@@ -186,6 +213,7 @@ fn latency_frontier_of_the_vgg_matches_its_golden() {
         points.iter().any(|p| p["config"].as_str().unwrap().contains("maxpool-to-avgpool")),
         "{f}"
     );
+    assert_points_replay(dir.path(), points);
     let cheapest = points.iter().map(|p| num(p, "seconds")).fold(f64::INFINITY, f64::min);
     assert!(cheapest < 0.5 * num(&f["original"], "seconds"), "{f}");
     let summary: Vec<serde_json::Value> = points

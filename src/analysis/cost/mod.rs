@@ -151,7 +151,10 @@ fn unpriced_warning(census: &Census) -> Option<String> {
     let list: Vec<String> = ops
         .iter()
         .map(|(op, nodes, elements)| {
-            format!("{op} ({nodes} node{}, {elements} elements)", if *nodes == 1 { "" } else { "s" })
+            format!(
+                "{op} ({nodes} node{}, {elements} elements)",
+                if *nodes == 1 { "" } else { "s" }
+            )
         })
         .collect();
     Some(format!(
@@ -182,6 +185,9 @@ mod tests {
         let node = |op: &str, elements| UnpricedNode { name: op.into(), op: op.into(), elements };
         census.unpriced = vec![node("Sigmoid", 10), node("Sigmoid", 5), node("Softmax", 10)];
         let warning = model.estimate(&census).warning.unwrap();
-        assert!(warning.contains("Sigmoid (2 nodes, 15 elements), Softmax (1 node, 10 elements)"), "{warning}");
+        assert!(
+            warning.contains("Sigmoid (2 nodes, 15 elements), Softmax (1 node, 10 elements)"),
+            "{warning}"
+        );
     }
 }
