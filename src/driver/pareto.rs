@@ -169,6 +169,10 @@ pub struct FrontierPoint {
     /// point's file byte for byte.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub replay: Vec<String>,
+    /// A learned point's binary masks (relative to the frontier's directory), which the
+    /// `relu-masks` pass applies to another graph.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub masks: String,
 }
 
 impl FrontierPoint {
@@ -686,6 +690,7 @@ impl<'a> Search<'a> {
                 config: label(config),
                 passes: self.replay_passes(config)?,
                 replay: Vec::new(),
+                masks: String::new(),
             };
             let point = FrontierPoint { replay: self.structural_replay(&point), ..point };
             out.push((model, point));
@@ -694,7 +699,7 @@ impl<'a> Search<'a> {
             // The learned points distil from the prepared graph, on the same images.
             let run = self.run.with_original(self.base.clone());
             for &budget in &self.learned_budgets {
-                let (model, after, before) = learned_point(opts, &run, budget)?;
+                let (model, after, before, masks) = learned_point(opts, &run, budget)?;
                 let cost = Cost::of(&model, self.sample(), &self.cost_model)?;
                 let point = FrontierPoint {
                     relus: cost.relus,
@@ -708,6 +713,7 @@ impl<'a> Search<'a> {
                     config: learned_config(budget, opts.learned_granularity),
                     passes: String::new(),
                     replay: self.learned_replay(budget),
+                    masks,
                 };
                 out.push((model, point));
             }
@@ -992,11 +998,13 @@ fn learned_config(budget: u64, granularity: Granularity) -> String {
 /// One learned-mask point at `budget` ReLUs: (distilled graph, its test accuracy, the test
 /// accuracy of the binarised graph before distillation). Kept under `learned/` like
 /// [`finetuned_point`]; the mask phase and the distillation checkpoint there as they go.
+/// A learned point: its graph, accuracy after and before distillation, and where its masks
+/// are (relative to the frontier's directory).
 fn learned_point(
     opts: &ParetoOptions,
     run: &RunData,
     budget: u64,
-) -> Result<(crate::ir::Model, f64, f64)> {
+) -> Result<(crate::ir::Model, f64, f64, String)> {
     let progress = opts.progress;
     let mut training = opts.finetune.clone().unwrap_or_else(|| TrainOptions::epochs(1));
     let granularity = opts.learned_granularity;
@@ -1032,7 +1040,9 @@ fn learned_point(
         let f = &learned.finetune;
         Ok((learned.model, f.accuracy_after, Some(f.accuracy_before)))
     })?;
-    Ok((model, after, before.unwrap_or(f64::NAN)))
+    let masks = format!("learned/{key}/masks.json");
+    let masks = if opts.output.join(&masks).is_file() { masks } else { String::new() };
+    Ok((model, after, before.unwrap_or(f64::NAN), masks))
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ mod maxpool_to_avgpool;
 mod nonneg_relu;
 pub mod recalibrate;
 mod relu_after_maxpool;
+mod relu_masks;
 mod resolution;
 mod thin;
 mod width;
@@ -290,6 +291,14 @@ pub const REGISTRY: &[PassInfo] = &[
         needs: Needs::Nothing,
         description: "thin(bottom|top|alternate[,stages]): drop the ReLU after each residual add (bottom), after each block's first conv (top), or every other ReLU layer (alternate)",
         make: thin::Thin::from_args,
+    },
+    PassInfo {
+        name: "relu-masks",
+        lossless: false,
+        phase: Phase::Structural,
+        needs: Needs::Nothing,
+        description: "relu-masks(masks.json): keep ReLUs only on the units (channels or positions) a learned mask file names (linearize's checkpoint, pareto --learned's points); the weights are not changed",
+        make: relu_masks::ReluMasks::from_args,
     },
     PassInfo {
         name: "resolution",

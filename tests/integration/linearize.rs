@@ -136,6 +136,23 @@ fn a_count_budget_is_met_checkpoints_resume_and_bad_budgets_are_usage_errors() {
     for file in ["masked.onnx", "masks.json", "student.onnx", "state.json"] {
         assert!(ckpt.join(file).exists(), "no {file} in the checkpoint");
     }
+    // The saved masks, applied to the original by a pipeline step, give the same ReLU layout.
+    let applied = dir.path().join("applied.onnx");
+    let masks = ckpt.join("masks.json");
+    let passes = format!("const-fold,identity-elim,fold-bn,relu-masks({}),dce", masks.display());
+    let o = relucompile(&[
+        "models/vgg.onnx",
+        "-o",
+        applied.to_str().unwrap(),
+        "--passes",
+        &passes,
+        "--no-eval",
+    ]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let ours = relucompile_json(&["inspect", applied.to_str().unwrap(), "--json"]);
+    let theirs = relucompile_json(&["inspect", out.to_str().unwrap(), "--json"]);
+    assert_eq!(ours["total_relus"], after, "{ours}");
+    assert_eq!(ours["nodes"], theirs["nodes"]);
     // Resumed for a second epoch of distillation: the masks come from the checkpoint, and so
     // does the first epoch's record.
     let resumed = dir.path().join("resumed.onnx");
