@@ -117,6 +117,9 @@ impl From<&ParetoArgs> for ParetoOptions {
 pub fn run(args: &ParetoArgs) -> Result<()> {
     let started = std::time::Instant::now();
     let frontier = pareto(&args.into())?;
+    if let Some(w) = &frontier.cost_warning {
+        eprintln!("warning: {w}");
+    }
     if args.reporting.json {
         println!("{}", serde_json::to_string_pretty(&frontier)?);
         return Ok(());

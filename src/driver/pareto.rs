@@ -286,6 +286,10 @@ pub struct Frontier {
     /// How pixels became the inputs, and what states it (recorded in every point's file).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub normalisation: Option<crate::data::Normalisation>,
+    /// Set when the model holds nonlinearities the cost model has no price for: the bytes and
+    /// latency estimates leave them out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_warning: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -340,6 +344,8 @@ struct Search<'a> {
     opts: &'a ParetoOptions,
     cost_model: CostModel,
     original_cost: Cost,
+    /// The cost model's warning about nonlinearities it does not price.
+    cost_warning: Option<String>,
     /// The original, prepared (BatchNorm folded): the graph candidates are cut from.
     base: crate::ir::Model,
     run: RunData,
@@ -370,7 +376,9 @@ impl<'a> Search<'a> {
         let original = load_model(&opts.model)?;
         let sample = sample_shape(&original, opts.input_shape.as_deref())?;
         let base = prepare(&original, &PassContext::new(sample.clone()))?;
-        let original_cost = Cost::of(&original, &sample, &cost_model)?;
+        let original_census = crate::analysis::census::census(&original, &sample)?;
+        let original_cost = Cost::from_census(&original_census, &cost_model);
+        let cost_warning = cost_model.estimate(&original_census).warning;
         let reference = opts.reference.as_deref().map(ReferenceSet::load).transpose()?;
         let finetune_levels: Vec<f64> = opts
             .finetune_levels
@@ -424,6 +432,7 @@ impl<'a> Search<'a> {
             opts,
             cost_model,
             original_cost,
+            cost_warning,
             base,
             run,
             reference,
@@ -783,6 +792,7 @@ impl<'a> Search<'a> {
             learned,
             reference: self.reference.clone(),
             normalisation: Some(self.run.normalisation()?),
+            cost_warning: self.cost_warning.clone(),
         };
         write_outputs(&opts.output, &frontier)?;
         Ok(frontier)
