@@ -498,7 +498,7 @@ impl<'a> Search<'a> {
             "--granularity".into(),
             opts.learned_granularity.to_string(),
             "--mask-epochs".into(),
-            "1".into(),
+            LEARNED_MASK_EPOCHS.to_string(),
             "--mask-lr".into(),
             DEFAULT_MASK_LR.to_string(),
         ];
@@ -998,6 +998,9 @@ fn cached_training(
 /// `learned-masks(BUDGET,pixel)`.
 const LEARNED_LABEL: &str = "learned-masks";
 
+/// Mask epochs of a learned point (the replay names the same).
+const LEARNED_MASK_EPOCHS: usize = 1;
+
 fn learned_config(budget: u64, granularity: Granularity) -> String {
     match granularity {
         Granularity::Channel => format!("{LEARNED_LABEL}({budget})"),
@@ -1040,7 +1043,7 @@ fn learned_point(
             budget,
             max_layers: None,
             granularity,
-            mask_epochs: 1,
+            mask_epochs: LEARNED_MASK_EPOCHS,
             mask_lr: DEFAULT_MASK_LR,
             training: &training,
             progress,
