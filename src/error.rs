@@ -24,6 +24,9 @@ pub enum ExitCode {
     /// Accuracy would be measured on a guess: no flag, metadata or graph states the pixel
     /// normalisation, or the original scores near chance on the data as fed.
     Normalisation = 8,
+    /// `pareto --merge` found points no shard has trained yet: run the missing shards (a
+    /// scheduler may retry the merge once they are done).
+    Incomplete = 9,
 }
 
 /// An error that carries its exit code; anything else exits with [`ExitCode::Internal`].

@@ -86,10 +86,12 @@ pub struct TrainFlags {
     /// Random horizontal flips (off by default, as the crops)
     #[arg(long)]
     pub flip: bool,
-    /// Write a checkpoint (student.onnx, state.json) here after every epoch
+    /// Write a checkpoint here after every epoch: the training state (weights, BatchNorms,
+    /// optimiser), student.onnx and state.json
     #[arg(long, value_name = "DIR")]
     pub checkpoint_dir: Option<PathBuf>,
-    /// Continue from the checkpoint in --checkpoint-dir
+    /// Continue from the checkpoint in --checkpoint-dir, to the same bytes as a run never
+    /// stopped (start afresh when there is none yet, so a retry reruns the same command)
     #[arg(long, requires = "checkpoint_dir")]
     pub resume: bool,
     /// Write the trained network even when it ends below the refitted one it started from

@@ -2,7 +2,8 @@
 //! ([`crate::driver::pareto`]), then the frontier printed.
 
 use super::linearize::GRANULARITIES;
-use crate::driver::pareto::{pareto, Frontier, ParetoOptions};
+use crate::driver::pareto::{pareto, pareto_shard, Frontier, ParetoOptions, ShardReport};
+use crate::driver::shard::Shard;
 use crate::report::{table, thousands};
 use crate::search::objective::Objective;
 use crate::train::masks::Granularity;
@@ -73,6 +74,19 @@ pub struct ParetoArgs {
     /// learning rate (0: by their accuracy after recalibration; 8192 is a useful N)
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub probe_images: usize,
+    /// Run shard I (from 0) of N: score every candidate, train every N-th of the points to
+    /// train, into the shared -o directory; `--merge` then writes the frontier [default: from
+    /// SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT, or JOB_COMPLETION_INDEX with --shards]
+    #[arg(long, value_name = "I/N", conflicts_with_all = ["merge", "shards"])]
+    pub shard: Option<Shard>,
+    /// The shard count, when the scheduler gives only the index (a Kubernetes Indexed Job's
+    /// JOB_COMPLETION_INDEX)
+    #[arg(long, value_name = "N", conflicts_with = "merge")]
+    pub shards: Option<usize>,
+    /// Write the frontier from the points the shards trained into -o (the same files as a
+    /// search in one process; exit 9 names any shard not finished). Give the shards' flags
+    #[arg(long)]
+    pub merge: bool,
     #[command(flatten)]
     pub reporting: super::output_flags::OutputFlags,
     #[command(flatten)]
@@ -110,12 +124,30 @@ impl From<&ParetoArgs> for ParetoOptions {
             reference: a.reference.clone(),
             objective: a.objective,
             cost_model: a.cost_model.clone(),
+            merge: a.merge,
         }
     }
 }
 
 pub fn run(args: &ParetoArgs) -> Result<()> {
     let started = std::time::Instant::now();
+    let shard = match (args.shard, args.merge) {
+        (Some(s), _) => Some(s),
+        (None, true) => None,
+        (None, false) => Shard::from_environment(args.shards)?.map(|(s, from)| {
+            eprintln!("note: running shard {s} of the search (from {from})");
+            s
+        }),
+    };
+    if let Some(shard) = shard {
+        let report = pareto_shard(&args.into(), shard)?;
+        if args.reporting.json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            print_shard(&report, args);
+        }
+        return Ok(());
+    }
     let frontier = pareto(&args.into())?;
     if let Some(w) = &frontier.cost_warning {
         eprintln!("warning: {w}");
@@ -131,6 +163,20 @@ pub fn run(args: &ParetoArgs) -> Result<()> {
         args.output.display()
     );
     Ok(())
+}
+
+fn print_shard(r: &ShardReport, args: &ParetoArgs) {
+    let share = if r.trained.is_empty() {
+        "no point of its own".to_string()
+    } else {
+        format!("{} of the {} points to train ({})", r.trained.len(), r.points_to_train, r.trained.join(", "))
+    };
+    println!("shard {} took {:.1}s: scored the candidates, trained {share}", r.shard, r.seconds);
+    println!(
+        "when every shard is done: relucompile pareto {} -o {} <the same flags> --merge",
+        args.model.display(),
+        args.output.display()
+    );
 }
 
 fn print_frontier(f: &Frontier) {

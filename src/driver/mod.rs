@@ -30,6 +30,7 @@ pub mod eval;
 pub mod finetune;
 pub mod linearize;
 pub mod pareto;
+pub mod shard;
 
 use crate::analysis::input_normalisation::in_graph_normalisation;
 use crate::data::{self, CropSize, Dataset, Fit, Normalisation, NormalisationSource, Split};

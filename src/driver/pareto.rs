@@ -4,6 +4,7 @@
 use super::context::RunData;
 use super::finetune::finetune_model;
 use super::linearize::LearnedMasks;
+use super::shard::Shard;
 use super::{DataOptions, TrainOptions, DEFAULT_DATA};
 use crate::analysis::cost::CostModel;
 use crate::analysis::shapes::sample_shape;
@@ -76,6 +77,9 @@ pub struct ParetoOptions {
     pub objective: Objective,
     /// The PI cost model (`crypten` or a JSON file) for the bytes and latency estimates.
     pub cost_model: String,
+    /// Build the frontier from the points the shards (`--shard`) trained into `output`,
+    /// training none: every point must be there.
+    pub merge: bool,
 }
 
 impl ParetoOptions {
@@ -102,6 +106,7 @@ impl ParetoOptions {
             reference: None,
             objective: Objective::Relus,
             cost_model: "crypten".into(),
+            merge: false,
         }
     }
 }
@@ -331,12 +336,67 @@ impl Frontier {
 /// calibration images, choose the calibration frontier (after probes), measure it on the test
 /// images, train the points worth training, write the frontier.
 pub fn pareto(opts: &ParetoOptions) -> Result<Frontier> {
-    let search = Search::set_up(opts)?;
+    let role = if opts.merge { Role::Merge } else { Role::Whole };
+    let search = Search::set_up(opts, role)?;
     let scoring = search.score()?;
     let (chosen, probed) = search.choose(&scoring)?;
     let measured = search.measure(&scoring, &chosen)?;
     let candidates = search.train(&scoring, &chosen, &measured)?;
     search.write(&scoring, candidates, probed)
+}
+
+/// What one shard did, as `DIR/shards/I-of-N/done.json` records it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShardReport {
+    pub shard: Shard,
+    /// The points trained by the whole search (every shard's share).
+    pub points_to_train: usize,
+    /// This shard's share, by configuration, as trained or found already trained.
+    pub trained: Vec<String>,
+    /// The search's flags beyond `search.json`'s key (fingerprint): `--merge` refuses shards
+    /// run with other flags.
+    pub flags_fnv64: String,
+    pub seconds: f64,
+}
+
+/// Run one shard of the search of `opts`: score every candidate (every shard does, so that all
+/// agree on the points) and train the shard's share of the points, into `opts.output`. A
+/// `--merge` run then writes the frontier, the same files as a search in one process.
+pub fn pareto_shard(opts: &ParetoOptions, shard: Shard) -> Result<ShardReport> {
+    let started = std::time::Instant::now();
+    let search = Search::set_up(opts, Role::Shard(shard))?;
+    let scoring = search.score()?;
+    let (chosen, _) = search.choose(&scoring)?;
+    let measured = search.measure(&scoring, &chosen)?;
+    let (points_to_train, share) = search.share(&chosen, &measured);
+    let trained = search.train(&scoring, &chosen, &measured)?;
+    debug_assert_eq!(trained.len(), share);
+    let report = ShardReport {
+        shard,
+        points_to_train,
+        trained: trained.into_iter().map(|(_, p)| p.config).collect(),
+        flags_fnv64: search.flags_fingerprint()?,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    write_bytes_atomic(
+        &search.journal_dir.join(SHARD_DONE),
+        (serde_json::to_string_pretty(&report)? + "\n").as_bytes(),
+    )?;
+    Ok(report)
+}
+
+/// A finished shard's record in its journal directory.
+const SHARD_DONE: &str = "done.json";
+
+/// Which part of a search a process runs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Role {
+    /// All of it.
+    Whole,
+    /// Scoring, and its share of the training.
+    Shard(Shard),
+    /// Scoring from a shard's journal, and the frontier from the points the shards trained.
+    Merge,
 }
 
 /// What every phase of one frontier search shares.
@@ -352,6 +412,10 @@ struct Search<'a> {
     reference: Option<ReferenceSet>,
     finetune_levels: Vec<f64>,
     learned_budgets: Vec<u64>,
+    role: Role,
+    /// Where the journals (criticality, candidates, probes) go: the output directory, or a
+    /// shard's own directory under it, so that shards never write the same file.
+    journal_dir: PathBuf,
 }
 
 /// The scoring phase's outcome.
@@ -370,7 +434,7 @@ struct Scoring {
 type Measured = (crate::ir::Model, Cost, f64);
 
 impl<'a> Search<'a> {
-    fn set_up(opts: &'a ParetoOptions) -> Result<Self> {
+    fn set_up(opts: &'a ParetoOptions, role: Role) -> Result<Self> {
         let cost_model = CostModel::load(&opts.cost_model)?;
         let objective = opts.objective;
         let original = load_model(&opts.model)?;
@@ -428,7 +492,13 @@ impl<'a> Search<'a> {
             format!("cannot create the output directory {}", opts.output.display())
         })?;
         check_resume(&opts.output, &key, true)?;
-        Ok(Search {
+        let journal_dir = match role {
+            Role::Shard(shard) => opts.output.join(SHARDS_DIR).join(shard.dir_name()),
+            Role::Whole | Role::Merge => opts.output.clone(),
+        };
+        std::fs::create_dir_all(&journal_dir)
+            .with_context(|| format!("cannot create {}", journal_dir.display()))?;
+        Search {
             opts,
             cost_model,
             original_cost,
@@ -438,7 +508,72 @@ impl<'a> Search<'a> {
             reference,
             finetune_levels,
             learned_budgets,
-        })
+            role,
+            journal_dir,
+        }
+        .seeded()
+    }
+
+    /// A merge takes the scoring journals from a finished shard (all shards score the same
+    /// candidates), after checking that every finished shard ran with this search's flags.
+    fn seeded(self) -> Result<Self> {
+        if self.role != Role::Merge {
+            return Ok(self);
+        }
+        let flags = self.flags_fingerprint()?;
+        let finished = finished_shards(&self.opts.output)?;
+        if finished.is_empty() {
+            return Err(CompileError::new(
+                ExitCode::Incomplete,
+                format!(
+                    "{} holds no finished shard: run the shards first (pareto ... --shard I/N)",
+                    self.opts.output.display()
+                ),
+            )
+            .into());
+        }
+        for (dir, report) in &finished {
+            if report.flags_fnv64 != flags {
+                return Err(CompileError::new(
+                    ExitCode::Usage,
+                    format!(
+                        "shard {} ({}) ran with other search flags than this merge: give \
+                         --merge the same flags as the shards",
+                        report.shard,
+                        dir.display()
+                    ),
+                )
+                .into());
+            }
+        }
+        let source = &finished[0].0;
+        for journal in JOURNALS {
+            let (from, to) = (source.join(journal), self.opts.output.join(journal));
+            if from.exists() && !to.exists() {
+                write_bytes_atomic(&to, &std::fs::read(&from)?)?;
+            }
+        }
+        Ok(self)
+    }
+
+    /// A fingerprint of the flags that decide which points are trained and how (a shard and
+    /// its merge must agree on them; `search.json` holds the rest).
+    fn flags_fingerprint(&self) -> Result<String> {
+        let o = self.opts;
+        let training = o.finetune.as_ref().map(|t| (&t.recipe, t.train_limit, t.keep_trained));
+        let flags = serde_json::json!({
+            "training": training,
+            "finetune_levels": self.finetune_levels,
+            "learned": self.learned_budgets,
+            "learned_granularity": o.learned_granularity.to_string(),
+            "probe_images": o.probe_images,
+            "objective": o.objective,
+            "cost_model": o.cost_model,
+            "test_limit": o.test_limit,
+            "exhaustive_culls": o.exhaustive_culls,
+            "input_shape": o.input_shape,
+        });
+        Ok(fnv64(serde_json::to_string(&flags)?.as_bytes()))
     }
 
     fn sample(&self) -> &[usize] {
@@ -535,7 +670,7 @@ impl<'a> Search<'a> {
         if !opts.recalibrate {
             ctx.reference = None;
         }
-        let crit_path = opts.output.join("criticality.json");
+        let crit_path = self.journal_dir.join("criticality.json");
         let cull_order = match std::fs::read_to_string(&crit_path)
             .ok()
             .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
@@ -565,7 +700,7 @@ impl<'a> Search<'a> {
             &ctx,
             &calibration,
             &self.cost_model,
-            &opts.output.join("candidates.jsonl"),
+            &self.journal_dir.join("candidates.jsonl"),
             opts.progress,
         )?;
         Ok(Scoring { drawn: draw.len(), ctx, calibration, cull_order, scored })
@@ -597,7 +732,7 @@ impl<'a> Search<'a> {
             train: &probe_set,
             score: &s.calibration,
             recipe: opts.finetune.as_ref().map(|t| t.recipe.clone()).unwrap_or_default(),
-            journal: Some(&opts.output.join("probes.jsonl")),
+            journal: Some(&self.journal_dir.join("probes.jsonl")),
             progress: opts.progress,
         }
         .probe(&configs)?;
@@ -633,15 +768,9 @@ impl<'a> Search<'a> {
             .collect()
     }
 
-    /// The points that go on the final frontier, each with its graph: the measured points
-    /// worth keeping (with `--finetune-epochs`, the best under each level, trained), then the
-    /// learned-mask points. Fine-tuning runs on every core, so the points take their turn.
-    fn train(
-        &self,
-        s: &Scoring,
-        chosen: &[(usize, Option<f64>)],
-        measured: &[Measured],
-    ) -> Result<Vec<(crate::ir::Model, FrontierPoint)>> {
+    /// The measured points that go on: the test frontier (every probed point, when probes
+    /// ranked them), and with `--finetune-epochs` only the best under each level.
+    fn kept(&self, chosen: &[(usize, Option<f64>)], measured: &[Measured]) -> Vec<usize> {
         let (opts, objective) = (self.opts, self.opts.objective);
         // Without probes, the untrained test accuracy decides which points are worth
         // training; probed points were ranked by what they recover, so every one is trained.
@@ -652,38 +781,127 @@ impl<'a> Search<'a> {
         } else {
             (0..measured.len()).collect()
         };
+        if opts.finetune.is_none() {
+            return keep;
+        }
         // Training takes minutes a point: only the best point under each level is trained.
-        let keep = if opts.finetune.is_some() {
-            let ranked: Vec<(f64, f64)> = keep
-                .iter()
-                .map(|&k| (measured[k].1.get(objective), chosen[k].1.unwrap_or(measured[k].2)))
-                .collect();
-            best_under_levels(&ranked, &self.finetune_levels).into_iter().map(|i| keep[i]).collect()
-        } else {
-            keep
+        let ranked: Vec<(f64, f64)> = keep
+            .iter()
+            .map(|&k| (measured[k].1.get(objective), chosen[k].1.unwrap_or(measured[k].2)))
+            .collect();
+        best_under_levels(&ranked, &self.finetune_levels).into_iter().map(|i| keep[i]).collect()
+    }
+
+    /// The points the search trains (fine-tuned points, then learned ones; the order in which
+    /// shards are dealt them), and how many of them this process trains.
+    fn share(&self, chosen: &[(usize, Option<f64>)], measured: &[Measured]) -> (usize, usize) {
+        let tuned = if self.opts.finetune.is_some() { self.kept(chosen, measured).len() } else { 0 };
+        let total = tuned + self.learned_budgets.len();
+        let mine = match self.role {
+            Role::Shard(shard) => (0..total).filter(|&j| shard.owns(j)).count(),
+            Role::Whole | Role::Merge => total,
         };
+        (total, mine)
+    }
+
+    /// Whether this process trains work item `item` (of [`Search::share`]'s order).
+    fn trains(&self, item: usize) -> bool {
+        match self.role {
+            Role::Shard(shard) => shard.owns(item),
+            Role::Whole | Role::Merge => true,
+        }
+    }
+
+    /// A merge trains nothing: every trained point must be in the directory. Names each
+    /// missing one with the shard it was dealt to.
+    fn check_trained(&self, s: &Scoring, chosen: &[(usize, Option<f64>)], keep: &[usize]) -> Result<()> {
+        let opts = self.opts;
+        let mut wanted = Vec::new();
+        if opts.finetune.is_some() {
+            for &k in keep {
+                let config = &s.scored[chosen[k].0].config;
+                wanted.push((FINETUNED_DIR, finetuned_key(opts, config)?, label(config)));
+            }
+        }
+        for &budget in &self.learned_budgets {
+            let config = learned_config(budget, opts.learned_granularity);
+            wanted.push((LEARNED_DIR, learned_key(opts, budget)?, config));
+        }
+        let counts = shard_counts(&opts.output);
+        let missing: Vec<String> = wanted
+            .iter()
+            .enumerate()
+            .filter(|(_, (dir, key, config))| {
+                cached_record(&opts.output.join(dir), key, config).is_none()
+            })
+            .map(|(j, (_, _, config))| match counts.as_slice() {
+                [n] => format!("{config} (shard {})", Shard { index: j % n, count: *n }),
+                _ => config.clone(),
+            })
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        Err(CompileError::new(
+            ExitCode::Incomplete,
+            format!(
+                "{} of the {} trained points are not in {} yet: {}; run (or wait for) those \
+                 shards, then merge again",
+                missing.len(),
+                wanted.len(),
+                opts.output.display(),
+                missing.join(", ")
+            ),
+        )
+        .into())
+    }
+
+    /// The points that go on the final frontier, each with its graph: the measured points
+    /// worth keeping (with `--finetune-epochs`, the best under each level, trained), then the
+    /// learned-mask points. Fine-tuning runs on every core, so the points take their turn. A
+    /// shard returns only the points it trained.
+    fn train(
+        &self,
+        s: &Scoring,
+        chosen: &[(usize, Option<f64>)],
+        measured: &[Measured],
+    ) -> Result<Vec<(crate::ir::Model, FrontierPoint)>> {
+        let opts = self.opts;
+        let keep = self.kept(chosen, measured);
+        if self.role == Role::Merge {
+            self.check_trained(s, chosen, &keep)?;
+        }
         let mut out = Vec::new();
         let started = std::time::Instant::now();
-        let to_train = if opts.finetune.is_some() { keep.len() } else { 0 };
-        for (done, k) in keep.into_iter().enumerate() {
+        let (mut item, mut done) = (0, 0);
+        let (_, to_train) = self.share(chosen, measured);
+        let mut progress = |config: &str, before: f64, after: f64| {
+            done += 1;
+            crate::eval::evaluator::progress_line(opts.progress, || {
+                let elapsed = started.elapsed().as_secs_f64();
+                let left = elapsed / done as f64 * (to_train - done) as f64;
+                format!(
+                    "trained point {done}/{to_train} ({config}): {:.2}% -> {:.2}%, {elapsed:.0} s \
+                     elapsed, ETA {left:.0} s",
+                    100.0 * before,
+                    100.0 * after
+                )
+            });
+        };
+        for k in keep {
             let (model, cost, acc) = &measured[k];
             let (scored_ix, probe_accuracy) = chosen[k];
             let config = &s.scored[scored_ix].config;
             let (model, acc, before) = if opts.finetune.is_some() {
+                item += 1;
+                if !self.trains(item - 1) {
+                    continue;
+                }
                 let (tuned, after) = finetuned_point(opts, &self.run, model, config)?;
-                crate::eval::evaluator::progress_line(opts.progress, || {
-                    let elapsed = started.elapsed().as_secs_f64();
-                    let left = elapsed / (done + 1) as f64 * (to_train - done - 1) as f64;
-                    format!(
-                        "trained point {}/{to_train} ({}): {:.2}% -> {:.2}%, {elapsed:.0} s \
-                         elapsed, ETA {left:.0} s",
-                        done + 1,
-                        label(config),
-                        100.0 * acc,
-                        100.0 * after
-                    )
-                });
+                progress(&label(config), *acc, after);
                 (tuned, after, Some(*acc))
+            } else if matches!(self.role, Role::Shard(_)) {
+                continue;
             } else {
                 (model.clone(), *acc, None)
             };
@@ -708,7 +926,13 @@ impl<'a> Search<'a> {
             // The learned points distil from the prepared graph, on the same images.
             let run = self.run.with_original(self.base.clone());
             for &budget in &self.learned_budgets {
+                item += 1;
+                if !self.trains(item - 1) {
+                    continue;
+                }
                 let (model, after, before, masks) = learned_point(opts, &run, budget)?;
+                let config = learned_config(budget, opts.learned_granularity);
+                progress(&config, before, after);
                 let cost = Cost::of(&model, self.sample(), &self.cost_model)?;
                 let point = FrontierPoint {
                     relus: cost.relus,
@@ -719,7 +943,7 @@ impl<'a> Search<'a> {
                     calibration_accuracy: accuracy(&model, &s.calibration)?,
                     probe_accuracy: None,
                     file: String::new(),
-                    config: learned_config(budget, opts.learned_granularity),
+                    config,
                     passes: String::new(),
                     replay: self.learned_replay(budget),
                     masks,
@@ -947,9 +1171,59 @@ struct FinetunedRecord {
     accuracy_before: Option<f64>,
 }
 
+/// Where trained points are kept in a search directory (shared by its shards: each point is
+/// written by the one shard it was dealt to).
+const FINETUNED_DIR: &str = "finetuned";
+const LEARNED_DIR: &str = "learned";
+/// The shards' own directories (`I-of-N`), and the journals a merge takes from one of them.
+const SHARDS_DIR: &str = "shards";
+const JOURNALS: [&str; 3] = ["criticality.json", "candidates.jsonl", "probes.jsonl"];
+
+/// The shards that finished in `dir`, each with its directory and record, in name order.
+fn finished_shards(dir: &Path) -> Result<Vec<(PathBuf, ShardReport)>> {
+    let Ok(entries) = std::fs::read_dir(dir.join(SHARDS_DIR)) else { return Ok(vec![]) };
+    let mut dirs: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+    dirs.sort();
+    let mut out = Vec::new();
+    for d in dirs {
+        let path = d.join(SHARD_DONE);
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            let report: ShardReport = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a shard's record", path.display()))?;
+            out.push((d, report));
+        }
+    }
+    Ok(out)
+}
+
+/// The shard counts of the shard directories in `dir` (`I-of-N`), each once.
+fn shard_counts(dir: &Path) -> Vec<usize> {
+    let Ok(entries) = std::fs::read_dir(dir.join(SHARDS_DIR)) else { return vec![] };
+    let mut counts: Vec<usize> = entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.split_once("-of-").and_then(|(_, n)| n.parse().ok())
+        })
+        .collect();
+    counts.sort_unstable();
+    counts.dedup();
+    counts
+}
+
+/// The cache key of a fine-tuned point: its configuration, the recipe and the test images.
+fn finetuned_key(opts: &ParetoOptions, config: &str) -> Result<String> {
+    let training = opts.finetune.as_ref().context("no fine-tuning recipe")?;
+    Ok(fnv64(
+        serde_json::to_string(&(config, &training.recipe, training.train_limit, opts.test_limit))?
+            .as_bytes(),
+    ))
+}
+
 /// Fine-tune one frontier point, or take it from an earlier run of the same search: each
 /// trained point is kept under `finetuned/`, keyed by its configuration, the recipe and the
-/// test images, so an interrupted search resumes without training a point twice.
+/// test images, so an interrupted search resumes without training a point twice (and the
+/// training itself checkpoints every epoch under `finetuned/KEY.training/`).
 fn finetuned_point(
     opts: &ParetoOptions,
     run: &RunData,
@@ -957,41 +1231,54 @@ fn finetuned_point(
     config: &str,
 ) -> Result<(crate::ir::Model, f64)> {
     let progress = opts.progress;
-    let training = opts.finetune.as_ref().context("no fine-tuning recipe")?;
-    let key = fnv64(
-        serde_json::to_string(&(config, &training.recipe, training.train_limit, opts.test_limit))?
-            .as_bytes(),
-    );
-    let (model, after, _) = cached_training(&opts.output.join("finetuned"), &key, config, || {
-        let (tuned, report) = finetune_model(model, run, training, progress)
+    let mut training = opts.finetune.clone().context("no fine-tuning recipe")?;
+    let key = finetuned_key(opts, config)?;
+    let dir = opts.output.join(FINETUNED_DIR);
+    let checkpoint = dir.join(format!("{key}.training"));
+    training.checkpoint_dir = Some(checkpoint.clone());
+    training.resume = true;
+    let (model, after, _) = cached_training(&dir, &key, config, || {
+        let (tuned, report) = finetune_model(model, run, &training, progress)
             .with_context(|| format!("fine-tuning frontier point {}", label(config)))?;
         Ok((tuned, report.accuracy_after, None))
     })?;
+    // The point is kept: its training checkpoint is no longer needed.
+    std::fs::remove_dir_all(&checkpoint).ok();
     Ok((model, after))
 }
 
+/// The record of a trained point in `dir`, when an earlier run (or a shard) wrote it whole.
+fn cached_record(dir: &Path, key: &str, config: &str) -> Option<FinetunedRecord> {
+    let (onnx, json) = (dir.join(format!("{key}.onnx")), dir.join(format!("{key}.json")));
+    let text = std::fs::read_to_string(json).ok()?;
+    let record = serde_json::from_str::<FinetunedRecord>(&text).ok()?;
+    (record.config == config && onnx.is_file()).then_some(record)
+}
+
 /// A trained point kept as `dir/KEY.onnx` beside `dir/KEY.json`: taken from there when an
-/// earlier run of the search wrote it, else trained by `train` and written.
+/// earlier run of the search wrote it, else trained by `train` and written. Either way the
+/// graph returned is the one read back from the file, so a point trained here and one trained
+/// by a shard give the frontier the same bytes.
 fn cached_training(
     dir: &Path,
     key: &str,
     config: &str,
     train: impl FnOnce() -> Result<(crate::ir::Model, f64, Option<f64>)>,
 ) -> Result<(crate::ir::Model, f64, Option<f64>)> {
-    let (onnx, json) = (dir.join(format!("{key}.onnx")), dir.join(format!("{key}.json")));
-    if let (Ok(text), true) = (std::fs::read_to_string(&json), onnx.exists()) {
-        if let Ok(r) = serde_json::from_str::<FinetunedRecord>(&text) {
-            if r.config == config {
-                return Ok((load_model(&onnx)?, r.accuracy_after, r.accuracy_before));
-            }
-        }
+    let onnx = dir.join(format!("{key}.onnx"));
+    if let Some(r) = cached_record(dir, key, config) {
+        return Ok((load_model(&onnx)?, r.accuracy_after, r.accuracy_before));
     }
     let (model, accuracy_after, accuracy_before) = train()?;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     write_model_atomic(&onnx, &model)?;
     let record = FinetunedRecord { config: config.into(), accuracy_after, accuracy_before };
-    write_bytes_atomic(&json, serde_json::to_string_pretty(&record)?.as_bytes())?;
-    Ok((model, accuracy_after, accuracy_before))
+    // The record goes last: it says the graph beside it is whole.
+    write_bytes_atomic(
+        &dir.join(format!("{key}.json")),
+        serde_json::to_string_pretty(&record)?.as_bytes(),
+    )?;
+    Ok((load_model(&onnx)?, accuracy_after, accuracy_before))
 }
 
 /// How a learned-mask point's configuration reads: `learned-masks(BUDGET)`, or
@@ -1008,6 +1295,24 @@ fn learned_config(budget: u64, granularity: Granularity) -> String {
     }
 }
 
+/// The cache key of a learned point: its budget, the recipe, the test images and the mask
+/// unit.
+fn learned_key(opts: &ParetoOptions, budget: u64) -> Result<String> {
+    let training = opts.finetune.clone().unwrap_or_else(|| TrainOptions::epochs(1));
+    let mut key = serde_json::to_string(&(
+        budget,
+        &training.recipe,
+        training.train_limit,
+        opts.test_limit,
+        DEFAULT_MASK_LR,
+    ))?;
+    // Channel masks keep the key they had before pixel masks existed, so their caches hold.
+    if opts.learned_granularity != Granularity::Channel {
+        key += &opts.learned_granularity.to_string();
+    }
+    Ok(fnv64(key.as_bytes()))
+}
+
 /// One learned-mask point at `budget` ReLUs: (distilled graph, its test accuracy, the test
 /// accuracy of the binarised graph before distillation). Kept under `learned/` like
 /// [`finetuned_point`]; the mask phase and the distillation checkpoint there as they go.
@@ -1021,19 +1326,8 @@ fn learned_point(
     let progress = opts.progress;
     let mut training = opts.finetune.clone().unwrap_or_else(|| TrainOptions::epochs(1));
     let granularity = opts.learned_granularity;
-    let mut key = serde_json::to_string(&(
-        budget,
-        &training.recipe,
-        training.train_limit,
-        opts.test_limit,
-        DEFAULT_MASK_LR,
-    ))?;
-    // Channel masks keep the key they had before pixel masks existed, so their caches hold.
-    if granularity != Granularity::Channel {
-        key += &granularity.to_string();
-    }
-    let key = fnv64(key.as_bytes());
-    let dir = opts.output.join("learned");
+    let key = learned_key(opts, budget)?;
+    let dir = opts.output.join(LEARNED_DIR);
     training.checkpoint_dir = Some(dir.join(&key));
     training.resume = true;
     let config = learned_config(budget, granularity);

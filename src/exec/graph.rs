@@ -434,6 +434,66 @@ impl TrainGraph {
         })
     }
 
+    /// Everything training changes, by name: the weights (`param/NAME`), the inserted
+    /// BatchNorms' scales, shifts and running statistics (`bn/CONV/gamma`, `beta`, `mean`,
+    /// `var`) and the ReLU masks (`mask/RELU`). A checkpoint of these (with the optimiser's
+    /// state) resumes a run to the same bits; the folded graph alone does not.
+    pub fn training_state(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        for (name, var) in &self.params {
+            out.push((format!("param/{name}"), var.as_tensor().clone()));
+        }
+        for (conv, bn) in &self.batchnorms {
+            let (mean, var) = bn.running();
+            let c = mean.len();
+            out.push((format!("bn/{conv}/gamma"), bn.gamma.as_tensor().clone()));
+            out.push((format!("bn/{conv}/beta"), bn.beta.as_tensor().clone()));
+            out.push((format!("bn/{conv}/mean"), Tensor::from_vec(mean, c, &self.device)?));
+            out.push((format!("bn/{conv}/var"), Tensor::from_vec(var, c, &self.device)?));
+        }
+        for (relu, mask) in &self.masks {
+            out.push((format!("mask/{relu}"), mask.as_tensor().clone()));
+        }
+        Ok(out)
+    }
+
+    /// Restore what [`Self::training_state`] saved into a graph built the same way (same
+    /// student, same BatchNorms and masks inserted). Refuses a state of another graph.
+    pub fn restore_training_state(&self, state: &HashMap<String, Tensor>) -> Result<()> {
+        let expected = self.training_state()?;
+        anyhow::ensure!(
+            expected.len() == state.len(),
+            "the saved training state holds {} tensors, this graph trains {}",
+            state.len(),
+            expected.len()
+        );
+        let get = |name: &str, like: &Tensor| -> Result<Tensor> {
+            let t = state.get(name).with_context(|| format!("the saved state lacks {name}"))?;
+            anyhow::ensure!(
+                t.dims() == like.dims(),
+                "{name} is {:?} in the saved state, {:?} in this graph",
+                t.dims(),
+                like.dims()
+            );
+            Ok(t.clone())
+        };
+        for (name, var) in &self.params {
+            var.set(&get(&format!("param/{name}"), var.as_tensor())?)?;
+        }
+        for (conv, bn) in &self.batchnorms {
+            bn.gamma.set(&get(&format!("bn/{conv}/gamma"), bn.gamma.as_tensor())?)?;
+            bn.beta.set(&get(&format!("bn/{conv}/beta"), bn.beta.as_tensor())?)?;
+            let like = bn.beta.as_tensor();
+            let mean = get(&format!("bn/{conv}/mean"), like)?.to_vec1()?;
+            let var = get(&format!("bn/{conv}/var"), like)?.to_vec1()?;
+            bn.set_running(mean, var);
+        }
+        for (relu, mask) in &self.masks {
+            mask.set(&get(&format!("mask/{relu}"), mask.as_tensor())?)?;
+        }
+        Ok(())
+    }
+
     /// `model` with every trainable weight replaced by its current value and every inserted
     /// BatchNorm folded into its Conv (no BatchNormalization node is written).
     pub fn write_back(&self, model: &Model) -> Result<Model> {

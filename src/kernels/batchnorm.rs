@@ -90,6 +90,16 @@ impl InsertedBatchNorm {
         Ok(out)
     }
 
+    /// The running mean and variance (a training checkpoint saves them).
+    pub fn running(&self) -> (Vec<f32>, Vec<f32>) {
+        self.running.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replace the running statistics (a resumed training restores them).
+    pub fn set_running(&self, mean: Vec<f32>, var: Vec<f32>) {
+        *self.running.lock().unwrap_or_else(|e| e.into_inner()) = (mean, var);
+    }
+
     /// Move the running statistics towards the batch's (`count` values per channel).
     fn update_running(&self, stats: &Mutex<(Vec<f32>, Vec<f32>)>, count: usize) {
         let unbiased = count as f32 / (count.max(2) - 1) as f32;

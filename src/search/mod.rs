@@ -4,6 +4,7 @@
 
 pub mod candidates;
 pub mod criticality;
+pub mod journal;
 pub mod objective;
 pub mod pareto;
 pub mod probe;

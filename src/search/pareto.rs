@@ -18,7 +18,7 @@ use crate::data::Dataset;
 use crate::ir::Model;
 use crate::passes::channel_thin::{apply_channel_thin, channel_stats};
 use crate::passes::PassContext;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -102,13 +102,8 @@ pub fn score_all(
         progress,
     );
     bar.inc(done.len().min(total) as u64);
-    let file = std::sync::Mutex::new(
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(journal)
-            .with_context(|| format!("cannot open the search journal {}", journal.display()))?,
-    );
+    let file = super::journal::open_journal(journal, "search")?;
+    let file = std::sync::Mutex::new(file);
     let record = |s: &Scored| -> Result<()> {
         let mut f = file.lock().expect("journal lock");
         writeln!(f, "{}", serde_json::to_string(s)?)?;

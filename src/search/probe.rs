@@ -13,7 +13,7 @@ use crate::data::Dataset;
 use crate::ir::Model;
 use crate::passes::PassContext;
 use crate::train::{FinetuneOptions, Finetuner};
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::io::Write;
@@ -124,11 +124,7 @@ impl Prober<'_> {
                     }
                 }
             }
-            file = Some(
-                std::fs::OpenOptions::new().create(true).append(true).open(journal).with_context(
-                    || format!("cannot open the probe journal {}", journal.display()),
-                )?,
-            );
+            file = Some(super::journal::open_journal(journal, "probe")?);
         }
         let bar = crate::eval::evaluator::counted_progress_bar(
             configs.len(),

@@ -25,6 +25,7 @@ use candle_core::Tensor;
 use loss::kl_divergence;
 use optim::{learning_rate, Optimizer, OptimizerKind, ScheduleKind};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -120,12 +121,19 @@ pub struct EpochRecord {
 /// Training images whose statistics initialise the inserted BatchNorms.
 pub(crate) const BATCHNORM_INIT_IMAGES: usize = 512;
 
-/// What a checkpoint directory holds besides `student.onnx`.
+/// What a checkpoint directory holds besides `student.onnx` (the folded student, for a user
+/// to look at) and the tensors file it names (everything training changes: the weights, the
+/// inserted BatchNorms, the optimiser's state), from which a resumed run goes on exactly as
+/// the interrupted one would have.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct CheckpointState {
     epochs_done: usize,
     options: FinetuneOptions,
     history: Vec<EpochRecord>,
+    /// The safetensors file of this epoch's training state, beside `state.json`. Written before
+    /// `state.json`, so a run killed between the two resumes from the epoch before.
+    #[serde(default)]
+    tensors: Option<String>,
 }
 
 /// SplitMix64: a small seeded generator for shuffling and augmentation.
@@ -197,29 +205,24 @@ impl Finetuner<'_> {
     pub fn run(&self) -> Result<FinetuneResult> {
         let opts = &self.options;
         anyhow::ensure!(opts.batch > 0 && opts.epochs > 0, "epochs and batch must be positive");
-        let mut history = vec![];
-        let mut start = 0;
-        // A checkpoint holds the student with its BatchNorms folded (as it will be written), so
-        // a resumed run starts from that graph and inserts fresh ones.
-        let mut student = self.student.clone();
-        if self.resume {
-            let dir =
-                self.checkpoint_dir.as_deref().context("--resume needs a checkpoint directory")?;
-            let (model, state) = read_checkpoint(dir)?;
-            anyhow::ensure!(
-                model.graph.nodes.len() == self.student.graph.nodes.len(),
-                "the checkpoint in {} is not of this student graph",
-                dir.display()
-            );
-            student = model;
-            start = state.epochs_done;
-            history = state.history;
-        }
+        let resumed = match (&self.checkpoint_dir, self.resume) {
+            (Some(dir), true) => {
+                let found = read_checkpoint(dir, opts)?;
+                if found.is_none() {
+                    crate::eval::evaluator::progress_line(self.progress, || {
+                        format!("no checkpoint in {} yet: starting afresh", dir.display())
+                    });
+                }
+                found
+            }
+            (None, true) => anyhow::bail!("--resume needs a checkpoint directory"),
+            _ => None,
+        };
         let sample = &self.train.sample_shape;
         let per = self.train.sample_len();
-        // The refitted student is where training starts, and what it must end above; a resumed
-        // run refits it again (deterministic) to compare against.
-        let refitted = if opts.recalibrate {
+        // The refitted student is where training starts, and what it must end above. A resumed
+        // run builds the same graph from it and then restores the saved state into it.
+        let student = if opts.recalibrate {
             let n = self.train.len().min(BATCHNORM_INIT_IMAGES);
             let images = Arc::new(self.train.images[..n * per].to_vec());
             let reference = prepare(self.teacher, &PassContext::new(sample.clone()))?;
@@ -230,9 +233,6 @@ impl Finetuner<'_> {
         } else {
             self.student.clone()
         };
-        if !self.resume {
-            student = refitted.clone();
-        }
         let mut graph = TrainGraph::new(&student)?;
         if opts.batchnorm {
             let n = self.train.len().min(BATCHNORM_INIT_IMAGES);
@@ -243,9 +243,22 @@ impl Finetuner<'_> {
         }
         graph.set_training(true);
         crate::kernels::malloc::retain_freed_memory();
+        let mut opt = Optimizer::new(opts.optimizer, graph.vars(), opts.lr, opts.weight_decay)?;
+        let (mut history, mut start) = (vec![], 0);
+        if let Some((state, tensors)) = resumed {
+            let dir = self.checkpoint_dir.as_deref().unwrap_or(Path::new("."));
+            let not_this = |e: anyhow::Error| {
+                e.context(format!("the checkpoint in {} is not of this student", dir.display()))
+            };
+            let (of_optimiser, of_graph): (HashMap<_, _>, HashMap<_, _>) =
+                tensors.into_iter().partition(|(k, _)| OPTIMISER_PREFIXES.iter().any(|p| k.starts_with(p)));
+            graph.restore_training_state(&of_graph).map_err(not_this)?;
+            opt.restore_state(&of_optimiser).map_err(not_this)?;
+            start = state.epochs_done;
+            history = state.history;
+        }
         let teacher = Teacher::new(self.teacher, sample)?;
         let logits = Distiller::logits(&teacher, self.teacher, self.train, opts, self.progress)?;
-        let mut opt = Optimizer::new(opts.optimizer, graph.vars(), opts.lr, opts.weight_decay)?;
         let distiller = Distiller {
             teacher: &teacher,
             teacher_logits: logits.as_deref().map(Vec::as_slice),
@@ -260,13 +273,17 @@ impl Finetuner<'_> {
                     epochs_done: epoch + 1,
                     options: opts.clone(),
                     history: history.clone(),
+                    tensors: Some(format!("training-epoch-{}.safetensors", epoch + 1)),
                 };
-                write_checkpoint(dir, &graph.write_back(&student)?, &state)?;
+                write_checkpoint(dir, &graph, &opt, &student, &state)?;
             }
         }
-        Ok(FinetuneResult { model: graph.write_back(&student)?, start: refitted, history })
+        Ok(FinetuneResult { model: graph.write_back(&student)?, start: student, history })
     }
 }
+
+/// Name prefixes of the optimiser's tensors in a checkpoint ([`Optimizer::state`]).
+const OPTIMISER_PREFIXES: [&str; 2] = ["sgd/", "adamw/"];
 
 /// What a distillation loop adds to each step besides the weights' update (mask learning).
 pub trait StepHook {
@@ -423,24 +440,73 @@ impl Distiller<'_> {
     }
 }
 
-fn write_checkpoint(dir: &Path, model: &Model, state: &CheckpointState) -> Result<()> {
+/// One epoch's checkpoint: the tensors file, the folded student, then `state.json` naming the
+/// tensors (each written whole or not at all); older epochs' tensors are removed after.
+fn write_checkpoint(
+    dir: &Path,
+    graph: &TrainGraph,
+    opt: &Optimizer,
+    student: &Model,
+    state: &CheckpointState,
+) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    crate::frontend::write_model_atomic(&dir.join("student.onnx"), model)?;
+    let name = state.tensors.as_deref().context("a checkpoint names its tensors")?;
+    let mut tensors = graph.training_state()?;
+    tensors.extend(opt.state()?);
+    let bytes = safetensors::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), None)
+        .context("serialising the training state")?;
+    crate::frontend::write_bytes_atomic(&dir.join(name), &bytes)?;
+    crate::frontend::write_model_atomic(&dir.join("student.onnx"), &graph.write_back(student)?)?;
     crate::frontend::write_bytes_atomic(
         &dir.join("state.json"),
         serde_json::to_string_pretty(state)?.as_bytes(),
-    )
+    )?;
+    for entry in std::fs::read_dir(dir)?.flatten() {
+        let file = entry.file_name().to_string_lossy().into_owned();
+        if file.starts_with("training-epoch-") && file.ends_with(".safetensors") && file != name {
+            std::fs::remove_file(entry.path()).ok();
+        }
+    }
+    Ok(())
 }
 
-fn read_checkpoint(dir: &Path) -> Result<(Model, CheckpointState)> {
+/// The checkpoint in `dir` (`None` when none was written yet), refused when it was written
+/// for another recipe.
+fn read_checkpoint(
+    dir: &Path,
+    opts: &FinetuneOptions,
+) -> Result<Option<(CheckpointState, HashMap<String, Tensor>)>> {
     let state_path = dir.join("state.json");
-    let text = std::fs::read_to_string(&state_path).with_context(|| {
-        format!("no checkpoint to resume: cannot read {}", state_path.display())
-    })?;
+    let text = match std::fs::read_to_string(&state_path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot read {}", state_path.display()))
+        }
+    };
     let state: CheckpointState = serde_json::from_str(&text)
         .with_context(|| format!("{} is not a checkpoint", state_path.display()))?;
-    let model = crate::frontend::load_model(&dir.join("student.onnx"))?;
-    Ok((model, state))
+    // Another epoch count continues the training on another schedule (a longer run, on
+    // purpose); any other change of recipe would resume a different training.
+    let recipe = |o: &FinetuneOptions| serde_json::to_value(FinetuneOptions { epochs: 0, ..o.clone() });
+    anyhow::ensure!(
+        recipe(&state.options)? == recipe(opts)?,
+        "the checkpoint in {} was written by another recipe (rate, batch, seed, optimiser or \
+         augmentation); resume with the same flags, or remove it to start afresh",
+        dir.display()
+    );
+    let name = state.tensors.as_deref().with_context(|| {
+        format!(
+            "the checkpoint in {} holds no training state (an older relucompile wrote it); \
+             remove it to start afresh",
+            dir.display()
+        )
+    })?;
+    let path = dir.join(name);
+    let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu)
+        .with_context(|| format!("{} is not a training state", path.display()))?;
+    Ok(Some((state, tensors)))
 }
 
 /// Logits of `model` under the fine-tuner's own forward pass: the written graph must give the

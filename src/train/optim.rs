@@ -4,10 +4,10 @@
 //! schedule is the usual one for convolutional networks with BatchNorm, and the one that
 //! measures best on reduced graphs once BatchNorm is re-inserted (README, "Fine-tuning").
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
-use candle_nn::{AdamW, Optimizer as _, ParamsAdamW};
+use std::collections::HashMap;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -104,6 +104,64 @@ impl NesterovSgd {
     }
 }
 
+/// Read `elements` floats saved as `name`, for a buffer of that size.
+fn saved_buffer(state: &HashMap<String, Tensor>, name: &str, elements: usize) -> Result<Vec<f32>> {
+    let t = state.get(name).with_context(|| format!("the saved optimiser state lacks {name}"))?;
+    let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
+    anyhow::ensure!(v.len() == elements, "{name} holds {} values, not {elements}", v.len());
+    Ok(v)
+}
+
+fn buffer_tensor(buffer: &[f32]) -> Result<Tensor> {
+    Ok(Tensor::from_slice(buffer, buffer.len(), &candle_core::Device::Cpu)?)
+}
+
+/// AdamW, PyTorch's formulation (decoupled weight decay, bias-corrected moments), its moments
+/// held here so that a checkpoint can save them: candle-nn's keeps them private.
+pub struct AdamW {
+    vars: Vec<Var>,
+    first: Vec<Vec<f32>>,
+    second: Vec<Vec<f32>>,
+    steps: u32,
+    lr: f64,
+    weight_decay: f64,
+}
+
+/// AdamW's constants (PyTorch's defaults).
+const ADAM_BETA1: f64 = 0.9;
+const ADAM_BETA2: f64 = 0.999;
+const ADAM_EPS: f64 = 1e-8;
+
+impl AdamW {
+    pub fn new(vars: Vec<Var>, lr: f64, weight_decay: f64) -> Self {
+        let zeros = || vars.iter().map(|v| vec![0.0; v.elem_count()]).collect();
+        AdamW { first: zeros(), second: zeros(), vars, steps: 0, lr, weight_decay }
+    }
+
+    pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        self.steps += 1;
+        let (b1, b2, eps) = (ADAM_BETA1 as f32, ADAM_BETA2 as f32, ADAM_EPS as f32);
+        let scale_m = (1.0 / (1.0 - ADAM_BETA1.powi(self.steps as i32))) as f32;
+        let scale_v = (1.0 / (1.0 - ADAM_BETA2.powi(self.steps as i32))) as f32;
+        let (lr, decay) = (self.lr as f32, (1.0 - self.lr * self.weight_decay) as f32);
+        for ((var, m), v) in self.vars.iter().zip(&mut self.first).zip(&mut self.second) {
+            let Some(grad) = grads.get(var) else { continue };
+            let g: Vec<f32> = grad.flatten_all()?.to_vec1()?;
+            let mut w: Vec<f32> = var.as_tensor().flatten_all()?.to_vec1()?;
+            w.par_iter_mut().zip(m.par_iter_mut()).zip(v.par_iter_mut()).zip(g.par_iter()).for_each(
+                |(((w, m), v), &g)| {
+                    *m = *m * b1 + g * (1.0 - b1);
+                    *v = *v * b2 + g * g * (1.0 - b2);
+                    let step = (*m * scale_m) / ((*v * scale_v).sqrt() + eps);
+                    *w = *w * decay - step * lr;
+                },
+            );
+            var.set(&Tensor::from_vec(w, var.dims(), var.device())?)?;
+        }
+        Ok(())
+    }
+}
+
 /// The optimiser a run uses.
 pub enum Optimizer {
     Sgd(NesterovSgd),
@@ -114,17 +172,14 @@ impl Optimizer {
     pub fn new(kind: OptimizerKind, vars: Vec<Var>, lr: f64, weight_decay: f64) -> Result<Self> {
         Ok(match kind {
             OptimizerKind::Sgd => Optimizer::Sgd(NesterovSgd::new(vars, lr, weight_decay)),
-            OptimizerKind::Adamw => Optimizer::AdamW(AdamW::new(
-                vars,
-                ParamsAdamW { lr, weight_decay, ..Default::default() },
-            )?),
+            OptimizerKind::Adamw => Optimizer::AdamW(AdamW::new(vars, lr, weight_decay)),
         })
     }
 
     pub fn set_learning_rate(&mut self, lr: f64) {
         match self {
             Optimizer::Sgd(s) => s.lr = lr,
-            Optimizer::AdamW(a) => a.set_learning_rate(lr),
+            Optimizer::AdamW(a) => a.lr = lr,
         }
     }
 
@@ -137,6 +192,48 @@ impl Optimizer {
             Optimizer::AdamW(a) => a.step(&grads)?,
         }
         Ok(grads)
+    }
+
+    /// The optimiser's own state by name (momentum buffers, Adam's moments and step count),
+    /// for a checkpoint that resumes to the same bits.
+    pub fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        match self {
+            Optimizer::Sgd(s) => {
+                for (i, b) in s.buffers.iter().enumerate() {
+                    out.push((format!("sgd/momentum/{i}"), buffer_tensor(b)?));
+                }
+            }
+            Optimizer::AdamW(a) => {
+                for (i, (m, v)) in a.first.iter().zip(&a.second).enumerate() {
+                    out.push((format!("adamw/first/{i}"), buffer_tensor(m)?));
+                    out.push((format!("adamw/second/{i}"), buffer_tensor(v)?));
+                }
+                let steps = Tensor::from_slice(&[a.steps], 1, &candle_core::Device::Cpu)?;
+                out.push(("adamw/steps".into(), steps));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Restore what [`Self::state`] saved, into an optimiser over the same variables.
+    pub fn restore_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        match self {
+            Optimizer::Sgd(s) => {
+                for (i, b) in s.buffers.iter_mut().enumerate() {
+                    *b = saved_buffer(state, &format!("sgd/momentum/{i}"), b.len())?;
+                }
+            }
+            Optimizer::AdamW(a) => {
+                for (i, (m, v)) in a.first.iter_mut().zip(&mut a.second).enumerate() {
+                    *m = saved_buffer(state, &format!("adamw/first/{i}"), m.len())?;
+                    *v = saved_buffer(state, &format!("adamw/second/{i}"), v.len())?;
+                }
+                let steps = state.get("adamw/steps").context("the saved state lacks adamw/steps")?;
+                a.steps = steps.flatten_all()?.to_vec1::<u32>()?[0];
+            }
+        }
+        Ok(())
     }
 }
 
@@ -170,5 +267,49 @@ mod tests {
         }
         let got: Vec<f32> = var.as_tensor().to_vec1().unwrap();
         assert!((got[0] - w).abs() < 1e-6, "{} vs {w}", got[0]);
+    }
+
+    #[test]
+    fn adamw_matches_candle_nn() {
+        use candle_nn::Optimizer as _;
+        let init = [0.5f32, -1.5, 2.0, 0.25];
+        let ours = Var::new(&init, &candle_core::Device::Cpu).unwrap();
+        let theirs = Var::new(&init, &candle_core::Device::Cpu).unwrap();
+        let mut a = AdamW::new(vec![ours.clone()], 0.05, 0.01);
+        let params = candle_nn::ParamsAdamW { lr: 0.05, weight_decay: 0.01, ..Default::default() };
+        let mut b = candle_nn::AdamW::new(vec![theirs.clone()], params).unwrap();
+        let loss = |v: &Var| (v.as_tensor().sqr().unwrap() * 0.5).unwrap().sum_all().unwrap();
+        for _ in 0..5 {
+            a.step(&loss(&ours).backward().unwrap()).unwrap();
+            b.step(&loss(&theirs).backward().unwrap()).unwrap();
+        }
+        let got: Vec<f32> = ours.as_tensor().to_vec1().unwrap();
+        let want: Vec<f32> = theirs.as_tensor().to_vec1().unwrap();
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-6, "{got:?} vs {want:?}");
+        }
+        assert!(got.iter().zip(&init).all(|(g, i)| g.abs() < i.abs()), "it descended");
+    }
+
+    #[test]
+    fn a_restored_optimiser_continues_as_the_original() {
+        for kind in [OptimizerKind::Sgd, OptimizerKind::Adamw] {
+            let run = |resume_after: Option<usize>| {
+                let var = Var::new(&[1.0f32, -2.0], &candle_core::Device::Cpu).unwrap();
+                let mut opt = Optimizer::new(kind, vec![var.clone()], 0.05, 0.01).unwrap();
+                for step in 0..6 {
+                    if resume_after == Some(step) {
+                        let saved: HashMap<String, Tensor> =
+                            opt.state().unwrap().into_iter().collect();
+                        opt = Optimizer::new(kind, vec![var.clone()], 0.05, 0.01).unwrap();
+                        opt.restore_state(&saved).unwrap();
+                    }
+                    let loss = (var.as_tensor().sqr().unwrap() * 0.5).unwrap().sum_all().unwrap();
+                    opt.backward_step(&loss).unwrap();
+                }
+                var.as_tensor().to_vec1::<f32>().unwrap()
+            };
+            assert_eq!(run(Some(3)), run(None), "{kind:?}");
+        }
     }
 }

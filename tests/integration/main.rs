@@ -18,4 +18,5 @@ mod lossless;
 mod lossy;
 mod malformed;
 mod pareto;
+mod scale_out;
 mod train_grad;
