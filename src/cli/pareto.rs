@@ -169,7 +169,12 @@ fn print_shard(r: &ShardReport, args: &ParetoArgs) {
     let share = if r.trained.is_empty() {
         "no point of its own".to_string()
     } else {
-        format!("{} of the {} points to train ({})", r.trained.len(), r.points_to_train, r.trained.join(", "))
+        format!(
+            "{} of the {} points to train ({})",
+            r.trained.len(),
+            r.points_to_train,
+            r.trained.join(", ")
+        )
     };
     println!("shard {} took {:.1}s: scored the candidates, trained {share}", r.shard, r.seconds);
     println!(

@@ -795,7 +795,8 @@ impl<'a> Search<'a> {
     /// The points the search trains (fine-tuned points, then learned ones; the order in which
     /// shards are dealt them), and how many of them this process trains.
     fn share(&self, chosen: &[(usize, Option<f64>)], measured: &[Measured]) -> (usize, usize) {
-        let tuned = if self.opts.finetune.is_some() { self.kept(chosen, measured).len() } else { 0 };
+        let tuned =
+            if self.opts.finetune.is_some() { self.kept(chosen, measured).len() } else { 0 };
         let total = tuned + self.learned_budgets.len();
         let mine = match self.role {
             Role::Shard(shard) => (0..total).filter(|&j| shard.owns(j)).count(),
@@ -814,13 +815,18 @@ impl<'a> Search<'a> {
 
     /// A merge trains nothing: every trained point must be in the directory. Names each
     /// missing one with the shard it was dealt to.
-    fn check_trained(&self, s: &Scoring, chosen: &[(usize, Option<f64>)], keep: &[usize]) -> Result<()> {
+    fn check_trained(
+        &self,
+        s: &Scoring,
+        chosen: &[(usize, Option<f64>)],
+        keep: &[usize],
+    ) -> Result<()> {
         let opts = self.opts;
         let mut wanted = Vec::new();
         if opts.finetune.is_some() {
             for &k in keep {
                 let config = &s.scored[chosen[k].0].config;
-                wanted.push((FINETUNED_DIR, finetuned_key(opts, config)?, label(config)));
+                wanted.push((FINETUNED_DIR, finetuned_key(opts, config)?, config.clone()));
             }
         }
         for &budget in &self.learned_budgets {
@@ -835,8 +841,8 @@ impl<'a> Search<'a> {
                 cached_record(&opts.output.join(dir), key, config).is_none()
             })
             .map(|(j, (_, _, config))| match counts.as_slice() {
-                [n] => format!("{config} (shard {})", Shard { index: j % n, count: *n }),
-                _ => config.clone(),
+                [n] => format!("{} (shard {})", label(config), Shard { index: j % n, count: *n }),
+                _ => label(config),
             })
             .collect();
         if missing.is_empty() {

@@ -76,7 +76,9 @@ impl Shard {
                 .transpose()
         };
         let made = |index: usize, count: usize, from: &'static str| {
-            Shard::new(index, count).map(|s| Some((s, from))).map_err(|e| usage(format!("{from}: {e}")))
+            Shard::new(index, count)
+                .map(|s| Some((s, from)))
+                .map_err(|e| usage(format!("{from}: {e}")))
         };
         if let Some(id) = number("SLURM_ARRAY_TASK_ID")? {
             let from = "SLURM_ARRAY_TASK_ID";
@@ -144,7 +146,10 @@ mod tests {
         assert_eq!(from(&with_min, None).unwrap().unwrap().0, Shard { index: 2, count: 4 });
         assert!(from(&slurm, None).is_err(), "index 5 of 4 without a minimum");
         let k8s = [("JOB_COMPLETION_INDEX", "2")];
-        assert_eq!(from(&k8s, Some(3)).unwrap().unwrap(), (Shard { index: 2, count: 3 }, "JOB_COMPLETION_INDEX"));
+        assert_eq!(
+            from(&k8s, Some(3)).unwrap().unwrap(),
+            (Shard { index: 2, count: 3 }, "JOB_COMPLETION_INDEX")
+        );
         assert!(from(&k8s, None).is_err(), "an Indexed Job needs the count");
         assert!(from(&[], Some(2)).is_err(), "a count without an index");
         assert!(from(&[], None).unwrap().is_none());

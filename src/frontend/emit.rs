@@ -125,9 +125,9 @@ fn remove_stale_partials(dir: &Path, name: &str) {
             continue;
         }
         let pid = rest.split('.').next().unwrap_or_default();
-        let gone = pid.parse::<u32>().is_ok_and(|p| {
-            p != std::process::id() && !Path::new(&format!("/proc/{p}")).exists()
-        });
+        let gone = pid
+            .parse::<u32>()
+            .is_ok_and(|p| p != std::process::id() && !Path::new(&format!("/proc/{p}")).exists());
         if gone && Path::new("/proc/self").exists() {
             std::fs::remove_file(entry.path()).ok();
         }

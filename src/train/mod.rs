@@ -250,8 +250,9 @@ impl Finetuner<'_> {
             let not_this = |e: anyhow::Error| {
                 e.context(format!("the checkpoint in {} is not of this student", dir.display()))
             };
-            let (of_optimiser, of_graph): (HashMap<_, _>, HashMap<_, _>) =
-                tensors.into_iter().partition(|(k, _)| OPTIMISER_PREFIXES.iter().any(|p| k.starts_with(p)));
+            let (of_optimiser, of_graph): (HashMap<_, _>, HashMap<_, _>) = tensors
+                .into_iter()
+                .partition(|(k, _)| OPTIMISER_PREFIXES.iter().any(|p| k.starts_with(p)));
             graph.restore_training_state(&of_graph).map_err(not_this)?;
             opt.restore_state(&of_optimiser).map_err(not_this)?;
             start = state.epochs_done;
@@ -480,15 +481,14 @@ fn read_checkpoint(
     let text = match std::fs::read_to_string(&state_path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => {
-            return Err(e).with_context(|| format!("cannot read {}", state_path.display()))
-        }
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", state_path.display())),
     };
     let state: CheckpointState = serde_json::from_str(&text)
         .with_context(|| format!("{} is not a checkpoint", state_path.display()))?;
     // Another epoch count continues the training on another schedule (a longer run, on
     // purpose); any other change of recipe would resume a different training.
-    let recipe = |o: &FinetuneOptions| serde_json::to_value(FinetuneOptions { epochs: 0, ..o.clone() });
+    let recipe =
+        |o: &FinetuneOptions| serde_json::to_value(FinetuneOptions { epochs: 0, ..o.clone() });
     anyhow::ensure!(
         recipe(&state.options)? == recipe(opts)?,
         "the checkpoint in {} was written by another recipe (rate, batch, seed, optimiser or \

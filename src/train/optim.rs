@@ -7,9 +7,9 @@
 use anyhow::{Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
-use std::collections::HashMap;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -148,14 +148,16 @@ impl AdamW {
             let Some(grad) = grads.get(var) else { continue };
             let g: Vec<f32> = grad.flatten_all()?.to_vec1()?;
             let mut w: Vec<f32> = var.as_tensor().flatten_all()?.to_vec1()?;
-            w.par_iter_mut().zip(m.par_iter_mut()).zip(v.par_iter_mut()).zip(g.par_iter()).for_each(
-                |(((w, m), v), &g)| {
+            w.par_iter_mut()
+                .zip(m.par_iter_mut())
+                .zip(v.par_iter_mut())
+                .zip(g.par_iter())
+                .for_each(|(((w, m), v), &g)| {
                     *m = *m * b1 + g * (1.0 - b1);
                     *v = *v * b2 + g * g * (1.0 - b2);
                     let step = (*m * scale_m) / ((*v * scale_v).sqrt() + eps);
                     *w = *w * decay - step * lr;
-                },
-            );
+                });
             var.set(&Tensor::from_vec(w, var.dims(), var.device())?)?;
         }
         Ok(())
@@ -229,7 +231,8 @@ impl Optimizer {
                     *m = saved_buffer(state, &format!("adamw/first/{i}"), m.len())?;
                     *v = saved_buffer(state, &format!("adamw/second/{i}"), v.len())?;
                 }
-                let steps = state.get("adamw/steps").context("the saved state lacks adamw/steps")?;
+                let steps =
+                    state.get("adamw/steps").context("the saved state lacks adamw/steps")?;
                 a.steps = steps.flatten_all()?.to_vec1::<u32>()?[0];
             }
         }

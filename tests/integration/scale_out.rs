@@ -11,24 +11,26 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// A small frontier that trains: three fine-tuned points (2 epochs, so a point's training
-/// checkpoints once before it ends) and one learned point, four work items to deal.
+/// A small frontier that trains: two fine-tuned points (2 epochs, so a point's training
+/// checkpoints once before it ends) and one learned point, three work items to deal. Without
+/// recalibration and on few images, it takes 13 s in the test build.
 const FRONTIER_FLAGS: &[&str] = &[
     "--calibration-images",
-    "128",
+    "64",
     "--limit",
-    "300",
+    "200",
     "--seed",
     "7",
     "--cull-search",
     "prefixes",
     "--no-dimensions",
+    "--no-recalibrate",
     "--finetune-epochs",
     "2",
     "--finetune-train-limit",
-    "128",
+    "64",
     "--finetune-levels",
-    "50%,25%,10%",
+    "25%,10%",
     "--learned",
     "20%",
     "--no-progress",
@@ -147,19 +149,24 @@ fn sharded_frontiers_merge_to_the_uninterrupted_one() {
     }
     uninterrupted();
     let two = sharded(2);
-    // Shard 1/2's share removed: the merge names it and its shard, and writes no frontier.
+    // The learned point (item 2, shard 0/2's) set aside: the merge names it and its shard,
+    // and writes no frontier.
     let shard1: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(two.join("shards/1-of-2/done.json")).unwrap(),
     )
     .unwrap();
-    assert_eq!(shard1["points_to_train"], 4, "{shard1}");
-    assert_eq!(shard1["trained"].as_array().unwrap().len(), 2, "{shard1}");
+    assert_eq!(shard1["points_to_train"], 3, "{shard1}");
+    assert_eq!(shard1["trained"].as_array().unwrap().len(), 1, "{shard1}");
     let aside = two.with_extension("aside");
     std::fs::remove_dir_all(&aside).ok();
     std::fs::rename(two.join("learned"), &aside).unwrap();
     let o = relucompile(&pareto_args(&two, &["--merge"]));
     assert_eq!(o.code, 9, "{}", o.stderr);
-    assert!(o.stderr.contains("learned-masks(16358)") && o.stderr.contains("shard 1/2"), "{}", o.stderr);
+    assert!(
+        o.stderr.contains("learned-masks(16358)") && o.stderr.contains("shard 0/2"),
+        "{}",
+        o.stderr
+    );
     assert!(!two.join("frontier.json").exists(), "a failed merge wrote a frontier");
     std::fs::rename(&aside, two.join("learned")).unwrap();
     let o = relucompile(&pareto_args(&two, &["--merge", "--finetune-levels", "50%"]));
@@ -202,8 +209,7 @@ fn the_hyperqueue_script_runs_a_sharded_frontier() {
     ];
     args.extend(FRONTIER_FLAGS.iter().map(|s| s.to_string()));
     let o = Command::new("python3").args(&args).current_dir(root()).output().unwrap();
-    let (stdout, stderr) =
-        (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    let (stdout, stderr) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
     assert!(o.status.success(), "{stdout}{stderr}");
     let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(report["shards"].as_array().unwrap().len(), 2, "{report}");
@@ -280,20 +286,19 @@ fn finetune_args<'a>(student: &'a str, out: &'a str, ckpt: &'a str) -> Vec<&'a s
         "--epochs",
         "3",
         "--train-limit",
-        "256",
+        "128",
         "--batch",
         "32",
         "--limit",
-        "200",
+        "100",
         "--keep-trained",
-        "--no-progress",
         "--checkpoint-dir",
         ckpt,
         "--resume",
     ]
 }
 
-/// finetune killed while reading its data and again mid-run after a checkpoint, rerun with
+/// finetune killed as its first epoch reports and again mid-run after a checkpoint, rerun with
 /// the same command (`--resume` with nothing to resume starts afresh): the same bytes as a run
 /// never stopped, and nothing half-written.
 #[test]
@@ -336,7 +341,7 @@ fn a_killed_finetune_resumes_to_the_same_bytes() {
     assert_no_partial_files(dir.path());
 }
 
-/// linearize killed during its mask epoch and again during the distillation after a
+/// linearize killed as its mask epoch ends and again during the distillation after a
 /// checkpoint, rerun with the same command: the same bytes as a run never stopped.
 #[test]
 fn a_killed_linearize_resumes_to_the_same_bytes() {
@@ -354,17 +359,16 @@ fn a_killed_linearize_resumes_to_the_same_bytes() {
             "--relu-budget",
             "20%",
             "--train-limit",
-            "256",
+            "128",
             "--batch",
             "32",
             "--limit",
-            "200",
+            "100",
             "--epochs",
             "3",
             "--lr",
             "0.005",
             "--keep-trained",
-            "--no-progress",
             "--checkpoint-dir",
             ckpt,
             "--resume",
@@ -380,10 +384,9 @@ fn a_killed_linearize_resumes_to_the_same_bytes() {
     assert_eq!(o.code, 0, "{}", o.stderr);
     let again = args(&resumed, &ckpt);
     let again: Vec<&str> = again.iter().map(String::as_str).collect();
-    // First kill: during the mask epoch (the teacher measured, no mask checkpoint yet);
-    // second: once the distillation saved its first epoch.
-    kill_when(&again, |err| err.contains("teacher") || err.contains("original"));
-    assert!(!Path::new(&ckpt).join("masks.json").exists(), "killed after the mask phase");
+    // First kill: as the mask epoch reports (racing the masks' checkpoint); second: once the
+    // distillation saved its first epoch.
+    kill_when(&again, |err| err.contains("epoch 1/1 done"));
     kill_when(&again, |_| Path::new(&ckpt).join("state.json").exists());
     assert!(!Path::new(&resumed).exists(), "a killed run wrote its output");
     let o = relucompile(&again);
