@@ -19,7 +19,7 @@ use crate::report::plot::{frontier_plot, Axis, PlotPoint, Reference};
 use crate::report::thousands;
 use crate::search::criticality::criticality;
 use crate::search::objective::{Budget, Cost, Objective};
-use crate::search::pareto::{frontier_indices, score_all};
+use crate::search::pareto::{frontier_indices, score_all, Journals};
 use crate::search::probe::{ensure_probe_images, pareto_layers, probe_set, Prober, PROBED_LAYERS};
 use crate::search::{accuracy, build_candidate};
 use crate::train::masks::{Granularity, DEFAULT_MASK_LR};
@@ -546,8 +546,23 @@ impl<'a> Search<'a> {
                 .into());
             }
         }
+        // The scores: every shard's journal together (each shard scored a part, and took the
+        // rest from the others'); criticality and probes, which every shard ran, from one.
+        let own = self.opts.output.join(CANDIDATES_JOURNAL);
+        if !own.exists() {
+            let mut all = Vec::new();
+            for (dir, _) in &finished {
+                if let Ok(mut text) = std::fs::read(dir.join(CANDIDATES_JOURNAL)) {
+                    if text.last().is_some_and(|&b| b != b'\n') {
+                        text.push(b'\n');
+                    }
+                    all.extend(text);
+                }
+            }
+            write_bytes_atomic(&own, &all)?;
+        }
         let source = &finished[0].0;
-        for journal in JOURNALS {
+        for journal in SHARED_JOURNALS {
             let (from, to) = (source.join(journal), self.opts.output.join(journal));
             if from.exists() && !to.exists() {
                 write_bytes_atomic(&to, &std::fs::read(&from)?)?;
@@ -660,6 +675,22 @@ impl<'a> Search<'a> {
         s.cost.unwrap_or_default().get(self.opts.objective)
     }
 
+    /// This process's scoring journal; a shard also reads the other shards' as they score, and
+    /// starts at its own share of the candidate list, so that concurrent shards divide the
+    /// scoring between them (without waiting for each other: a shard alone scores everything).
+    fn scoring_journals(&self) -> Journals {
+        let own = self.journal_dir.join(CANDIDATES_JOURNAL);
+        let Role::Shard(shard) = self.role else { return Journals::single(own) };
+        let others = (0..shard.count)
+            .filter(|&i| i != shard.index)
+            .map(|i| {
+                let other = Shard { index: i, count: shard.count };
+                self.opts.output.join(SHARDS_DIR).join(other.dir_name()).join(CANDIDATES_JOURNAL)
+            })
+            .collect();
+        Journals { own, others, start: (shard.index, shard.count) }
+    }
+
     /// Criticality (from the directory when a run wrote it), then every candidate scored on
     /// the calibration draw's held-out half, resuming from `candidates.jsonl`.
     fn score(&self) -> Result<Scoring> {
@@ -700,7 +731,7 @@ impl<'a> Search<'a> {
             &ctx,
             &calibration,
             &self.cost_model,
-            &self.journal_dir.join("candidates.jsonl"),
+            &self.scoring_journals(),
             opts.progress,
         )?;
         Ok(Scoring { drawn: draw.len(), ctx, calibration, cull_order, scored })
@@ -1181,9 +1212,10 @@ struct FinetunedRecord {
 /// written by the one shard it was dealt to).
 const FINETUNED_DIR: &str = "finetuned";
 const LEARNED_DIR: &str = "learned";
-/// The shards' own directories (`I-of-N`), and the journals a merge takes from one of them.
+/// The shards' own directories (`I-of-N`), and the journals a merge takes from them.
 const SHARDS_DIR: &str = "shards";
-const JOURNALS: [&str; 3] = ["criticality.json", "candidates.jsonl", "probes.jsonl"];
+const CANDIDATES_JOURNAL: &str = "candidates.jsonl";
+const SHARED_JOURNALS: [&str; 2] = ["criticality.json", "probes.jsonl"];
 
 /// The shards that finished in `dir`, each with its directory and record, in name order.
 fn finished_shards(dir: &Path) -> Result<Vec<(PathBuf, ShardReport)>> {

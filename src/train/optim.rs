@@ -141,6 +141,8 @@ impl AdamW {
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
         self.steps += 1;
         let (b1, b2, eps) = (ADAM_BETA1 as f32, ADAM_BETA2 as f32, ADAM_EPS as f32);
+        // The complements in f64, then rounded: 1 - 0.9f32 is not 0.1f32.
+        let (c1, c2) = ((1.0 - ADAM_BETA1) as f32, (1.0 - ADAM_BETA2) as f32);
         let scale_m = (1.0 / (1.0 - ADAM_BETA1.powi(self.steps as i32))) as f32;
         let scale_v = (1.0 / (1.0 - ADAM_BETA2.powi(self.steps as i32))) as f32;
         let (lr, decay) = (self.lr as f32, (1.0 - self.lr * self.weight_decay) as f32);
@@ -153,8 +155,8 @@ impl AdamW {
                 .zip(v.par_iter_mut())
                 .zip(g.par_iter())
                 .for_each(|(((w, m), v), &g)| {
-                    *m = *m * b1 + g * (1.0 - b1);
-                    *v = *v * b2 + g * g * (1.0 - b2);
+                    *m = *m * b1 + g * c1;
+                    *v = *v * b2 + g * g * c2;
                     let step = (*m * scale_m) / ((*v * scale_v).sqrt() + eps);
                     *w = *w * decay - step * lr;
                 });
