@@ -514,8 +514,8 @@ impl<'a> Search<'a> {
         .seeded()
     }
 
-    /// A merge takes the scoring journals from a finished shard (all shards score the same
-    /// candidates), after checking that every finished shard ran with this search's flags.
+    /// A merge takes criticality and probes from a finished shard, after checking that every
+    /// finished shard ran with this search's flags.
     fn seeded(self) -> Result<Self> {
         if self.role != Role::Merge {
             return Ok(self);
@@ -546,21 +546,8 @@ impl<'a> Search<'a> {
                 .into());
             }
         }
-        // The scores: every shard's journal together (each shard scored a part, and took the
-        // rest from the others'); criticality and probes, which every shard ran, from one.
-        let own = self.opts.output.join(CANDIDATES_JOURNAL);
-        if !own.exists() {
-            let mut all = Vec::new();
-            for (dir, _) in &finished {
-                if let Ok(mut text) = std::fs::read(dir.join(CANDIDATES_JOURNAL)) {
-                    if text.last().is_some_and(|&b| b != b'\n') {
-                        text.push(b'\n');
-                    }
-                    all.extend(text);
-                }
-            }
-            write_bytes_atomic(&own, &all)?;
-        }
+        // The scores are read from every shard's journal ([`Search::scoring_journals`]);
+        // criticality and probes, which every shard ran whole, are taken from one.
         let source = &finished[0].0;
         for journal in SHARED_JOURNALS {
             let (from, to) = (source.join(journal), self.opts.output.join(journal));
@@ -680,12 +667,26 @@ impl<'a> Search<'a> {
     /// scoring between them (without waiting for each other: a shard alone scores everything).
     fn scoring_journals(&self) -> Journals {
         let own = self.journal_dir.join(CANDIDATES_JOURNAL);
-        let Role::Shard(shard) = self.role else { return Journals::single(own) };
+        let shards = self.opts.output.join(SHARDS_DIR);
+        let shard = match self.role {
+            Role::Whole => return Journals::single(own),
+            // A merge scores nothing: every candidate is in some shard's journal.
+            Role::Merge => {
+                let mut others: Vec<PathBuf> = std::fs::read_dir(&shards)
+                    .map(|entries| {
+                        entries.flatten().map(|e| e.path().join(CANDIDATES_JOURNAL)).collect()
+                    })
+                    .unwrap_or_default();
+                others.sort();
+                return Journals { own, others, start: (0, 1) };
+            }
+            Role::Shard(shard) => shard,
+        };
         let others = (0..shard.count)
             .filter(|&i| i != shard.index)
             .map(|i| {
                 let other = Shard { index: i, count: shard.count };
-                self.opts.output.join(SHARDS_DIR).join(other.dir_name()).join(CANDIDATES_JOURNAL)
+                shards.join(other.dir_name()).join(CANDIDATES_JOURNAL)
             })
             .collect();
         Journals { own, others, start: (shard.index, shard.count) }
@@ -1212,7 +1213,8 @@ struct FinetunedRecord {
 /// written by the one shard it was dealt to).
 const FINETUNED_DIR: &str = "finetuned";
 const LEARNED_DIR: &str = "learned";
-/// The shards' own directories (`I-of-N`), and the journals a merge takes from them.
+/// The shards' own directories (`I-of-N`); their scoring journal, and the journals a merge
+/// copies from one of them.
 const SHARDS_DIR: &str = "shards";
 const CANDIDATES_JOURNAL: &str = "candidates.jsonl";
 const SHARED_JOURNALS: [&str; 2] = ["criticality.json", "probes.jsonl"];

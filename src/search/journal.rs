@@ -13,14 +13,36 @@ pub fn open_journal(path: &Path, what: &str) -> Result<std::fs::File> {
         .append(true)
         .open(path)
         .with_context(|| format!("cannot open the {what} journal {}", path.display()))?;
-    let cut_short = std::fs::read(path)
+    if ends_cut_short(path)
         .with_context(|| format!("cannot read the {what} journal {}", path.display()))?
-        .last()
-        .is_some_and(|&b| b != b'\n');
-    if cut_short {
+    {
         writeln!(file)?;
     }
     Ok(file)
+}
+
+/// Whether the file at `path` is not empty and its last byte is not a newline (read alone).
+fn ends_cut_short(path: &Path) -> std::io::Result<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path)?;
+    if f.metadata()?.len() == 0 {
+        return Ok(false);
+    }
+    f.seek(SeekFrom::End(-1))?;
+    let mut last = [0u8];
+    f.read_exact(&mut last)?;
+    Ok(last[0] != b'\n')
+}
+
+/// Every whole record in the journals at `paths`, in order (a line a kill cut short does not
+/// parse and is left out: its work is redone). A missing journal holds none.
+pub fn read_records<T: serde::de::DeserializeOwned>(paths: &[impl AsRef<Path>]) -> Vec<T> {
+    let mut out = Vec::new();
+    for path in paths {
+        let Ok(text) = std::fs::read_to_string(path) else { continue };
+        out.extend(text.lines().filter_map(|l| serde_json::from_str(l).ok()));
+    }
+    out
 }
 
 #[cfg(test)]

@@ -117,11 +117,9 @@ impl Prober<'_> {
         let mut done: HashMap<String, ProbeRecord> = HashMap::new();
         let mut file = None;
         if let Some(journal) = self.journal {
-            if let Ok(text) = std::fs::read_to_string(journal) {
-                for r in text.lines().filter_map(|l| serde_json::from_str::<ProbeRecord>(l).ok()) {
-                    if r.images == images {
-                        done.insert(r.config.clone(), r);
-                    }
+            for r in super::journal::read_records::<ProbeRecord>(&[journal]) {
+                if r.images == images {
+                    done.insert(r.config.clone(), r);
                 }
             }
             file = Some(super::journal::open_journal(journal, "probe")?);

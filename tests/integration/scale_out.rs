@@ -287,13 +287,17 @@ fn a_killed_frontier_search_resumes_to_the_same_bytes() {
 }
 
 fn finetune_args<'a>(student: &'a str, out: &'a str, ckpt: &'a str) -> Vec<&'a str> {
-    vec![
-        "finetune",
-        student,
-        "--teacher",
-        "models/vgg.onnx",
-        "-o",
-        out,
+    vec!["finetune", student, "--teacher", "models/vgg.onnx", "-o", out]
+        .into_iter()
+        .chain(training_tail(ckpt))
+        .collect()
+}
+
+/// The recipe both kill tests train with (3 epochs, so a kill lands between checkpoints;
+/// `--keep-trained`: the bytes of the trained network whatever the guard says), checkpointed
+/// into `ckpt` and resumed from it.
+fn training_tail(ckpt: &str) -> [&str; 12] {
+    [
         "--epochs",
         "3",
         "--train-limit",
@@ -362,31 +366,11 @@ fn a_killed_linearize_resumes_to_the_same_bytes() {
     let dir = tmpdir();
     let path_of = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
     let args = |out: &str, ckpt: &str| -> Vec<String> {
-        [
-            "linearize",
-            "models/vgg.onnx",
-            "-o",
-            out,
-            "--relu-budget",
-            "20%",
-            "--train-limit",
-            "128",
-            "--batch",
-            "32",
-            "--limit",
-            "100",
-            "--epochs",
-            "3",
-            "--lr",
-            "0.005",
-            "--keep-trained",
-            "--checkpoint-dir",
-            ckpt,
-            "--resume",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+        ["linearize", "models/vgg.onnx", "-o", out, "--relu-budget", "20%", "--lr", "0.005"]
+            .into_iter()
+            .chain(training_tail(ckpt))
+            .map(String::from)
+            .collect()
     };
     let (whole, resumed) = (path_of("whole.onnx"), path_of("resumed.onnx"));
     let (whole_ckpt, ckpt) = (path_of("whole-ckpt"), path_of("ckpt"));
