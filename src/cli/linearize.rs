@@ -6,7 +6,7 @@ use super::finetune::TrainFlags;
 use crate::data;
 use crate::driver::linearize::{linearize, LinearizeJob, LinearizeReport};
 use crate::report::{table, thousands};
-use crate::train::masks::{Granularity, DEFAULT_MASK_LR};
+use crate::train::masks::{Granularity, MaskMethod, DEFAULT_MASK_LR};
 
 /// `--granularity`'s words (also `pareto --learned-granularity`).
 pub(crate) const GRANULARITIES: &[(&str, &str)] = &[
@@ -18,6 +18,19 @@ pub(crate) const GRANULARITIES: &[(&str, &str)] = &[
         "pixel",
         "One mask per element of an image's activation (SNL's pixel masks): the kept positions \
          run as one dense `[N, K]` ReLU",
+    ),
+];
+/// `--mask-method`'s words.
+pub(crate) const MASK_METHODS: &[(&str, &str)] = &[
+    (
+        "penalty",
+        "SNL's soft masks under a ReLU penalty whose weight a controller walks to the budget; \
+         binarised by mask value at the end",
+    ),
+    (
+        "prune",
+        "Hard masks pruned on a schedule from the full count to the budget, the units whose \
+         removal costs least per ReLU (Taylor estimate from the mask gradients) first",
     ),
 ];
 use anyhow::Result;
@@ -46,7 +59,10 @@ pub struct LinearizeArgs {
     /// activation; the kept ones are gathered into one dense ReLU per layer)
     #[arg(long, default_value = "channel", value_parser = super::words::<Granularity>(GRANULARITIES))]
     pub granularity: Granularity,
-    /// Adam's learning rate for the masks
+    /// How the mask epochs choose the units that keep their ReLU
+    #[arg(long, default_value = "penalty", value_parser = super::words::<MaskMethod>(MASK_METHODS))]
+    pub mask_method: MaskMethod,
+    /// Adam's learning rate for the masks (the penalty method)
     #[arg(long, default_value_t = DEFAULT_MASK_LR)]
     pub mask_lr: f64,
     /// Training data (its train split) and test data for the accuracies
@@ -72,6 +88,7 @@ impl From<&LinearizeArgs> for LinearizeJob {
             mask_epochs: a.mask_epochs,
             max_relu_layers: a.max_relu_layers.map(|k| k as usize),
             granularity: a.granularity,
+            mask_method: a.mask_method,
             mask_lr: a.mask_lr,
             data: a.data.clone(),
             data_options: (&a.data_flags).into(),

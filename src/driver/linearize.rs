@@ -10,7 +10,9 @@ use crate::frontend::{load_model, write_bytes_atomic, write_model_atomic};
 use crate::ir::Model;
 use crate::passes::{prepare, run_pipeline, PassContext, Pipeline, VerifyOptions};
 use crate::search::objective::{Budget, Cost, Objective};
-use crate::train::masks::{Granularity, LayerMask, MaskLearning, MaskResult, DEFAULT_MASK_LR};
+use crate::train::masks::{
+    Granularity, LayerMask, MaskLearning, MaskMethod, MaskResult, DEFAULT_MASK_LR,
+};
 use crate::train::EpochRecord;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -29,6 +31,8 @@ pub struct LinearizeJob {
     pub max_relu_layers: Option<usize>,
     /// A mask per channel or per pixel.
     pub granularity: Granularity,
+    /// How the mask phase chooses the kept units.
+    pub mask_method: MaskMethod,
     pub mask_lr: f64,
     pub data: String,
     pub data_options: DataOptions,
@@ -54,6 +58,7 @@ impl LinearizeJob {
             mask_epochs: 1,
             max_relu_layers: None,
             granularity: Granularity::default(),
+            mask_method: MaskMethod::default(),
             mask_lr: DEFAULT_MASK_LR,
             data: DEFAULT_DATA.into(),
             data_options: DataOptions::default(),
@@ -75,6 +80,7 @@ pub struct LinearizeReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_relu_layers: Option<usize>,
     pub granularity: Granularity,
+    pub mask_method: MaskMethod,
     pub relus_after: u64,
     pub mask_epochs: Vec<EpochRecord>,
     /// The soft ReLU count (sum of mask values times ReLUs per channel) after the last step.
@@ -108,6 +114,7 @@ pub fn linearize(job: &LinearizeJob) -> Result<LinearizeReport> {
         budget,
         max_layers: job.max_relu_layers,
         granularity: job.granularity,
+        method: job.mask_method,
         mask_epochs: job.mask_epochs,
         mask_lr: job.mask_lr,
         training: &job.training,
@@ -126,6 +133,7 @@ pub fn linearize(job: &LinearizeJob) -> Result<LinearizeReport> {
         relu_budget: budget,
         max_relu_layers: job.max_relu_layers,
         granularity: job.granularity,
+        mask_method: job.mask_method,
         relus_after,
         mask_epochs: masked.history,
         soft_relus: masked.soft_relus,
@@ -148,6 +156,7 @@ pub struct LearnedMasks<'a> {
     /// At most this many layers keep ReLUs (see `choose_kept`).
     pub max_layers: Option<usize>,
     pub granularity: Granularity,
+    pub method: MaskMethod,
     pub mask_epochs: usize,
     pub mask_lr: f64,
     /// The recipe of both phases; `recipe.epochs` is the distillation after binarisation.
@@ -191,6 +200,7 @@ impl LearnedMasks<'_> {
                     budget: self.budget,
                     max_layers: self.max_layers,
                     granularity: self.granularity,
+                    method: self.method,
                     mask_lr: self.mask_lr,
                     progress: self.progress,
                 }
@@ -228,6 +238,7 @@ impl LearnedMasks<'_> {
             relu_budget: self.budget,
             max_relu_layers: self.max_layers,
             granularity: self.granularity,
+            method: self.method,
         }
     }
 }
@@ -241,6 +252,9 @@ struct MaskKey {
     /// Checkpoints written before pixel masks existed hold channel masks.
     #[serde(default)]
     granularity: Granularity,
+    /// Checkpoints written before the pruning method existed hold the penalty's masks.
+    #[serde(default)]
+    method: MaskMethod,
 }
 
 impl std::fmt::Display for MaskKey {
@@ -249,7 +263,7 @@ impl std::fmt::Display for MaskKey {
         if let Some(k) = self.max_relu_layers {
             write!(f, " in at most {k} layers")?;
         }
-        write!(f, " with {} masks", self.granularity)
+        write!(f, " with {} masks by the {} method", self.granularity, self.method)
     }
 }
 

@@ -1377,6 +1377,7 @@ fn learned_point(
             budget,
             max_layers: None,
             granularity,
+            method: crate::train::masks::MaskMethod::default(),
             mask_epochs: LEARNED_MASK_EPOCHS,
             mask_lr: DEFAULT_MASK_LR,
             training: &training,

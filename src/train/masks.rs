@@ -37,6 +37,62 @@ const LAMBDA_START: f64 = 1e-3;
 const RAMP: f64 = 0.7;
 /// A channel whose mask ends at or below this is linear whatever the budget (SNL's 0.01).
 pub const MASK_FLOOR: f32 = 0.01;
+/// Pruning: units are dropped every this many steps while the schedule falls (about 80 times
+/// in a Fashion-MNIST epoch at batch 64; not tuned).
+const PRUNE_EVERY: usize = 8;
+/// Pruning: the running mean of a unit's squared mask gradient forgets at this rate a step,
+/// so it averages about the last 50 batches (3,200 images at batch 64; not tuned).
+const IMPORTANCE_DECAY: f64 = 0.98;
+
+/// How the mask phase decides which units keep their ReLU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MaskMethod {
+    /// SNL's: soft masks trained by Adam under a penalty whose weight `lambda` a controller
+    /// walks towards the budget; binarised by mask value at the end.
+    #[default]
+    Penalty,
+    /// Progressive pruning: hard masks, all 1 at first; a cubic schedule lowers the count
+    /// from the original's to the budget over the first 70% of the mask steps, dropping the
+    /// units whose removal the first-order Taylor estimate (the mask's gradient, averaged
+    /// over recent batches) says costs least per ReLU. The budget holds by construction.
+    Prune,
+}
+
+impl MaskMethod {
+    pub const ALL: [MaskMethod; 2] = [MaskMethod::Penalty, MaskMethod::Prune];
+
+    pub fn word(self) -> &'static str {
+        match self {
+            MaskMethod::Penalty => "penalty",
+            MaskMethod::Prune => "prune",
+        }
+    }
+}
+
+impl std::fmt::Display for MaskMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.word())
+    }
+}
+
+impl std::str::FromStr for MaskMethod {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        MaskMethod::ALL
+            .into_iter()
+            .find(|m| m.word() == s)
+            .ok_or_else(|| format!("mask method '{s}' is not one of: penalty, prune"))
+    }
+}
+
+/// What a mask phase's hook reports at the end.
+trait MaskPhase: StepHook {
+    /// The soft ReLU count (the kept count when masks are hard).
+    fn soft_relus(&self) -> f64;
+    /// The penalty's weight (0 without a penalty).
+    fn lambda(&self) -> f64;
+}
 
 /// The mask phase's extra loss term, mask updates and `lambda` controller.
 struct MaskHook {
@@ -113,6 +169,111 @@ impl StepHook for MaskHook {
 
     fn status(&self) -> String {
         format!("  soft ReLUs {:.0}  lambda {:.1e}", self.soft, self.lambda)
+    }
+}
+
+impl MaskPhase for MaskHook {
+    fn soft_relus(&self) -> f64 {
+        self.soft
+    }
+    fn lambda(&self) -> f64 {
+        self.lambda
+    }
+}
+
+/// The pruning method's state: hard masks and every unit's running importance.
+struct PruneHook {
+    vars: Vec<Var>,
+    relus_per_unit: Vec<usize>,
+    /// Per site and unit: the running mean of the squared mask gradient.
+    importance: Vec<Vec<f64>>,
+    kept: Vec<Vec<bool>>,
+    kept_relus: u64,
+    total: u64,
+    budget: u64,
+}
+
+impl PruneHook {
+    /// `vars`: each site's mask, all 1.
+    fn new(vars: Vec<Var>, sites: &[MaskSite], budget: u64) -> Self {
+        let total: usize = sites.iter().map(|s| s.units() * s.relus_per_unit()).sum();
+        PruneHook {
+            vars,
+            relus_per_unit: sites.iter().map(|s| s.relus_per_unit()).collect(),
+            importance: sites.iter().map(|s| vec![0.0; s.units()]).collect(),
+            kept: sites.iter().map(|s| vec![true; s.units()]).collect(),
+            kept_relus: total as u64,
+            total: total as u64,
+            budget: budget.min(total as u64),
+        }
+    }
+
+    /// The count the schedule allows after `done` of `ramp` steps: cubic, so the early
+    /// steps, where the network has the most redundancy, drop the most (Zhu and Gupta 2017).
+    fn target(&self, done: usize, ramp: usize) -> u64 {
+        let left = 1.0 - (done as f64 / ramp.max(1) as f64).min(1.0);
+        self.budget + ((self.total - self.budget) as f64 * left.powi(3)).floor() as u64
+    }
+
+    /// Drop the kept units worth least per ReLU until at most `target` ReLUs are kept.
+    fn prune_to(&mut self, target: u64) -> Result<()> {
+        if self.kept_relus <= target {
+            return Ok(());
+        }
+        let mut candidates: Vec<(f64, usize, usize)> = vec![];
+        for (s, kept) in self.kept.iter().enumerate() {
+            let per = self.relus_per_unit[s] as f64;
+            for (u, _) in kept.iter().enumerate().filter(|(_, &k)| k) {
+                candidates.push((self.importance[s][u].sqrt() / per, s, u));
+            }
+        }
+        candidates.sort_by(|a, b| a.0.total_cmp(&b.0).then((a.1, a.2).cmp(&(b.1, b.2))));
+        let mut changed = vec![false; self.kept.len()];
+        for (_, s, u) in candidates {
+            if self.kept_relus <= target {
+                break;
+            }
+            self.kept[s][u] = false;
+            self.kept_relus -= self.relus_per_unit[s] as u64;
+            changed[s] = true;
+        }
+        for (s, var) in self.vars.iter().enumerate().filter(|&(s, _)| changed[s]) {
+            let values: Vec<f32> =
+                self.kept[s].iter().map(|&k| if k { 1.0 } else { 0.0 }).collect();
+            let t = Tensor::from_vec(values, var.as_tensor().shape(), var.as_tensor().device())?;
+            var.set(&t)?;
+        }
+        Ok(())
+    }
+}
+
+impl StepHook for PruneHook {
+    fn after_step(&mut self, grads: &GradStore, step: usize, total: usize) -> Result<()> {
+        for (var, importance) in self.vars.iter().zip(&mut self.importance) {
+            let Some(g) = grads.get(var.as_tensor()) else { continue };
+            for (i, g) in importance.iter_mut().zip(g.flatten_all()?.to_vec1::<f32>()?) {
+                *i = IMPORTANCE_DECAY * *i + (1.0 - IMPORTANCE_DECAY) * (g as f64 * g as f64);
+            }
+        }
+        let ramp = ((RAMP * total as f64) as usize).max(1);
+        let done = step + 1;
+        if done.is_multiple_of(PRUNE_EVERY) || done >= ramp {
+            self.prune_to(self.target(done, ramp))?;
+        }
+        Ok(())
+    }
+
+    fn status(&self) -> String {
+        format!("  kept ReLUs {}", self.kept_relus)
+    }
+}
+
+impl MaskPhase for PruneHook {
+    fn soft_relus(&self) -> f64 {
+        self.kept_relus as f64
+    }
+    fn lambda(&self) -> f64 {
+        0.0
     }
 }
 
@@ -206,6 +367,8 @@ pub struct MaskLearning<'a> {
     /// At most this many layers keep ReLUs (see [`choose_kept`]).
     pub max_layers: Option<usize>,
     pub granularity: Granularity,
+    pub method: MaskMethod,
+    /// Adam's rate for the penalty method's soft masks.
     pub mask_lr: f64,
     pub progress: bool,
 }
@@ -244,7 +407,15 @@ impl MaskLearning<'_> {
         let teacher = Teacher::new(self.teacher, sample)?;
         let logits = Distiller::logits(&teacher, self.teacher, self.train, opts, self.progress)?;
         let mut opt = Optimizer::new(opts.optimizer, graph.vars(), opts.lr, opts.weight_decay)?;
-        let mut hook = MaskHook::new(&graph, &sites, self.budget, self.mask_lr)?;
+        let mut hook: Box<dyn MaskPhase> = match self.method {
+            MaskMethod::Penalty => {
+                Box::new(MaskHook::new(&graph, &sites, self.budget, self.mask_lr)?)
+            }
+            MaskMethod::Prune => {
+                let vars = sites.iter().map(|s| graph.masks()[&s.relu].clone()).collect();
+                Box::new(PruneHook::new(vars, &sites, self.budget))
+            }
+        };
         let distiller = Distiller {
             teacher: &teacher,
             teacher_logits: logits.as_deref().map(Vec::as_slice),
@@ -254,7 +425,7 @@ impl MaskLearning<'_> {
         };
         let mut history = vec![];
         for epoch in 0..opts.epochs {
-            history.push(distiller.epoch(&graph, &mut opt, epoch, &mut hook)?);
+            history.push(distiller.epoch(&graph, &mut opt, epoch, hook.as_mut())?);
         }
         let values: Vec<Vec<f32>> = sites
             .iter()
@@ -269,7 +440,13 @@ impl MaskLearning<'_> {
             };
             keep(&mut model, &site.relu, &site.input, &site.dims, &layer.kept);
         }
-        Ok(MaskResult { model, history, layers, soft_relus: hook.soft, lambda: hook.lambda })
+        Ok(MaskResult {
+            model,
+            history,
+            layers,
+            soft_relus: hook.soft_relus(),
+            lambda: hook.lambda(),
+        })
     }
 }
 
@@ -298,6 +475,40 @@ mod tests {
         let two = choose_kept(&sites, &values, 150, Some(2));
         assert_eq!(two[0].kept, layers[0].kept);
         assert_eq!(two[1].kept, layers[1].kept);
+    }
+
+    /// The pruning schedule starts at the full count and ends at the budget; pruning drops the
+    /// units worth least per ReLU (importance per ReLU, ties in site and unit order), sets
+    /// their masks to 0 and stops as soon as the count is within the target.
+    #[test]
+    fn pruning_drops_the_cheapest_units_per_relu_down_to_the_schedule() {
+        let site = |name: &str, c, n| {
+            MaskSite::new(name, &format!("{name}_in"), &[c, n], Granularity::Channel)
+        };
+        let sites = [site("a", 3, 100), site("b", 2, 10)];
+        let dev = candle_core::Device::Cpu;
+        let vars: Vec<Var> = sites
+            .iter()
+            .map(|s| Var::ones(s.units(), candle_core::DType::F32, &dev).unwrap())
+            .collect();
+        let mut hook = PruneHook::new(vars.clone(), &sites, 150);
+        assert_eq!((hook.target(0, 10), hook.target(10, 10), hook.target(20, 10)), (320, 150, 150));
+        // Halfway: 150 + 170 / 8, floored.
+        assert_eq!(hook.target(5, 10), 171);
+        // Square roots of the importances over the ReLUs: a 0.04, 0.01, 0.09; b 0.03, 0.1.
+        hook.importance = vec![vec![16.0, 1.0, 81.0], vec![0.09, 1.0]];
+        hook.prune_to(300).unwrap();
+        assert_eq!(hook.kept, vec![vec![true, false, true], vec![true, true]]);
+        assert_eq!(hook.kept_relus, 220);
+        // Next b0 (10 ReLUs, 210 > 150), then a0 (100): 110.
+        hook.prune_to(150).unwrap();
+        assert_eq!(hook.kept, vec![vec![false, false, true], vec![false, true]]);
+        assert_eq!(hook.kept_relus, 110);
+        let a: Vec<f32> = vars[0].as_tensor().to_vec1().unwrap();
+        let b: Vec<f32> = vars[1].as_tensor().to_vec1().unwrap();
+        assert_eq!((a, b), (vec![0.0, 0.0, 1.0], vec![0.0, 1.0]));
+        let layers = choose_kept(&sites, &[vec![0.0, 0.0, 1.0], vec![0.0, 1.0]], 150, None);
+        assert_eq!(layers.iter().map(LayerMask::relus).sum::<usize>(), 110);
     }
 
     /// Binary masks written into the graph (`keep_relu_channels`, `keep_relu_positions`)

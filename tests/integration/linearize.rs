@@ -211,3 +211,33 @@ fn a_layer_cap_keeps_relus_in_that_many_layers() {
     let (code, e) = refused(&o, &["--relu-budget", "20%", "--max-relu-layers", "0"]);
     assert_eq!(code, 2, "{e}");
 }
+
+/// The pruning method keeps the budget by construction: pixel masks to the ReLU, channel
+/// masks within one channel; each granularity repeats byte for byte.
+#[test]
+fn pruned_masks_meet_the_budget_by_construction_and_repeat() {
+    // 5% of the VGG's 81,792 ReLUs, floored.
+    const BUDGET_5: u64 = 4_089;
+    let dir = tmpdir();
+    for granularity in ["channel", "pixel"] {
+        let flags = ["--mask-method", "prune", "--granularity", granularity];
+        let out = dir.path().join(format!("vgg.prune5.{granularity}.onnx"));
+        let r = linearize_with(&out, "5%", &flags);
+        assert_eq!(
+            (r["mask_method"].as_str(), r["relu_budget"].as_u64()),
+            (Some("prune"), Some(BUDGET_5))
+        );
+        let after = r["relus_after"].as_u64().unwrap();
+        match granularity {
+            "pixel" => assert_eq!(after, BUDGET_5),
+            _ => assert!(after <= BUDGET_5 && after > BUDGET_5 - VGG_LARGEST_CHANNEL, "{after}"),
+        }
+        // Hard masks: the kept count after the mask epoch is the graph's.
+        assert_eq!(r["soft_relus"].as_f64(), Some(after as f64), "{r}");
+        let census = relucompile_json(&["inspect", out.to_str().unwrap(), "--json"]);
+        assert_eq!(census["total_relus"].as_u64(), Some(after));
+        let again = dir.path().join("again.onnx");
+        linearize_with(&again, "5%", &flags);
+        assert!(std::fs::read(&out).unwrap() == std::fs::read(&again).unwrap(), "{granularity}");
+    }
+}
