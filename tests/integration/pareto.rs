@@ -1,5 +1,5 @@
 //! `relucompile pareto` and `criticality` on the shipped ResNet: a real frontier, repeatable,
-//! resumable, and every file matching what frontier.json says about it.
+//! and every file matching what frontier.json says about it.
 
 use crate::common::*;
 
@@ -122,11 +122,7 @@ fn frontier_is_non_dominated_repeatable_and_matches_its_files() {
     let point = std::fs::read(a.path().join(best["file"].as_str().unwrap())).unwrap();
     assert!(std::fs::read(&out).unwrap() == point, "rebuilt {} differs", best["file"]);
     std::fs::remove_file(&out).unwrap();
-    // Resuming from a finished directory recomputes nothing and gives the same frontier.
-    let journal = std::fs::read_to_string(a.path().join("candidates.jsonl")).unwrap();
-    let again = pareto(a.path());
-    assert_eq!(again["points"], fa["points"]);
-    assert_eq!(std::fs::read_to_string(a.path().join("candidates.jsonl")).unwrap(), journal);
+    // Resuming (from a finished directory, and from one killed part-way) is scale_out's.
 }
 
 #[test]

@@ -268,7 +268,7 @@ fn checkpointed(dir: &Path) -> bool {
 
 /// pareto killed during scoring (a few candidates journaled) and again during a point's
 /// training (after its first epoch's checkpoint), rerun each time with the same command:
-/// the frontier of the uninterrupted run.
+/// the frontier of the uninterrupted run; rerun once more when finished, it scores nothing.
 #[test]
 fn a_killed_frontier_search_resumes_to_the_same_bytes() {
     if !prerequisite(Path::new(FASHION_MNIST).exists(), "Fashion-MNIST") {
@@ -284,6 +284,12 @@ fn a_killed_frontier_search_resumes_to_the_same_bytes() {
     let o = relucompile(&args);
     assert_eq!(o.code, 0, "{}", o.stderr);
     assert_same_frontier(&dir, "killed twice");
+    // Rerun on the finished directory: nothing is scored again, the same frontier.
+    let journal = std::fs::read(dir.join("candidates.jsonl")).unwrap();
+    let o = relucompile(&args);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(std::fs::read(dir.join("candidates.jsonl")).unwrap() == journal, "rescored");
+    assert_same_frontier(&dir, "rerun when finished");
 }
 
 fn finetune_args<'a>(student: &'a str, out: &'a str, ckpt: &'a str) -> Vec<&'a str> {
