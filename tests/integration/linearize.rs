@@ -171,7 +171,14 @@ fn a_count_budget_is_met_checkpoints_resume_and_bad_budgets_are_usage_errors() {
     // Nor are channel masks taken for pixel masks.
     let pixel = ["--relu-budget", "5000", "--granularity", "pixel"];
     let (_, e) = refused(&resumed, &[&pixel[..], &resume].concat());
-    assert!(e.contains("with channel masks, not"), "{e}");
+    assert!(e.contains("with channel masks by the penalty method, not"), "{e}");
+    // Nor penalty masks for pruned ones.
+    let prune = ["--relu-budget", "5000", "--mask-method", "prune"];
+    let (_, e) = refused(&resumed, &[&prune[..], &resume].concat());
+    assert!(
+        e.contains("by the penalty method, not") && e.ends_with("by the prune method\n"),
+        "{e}"
+    );
     let bad = dir.path().join("bad.onnx");
     let (code, e) = refused(&bad, &["--relu-budget", "5000", "--granularity", "pixels"]);
     assert!(code == 2 && e.contains("--granularity"), "{e}");
