@@ -109,7 +109,7 @@ struct MaskHook {
 
 impl MaskHook {
     fn new(graph: &TrainGraph, sites: &[MaskSite], budget: u64, lr: f64) -> Result<Self> {
-        let total: usize = sites.iter().map(|s| s.units() * s.relus_per_unit()).sum();
+        let total = relus_of(sites);
         let units: usize = sites.iter().map(|s| s.units()).sum();
         let average = total as f64 / units.max(1) as f64;
         let vars: Vec<Var> = sites.iter().map(|s| graph.masks()[&s.relu].clone()).collect();
@@ -181,6 +181,11 @@ impl MaskPhase for MaskHook {
     }
 }
 
+/// The ReLUs of every masked site, all kept.
+fn relus_of(sites: &[MaskSite]) -> usize {
+    sites.iter().map(|s| s.units() * s.relus_per_unit()).sum()
+}
+
 /// The pruning method's state: hard masks and every unit's running importance.
 struct PruneHook {
     vars: Vec<Var>,
@@ -196,7 +201,7 @@ struct PruneHook {
 impl PruneHook {
     /// `vars`: each site's mask, all 1.
     fn new(vars: Vec<Var>, sites: &[MaskSite], budget: u64) -> Self {
-        let total: usize = sites.iter().map(|s| s.units() * s.relus_per_unit()).sum();
+        let total = relus_of(sites);
         PruneHook {
             vars,
             relus_per_unit: sites.iter().map(|s| s.relus_per_unit()).collect(),
