@@ -11,7 +11,7 @@ use crate::ir::Model;
 use crate::passes::{prepare, run_pipeline, PassContext, Pipeline, VerifyOptions};
 use crate::search::objective::{Budget, Cost, Objective};
 use crate::train::masks::{
-    Granularity, LayerMask, MaskLearning, MaskMethod, MaskResult, DEFAULT_MASK_LR,
+    Granularity, LayerMask, MaskKey, MaskLearning, MaskMethod, MaskResult, DEFAULT_MASK_LR,
 };
 use crate::train::EpochRecord;
 use anyhow::{Context, Result};
@@ -203,6 +203,8 @@ impl LearnedMasks<'_> {
                     method: self.method,
                     mask_lr: self.mask_lr,
                     progress: self.progress,
+                    checkpoint_dir: checkpoint,
+                    resume: self.training.resume,
                 }
                 .run()?;
                 if let Some(dir) = checkpoint {
@@ -240,30 +242,6 @@ impl LearnedMasks<'_> {
             granularity: self.granularity,
             method: self.method,
         }
-    }
-}
-
-/// What a mask checkpoint was learned for; a resume must ask for the same.
-#[derive(Clone, Copy, Serialize, Deserialize, PartialEq)]
-struct MaskKey {
-    relu_budget: u64,
-    #[serde(default)]
-    max_relu_layers: Option<usize>,
-    /// Checkpoints written before pixel masks existed hold channel masks.
-    #[serde(default)]
-    granularity: Granularity,
-    /// Checkpoints written before the pruning method existed hold the penalty's masks.
-    #[serde(default)]
-    method: MaskMethod,
-}
-
-impl std::fmt::Display for MaskKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "a budget of {} ReLUs", self.relu_budget)?;
-        if let Some(k) = self.max_relu_layers {
-            write!(f, " in at most {k} layers")?;
-        }
-        write!(f, " with {} masks by the {} method", self.granularity, self.method)
     }
 }
 

@@ -8,18 +8,20 @@
 //! and the graph is rewritten so that only those units compute one, gathered into one dense
 //! tensor per layer.
 
-use super::optim::Optimizer;
+use super::optim::{Optimizer, OptimizerKind};
 use super::teacher::Teacher;
 use super::{Distiller, EpochRecord, FinetuneOptions, StepHook, BATCHNORM_INIT_IMAGES};
 use crate::data::Dataset;
 use crate::exec::graph::TrainGraph;
 pub use crate::exec::relu_mask::{Granularity, MaskSite};
+use crate::frontend::write_bytes_atomic;
 use crate::ir::Model;
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
-use candle_nn::{AdamW, Optimizer as _, ParamsAdamW};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::Path;
 
 /// Adam's step on the masks. Chosen by reasoning, not a sweep: Adam moves an unopposed mask by
 /// about its learning rate a step, so 0.01 takes one from 1 to 0 in about 100 steps (6,400
@@ -86,13 +88,21 @@ impl std::str::FromStr for MaskMethod {
     }
 }
 
-/// What a mask phase's hook reports at the end.
+/// What a mask phase's hook reports at the end, and saves in a mask epoch's checkpoint.
 trait MaskPhase: StepHook {
     /// The soft ReLU count (the kept count when masks are hard).
     fn soft_relus(&self) -> f64;
     /// The penalty's weight (0 without a penalty).
     fn lambda(&self) -> f64;
+    /// The hook's own tensors (names start with [`HOOK_PREFIX`]); its scalars are
+    /// `soft_relus` and `lambda`.
+    fn state(&self) -> Result<Vec<(String, Tensor)>>;
+    /// Restore what [`MaskPhase::state`] saved, after the graph's masks were restored.
+    fn restore(&mut self, tensors: &HashMap<String, Tensor>, soft: f64, lambda: f64) -> Result<()>;
 }
+
+/// Name prefix of a mask hook's tensors in a mask epoch's checkpoint.
+const HOOK_PREFIX: &str = "hook/";
 
 /// The mask phase's extra loss term, mask updates and `lambda` controller.
 struct MaskHook {
@@ -104,7 +114,8 @@ struct MaskHook {
     budget: f64,
     lambda: f64,
     soft: f64,
-    adam: AdamW,
+    /// Adam on the masks, the fine-tuner's own (its moments can be checkpointed).
+    adam: Optimizer,
 }
 
 impl MaskHook {
@@ -120,8 +131,7 @@ impl MaskHook {
                 Ok(Tensor::full(w, s.mask_dims(), graph.device())?)
             })
             .collect::<Result<_>>()?;
-        let adam =
-            AdamW::new(vars.clone(), ParamsAdamW { lr, weight_decay: 0.0, ..Default::default() })?;
+        let adam = Optimizer::new(OptimizerKind::Adamw, vars.clone(), lr, 0.0)?;
         Ok(MaskHook {
             vars,
             weights,
@@ -178,6 +188,19 @@ impl MaskPhase for MaskHook {
     }
     fn lambda(&self) -> f64 {
         self.lambda
+    }
+    fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        let state = self.adam.state()?;
+        Ok(state.into_iter().map(|(k, t)| (format!("{HOOK_PREFIX}{k}"), t)).collect())
+    }
+    fn restore(&mut self, tensors: &HashMap<String, Tensor>, soft: f64, lambda: f64) -> Result<()> {
+        let of_adam: HashMap<String, Tensor> = tensors
+            .iter()
+            .filter_map(|(k, t)| Some((k.strip_prefix(HOOK_PREFIX)?.to_string(), t.clone())))
+            .collect();
+        self.adam.restore_state(&of_adam)?;
+        (self.soft, self.lambda) = (soft, lambda);
+        Ok(())
     }
 }
 
@@ -280,6 +303,36 @@ impl MaskPhase for PruneHook {
     fn lambda(&self) -> f64 {
         0.0
     }
+    fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        let dev = candle_core::Device::Cpu;
+        self.importance
+            .iter()
+            .enumerate()
+            .map(|(s, imp)| {
+                Ok((
+                    format!("{HOOK_PREFIX}importance/{s}"),
+                    Tensor::from_slice(imp, imp.len(), &dev)?,
+                ))
+            })
+            .collect()
+    }
+    /// The kept units are read back from the restored masks (1 kept, 0 linear).
+    fn restore(&mut self, tensors: &HashMap<String, Tensor>, _: f64, _: f64) -> Result<()> {
+        let mut kept_relus = 0;
+        for (s, var) in self.vars.iter().enumerate() {
+            let name = format!("{HOOK_PREFIX}importance/{s}");
+            let saved =
+                tensors.get(&name).with_context(|| format!("the saved state lacks {name}"))?;
+            let imp: Vec<f64> = saved.to_vec1()?;
+            anyhow::ensure!(imp.len() == self.importance[s].len(), "{name} is of another site");
+            self.importance[s] = imp;
+            let masks: Vec<f32> = var.as_tensor().flatten_all()?.to_vec1()?;
+            self.kept[s] = masks.iter().map(|&a| a > 0.5).collect();
+            kept_relus += self.kept[s].iter().filter(|&&k| k).count() * self.relus_per_unit[s];
+        }
+        self.kept_relus = kept_relus as u64;
+        Ok(())
+    }
 }
 
 /// What the mask phase decided for one Relu.
@@ -376,7 +429,53 @@ pub struct MaskLearning<'a> {
     /// Adam's rate for the penalty method's soft masks.
     pub mask_lr: f64,
     pub progress: bool,
+    /// Where each mask epoch's state goes (`mask-state.json` and the tensors it names).
+    pub checkpoint_dir: Option<&'a Path>,
+    /// Go on from the last mask epoch saved in `checkpoint_dir`, if one was.
+    pub resume: bool,
 }
+
+/// What a mask phase learns for; a checkpoint is resumed only for the same.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct MaskKey {
+    pub relu_budget: u64,
+    #[serde(default)]
+    pub max_relu_layers: Option<usize>,
+    /// Checkpoints written before pixel masks existed hold channel masks.
+    #[serde(default)]
+    pub granularity: Granularity,
+    /// Checkpoints written before the pruning method existed hold the penalty's masks.
+    #[serde(default)]
+    pub method: MaskMethod,
+}
+
+impl std::fmt::Display for MaskKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "a budget of {} ReLUs", self.relu_budget)?;
+        if let Some(k) = self.max_relu_layers {
+            write!(f, " in at most {k} layers")?;
+        }
+        write!(f, " with {} masks by the {} method", self.granularity, self.method)
+    }
+}
+
+/// A finished mask epoch in a checkpoint directory (`mask-state.json`), with the tensors file
+/// it names: the weights, BatchNorms and masks, both optimisers' state and the hook's.
+#[derive(Serialize, Deserialize)]
+struct MaskEpochState {
+    #[serde(flatten)]
+    key: MaskKey,
+    options: FinetuneOptions,
+    mask_lr: f64,
+    epochs_done: usize,
+    history: Vec<EpochRecord>,
+    soft_relus: f64,
+    lambda: f64,
+    tensors: String,
+}
+
+const MASK_STATE: &str = "mask-state.json";
+const MASK_TENSORS_PREFIX: &str = "mask-epoch-";
 
 pub struct MaskResult {
     /// `model` with the trained weights (BatchNorm folded) and the binary masks applied.
@@ -428,9 +527,62 @@ impl MaskLearning<'_> {
             options: opts,
             progress: self.progress,
         };
-        let mut history = vec![];
-        for epoch in 0..opts.epochs {
+        let (mut history, mut start) = (vec![], 0);
+        if let Some(dir) = self.checkpoint_dir.filter(|_| self.resume) {
+            if let Some((state, tensors)) = self.read_epoch_state(dir)? {
+                let not_this = |e: anyhow::Error| {
+                    e.context(format!(
+                        "the mask checkpoint in {} is not of this model",
+                        dir.display()
+                    ))
+                };
+                let mut parts: [HashMap<String, Tensor>; 3] = Default::default();
+                for (name, t) in tensors {
+                    let part = if name.starts_with(HOOK_PREFIX) {
+                        2
+                    } else if super::OPTIMISER_PREFIXES.iter().any(|p| name.starts_with(p)) {
+                        1
+                    } else {
+                        0
+                    };
+                    parts[part].insert(name, t);
+                }
+                graph.restore_training_state(&parts[0]).map_err(not_this)?;
+                opt.restore_state(&parts[1]).map_err(not_this)?;
+                hook.restore(&parts[2], state.soft_relus, state.lambda).map_err(not_this)?;
+                crate::eval::evaluator::progress_line(self.progress, || {
+                    format!(
+                        "resuming the mask phase after epoch {} of {} ({})",
+                        state.epochs_done,
+                        opts.epochs,
+                        dir.display()
+                    )
+                });
+                (history, start) = (state.history, state.epochs_done);
+            }
+        }
+        for epoch in start..opts.epochs {
             history.push(distiller.epoch(&graph, &mut opt, epoch, hook.as_mut())?);
+            if let Some(dir) = self.checkpoint_dir {
+                let name = format!("{MASK_TENSORS_PREFIX}{}.safetensors", epoch + 1);
+                let mut tensors = graph.training_state()?;
+                tensors.extend(opt.state()?);
+                tensors.extend(hook.state()?);
+                super::write_state_tensors(dir, &name, &tensors)?;
+                let state = MaskEpochState {
+                    key: self.key(),
+                    options: opts.clone(),
+                    mask_lr: self.mask_lr,
+                    epochs_done: epoch + 1,
+                    history: history.clone(),
+                    soft_relus: hook.soft_relus(),
+                    lambda: hook.lambda(),
+                    tensors: name.clone(),
+                };
+                let text = serde_json::to_string_pretty(&state)?;
+                write_bytes_atomic(&dir.join(MASK_STATE), text.as_bytes())?;
+                super::remove_older_states(dir, MASK_TENSORS_PREFIX, &name);
+            }
         }
         let values: Vec<Vec<f32>> = sites
             .iter()
@@ -452,6 +604,50 @@ impl MaskLearning<'_> {
             soft_relus: hook.soft_relus(),
             lambda: hook.lambda(),
         })
+    }
+}
+
+impl MaskLearning<'_> {
+    pub fn key(&self) -> MaskKey {
+        MaskKey {
+            relu_budget: self.budget,
+            max_relu_layers: self.max_layers,
+            granularity: self.granularity,
+            method: self.method,
+        }
+    }
+
+    /// The last finished mask epoch saved in `dir` (`None` when none was), refused when it
+    /// was learned for another budget, method or recipe.
+    fn read_epoch_state(
+        &self,
+        dir: &Path,
+    ) -> Result<Option<(MaskEpochState, HashMap<String, Tensor>)>> {
+        let path = dir.join(MASK_STATE);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        };
+        let state: MaskEpochState = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a mask checkpoint", path.display()))?;
+        let key = self.key();
+        anyhow::ensure!(
+            state.key == key,
+            "the mask checkpoint in {} was learned for {}, not {key}",
+            dir.display(),
+            state.key,
+        );
+        let recipe = |o: &FinetuneOptions| serde_json::to_value(o);
+        anyhow::ensure!(
+            recipe(&state.options)? == recipe(&self.options)? && state.mask_lr == self.mask_lr,
+            "the mask checkpoint in {} was written by another recipe (mask epochs, rate, batch, \
+             seed, optimiser or augmentation); resume with the same flags, or remove it to \
+             start afresh",
+            dir.display()
+        );
+        let tensors = super::read_state_tensors(&dir.join(&state.tensors))?;
+        Ok(Some((state, tensors)))
     }
 }
 
@@ -514,6 +710,34 @@ mod tests {
         assert_eq!((a, b), (vec![0.0, 0.0, 1.0], vec![0.0, 1.0]));
         let layers = choose_kept(&sites, &[vec![0.0, 0.0, 1.0], vec![0.0, 1.0]], 150, None);
         assert_eq!(layers.iter().map(LayerMask::relus).sum::<usize>(), 110);
+    }
+
+    /// A mask epoch's checkpoint restores the pruning state: the importances from the saved
+    /// tensors, the kept units and their count from the masks.
+    #[test]
+    fn a_restored_pruning_hook_goes_on_from_the_same_state() {
+        let site = |name: &str, c, n| {
+            MaskSite::new(name, &format!("{name}_in"), &[c, n], Granularity::Channel)
+        };
+        let sites = [site("a", 3, 100), site("b", 2, 10)];
+        let dev = candle_core::Device::Cpu;
+        let vars: Vec<Var> = sites
+            .iter()
+            .map(|s| Var::ones(s.units(), candle_core::DType::F32, &dev).unwrap())
+            .collect();
+        let mut hook = PruneHook::new(vars.clone(), &sites, 150);
+        hook.importance = vec![vec![16.0, 1.0, 81.0], vec![0.09, 1.0]];
+        hook.prune_to(150).unwrap();
+        let saved: HashMap<String, Tensor> = hook.state().unwrap().into_iter().collect();
+        assert_eq!(saved.len(), 2);
+        let mut again = PruneHook::new(vars.clone(), &sites, 150);
+        again.restore(&saved, 0.0, 0.0).unwrap();
+        assert_eq!(again.importance, hook.importance);
+        assert_eq!(again.kept, hook.kept);
+        assert_eq!(again.kept_relus, 110);
+        let mut other = PruneHook::new(vars[..1].to_vec(), &sites[..1], 150);
+        other.importance[0].push(0.0);
+        assert!(other.restore(&saved, 0.0, 0.0).is_err(), "another site's importances");
     }
 
     /// Binary masks written into the graph (`keep_relu_channels`, `keep_relu_positions`)

@@ -284,7 +284,7 @@ impl Finetuner<'_> {
 }
 
 /// Name prefixes of the optimiser's tensors in a checkpoint ([`Optimizer::state`]).
-const OPTIMISER_PREFIXES: [&str; 2] = ["sgd/", "adamw/"];
+pub(crate) const OPTIMISER_PREFIXES: [&str; 2] = ["sgd/", "adamw/"];
 
 /// What a distillation loop adds to each step besides the weights' update (mask learning).
 pub trait StepHook {
@@ -450,25 +450,47 @@ fn write_checkpoint(
     student: &Model,
     state: &CheckpointState,
 ) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let name = state.tensors.as_deref().context("a checkpoint names its tensors")?;
     let mut tensors = graph.training_state()?;
     tensors.extend(opt.state()?);
-    let bytes = safetensors::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), None)
-        .context("serialising the training state")?;
-    crate::frontend::write_bytes_atomic(&dir.join(name), &bytes)?;
+    write_state_tensors(dir, name, &tensors)?;
     crate::frontend::write_model_atomic(&dir.join("student.onnx"), &graph.write_back(student)?)?;
     crate::frontend::write_bytes_atomic(
         &dir.join("state.json"),
         serde_json::to_string_pretty(state)?.as_bytes(),
     )?;
-    for entry in std::fs::read_dir(dir)?.flatten() {
+    remove_older_states(dir, "training-epoch-", name);
+    Ok(())
+}
+
+/// Write a training state's tensors to `dir/name` as safetensors, whole or not at all.
+pub(crate) fn write_state_tensors(
+    dir: &Path,
+    name: &str,
+    tensors: &[(String, Tensor)],
+) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let bytes = safetensors::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), None)
+        .context("serialising the training state")?;
+    crate::frontend::write_bytes_atomic(&dir.join(name), &bytes)
+}
+
+/// Remove the tensors of earlier epochs (`{prefix}*.safetensors` other than `current`), once
+/// the state naming `current` is written.
+pub(crate) fn remove_older_states(dir: &Path, prefix: &str, current: &str) {
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let file = entry.file_name().to_string_lossy().into_owned();
-        if file.starts_with("training-epoch-") && file.ends_with(".safetensors") && file != name {
+        if file.starts_with(prefix) && file.ends_with(".safetensors") && file != current {
             std::fs::remove_file(entry.path()).ok();
         }
     }
-    Ok(())
+}
+
+/// The tensors [`write_state_tensors`] wrote.
+pub(crate) fn read_state_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu)
+        .with_context(|| format!("{} is not a training state", path.display()))
 }
 
 /// The checkpoint in `dir` (`None` when none was written yet), refused when it was written
@@ -502,10 +524,7 @@ fn read_checkpoint(
             dir.display()
         )
     })?;
-    let path = dir.join(name);
-    let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    let tensors = candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu)
-        .with_context(|| format!("{} is not a training state", path.display()))?;
+    let tensors = read_state_tensors(&dir.join(name))?;
     Ok(Some((state, tensors)))
 }
 

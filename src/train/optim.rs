@@ -191,11 +191,16 @@ impl Optimizer {
     /// the loss reads, weights or not) for whoever updates the rest.
     pub fn backward_step(&mut self, loss: &Tensor) -> Result<GradStore> {
         let grads = loss.backward()?;
-        match self {
-            Optimizer::Sgd(s) => s.step(&grads)?,
-            Optimizer::AdamW(a) => a.step(&grads)?,
-        }
+        self.step(&grads)?;
         Ok(grads)
+    }
+
+    /// Update this optimiser's variables from gradients back-propagated elsewhere.
+    pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        match self {
+            Optimizer::Sgd(s) => s.step(grads),
+            Optimizer::AdamW(a) => a.step(grads),
+        }
     }
 
     /// The optimiser's own state by name (momentum buffers, Adam's moments and step count),

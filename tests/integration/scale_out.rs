@@ -221,7 +221,8 @@ const FASHION_MNIST: &str = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-
 
 /// Start `args`, and SIGKILL it once `ready(stderr so far)` holds; panics if it finished
 /// first (the kill point was never reached) or failed.
-fn kill_when(args: &[&str], ready: impl Fn(&str) -> bool) {
+/// Returns what the run had printed to stderr when it was killed.
+fn kill_when(args: &[&str], ready: impl Fn(&str) -> bool) -> String {
     let log = tempfile::NamedTempFile::new().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_relucompile"))
         .args(args)
@@ -239,7 +240,7 @@ fn kill_when(args: &[&str], ready: impl Fn(&str) -> bool) {
         if ready(&stderr) {
             child.kill().unwrap(); // SIGKILL
             child.wait().unwrap();
-            return;
+            return stderr;
         }
         assert!(Instant::now() < deadline, "{args:?} never reached its kill point");
         std::thread::sleep(Duration::from_millis(5));
@@ -362,8 +363,10 @@ fn a_killed_finetune_resumes_to_the_same_bytes() {
     assert!(o.stderr.contains("another recipe"), "{}", o.stderr);
 }
 
-/// linearize killed as its mask epoch ends and again during the distillation after a
-/// checkpoint, rerun with the same command: the same bytes as a run never stopped.
+/// linearize killed after its first of two mask epochs (its state saved) and again during the
+/// distillation after a checkpoint, rerun with the same command: the second run goes on from
+/// the saved mask epoch, and the end is the same masks and the same bytes as a run never
+/// stopped.
 #[test]
 fn a_killed_linearize_resumes_to_the_same_bytes() {
     if !prerequisite(Path::new(FASHION_MNIST).exists(), "Fashion-MNIST") {
@@ -374,6 +377,7 @@ fn a_killed_linearize_resumes_to_the_same_bytes() {
     let args = |out: &str, ckpt: &str| -> Vec<String> {
         ["linearize", "models/vgg.onnx", "-o", out, "--relu-budget", "20%", "--lr", "0.005"]
             .into_iter()
+            .chain(["--mask-epochs", "2"])
             .chain(training_tail(ckpt))
             .map(String::from)
             .collect()
@@ -385,9 +389,22 @@ fn a_killed_linearize_resumes_to_the_same_bytes() {
     assert_eq!(o.code, 0, "{}", o.stderr);
     let again = args(&resumed, &ckpt);
     let again: Vec<&str> = again.iter().map(String::as_str).collect();
-    // First kill: as the mask epoch reports (racing the masks' checkpoint); second: once the
-    // distillation saved its first epoch.
-    kill_when(&again, |err| err.contains("epoch 1/1 done"));
-    kill_when(&again, |_| Path::new(&ckpt).join("state.json").exists());
+    let ckpt = Path::new(&ckpt);
+    kill_when(&again, |_| ckpt.join("mask-state.json").exists());
+    let second = kill_when(&again, |_| ckpt.join("state.json").exists());
+    assert!(
+        second.contains("resuming the mask phase after epoch 1 of 2"),
+        "the second run did not resume the mask phase:\n{second}"
+    );
+    // The masks themselves (the file's epoch records hold timings).
+    let masks = |d: &str| {
+        let text = std::fs::read_to_string(Path::new(d).join("masks.json")).unwrap();
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()["layers"].clone()
+    };
+    assert_eq!(
+        masks(&path_of("ckpt")),
+        masks(&whole_ckpt),
+        "the resumed phase learned other masks"
+    );
     finish_as_the_whole_run(&again, &resumed, &whole, dir.path());
 }
