@@ -8,8 +8,15 @@ use crate::driver::linearize::{linearize, LinearizeJob, LinearizeReport};
 use crate::report::{table, thousands};
 use crate::train::masks::{Granularity, MaskMethod, DEFAULT_MASK_LR};
 
-/// `--granularity`'s words (also `pareto --learned-granularity`).
-pub(crate) const GRANULARITIES: &[(&str, &str)] = &[
+/// `--granularity`'s words; `pareto --learned-granularity` takes all but `auto`
+/// ([`GRANULARITIES`]).
+const GRANULARITY_CHOICES: &[(&str, &str)] = &[
+    (
+        "auto",
+        "Pixel masks at budgets of 7.5% of the model's ReLUs or less, channel masks above (the \
+         better of the two measured at each budget); pixel with --mask-method prune, channel \
+         with penalty",
+    ),
     (
         "channel",
         "One mask per channel: the kept channels' ReLUs run on a dense `[N, K, H, W]` slice",
@@ -20,8 +27,10 @@ pub(crate) const GRANULARITIES: &[(&str, &str)] = &[
          run as one dense `[N, K]` ReLU",
     ),
 ];
+pub(crate) const GRANULARITIES: &[(&str, &str)] = GRANULARITY_CHOICES.split_at(1).1;
 /// `--mask-method`'s words.
-pub(crate) const MASK_METHODS: &[(&str, &str)] = &[
+const MASK_METHODS: &[(&str, &str)] = &[
+    ("auto", "prune for pixel masks, penalty for channel masks (the better measured of each)"),
     (
         "penalty",
         "SNL's soft masks under a ReLU penalty whose weight a controller walks to the budget; \
@@ -35,6 +44,20 @@ pub(crate) const MASK_METHODS: &[(&str, &str)] = &[
 ];
 use anyhow::Result;
 use std::path::PathBuf;
+
+/// A flag's value or `auto` (`None`: the library chooses).
+#[derive(Debug, Clone, Copy)]
+pub struct Auto<T>(pub Option<T>);
+
+impl<T: std::str::FromStr<Err = String>> std::str::FromStr for Auto<T> {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Auto(None)),
+            _ => s.parse().map(|t| Auto(Some(t))),
+        }
+    }
+}
 
 #[derive(clap::Args, Debug)]
 #[command(after_help = super::EXIT_CODES_HELP)]
@@ -57,11 +80,11 @@ pub struct LinearizeArgs {
     pub max_relu_layers: Option<u64>,
     /// A mask per channel (its ReLUs kept or dropped together) or per pixel (any element of an
     /// activation; the kept ones are gathered into one dense ReLU per layer)
-    #[arg(long, default_value = "channel", value_parser = super::words::<Granularity>(GRANULARITIES))]
-    pub granularity: Granularity,
+    #[arg(long, default_value = "auto", value_parser = super::words::<Auto<Granularity>>(GRANULARITY_CHOICES))]
+    pub granularity: Auto<Granularity>,
     /// How the mask epochs choose the units that keep their ReLU
-    #[arg(long, default_value = "penalty", value_parser = super::words::<MaskMethod>(MASK_METHODS))]
-    pub mask_method: MaskMethod,
+    #[arg(long, default_value = "auto", value_parser = super::words::<Auto<MaskMethod>>(MASK_METHODS))]
+    pub mask_method: Auto<MaskMethod>,
     /// Adam's learning rate for the masks (the penalty method)
     #[arg(long, default_value_t = DEFAULT_MASK_LR)]
     pub mask_lr: f64,
@@ -87,8 +110,8 @@ impl From<&LinearizeArgs> for LinearizeJob {
         LinearizeJob {
             mask_epochs: a.mask_epochs,
             max_relu_layers: a.max_relu_layers.map(|k| k as usize),
-            granularity: a.granularity,
-            mask_method: a.mask_method,
+            granularity: a.granularity.0,
+            mask_method: a.mask_method.0,
             mask_lr: a.mask_lr,
             data: a.data.clone(),
             data_options: (&a.data_flags).into(),

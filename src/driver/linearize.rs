@@ -11,7 +11,8 @@ use crate::ir::Model;
 use crate::passes::{prepare, run_pipeline, PassContext, Pipeline, VerifyOptions};
 use crate::search::objective::{Budget, Cost, Objective};
 use crate::train::masks::{
-    Granularity, LayerMask, MaskKey, MaskLearning, MaskMethod, MaskResult, DEFAULT_MASK_LR,
+    measured_choice, Granularity, LayerMask, MaskKey, MaskLearning, MaskMethod, MaskResult,
+    DEFAULT_MASK_LR,
 };
 use crate::train::EpochRecord;
 use anyhow::{Context, Result};
@@ -29,10 +30,11 @@ pub struct LinearizeJob {
     pub mask_epochs: usize,
     /// At most this many layers keep ReLUs (fewer PI rounds; `None`: any number).
     pub max_relu_layers: Option<usize>,
-    /// A mask per channel or per pixel.
-    pub granularity: Granularity,
-    /// How the mask phase chooses the kept units.
-    pub mask_method: MaskMethod,
+    /// A mask per channel or per pixel (`None`: as measured best at the budget, see
+    /// [`measured_choice`]).
+    pub granularity: Option<Granularity>,
+    /// How the mask phase chooses the kept units (`None`: as measured best).
+    pub mask_method: Option<MaskMethod>,
     pub mask_lr: f64,
     pub data: String,
     pub data_options: DataOptions,
@@ -57,8 +59,8 @@ impl LinearizeJob {
             relu_budget: relu_budget.into(),
             mask_epochs: 1,
             max_relu_layers: None,
-            granularity: Granularity::default(),
-            mask_method: MaskMethod::default(),
+            granularity: None,
+            mask_method: None,
             mask_lr: DEFAULT_MASK_LR,
             data: DEFAULT_DATA.into(),
             data_options: DataOptions::default(),
@@ -108,13 +110,15 @@ pub fn linearize(job: &LinearizeJob) -> Result<LinearizeReport> {
     let budget = Budget::parse(Objective::Relus, &job.relu_budget, &cost)
         .map_err(|e| usage(format!("--relu-budget: {e}")))?
         .limit as u64;
+    let share = budget as f64 / before.total_relus.max(1) as f64;
+    let (granularity, mask_method) = measured_choice(share, job.granularity, job.mask_method);
     let run = RunData::new(model, sample, "the model", (&job.data, &job.data_options), job.limit);
     let learned = LearnedMasks {
         run: &run,
         budget,
         max_layers: job.max_relu_layers,
-        granularity: job.granularity,
-        method: job.mask_method,
+        granularity,
+        method: mask_method,
         mask_epochs: job.mask_epochs,
         mask_lr: job.mask_lr,
         training: &job.training,
@@ -132,8 +136,8 @@ pub fn linearize(job: &LinearizeJob) -> Result<LinearizeReport> {
         relus_before: before.total_relus,
         relu_budget: budget,
         max_relu_layers: job.max_relu_layers,
-        granularity: job.granularity,
-        mask_method: job.mask_method,
+        granularity,
+        mask_method,
         relus_after,
         mask_epochs: masked.history,
         soft_relus: masked.soft_relus,

@@ -88,6 +88,37 @@ impl std::str::FromStr for MaskMethod {
     }
 }
 
+/// With `--granularity auto` and `--mask-method auto`, budgets at or below this share of the
+/// model's ReLUs get pixel masks pruned to the budget, larger ones channel masks under the
+/// penalty: the pair each budget measured best on the shipped ResNet (1 mask epoch + 2
+/// epochs, full test set; docs/learned-masks.md): at 10%, channel/penalty 92.50% against
+/// pixel/prune PX10; at 5%, pixel/prune 91.67% against channel/penalty 91.17% and
+/// channel/prune 90.48%; at 2%, pixel/prune PX2 against channel/penalty CH2.
+pub const PIXEL_MASKS_AT_OR_BELOW: f64 = 0.075;
+
+/// The granularity and method for a budget of `share` of the model's ReLUs, each as given or,
+/// when `None` (`auto`), as measured best: pixel masks want the pruning method (the penalty
+/// cannot steer tens of thousands of them: docs/learned-masks.md) and channel masks the
+/// penalty (pruning lost at 5%).
+pub fn measured_choice(
+    share: f64,
+    granularity: Option<Granularity>,
+    method: Option<MaskMethod>,
+) -> (Granularity, MaskMethod) {
+    let small = share <= PIXEL_MASKS_AT_OR_BELOW;
+    let granularity = granularity.unwrap_or(match method {
+        Some(MaskMethod::Prune) => Granularity::Pixel,
+        Some(MaskMethod::Penalty) => Granularity::Channel,
+        None if small => Granularity::Pixel,
+        None => Granularity::Channel,
+    });
+    let method = method.unwrap_or(match granularity {
+        Granularity::Pixel => MaskMethod::Prune,
+        Granularity::Channel => MaskMethod::Penalty,
+    });
+    (granularity, method)
+}
+
 /// What a mask phase's hook reports at the end, and saves in a mask epoch's checkpoint.
 trait MaskPhase: StepHook {
     /// The soft ReLU count (the kept count when masks are hard).
@@ -219,11 +250,15 @@ struct PruneHook {
     kept_relus: u64,
     total: u64,
     budget: u64,
+    /// At most this many layers keep ReLUs: halfway through the schedule, every other layer
+    /// goes linear ([`PruneHook::cap_layers`]).
+    max_layers: Option<usize>,
+    capped: bool,
 }
 
 impl PruneHook {
     /// `vars`: each site's mask, all 1.
-    fn new(vars: Vec<Var>, sites: &[MaskSite], budget: u64) -> Self {
+    fn new(vars: Vec<Var>, sites: &[MaskSite], budget: u64, max_layers: Option<usize>) -> Self {
         let total = relus_of(sites);
         PruneHook {
             vars,
@@ -233,7 +268,39 @@ impl PruneHook {
             kept_relus: total as u64,
             total: total as u64,
             budget: budget.min(total as u64),
+            max_layers,
+            capped: false,
         }
+    }
+
+    /// Keep ReLUs in the `max_layers` layers that keep the most now (ties in graph order), so
+    /// the rest of the schedule spends the budget inside them; every other layer goes linear.
+    fn cap_layers(&mut self) -> Result<()> {
+        self.capped = true;
+        let Some(k) = self.max_layers else { return Ok(()) };
+        let relus = |s: usize| self.kept[s].iter().filter(|&&k| k).count() * self.relus_per_unit[s];
+        let mut by_kept: Vec<usize> = (0..self.kept.len()).collect();
+        by_kept.sort_by(|&a, &b| relus(b).cmp(&relus(a)).then(a.cmp(&b)));
+        let mut changed = vec![false; self.kept.len()];
+        for &s in by_kept.iter().skip(k) {
+            for kept in self.kept[s].iter_mut().filter(|k| **k) {
+                *kept = false;
+                self.kept_relus -= self.relus_per_unit[s] as u64;
+                changed[s] = true;
+            }
+        }
+        self.write_masks(&changed)
+    }
+
+    /// Set the masks of the `changed` sites to their kept units (1) and the rest (0).
+    fn write_masks(&self, changed: &[bool]) -> Result<()> {
+        for (s, var) in self.vars.iter().enumerate().filter(|&(s, _)| changed[s]) {
+            let values: Vec<f32> =
+                self.kept[s].iter().map(|&k| if k { 1.0 } else { 0.0 }).collect();
+            let t = Tensor::from_vec(values, var.as_tensor().shape(), var.as_tensor().device())?;
+            var.set(&t)?;
+        }
+        Ok(())
     }
 
     /// The count the schedule allows after `done` of `ramp` steps: cubic, so the early
@@ -265,13 +332,7 @@ impl PruneHook {
             self.kept_relus -= self.relus_per_unit[s] as u64;
             changed[s] = true;
         }
-        for (s, var) in self.vars.iter().enumerate().filter(|&(s, _)| changed[s]) {
-            let values: Vec<f32> =
-                self.kept[s].iter().map(|&k| if k { 1.0 } else { 0.0 }).collect();
-            let t = Tensor::from_vec(values, var.as_tensor().shape(), var.as_tensor().device())?;
-            var.set(&t)?;
-        }
-        Ok(())
+        self.write_masks(&changed)
     }
 }
 
@@ -285,6 +346,9 @@ impl StepHook for PruneHook {
         }
         let ramp = ((RAMP * total as f64) as usize).max(1);
         let done = step + 1;
+        if !self.capped && 2 * done >= ramp {
+            self.cap_layers()?;
+        }
         if done.is_multiple_of(PRUNE_EVERY) || done >= ramp {
             self.prune_to(self.target(done, ramp))?;
         }
@@ -305,26 +369,29 @@ impl MaskPhase for PruneHook {
     }
     fn state(&self) -> Result<Vec<(String, Tensor)>> {
         let dev = candle_core::Device::Cpu;
-        self.importance
-            .iter()
-            .enumerate()
-            .map(|(s, imp)| {
-                Ok((
-                    format!("{HOOK_PREFIX}importance/{s}"),
-                    Tensor::from_slice(imp, imp.len(), &dev)?,
-                ))
-            })
-            .collect()
+        let mut out = vec![(
+            format!("{HOOK_PREFIX}capped"),
+            Tensor::from_slice(&[u8::from(self.capped)], 1, &dev)?,
+        )];
+        for (s, imp) in self.importance.iter().enumerate() {
+            let t = Tensor::from_slice(imp, imp.len(), &dev)?;
+            out.push((format!("{HOOK_PREFIX}importance/{s}"), t));
+        }
+        Ok(out)
     }
     /// The kept units are read back from the restored masks (1 kept, 0 linear).
     fn restore(&mut self, tensors: &HashMap<String, Tensor>, _: f64, _: f64) -> Result<()> {
+        let saved = |name: String| {
+            tensors.get(&name).cloned().with_context(|| format!("the saved state lacks {name}"))
+        };
+        self.capped = saved(format!("{HOOK_PREFIX}capped"))?.to_vec1::<u8>()? == [1];
         let mut kept_relus = 0;
         for (s, var) in self.vars.iter().enumerate() {
-            let name = format!("{HOOK_PREFIX}importance/{s}");
-            let saved =
-                tensors.get(&name).with_context(|| format!("the saved state lacks {name}"))?;
-            let imp: Vec<f64> = saved.to_vec1()?;
-            anyhow::ensure!(imp.len() == self.importance[s].len(), "{name} is of another site");
+            let imp: Vec<f64> = saved(format!("{HOOK_PREFIX}importance/{s}"))?.to_vec1()?;
+            anyhow::ensure!(
+                imp.len() == self.importance[s].len(),
+                "site {s}'s importances are of another site"
+            );
             self.importance[s] = imp;
             let masks: Vec<f32> = var.as_tensor().flatten_all()?.to_vec1()?;
             self.kept[s] = masks.iter().map(|&a| a > 0.5).collect();
@@ -517,7 +584,7 @@ impl MaskLearning<'_> {
             }
             MaskMethod::Prune => {
                 let vars = sites.iter().map(|s| graph.masks()[&s.relu].clone()).collect();
-                Box::new(PruneHook::new(vars, &sites, self.budget))
+                Box::new(PruneHook::new(vars, &sites, self.budget, self.max_layers))
             }
         };
         let distiller = Distiller {
@@ -692,7 +759,7 @@ mod tests {
             .iter()
             .map(|s| Var::ones(s.units(), candle_core::DType::F32, &dev).unwrap())
             .collect();
-        let mut hook = PruneHook::new(vars.clone(), &sites, 150);
+        let mut hook = PruneHook::new(vars.clone(), &sites, 150, None);
         assert_eq!((hook.target(0, 10), hook.target(10, 10), hook.target(20, 10)), (320, 150, 150));
         // Halfway: 150 + 170 / 8, floored.
         assert_eq!(hook.target(5, 10), 171);
@@ -725,19 +792,72 @@ mod tests {
             .iter()
             .map(|s| Var::ones(s.units(), candle_core::DType::F32, &dev).unwrap())
             .collect();
-        let mut hook = PruneHook::new(vars.clone(), &sites, 150);
+        let mut hook = PruneHook::new(vars.clone(), &sites, 150, None);
         hook.importance = vec![vec![16.0, 1.0, 81.0], vec![0.09, 1.0]];
         hook.prune_to(150).unwrap();
+        hook.capped = true;
         let saved: HashMap<String, Tensor> = hook.state().unwrap().into_iter().collect();
-        assert_eq!(saved.len(), 2);
-        let mut again = PruneHook::new(vars.clone(), &sites, 150);
+        assert_eq!(saved.len(), 3);
+        let mut again = PruneHook::new(vars.clone(), &sites, 150, None);
         again.restore(&saved, 0.0, 0.0).unwrap();
         assert_eq!(again.importance, hook.importance);
         assert_eq!(again.kept, hook.kept);
         assert_eq!(again.kept_relus, 110);
-        let mut other = PruneHook::new(vars[..1].to_vec(), &sites[..1], 150);
+        assert!(again.capped);
+        let mut other = PruneHook::new(vars[..1].to_vec(), &sites[..1], 150, None);
         other.importance[0].push(0.0);
         assert!(other.restore(&saved, 0.0, 0.0).is_err(), "another site's importances");
+    }
+
+    /// With a layer cap, halfway through the schedule only the layers keeping the most ReLUs
+    /// keep any; the rest of the schedule prunes inside them, to the budget.
+    #[test]
+    fn a_layer_cap_linearises_the_smaller_layers_halfway_through_the_schedule() {
+        let site = |name: &str, c, n| {
+            MaskSite::new(name, &format!("{name}_in"), &[c, n], Granularity::Channel)
+        };
+        let sites = [site("a", 3, 100), site("b", 2, 10), site("c", 4, 50)];
+        let dev = candle_core::Device::Cpu;
+        let vars: Vec<Var> = sites
+            .iter()
+            .map(|s| Var::ones(s.units(), candle_core::DType::F32, &dev).unwrap())
+            .collect();
+        let mut hook = PruneHook::new(vars.clone(), &sites, 150, Some(2));
+        hook.importance = vec![vec![16.0, 1.0, 81.0], vec![100.0, 100.0], vec![1.0; 4]];
+        // Gradients of something else: the importances stay as set.
+        let other = Var::ones(1, candle_core::DType::F32, &dev).unwrap();
+        let grads = other.as_tensor().sum_all().unwrap().backward().unwrap();
+        // 10 steps, ramp 7: the cap comes at step 4 (2 * 4 >= 7).
+        for step in 0..3 {
+            hook.after_step(&grads, step, 10).unwrap();
+        }
+        assert!(!hook.capped);
+        hook.after_step(&grads, 3, 10).unwrap();
+        assert!(hook.capped);
+        // a (300) and c (200) keep more than b (20), whose units were worth the most per ReLU.
+        assert_eq!(hook.kept[1], vec![false, false]);
+        for step in 4..10 {
+            hook.after_step(&grads, step, 10).unwrap();
+        }
+        // Then by importance per ReLU inside a and c: a1, c0..c3, a0 (100 ReLUs: 200 > 150).
+        assert_eq!(hook.kept, vec![vec![false, false, true], vec![false; 2], vec![false; 4]]);
+        assert_eq!(hook.kept_relus, 100);
+        let b: Vec<f32> = vars[1].as_tensor().to_vec1().unwrap();
+        assert_eq!(b, vec![0.0, 0.0]);
+    }
+
+    #[test]
+    fn auto_takes_pixel_pruning_for_small_budgets_and_completes_a_half_given_choice() {
+        use Granularity::{Channel, Pixel};
+        use MaskMethod::{Penalty, Prune};
+        assert_eq!(measured_choice(0.05, None, None), (Pixel, Prune));
+        assert_eq!(measured_choice(PIXEL_MASKS_AT_OR_BELOW, None, None), (Pixel, Prune));
+        assert_eq!(measured_choice(0.25, None, None), (Channel, Penalty));
+        assert_eq!(measured_choice(0.02, Some(Channel), None), (Channel, Penalty));
+        assert_eq!(measured_choice(0.25, Some(Pixel), None), (Pixel, Prune));
+        assert_eq!(measured_choice(0.02, None, Some(Penalty)), (Channel, Penalty));
+        assert_eq!(measured_choice(0.25, None, Some(Prune)), (Pixel, Prune));
+        assert_eq!(measured_choice(0.02, Some(Channel), Some(Prune)), (Channel, Prune));
     }
 
     /// Binary masks written into the graph (`keep_relu_channels`, `keep_relu_positions`)

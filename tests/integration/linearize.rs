@@ -129,11 +129,16 @@ fn a_count_budget_is_met_checkpoints_resume_and_bad_budgets_are_usage_errors() {
     let dir = tmpdir();
     let out = dir.path().join("vgg.lin.onnx");
     let ckpt = dir.path().join("ckpt");
-    let ckpt_flag = ["--checkpoint-dir", ckpt.to_str().unwrap()];
+    // Channel masks by the penalty (`auto` takes pixel masks at 5000 ReLUs, 6.1%).
+    let ckpt_flag = ["--checkpoint-dir", ckpt.to_str().unwrap(), "--granularity", "channel"];
     let r = linearize_with(&out, "5000", &ckpt_flag);
+    assert_eq!(
+        (r["granularity"].as_str(), r["mask_method"].as_str()),
+        (Some("channel"), Some("penalty"))
+    );
     let after = r["relus_after"].as_u64().unwrap();
     assert!(after <= 5000 && after > 5000 - VGG_LARGEST_CHANNEL, "{after}");
-    for file in ["masked.onnx", "masks.json", "student.onnx", "state.json"] {
+    for file in ["masked.onnx", "masks.json", "mask-state.json", "student.onnx", "state.json"] {
         assert!(ckpt.join(file).exists(), "no {file} in the checkpoint");
     }
     // The saved masks, applied to the original by a pipeline step, give the same ReLU layout.
@@ -165,7 +170,7 @@ fn a_count_budget_is_met_checkpoints_resume_and_bad_budgets_are_usage_errors() {
     assert_eq!(epochs.len(), 2);
     assert_eq!(epochs[0], r["finetune"]["epochs"][0]);
     // Masks learned for another budget are not silently reused.
-    let resume = [&["--train-limit", "256", "--resume"][..], &ckpt_flag].concat();
+    let resume = [&["--train-limit", "256", "--resume"][..], &ckpt_flag[..2]].concat();
     let (_, e) = refused(&resumed, &[&["--relu-budget", "4000"][..], &resume].concat());
     assert!(e.contains("was learned for a budget of 5000 ReLUs"), "{e}");
     // Nor are channel masks taken for pixel masks.
@@ -220,7 +225,8 @@ fn a_layer_cap_keeps_relus_in_that_many_layers() {
 }
 
 /// The pruning method keeps the budget by construction: pixel masks to the ReLU, channel
-/// masks within one channel; each granularity repeats byte for byte.
+/// masks within one channel, and pixel masks capped to two layers still to the ReLU; each
+/// granularity repeats byte for byte.
 #[test]
 fn pruned_masks_meet_the_budget_by_construction_and_repeat() {
     // 5% of the VGG's 81,792 ReLUs, floored.
@@ -247,4 +253,14 @@ fn pruned_masks_meet_the_budget_by_construction_and_repeat() {
         linearize_with(&again, "5%", &flags);
         assert!(std::fs::read(&out).unwrap() == std::fs::read(&again).unwrap(), "{granularity}");
     }
+    // The defaults (`auto`) at 5%: pixel masks, pruned; capped at 2 layers, the schedule spends
+    // the whole budget inside the two, to the ReLU.
+    let out = dir.path().join("vgg.auto5.l2.onnx");
+    let r = linearize_with(&out, "5%", &["--max-relu-layers", "2"]);
+    let chosen = (r["granularity"].as_str(), r["mask_method"].as_str());
+    assert_eq!(chosen, (Some("pixel"), Some("prune")));
+    assert_eq!(r["relus_after"].as_u64(), Some(BUDGET_5));
+    let census = relucompile_json(&["inspect", out.to_str().unwrap(), "--json"]);
+    assert_eq!(census["total_relus"].as_u64(), Some(BUDGET_5));
+    assert!((1..=2).contains(&relu_layers(&census)), "{census}");
 }
