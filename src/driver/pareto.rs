@@ -22,7 +22,7 @@ use crate::search::objective::{Budget, Cost, Objective};
 use crate::search::pareto::{frontier_indices, score_all, Journals};
 use crate::search::probe::{ensure_probe_images, pareto_layers, probe_set, Prober, PROBED_LAYERS};
 use crate::search::{accuracy, build_candidate};
-use crate::train::masks::{Granularity, DEFAULT_MASK_LR};
+use crate::train::masks::{measured_choice, Granularity, MaskMethod, DEFAULT_MASK_LR};
 use anyhow::{Context, Result};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -1346,11 +1346,19 @@ fn learned_key(opts: &ParetoOptions, budget: u64) -> Result<String> {
         opts.test_limit,
         DEFAULT_MASK_LR,
     ))?;
-    // Channel masks keep the key they had before pixel masks existed, so their caches hold.
-    if opts.learned_granularity != Granularity::Channel {
-        key += &opts.learned_granularity.to_string();
+    // Channel masks keep the key they had before pixel masks existed, so their caches hold;
+    // pixel masks name their method (the penalty's pixel points are not reused as pruned ones).
+    let (granularity, method) = learned_mask_kind(opts);
+    if granularity != Granularity::Channel {
+        key += &format!("{granularity}/{method}");
     }
     Ok(fnv64(key.as_bytes()))
+}
+
+/// The learned points' granularity and the method measured best for it (pixel masks pruned,
+/// channel masks under the penalty).
+fn learned_mask_kind(opts: &ParetoOptions) -> (Granularity, MaskMethod) {
+    measured_choice(1.0, Some(opts.learned_granularity), None)
 }
 
 /// One learned-mask point at `budget` ReLUs: (distilled graph, its test accuracy, the test
@@ -1365,7 +1373,7 @@ fn learned_point(
 ) -> Result<(crate::ir::Model, f64, f64, String)> {
     let progress = opts.progress;
     let mut training = opts.finetune.clone().unwrap_or_else(|| TrainOptions::epochs(1));
-    let granularity = opts.learned_granularity;
+    let (granularity, method) = learned_mask_kind(opts);
     let key = learned_key(opts, budget)?;
     let dir = opts.output.join(LEARNED_DIR);
     training.checkpoint_dir = Some(dir.join(&key));
@@ -1377,7 +1385,7 @@ fn learned_point(
             budget,
             max_layers: None,
             granularity,
-            method: crate::train::masks::MaskMethod::default(),
+            method,
             mask_epochs: LEARNED_MASK_EPOCHS,
             mask_lr: DEFAULT_MASK_LR,
             training: &training,
