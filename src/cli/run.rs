@@ -1,9 +1,10 @@
-//! `relucompile run`: tract's outputs for inputs from a .npy file, written as .npy, so that
-//! other runtimes (onnxruntime in the cross-check harness) can be compared with tract.
+//! `relucompile run`: a graph's outputs for inputs from a .npy file, written as .npy, so that
+//! other runtimes (onnxruntime in the cross-check harness) can be compared with tract or the
+//! native engine.
 
 use crate::analysis::shapes::sample_shape;
 use crate::error::CompileError;
-use crate::exec::tract::Runner;
+use crate::eval::backend::{Backend, EngineChoice, RunSpec};
 use crate::frontend::load_model;
 use anyhow::{Context, Result};
 use npyz::WriterBuilder;
@@ -19,7 +20,11 @@ pub struct RunArgs {
     /// Where to write the first output as a float32 .npy array
     #[arg(long)]
     pub output: PathBuf,
-    /// Print what was run as one JSON object (model, samples, shapes, output file)
+    /// Which engine runs the graph: tract (the independent runtime), the native engine, or
+    /// the native engine when it takes the graph, else tract
+    #[arg(long, value_enum, default_value_t = EngineChoice::Tract)]
+    pub engine: EngineChoice,
+    /// Print what was run as one JSON object (model, samples, shapes, engine, output file)
     #[arg(long)]
     pub json: bool,
 }
@@ -53,7 +58,9 @@ pub fn run(args: &RunArgs) -> Result<()> {
         ))
         .into());
     }
-    let runner = Runner::new(&model, sample, n.clamp(1, 64))?;
+    let spec = RunSpec { batch: Some(n.clamp(1, 64)), engine: args.engine };
+    let runner = Backend::new(&model, sample, spec)
+        .with_context(|| format!("preparing {} to run", args.model.display()))?;
     let per: usize = sample.iter().product();
     let mut outputs = Vec::with_capacity(n * 10);
     let mut width = 0;
@@ -79,7 +86,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
             "samples": n,
             "sample_shape": sample,
             "output_shape": [n, width],
-            "engine": "tract",
+            "engine": runner.name(),
         });
         println!("{}", serde_json::to_string_pretty(&report)?);
     }

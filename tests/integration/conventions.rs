@@ -45,7 +45,32 @@ fn passes_and_run_print_json() {
     ]);
     assert_eq!(r["output_shape"], serde_json::json!([64, 10]), "{r}");
     assert_eq!(r["sample_shape"], serde_json::json!([1, 28, 28]), "{r}");
+    assert_eq!(r["engine"], "tract", "{r}");
     assert!(out.metadata().unwrap().len() >= 64 * 10 * 4);
+    // The native engine's outputs, written the same way, agree with tract's.
+    let native = dir.path().join("native.npy");
+    let n = relucompile_json(&[
+        "run",
+        "models/vgg.onnx",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        native.to_str().unwrap(),
+        "--engine",
+        "native",
+        "--json",
+    ]);
+    assert_eq!(n["engine"], "native", "{n}");
+    let read = |p: &std::path::Path| -> Vec<f32> {
+        let file = std::fs::File::open(p).unwrap();
+        npyz::NpyFile::new(std::io::BufReader::new(file)).unwrap().into_vec().unwrap()
+    };
+    let (a, b) = (read(&out), read(&native));
+    assert_eq!(a.len(), 640);
+    let largest = a.iter().fold(1f32, |m, v| m.max(v.abs()));
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 1e-4 * largest, "native {y} against tract {x}");
+    }
 }
 
 /// A nonlinearity other than ReLU (a Sigmoid here, in place of the tiny fixture's first ReLU)
