@@ -13,9 +13,9 @@ use crate::train::masks::{Granularity, MaskMethod, DEFAULT_MASK_LR};
 const GRANULARITY_CHOICES: &[(&str, &str)] = &[
     (
         "auto",
-        "Pixel masks at budgets of 7.5% of the model's ReLUs or less, channel masks above (the \
-         better of the two measured at each budget); pixel with --mask-method prune, channel \
-         with penalty",
+        "Pixel masks at budgets over 3.5% and up to 7.5% of the model's ReLUs, channel masks \
+         elsewhere (the better of the two measured at 2%, 5% and 10%); pixel with \
+         --mask-method prune, channel with penalty",
     ),
     (
         "channel",

@@ -88,12 +88,15 @@ impl std::str::FromStr for MaskMethod {
     }
 }
 
-/// With `--granularity auto` and `--mask-method auto`, budgets at or below this share of the
-/// model's ReLUs get pixel masks pruned to the budget, larger ones channel masks under the
-/// penalty: the pair each budget measured best on the shipped ResNet (1 mask epoch + 2
-/// epochs, full test set; docs/learned-masks.md): at 10%, channel/penalty 92.50% against
-/// pixel/prune PX10; at 5%, pixel/prune 91.67% against channel/penalty 91.17% and
-/// channel/prune 90.48%; at 2%, pixel/prune PX2 against channel/penalty CH2.
+/// With `--granularity auto` and `--mask-method auto`, budgets in
+/// (`PIXEL_MASKS_ABOVE`, `PIXEL_MASKS_AT_OR_BELOW`] of the model's ReLUs get pixel masks pruned
+/// to the budget, all others channel masks under the penalty: the pair each budget measured
+/// best on the shipped ResNet (1 mask epoch + 2 epochs, full test set; docs/learned-masks.md).
+/// 10%: channel/penalty 92.50% (11 ReLU layers), pixel/prune 91.34% (16). 5%: pixel/prune
+/// 91.67% (15), channel/penalty 91.17% (10). 2%: channel/penalty 89.41% (5), pixel/prune
+/// 89.34% (14), a tie that the channel masks' fewer layers (PI rounds) decide. The bounds
+/// are the midpoints between the measured budgets.
+pub const PIXEL_MASKS_ABOVE: f64 = 0.035;
 pub const PIXEL_MASKS_AT_OR_BELOW: f64 = 0.075;
 
 /// The granularity and method for a budget of `share` of the model's ReLUs, each as given or,
@@ -105,7 +108,7 @@ pub fn measured_choice(
     granularity: Option<Granularity>,
     method: Option<MaskMethod>,
 ) -> (Granularity, MaskMethod) {
-    let small = share <= PIXEL_MASKS_AT_OR_BELOW;
+    let small = share > PIXEL_MASKS_ABOVE && share <= PIXEL_MASKS_AT_OR_BELOW;
     let granularity = granularity.unwrap_or(match method {
         Some(MaskMethod::Prune) => Granularity::Pixel,
         Some(MaskMethod::Penalty) => Granularity::Channel,
@@ -847,11 +850,13 @@ mod tests {
     }
 
     #[test]
-    fn auto_takes_pixel_pruning_for_small_budgets_and_completes_a_half_given_choice() {
+    fn auto_takes_pixel_pruning_near_5_percent_and_completes_a_half_given_choice() {
         use Granularity::{Channel, Pixel};
         use MaskMethod::{Penalty, Prune};
         assert_eq!(measured_choice(0.05, None, None), (Pixel, Prune));
         assert_eq!(measured_choice(PIXEL_MASKS_AT_OR_BELOW, None, None), (Pixel, Prune));
+        assert_eq!(measured_choice(PIXEL_MASKS_ABOVE, None, None), (Channel, Penalty));
+        assert_eq!(measured_choice(0.02, None, None), (Channel, Penalty));
         assert_eq!(measured_choice(0.25, None, None), (Channel, Penalty));
         assert_eq!(measured_choice(0.02, Some(Channel), None), (Channel, Penalty));
         assert_eq!(measured_choice(0.25, Some(Pixel), None), (Pixel, Prune));
