@@ -748,20 +748,28 @@ mod tests {
         assert_eq!(two[1].kept, layers[1].kept);
     }
 
+    /// Channel mask sites `(name, channels, ReLUs per channel)` and their masks, all 1.
+    fn channel_sites(spec: &[(&str, usize, usize)]) -> (Vec<MaskSite>, Vec<Var>) {
+        let sites: Vec<MaskSite> = spec
+            .iter()
+            .map(|&(name, c, n)| {
+                MaskSite::new(name, &format!("{name}_in"), &[c, n], Granularity::Channel)
+            })
+            .collect();
+        let vars = sites
+            .iter()
+            .map(|s| Var::ones(s.units(), candle_core::DType::F32, &candle_core::Device::Cpu))
+            .collect::<candle_core::Result<_>>()
+            .unwrap();
+        (sites, vars)
+    }
+
     /// The pruning schedule starts at the full count and ends at the budget; pruning drops the
     /// units worth least per ReLU (importance per ReLU, ties in site and unit order), sets
     /// their masks to 0 and stops as soon as the count is within the target.
     #[test]
     fn pruning_drops_the_cheapest_units_per_relu_down_to_the_schedule() {
-        let site = |name: &str, c, n| {
-            MaskSite::new(name, &format!("{name}_in"), &[c, n], Granularity::Channel)
-        };
-        let sites = [site("a", 3, 100), site("b", 2, 10)];
-        let dev = candle_core::Device::Cpu;
-        let vars: Vec<Var> = sites
-            .iter()
-            .map(|s| Var::ones(s.units(), candle_core::DType::F32, &dev).unwrap())
-            .collect();
+        let (sites, vars) = channel_sites(&[("a", 3, 100), ("b", 2, 10)]);
         let mut hook = PruneHook::new(vars.clone(), &sites, 150, None);
         assert_eq!((hook.target(0, 10), hook.target(10, 10), hook.target(20, 10)), (320, 150, 150));
         // Halfway: 150 + 170 / 8, floored.
@@ -786,15 +794,7 @@ mod tests {
     /// tensors, the kept units and their count from the masks.
     #[test]
     fn a_restored_pruning_hook_goes_on_from_the_same_state() {
-        let site = |name: &str, c, n| {
-            MaskSite::new(name, &format!("{name}_in"), &[c, n], Granularity::Channel)
-        };
-        let sites = [site("a", 3, 100), site("b", 2, 10)];
-        let dev = candle_core::Device::Cpu;
-        let vars: Vec<Var> = sites
-            .iter()
-            .map(|s| Var::ones(s.units(), candle_core::DType::F32, &dev).unwrap())
-            .collect();
+        let (sites, vars) = channel_sites(&[("a", 3, 100), ("b", 2, 10)]);
         let mut hook = PruneHook::new(vars.clone(), &sites, 150, None);
         hook.importance = vec![vec![16.0, 1.0, 81.0], vec![0.09, 1.0]];
         hook.prune_to(150).unwrap();
@@ -816,19 +816,11 @@ mod tests {
     /// keep any; the rest of the schedule prunes inside them, to the budget.
     #[test]
     fn a_layer_cap_linearises_the_smaller_layers_halfway_through_the_schedule() {
-        let site = |name: &str, c, n| {
-            MaskSite::new(name, &format!("{name}_in"), &[c, n], Granularity::Channel)
-        };
-        let sites = [site("a", 3, 100), site("b", 2, 10), site("c", 4, 50)];
-        let dev = candle_core::Device::Cpu;
-        let vars: Vec<Var> = sites
-            .iter()
-            .map(|s| Var::ones(s.units(), candle_core::DType::F32, &dev).unwrap())
-            .collect();
+        let (sites, vars) = channel_sites(&[("a", 3, 100), ("b", 2, 10), ("c", 4, 50)]);
         let mut hook = PruneHook::new(vars.clone(), &sites, 150, Some(2));
         hook.importance = vec![vec![16.0, 1.0, 81.0], vec![100.0, 100.0], vec![1.0; 4]];
         // Gradients of something else: the importances stay as set.
-        let other = Var::ones(1, candle_core::DType::F32, &dev).unwrap();
+        let other = Var::ones(1, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
         let grads = other.as_tensor().sum_all().unwrap().backward().unwrap();
         // 10 steps, ramp 7: the cap comes at step 4 (2 * 4 >= 7).
         for step in 0..3 {
