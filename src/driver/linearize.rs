@@ -182,8 +182,27 @@ impl LearnedMasks<'_> {
         let sample = self.run.sample.clone();
         let train = self.run.train(self.training.train_limit)?;
         let checkpoint = self.training.checkpoint_dir.as_deref();
+        let learning = MaskLearning {
+            model,
+            teacher: model,
+            train: &train,
+            options: crate::train::FinetuneOptions {
+                epochs: self.mask_epochs,
+                // The masks' recipe was measured at the full rate (docs/learned-masks.md).
+                scale_lr_to_run: false,
+                ..self.training.recipe.clone()
+            },
+            budget: self.budget,
+            max_layers: self.max_layers,
+            granularity: self.granularity,
+            method: self.method,
+            mask_lr: self.mask_lr,
+            progress: self.progress,
+            checkpoint_dir: checkpoint,
+            resume: self.training.resume,
+        };
         let resumed = match checkpoint.filter(|_| self.training.resume) {
-            Some(dir) => read_mask_checkpoint(dir, &self.checkpoint_key())?,
+            Some(dir) => read_mask_checkpoint(dir, &learning.key())?,
             None => None,
         };
         // Measured before any training: a model near chance on the data stops here (exit 8).
@@ -191,28 +210,9 @@ impl LearnedMasks<'_> {
         let masks = match resumed {
             Some(done) => done,
             None => {
-                let masks = MaskLearning {
-                    model,
-                    teacher: model,
-                    train: &train,
-                    options: crate::train::FinetuneOptions {
-                        epochs: self.mask_epochs,
-                        // The masks' recipe was measured at the full rate (docs/learned-masks.md).
-                        scale_lr_to_run: false,
-                        ..self.training.recipe.clone()
-                    },
-                    budget: self.budget,
-                    max_layers: self.max_layers,
-                    granularity: self.granularity,
-                    method: self.method,
-                    mask_lr: self.mask_lr,
-                    progress: self.progress,
-                    checkpoint_dir: checkpoint,
-                    resume: self.training.resume,
-                }
-                .run()?;
+                let masks = learning.run()?;
                 if let Some(dir) = checkpoint {
-                    write_mask_checkpoint(dir, &masks, &self.checkpoint_key())?;
+                    write_mask_checkpoint(dir, &masks, &learning.key())?;
                 }
                 masks
             }
@@ -237,15 +237,6 @@ impl LearnedMasks<'_> {
             self.budget
         );
         Ok(Learned { model: tuned, masks, finetune })
-    }
-
-    fn checkpoint_key(&self) -> MaskKey {
-        MaskKey {
-            relu_budget: self.budget,
-            max_relu_layers: self.max_layers,
-            granularity: self.granularity,
-            method: self.method,
-        }
     }
 }
 

@@ -694,11 +694,7 @@ impl MaskLearning<'_> {
         dir: &Path,
     ) -> Result<Option<(MaskEpochState, HashMap<String, Tensor>)>> {
         let path = dir.join(MASK_STATE);
-        let text = match std::fs::read_to_string(&path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
-        };
+        let Some(text) = super::read_if_written(&path)? else { return Ok(None) };
         let state: MaskEpochState = serde_json::from_str(&text)
             .with_context(|| format!("{} is not a mask checkpoint", path.display()))?;
         let key = self.key();

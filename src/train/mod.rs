@@ -486,6 +486,15 @@ pub(crate) fn remove_older_states(dir: &Path, prefix: &str, current: &str) {
     }
 }
 
+/// The text of a checkpoint's state file, `None` when none was written yet.
+pub(crate) fn read_if_written(path: &Path) -> Result<Option<String>> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
 /// The tensors [`write_state_tensors`] wrote.
 pub(crate) fn read_state_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -500,11 +509,7 @@ fn read_checkpoint(
     opts: &FinetuneOptions,
 ) -> Result<Option<(CheckpointState, HashMap<String, Tensor>)>> {
     let state_path = dir.join("state.json");
-    let text = match std::fs::read_to_string(&state_path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", state_path.display())),
-    };
+    let Some(text) = read_if_written(&state_path)? else { return Ok(None) };
     let state: CheckpointState = serde_json::from_str(&text)
         .with_context(|| format!("{} is not a checkpoint", state_path.display()))?;
     // Another epoch count continues the training on another schedule (a longer run, on
