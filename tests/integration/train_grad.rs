@@ -296,6 +296,102 @@ fn gradients_match_candle_autodiff() {
     }
 }
 
+/// Every convolution shape of the full-width ResNet-18 (64 base channels, 28x28 inputs; issue
+/// 27): the stem, the 3x3 stride-1 convolutions of each stage at its plane size, and the
+/// stride-2 3x3 and 1x1 downsampling ones into 128, 256 and 512 channels, on two images. Each
+/// runs the kernel the model's layer is routed to on this CPU (Winograd, direct or im2col).
+fn full_width_cases() -> Vec<Case> {
+    let s1 = Conv2dParams { pads: [1; 4], ..Conv2dParams::default() };
+    let s2 = Conv2dParams { stride: (2, 2), pads: [1; 4], ..Conv2dParams::default() };
+    let down = Conv2dParams { stride: (2, 2), ..Conv2dParams::default() };
+    let case = |c: usize, o: usize, hw: usize, k: usize, p: Conv2dParams, bias: bool| Case {
+        x_dims: [2, c, hw, hw],
+        w_dims: [o, c, k, k],
+        p,
+        bias,
+    };
+    vec![
+        case(1, 64, 28, 3, s1, true),
+        case(64, 64, 28, 3, s1, true),
+        case(64, 128, 28, 3, s2, true),
+        case(64, 128, 28, 1, down, false),
+        case(128, 128, 14, 3, s1, true),
+        case(128, 256, 14, 3, s2, false),
+        case(128, 256, 14, 1, down, true),
+        case(256, 256, 7, 3, s1, true),
+        case(256, 512, 7, 3, s2, true),
+        case(256, 512, 7, 1, down, true),
+        case(512, 512, 4, 3, s1, true),
+    ]
+}
+
+/// `count` coordinates of a `len`-long operand, spread over it (first and last included).
+fn sampled(len: usize, count: usize) -> Vec<usize> {
+    let mut at: Vec<usize> = (0..count).map(|i| i * (len - 1) / (count - 1).max(1)).collect();
+    at.dedup();
+    at
+}
+
+/// The full-width shapes: the forward against the direct definition, and the three gradients
+/// against central differences at 24 coordinates of each operand spread over it (all of them
+/// would be 4.7 million forwards for the 512-channel weight), and in full against candle's
+/// autodiff. Unaffected outputs compute the same bits in both runs of a difference, so the
+/// loss difference is exact but for the perturbed outputs' rounding.
+#[test]
+fn full_width_gradients_match_finite_differences() {
+    let dev = Device::Cpu;
+    for case in full_width_cases() {
+        let g = case.geometry();
+        let i = inputs(&case, 71);
+        let what = format!("{g:?} bias {}", case.bias);
+        let y = forward(&i.x, &i.w, i.b.as_deref(), &g);
+        assert_close(&format!("{what} y"), &y, &naive(&i.x, &i.w, i.b.as_deref(), &g), 1e-4);
+        let grads = backward(&i.x, &i.w, &i.r, &g, true, case.bias);
+        let loss = |x: &[f32], w: &[f32], b: Option<&[f32]>| -> f64 {
+            forward(x, w, b, &g).iter().zip(&i.r).map(|(&y, &r)| y as f64 * r as f64).sum()
+        };
+        let eps = 0.25f32;
+        let mut operands: Vec<(&str, &[f32], &[f32])> =
+            vec![("dx", &i.x, grads.dx.as_ref().unwrap()), ("dw", &i.w, &grads.dw)];
+        if let (Some(b), Some(db)) = (&i.b, &grads.db) {
+            operands.push(("db", b, db));
+        }
+        for (which, (name, base, got)) in operands.into_iter().enumerate() {
+            for k in sampled(base.len(), 24) {
+                let at = |d: f32| {
+                    let mut v = base.to_vec();
+                    v[k] += d;
+                    match which {
+                        0 => loss(&v, &i.w, i.b.as_deref()),
+                        1 => loss(&i.x, &v, i.b.as_deref()),
+                        _ => loss(&i.x, &i.w, Some(&v)),
+                    }
+                };
+                let want = (at(eps) - at(-eps)) / (2.0 * eps as f64);
+                assert!(
+                    (got[k] as f64 - want).abs() <= 1e-3 * (1.0 + want.abs()),
+                    "{what} {name}[{k}]: {} vs {want}",
+                    got[k]
+                );
+            }
+        }
+        let x = Var::from_vec(i.x.clone(), case.x_dims.to_vec(), &dev).unwrap();
+        let w = Var::from_vec(i.w.clone(), case.w_dims.to_vec(), &dev).unwrap();
+        let b = i.b.as_ref().map(|b| Var::from_vec(b.clone(), b.len(), &dev).unwrap());
+        let r = Tensor::from_vec(i.r.clone(), g.out_dims().to_vec(), &dev).unwrap();
+        let theirs = candle_reference(&x, &w, b.as_ref().map(|b| b.as_tensor()), case.p);
+        let gt = (theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let mut ours = vec![("dx", &x, grads.dx.clone().unwrap()), ("dw", &w, grads.dw.clone())];
+        if let (Some(b), Some(db)) = (&b, &grads.db) {
+            ours.push(("db", b, db.clone()));
+        }
+        for (name, v, got) in ours {
+            let want: Vec<f64> = flat(gt.get(v).unwrap()).iter().map(|&v| v as f64).collect();
+            assert_close(&format!("{what} {name} (candle)"), &got, &want, 1e-4);
+        }
+    }
+}
+
 #[test]
 fn data_input_gets_no_gradient_and_weights_still_do() {
     let dev = Device::Cpu;
