@@ -376,8 +376,11 @@ def verify_onnx(model, path, xte, yte):
         ref = model(torch.from_numpy(xs)).numpy()
     got = sess.run(["logits"], {"input": xs})[0]
     diff = float(np.abs(ref - got).max())
-    print(f"max |onnx - torch| on 256 test images: {diff:.2e}")
-    assert diff < 1e-4, f"ONNX output differs from PyTorch by {diff}"
+    scale = max(1.0, float(np.abs(ref).max()))
+    print(f"max |onnx - torch| on 256 test images: {diff:.2e} (max |logit| {scale:.3g})")
+    # Relative to the logits' size: a briefly trained wide model's logits reach 1e3, and float32
+    # sums in another order then differ by 1e-3 (measured: 4.9e-3 at width 64, 2,048 images).
+    assert diff < 1e-4 * scale, f"ONNX output differs from PyTorch by {diff} (max |logit| {scale:.3g})"
     correct = 0
     for i in range(0, len(xte), 500):
         correct += int((sess.run(["logits"], {"input": xte[i:i + 500]})[0].argmax(1) == yte[i:i + 500]).sum())

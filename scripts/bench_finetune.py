@@ -5,6 +5,7 @@ the same recipe (a benchmark, not part of the product).
     cargo build --release
     python3 scripts/bench_finetune.py                          # batch 64 and 128, 4096 images
     python3 scripts/bench_finetune.py --reps 3 --full-epoch    # + one 60k-image epoch each side
+    python3 scripts/bench_finetune.py --width 16 32 64 --batch 64 --images 2048   # across widths
 
 The student is the reduced graph (--student, or by default made here: `relucompile
 models/resnet18w16.onnx -o reduced.onnx --cull 1,2 --thin bottom --limit 64`, recalibrated by
@@ -39,7 +40,12 @@ per-channel map does not depend on the graph's prior channel scales: the same lo
 digit). The two then start from nearly the same function, recalibrated on different calibration
 images, so their losses are close but not equal; a --student that makes PyTorch diverge is
 flagged. Prints one line per run and a table of the median images/s of each and their
-ratio; --full-epoch adds one epoch over all 60,000 training images at batch 64 on each side
+ratio, and each side's peak resident memory (GNU time's maximum RSS of its own process: each side
+runs in a fresh process, the PyTorch one this script re-invoked with --torch-side, so both
+count their runtime, model and data as well as the training). --width N... runs the ResNet-18
+of each base width (models/resnet18w<N>.onnx when shipped, else one briefly trained by
+models/train.py under target/bench-models/, see bench_common.py) as the teacher, the
+student made from it as above. --full-epoch adds one epoch over all 60,000 training images at batch 64 on each side
 (minutes) and prints both training-loop wall times.
 """
 import argparse
@@ -61,6 +67,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import finetune_reference as ref  # noqa: E402  (SplitMix64 data order, augmentation, KD loss)
+
+import bench_common  # noqa: E402
 
 ROOT = ref.ROOT
 BIN = os.path.join(ROOT, "target", "release", "relucompile")
@@ -181,7 +189,7 @@ def bench_relucompile(binary, student, teacher, batch, images, limit, out_dir):
     cmd = [binary, "finetune", student, "--teacher", teacher, "-o", os.path.join(out_dir, "tuned.onnx"),
            "--json", "--no-progress", *flags]
     started = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc, peak = bench_common.run_measured(cmd)
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd)}: exit {proc.returncode}\n{proc.stderr}")
@@ -196,6 +204,21 @@ def bench_relucompile(binary, student, teacher, batch, images, limit, out_dir):
     record = dict(report["epochs"][0])
     record["command_seconds"] = wall
     record["train_images"] = report["train_images"]
+    record["peak_rss_bytes"] = peak
+    return record
+
+
+def bench_torch_process(student, teacher, batch, images, out_dir):
+    """bench_torch in a fresh process (this script with --torch-side), for its peak memory."""
+    out = os.path.join(out_dir, "torch.json")
+    cmd = [sys.executable, os.path.abspath(__file__), "--torch-side", out, "--student", student, "--teacher",
+           teacher, "--batch", str(batch), "--images", str(images)]
+    proc, peak = bench_common.run_measured(cmd)
+    if proc.returncode != 0:
+        sys.exit(f"the PyTorch side failed ({proc.returncode}):\n{proc.stderr}")
+    with open(out) as f:
+        record = json.load(f)
+    record["peak_rss_bytes"] = peak
     return record
 
 
@@ -206,16 +229,42 @@ def check_diverged(r, t):
               "its timing is of a diverging run", flush=True)
 
 
+def mb(r):
+    return r["peak_rss_bytes"] / 1e6 if r.get("peak_rss_bytes") else float("nan")
+
+
 def line(side, batch, r):
     return (f"  {side:<11} batch {batch:>4}: {r['images_per_second']:7.1f} img/s  ({r['seconds']:.2f} s training loop"
             + (f", {r['command_seconds']:.2f} s whole command" if "command_seconds" in r else "")
+            + f", peak {mb(r):,.0f} MB"
             + f"; loss {r['loss']:.4f}, KD {r['kd_loss']:.4f}, train acc {100 * r['train_accuracy']:.1f}%)")
+
+
+def make_student(binary, teacher, out):
+    # Recalibrated by the compiler (hence no --no-eval; the accuracy gate on 64 images only).
+    subprocess.run([binary, teacher, "-o", out, "--cull", "1,2", "--thin", "bottom", "--limit", "64",
+                    "--no-progress"], check=True, capture_output=True)
+    return out
+
+
+def torch_side(args):
+    """The PyTorch side alone, in this (fresh) process: one epoch, its record to args.torch_side."""
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count() or 1)
+    xall, yall = ref.model_train.load_split("train")
+    teacher = onnx2torch.convert(onnx.load(args.teacher)).eval()
+    record = bench_torch(args.student, teacher, xall[:args.images], yall[:args.images], args.batch[0])
+    with open(args.torch_side, "w") as f:
+        json.dump(record, f)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--student", help="the reduced graph [default: made here, --cull 1,2 --thin bottom]")
     ap.add_argument("--teacher", default=os.path.join(ROOT, "models", "resnet18w16.onnx"))
+    ap.add_argument("--width", type=int, nargs="+",
+                    help="ResNet-18 base widths to run (teacher models/resnet18w<N>.onnx, or a briefly "
+                         "trained one; student made from it); replaces --teacher and --student")
     ap.add_argument("--bin", default=BIN)
     ap.add_argument("--batch", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--images", type=int, default=4096, help="training images per timed epoch")
@@ -225,24 +274,27 @@ def main():
     ap.add_argument("--full-epoch", action="store_true",
                     help="also one epoch over all 60,000 training images at batch 64, each side (minutes)")
     ap.add_argument("--json", help="write every run's record here")
+    ap.add_argument("--torch-side", metavar="OUT", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.torch_side:
+        return torch_side(args)
     if not os.path.exists(args.bin):
         sys.exit(f"{args.bin}: not built (cargo build --release)")
-    torch.manual_seed(0)
-    torch.set_num_threads(os.cpu_count() or 1)
+    if args.width and args.student:
+        sys.exit("--width makes each width's student: give --student without --width")
     work = tempfile.mkdtemp(prefix="bench_ft_")
     atexit.register(shutil.rmtree, work, True)
-    student = args.student
-    if student is None:
-        student = os.path.join(work, "reduced.onnx")
-        # Recalibrated by the compiler (hence no --no-eval; the accuracy gate on 64 images only).
-        subprocess.run([args.bin, args.teacher, "-o", student, "--cull", "1,2", "--thin", "bottom", "--limit", "64",
-                        "--no-progress"], check=True, capture_output=True)
+    # (label, teacher, student) per network.
+    nets = []
+    for width in args.width or []:
+        teacher = bench_common.resnet18_at_width(width)
+        nets.append((f"w{width}", teacher, make_student(args.bin, teacher, os.path.join(work, f"w{width}.onnx"))))
+    if not nets:
+        student = args.student or make_student(args.bin, args.teacher, os.path.join(work, "reduced.onnx"))
+        nets.append(("", args.teacher, student))
 
-    # Normalised as the shipped models' metadata says (models/train.py wrote both).
-    xall, yall = ref.model_train.load_split("train")
-    xtr, ytr = xall[:args.images], yall[:args.images]
-    teacher = onnx2torch.convert(onnx.load(args.teacher)).eval()
+    n_train = len(ref.model_train.load_split("train")[1])
+    images = min(args.images, n_train)
     load = os.getloadavg()[0]
     if load > 0.5:
         # PyTorch's OpenMP threads spin at barriers: with another job on the cores it can run 10x
@@ -250,39 +302,48 @@ def main():
         print(f"warning: load average {load:.1f} before starting: the machine is not idle, and PyTorch "
               "(OpenMP, all cores) suffers far more from that than relucompile; the numbers will not be "
               "representative", file=sys.stderr, flush=True)
-    print(f"KD fine-tuning throughput, 1 epoch on {len(xtr)} Fashion-MNIST training images; student {student}, "
-          f"teacher {args.teacher}; {os.cpu_count()} cores, PyTorch {torch.__version__} "
-          f"({torch.get_num_threads()} threads)")
+    print(f"KD fine-tuning throughput, 1 epoch on {images} Fashion-MNIST training images; {os.cpu_count()} cores, "
+          f"PyTorch {torch.__version__} ({os.cpu_count()} threads), each side in its own process")
     results, rows = [], []
-    for batch in args.batch:
-        rust_ips, torch_ips = [], []
-        for rep in range(args.reps):
-            # relucompile first, then PyTorch, each alone on the machine.
-            r = bench_relucompile(args.bin, student, args.teacher, batch, len(xtr), args.limit, work)
-            print(line("relucompile", batch, r), flush=True)
-            t = bench_torch(student, teacher, xtr, ytr, batch)
-            print(line("PyTorch", batch, t), flush=True)
-            check_diverged(r, t)
-            rust_ips.append(r["images_per_second"])
-            torch_ips.append(t["images_per_second"])
-            results.append({"batch": batch, "images": len(xtr), "rep": rep, "relucompile": r, "pytorch": t})
-        rows.append((batch, statistics.median(rust_ips), statistics.median(torch_ips)))
+    for label, teacher, student in nets:
+        print(f"{label or 'network'}: teacher {teacher}, student {student}", flush=True)
+        for batch in args.batch:
+            rust, tor = [], []
+            for rep in range(args.reps):
+                # relucompile first, then PyTorch, each alone on the machine.
+                r = bench_relucompile(args.bin, student, teacher, batch, images, args.limit, work)
+                print(line("relucompile", batch, r), flush=True)
+                t = bench_torch_process(student, teacher, batch, images, work)
+                print(line("PyTorch", batch, t), flush=True)
+                check_diverged(r, t)
+                rust.append(r)
+                tor.append(t)
+                results.append({"network": label, "teacher": teacher, "batch": batch, "images": images,
+                                "rep": rep, "relucompile": r, "pytorch": t})
+            med = lambda runs, key: statistics.median(x[key] for x in runs)  # noqa: E731
+            peak = lambda runs: statistics.median(mb(x) for x in runs)  # noqa: E731
+            rows.append((label, batch, med(rust, "images_per_second"), med(tor, "images_per_second"),
+                         peak(rust), peak(tor)))
 
     full = None
     if args.full_epoch:
-        print(f"\nfull epoch: all {len(xall)} training images, batch 64", flush=True)
-        r = bench_relucompile(args.bin, student, args.teacher, 64, None, args.limit, work)
+        label, teacher, student = nets[0]
+        print(f"\nfull epoch ({label or 'network'}): all {n_train} training images, batch 64", flush=True)
+        r = bench_relucompile(args.bin, student, teacher, 64, None, args.limit, work)
         print(line("relucompile", 64, r), flush=True)
-        t = bench_torch(student, teacher, xall, yall, 64)
+        t = bench_torch_process(student, teacher, 64, n_train, work)
         print(line("PyTorch", 64, t), flush=True)
         check_diverged(r, t)
         full = {"relucompile": r, "pytorch": t}
 
-    print(f"\nmedian of {args.reps} run(s); relucompile's time is its own `epochs[0].seconds` (training loop only)\n")
-    print("| batch | relucompile img/s | PyTorch img/s | ratio (relucompile/PyTorch) |")
-    print("|---:|---:|---:|---:|")
-    for batch, rust, tor in rows:
-        print(f"| {batch} | {rust:.0f} | {tor:.0f} | {rust / tor:.2f} |")
+    print(f"\nmedian of {args.reps} run(s); relucompile's time is its own `epochs[0].seconds` (training loop only); "
+          "peak memory: each process's maximum RSS\n")
+    print("| network | batch | relucompile img/s | PyTorch img/s | speed ratio | relucompile peak MB "
+          "| PyTorch peak MB | memory ratio |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for label, batch, rust, tor, rmb, tmb in rows:
+        print(f"| {label or '-'} | {batch} | {rust:.1f} | {tor:.1f} | {rust / tor:.2f} | {rmb:,.0f} | {tmb:,.0f} "
+              f"| {rmb / tmb:.2f} |")
     if full:
         r, t = full["relucompile"], full["pytorch"]
         print(f"\nfull epoch ({r['train_images']} images, batch 64), training-loop wall time: relucompile "

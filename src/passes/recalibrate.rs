@@ -363,7 +363,7 @@ fn refit(graph: &Graph, node: &Node, x: &Tensor, target: &Tensor) -> Result<Opti
         }
         w0[k * o + c] = bias[c] as f64;
     }
-    let Some(fit) = ridge_solve(&eq, &w0, REFIT_RIDGE) else { return Ok(None) };
+    let Some(fit) = ridge_solve(eq, &w0, REFIT_RIDGE) else { return Ok(None) };
     let mut w_new = vec![0f32; o * k];
     for c in 0..o {
         for j in 0..k {
