@@ -5,6 +5,7 @@
     python3 scripts/bench_eval.py                       # both shipped models, 3 repetitions
     python3 scripts/bench_eval.py --models models/vgg.onnx --reps 5 --ort-batch 1 16 64 128
     python3 scripts/bench_eval.py --in-graph-normalisation   # also the graphs with Sub/Div in them
+    python3 scripts/bench_eval.py --width 16 32 64 --reps 1  # the ResNet-18 across base widths
 
 For each model, in one run: `target/release/relucompile eval MODEL --json --no-progress` on the
 full Fashion-MNIST test set (10k images) with each engine at its own default batch (the native
@@ -15,7 +16,11 @@ mean) / std in float32, with scale/mean/std from the model's metadata `relucompi
 inference is timed on both sides (relucompile's own `seconds`; for onnxruntime the loop over
 batches, after one untimed warm-up batch). Prints the median images/s of each, the ratio of
 relucompile's default engine to onnxruntime at its best batch, and the accuracies, which must
-agree: the script exits 1 when they differ by more than --max-acc-diff.
+agree: the script exits 1 when they differ by more than --max-acc-diff. Each side runs in its own
+process (onnxruntime in this script re-invoked with --ort-side), and the table gives each one's
+peak resident memory (GNU time's maximum RSS; relucompile's is its default engine's run).
+--width N... benchmarks the ResNet-18 of each base width (models/resnet18w<N>.onnx when shipped,
+else one briefly trained under target/bench-models/, see bench_common.py).
 """
 import argparse
 import gzip
@@ -27,6 +32,9 @@ import sys
 import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_common  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_DIR = "/usr/share/datasets/fashion-mnist"
@@ -88,13 +96,12 @@ def with_normalisation_in_graph(model, out_dir):
 def bench_relucompile(binary, model, engine, reps, data_dir):
     runs = []
     for _ in range(reps):
-        out = subprocess.run(
+        out, peak = bench_common.run_measured(
             [binary, "eval", model, "--json", "--no-progress", "--engine", engine,
-             "--data", data_dir],
-            cwd=ROOT, capture_output=True, text=True)
+             "--data", data_dir], cwd=ROOT)
         if out.returncode != 0:
             sys.exit(f"relucompile eval {model} failed ({out.returncode}):\n{out.stderr}")
-        runs.append(json.loads(out.stdout))
+        runs.append(dict(json.loads(out.stdout), peak_rss_bytes=peak))
     accs = {r["accuracy"] for r in runs}
     assert len(accs) == 1, f"{engine} accuracy changed between runs: {accs}"
     return runs
@@ -132,11 +139,27 @@ def bench_ort(model, batch, reps, pixels, labels):
     return speeds, acc, (scale, mean.ravel().tolist(), std.ravel().tolist())
 
 
+def bench_ort_process(model, batch, reps, data_dir):
+    """bench_ort in a fresh process (this script with --ort-side): its speeds, accuracy,
+    normalisation and peak memory."""
+    import tempfile
+    with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
+        proc, peak = bench_common.run_measured(
+            [sys.executable, os.path.abspath(__file__), "--ort-side", out.name, "--models", model,
+             "--ort-batch", str(batch), "--reps", str(reps), "--data-dir", data_dir])
+        if proc.returncode != 0:
+            sys.exit(f"the onnxruntime side failed ({proc.returncode}):\n{proc.stderr}")
+        speeds, acc, norm = json.load(out)
+    return speeds, acc, norm, peak
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+",
                     default=[os.path.join(ROOT, "models", m) for m in ("resnet18w16.onnx", "vgg.onnx")])
+    ap.add_argument("--width", type=int, nargs="+",
+                    help="ResNet-18 base widths to benchmark (replaces --models)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--ort-batch", type=int, nargs="+", default=[1, 64],
                     help="onnxruntime batch sizes (default: 1 64); its best counts")
@@ -148,15 +171,22 @@ def main():
     ap.add_argument("--max-acc-diff", type=float, default=0.001,
                     help="largest accepted accuracy difference (fraction; default 0.001 = 10 images "
                          "of 10k, for arg-max near-ties that float rounding can flip)")
+    ap.add_argument("--ort-side", metavar="OUT", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if not os.path.exists(args.bin):
-        sys.exit(f"{args.bin} is missing: run `cargo build --release` first")
     import onnxruntime as ort
 
     pixels = read_idx(idx_file(args.data_dir, "t10k-images-idx3-ubyte"))
     labels = read_idx(idx_file(args.data_dir, "t10k-labels-idx1-ubyte")).astype(np.int64)
     if pixels.ndim == 3:
         pixels = pixels[:, None, :, :]
+    if args.ort_side:
+        with open(args.ort_side, "w") as f:
+            json.dump(bench_ort(args.models[0], args.ort_batch[0], args.reps, pixels, labels), f)
+        return
+    if not os.path.exists(args.bin):
+        sys.exit(f"{args.bin} is missing: run `cargo build --release` first")
+    if args.width:
+        args.models = [bench_common.resnet18_at_width(w) for w in args.width]
 
     cores = os.cpu_count()
     print(f"{len(labels)} test images from {args.data_dir}, {args.reps} repetitions, {cores} "
@@ -173,32 +203,35 @@ def main():
             print(f"{model}: missing, skipped")
             continue
         name = os.path.relpath(model, ROOT) if model.startswith(ROOT) else os.path.basename(model)
-        speeds, accs = {}, {}
+        speeds, accs, runs_of = {}, {}, {}
         for engine in ("native", "tract"):
             runs = bench_relucompile(args.bin, model, engine, args.reps, args.data_dir)
+            runs_of[engine] = runs
             speeds[engine] = statistics.median(r["images_per_second"] for r in runs)
             accs[engine] = runs[0]["accuracy"]
             print(f"{name} relucompile {engine} (batch {runs[0]['batch']}, {runs[0]['threads']} "
                   f"threads): {[round(r['images_per_second']) for r in runs]} images/s", flush=True)
         best = None
         for batch in args.ort_batch:
-            ort_speeds, ort_acc, norm = bench_ort(model, batch, args.reps, pixels, labels)
+            ort_speeds, ort_acc, norm, ort_peak = bench_ort_process(model, batch, args.reps, args.data_dir)
             med = statistics.median(ort_speeds)
             print(f"{name} onnxruntime batch {batch}: {[round(s) for s in ort_speeds]} images/s; "
                   f"normalisation scale {norm[0]:.6g} mean {norm[1]} std {norm[2]}", flush=True)
             if best is None or med > best[0]:
-                best = (med, batch, ort_acc)
-        o_med, o_batch, o_acc = best
+                best = (med, batch, ort_acc, ort_peak)
+        o_med, o_batch, o_acc, o_peak = best
+        native_peak = statistics.median(r["peak_rss_bytes"] for r in runs_of["native"]) / 1e6
         agree = all(abs(a - o_acc) <= args.max_acc_diff for a in accs.values())
         ok &= agree
         rows.append([name, f"{speeds['native']:,.0f}", f"{speeds['tract']:,.0f}",
                      f"{o_med:,.0f} (batch {o_batch})", f"{speeds['native'] / o_med:.2f}",
-                     f"{speeds['tract'] / o_med:.2f}", f"{100 * accs['native']:.2f}%",
+                     f"{speeds['tract'] / o_med:.2f}", f"{native_peak:,.0f}", f"{o_peak / 1e6:,.0f}",
+                     f"{100 * accs['native']:.2f}%",
                      f"{100 * o_acc:.2f}%", "yes" if agree else "NO"])
     if not rows:
         sys.exit("no model to benchmark")
     head = ["model", "native img/s", "tract img/s", "onnxruntime best img/s", "native/ort",
-            "tract/ort", "native acc", "ort acc", "acc agree"]
+            "tract/ort", "native peak MB", "ort peak MB", "native acc", "ort acc", "acc agree"]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
     line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
                                    for i, (c, w) in enumerate(zip(cells, widths)))
