@@ -27,6 +27,7 @@ time) and writes it as JSON to --out.
     python3 scripts/deepreduce_reference.py 'cull(1,2),thin(bottom)' 'cull(1,2,3)' --epochs 1
     python3 scripts/deepreduce_reference.py --count-only           # ReLU counts only, no training
     python3 scripts/deepreduce_reference.py ... --resume           # keep what --out holds, run the rest
+    python3 scripts/deepreduce_reference.py --width 64 --out docs/deepreduce_reference_w64.json
 
 The JSON is rewritten after every configuration, so a run stopped from outside loses only the
 configuration in progress; each configuration starts from the same seed, so a resumed run
@@ -49,9 +50,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "models"))
 import train  # noqa: E402  (the model definitions, data loaders and augmentation of the shipped weights)
 
-WEIGHTS = os.path.join(ROOT, "models", "resnet18w16.pt")
 SHAPE = (1, 28, 28)
-TOTAL_RELUS = 108544
+# ReLUs of the ResNet-18 at base width 16 on 28x28 inputs; a width w network has (w/16)^2 times
+# as many channels per layer, so w/16 times as many ReLUs.
+RELUS_AT_WIDTH_16 = 108544
 BUDGETS = (0.25, 0.15, 0.10, 0.05)
 # One at or under each budget of 108,544 ReLUs (25%: 27,136; 15%: 16,281; 10%: 10,854; 5%: 5,427).
 DEFAULT_CONFIGS = [
@@ -93,9 +95,13 @@ def parse_config(text):
     return cull, thin, thin_stages
 
 
-def load_original():
-    model = train.build("resnet18w16")
-    model.load_state_dict(torch.load(WEIGHTS, map_location="cpu"))
+def weights(width):
+    return os.path.join(ROOT, "models", f"resnet18w{width}.pt")
+
+
+def load_original(width):
+    model = train.build(f"resnet18w{width}")
+    model.load_state_dict(torch.load(weights(width), map_location="cpu"))
     return model
 
 
@@ -216,6 +222,8 @@ def write_json(path, report):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("configs", nargs="*", help="e.g. 'cull(1,2),thin(bottom)' (default: %s)" % " ".join(DEFAULT_CONFIGS))
+    ap.add_argument("--width", type=int, default=16,
+                    help="base width of the shipped ResNet-18 to reduce (models/resnet18w<N>.pt; default 16)")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--lr", type=float, default=0.02, help="one-cycle peak learning rate")
     ap.add_argument("--batch", type=int, default=128)
@@ -246,13 +254,15 @@ def main():
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
 
-    original = load_original()
+    if not os.path.exists(weights(args.width)):
+        sys.exit(f"{weights(args.width)} is missing: train it with models/train.py --model resnet18 --width {args.width}")
+    original = load_original(args.width)
     orig_relus, orig_stages = relu_census(original)
-    assert orig_relus == TOTAL_RELUS, orig_relus
+    assert orig_relus == RELUS_AT_WIDTH_16 * args.width // 16, orig_relus
     print(f"torch {torch.__version__}, {args.threads} threads; original: {orig_relus:,} ReLUs {orig_stages}")
     reduced = []
     for c in configs:
-        relus, stages = relu_census(reduce(load_original(), c))
+        relus, stages = relu_census(reduce(load_original(args.width), c))
         reduced.append((c, relus, stages))
         print(f"  {c:32s} {relus:7,d} ReLUs ({100 * relus / orig_relus:5.1f}%)  {stages}", flush=True)
     for b in BUDGETS:  # the configuration with the most ReLUs at or under each budget
@@ -273,7 +283,7 @@ def main():
     orig_acc = float(train.evaluate_torch(original, xte, yte))
     print(f"original: test accuracy {100 * orig_acc:.2f}%", flush=True)
     report = {
-        "model": "models/resnet18w16.pt",
+        "model": f"models/resnet18w{args.width}.pt",
         "command": "python3 scripts/deepreduce_reference.py " + " ".join(
             "'" + a + "'" if "(" in a else a for a in sys.argv[1:]),
         "torch_version": torch.__version__, "threads": args.threads, "seed": args.seed,
@@ -303,7 +313,7 @@ def main():
     for c, relus, stages in reduced:
         if c in done:
             continue
-        student = reduce(load_original(), c)
+        student = reduce(load_original(args.width), c)
         before = float(train.evaluate_torch(student, xte, yte))
         print(f"{c}: {relus:,} ReLUs, test accuracy before KD {100 * before:.2f}%", flush=True)
         wall, history = distill(student, teacher, xtr, ytr, args, c)
