@@ -54,6 +54,16 @@ fn shipped_resnet_census_matches_deepreduce_layout() {
     }
 }
 
+/// The full-width model (64 base channels, issue 27): four times the shipped ResNet's ReLUs in
+/// every stage.
+#[test]
+fn full_width_resnet_census_is_four_times_the_shipped_one() {
+    let v = relucompile_json(&["inspect", "models/resnet18w64.onnx", "--json"]);
+    assert_eq!(v["total_relus"], 434_176);
+    assert_eq!(stage_relus(&v), vec![50_176, 200_704, 100_352, 50_176, 32_768]);
+    assert_eq!(v["nodes"].as_array().unwrap().len(), 17);
+}
+
 #[test]
 fn census_goldens_of_shipped_models() {
     for model in ["models/resnet18w16.onnx", "models/vgg.onnx"] {

@@ -53,6 +53,24 @@ fn default_pipeline_keeps_outputs_on_every_model() {
     }
 }
 
+/// The full-width ResNet-18 (64 base channels, 11.2 M weights): the default pipeline's output
+/// against the original on real and random images, and every ReLU kept.
+#[test]
+fn default_pipeline_keeps_outputs_on_the_full_width_resnet() {
+    check_pipeline("models/resnet18w64.onnx", DEFAULT_PIPELINE);
+    let dir = tmpdir();
+    let out = dir.path().join("w64.onnx");
+    let r = relucompile_json(&[
+        "models/resnet18w64.onnx",
+        "-o",
+        out.to_str().unwrap(),
+        "--json",
+        "--no-progress",
+    ]);
+    assert_eq!(r["after"]["total_relus"], 434_176, "{r}");
+    assert!(r["check_real"]["max_abs_diff"].as_f64().unwrap() <= 1e-3, "{r}");
+}
+
 #[test]
 fn passes_have_work_on_the_graphs_made_for_them() {
     // Each of these graphs was built to contain what the pass removes.
