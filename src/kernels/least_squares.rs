@@ -35,8 +35,14 @@ pub struct NormalEquations {
 }
 
 /// The normal equations of the convolution `g` (one group) from its input `x` (`[N, C, H, W]`)
-/// to `target` (`[N, O, OH, OW]`).
-pub fn conv_normal_equations(x: &[f32], target: &[f32], g: &ConvGeometry) -> NormalEquations {
+/// to `target` (`[N, O, OH, OW]`), or to `relu(target)` when `rectify` (read chunk by chunk,
+/// so the rectified target is never a whole copy: 100 MB a layer at width 64).
+pub fn conv_normal_equations(
+    x: &[f32],
+    target: &[f32],
+    g: &ConvGeometry,
+    rectify: bool,
+) -> NormalEquations {
     assert_eq!(g.p.groups, 1, "refitting grouped convolutions is not supported");
     let (k, o, l) = (g.k(), g.o, g.oh * g.ow);
     let (x_len, t_len) = (g.c * g.h * g.w, o * l);
@@ -59,6 +65,9 @@ pub fn conv_normal_equations(x: &[f32], target: &[f32], g: &ConvGeometry) -> Nor
         }
         col[k * ld..].fill(1.0);
         gather(&target[first * t_len..], t_len, 0, o, l, &mut t);
+        if rectify {
+            t.iter_mut().for_each(|v| *v = v.max(0.0)); // as candle's relu
+        }
         let (mut gram, mut cross) = (vec![0f32; n * n], vec![0f32; n * o]);
         lower_gram(&col, n, ld, &mut gram, par);
         matmul(&mut cross, MatRef::new(&col, n, ld), MatRef::new(&t, o, ld).t(), false, par);
@@ -278,12 +287,9 @@ mod tests {
         assert!(cholesky_solve(&mut [0.0], 1, &mut [1.0], 1).is_err());
     }
 
-    /// The blocked factorisation and solves against the textbook unblocked ones, over several
-    /// blocks and a ragged last one; the same bits on 1 and 3 threads.
-    #[test]
-    fn blocked_cholesky_matches_the_unblocked_one() {
-        let (n, m) = (2 * CHOLESKY_BLOCK + 37, 5);
-        let r: Vec<f64> = rand_vec(n * n, 15).iter().map(|&v| v as f64).collect();
+    /// `R R^T + n I` for a pseudo-random `n x n` matrix `R`: symmetric positive definite.
+    fn random_spd(n: usize, seed: u64) -> Vec<f64> {
+        let r: Vec<f64> = rand_vec(n * n, seed).iter().map(|&v| v as f64).collect();
         let mut a = vec![0f64; n * n];
         for i in 0..n {
             for j in 0..n {
@@ -291,6 +297,15 @@ mod tests {
                     dot(&r[i * n..][..n], &r[j * n..][..n]) + if i == j { n as f64 } else { 0.0 };
             }
         }
+        a
+    }
+
+    /// The blocked factorisation and solves against the textbook unblocked ones, over several
+    /// blocks and a ragged last one; the same bits on 1 and 3 threads.
+    #[test]
+    fn blocked_cholesky_matches_the_unblocked_one() {
+        let (n, m) = (2 * CHOLESKY_BLOCK + 37, 5);
+        let a = random_spd(n, 15);
         let b: Vec<f64> = rand_vec(n * m, 16).iter().map(|&v| v as f64).collect();
         // Unblocked: L column by column, then L Y = B and L^T X = Y row by row.
         let mut l = a.clone();
@@ -342,15 +357,7 @@ mod tests {
     #[test]
     fn cholesky_solves_a_large_random_system() {
         let (n, m) = (300, 7);
-        let r: Vec<f64> = rand_vec(n * n, 5).iter().map(|&v| v as f64).collect();
-        // A = R R^T + n I is symmetric positive definite.
-        let mut a = vec![0f64; n * n];
-        for i in 0..n {
-            for j in 0..n {
-                a[i * n + j] =
-                    dot(&r[i * n..][..n], &r[j * n..][..n]) + if i == j { n as f64 } else { 0.0 };
-            }
-        }
+        let mut a = random_spd(n, 5);
         let x: Vec<f64> = rand_vec(n * m, 6).iter().map(|&v| v as f64).collect();
         let mut b = vec![0f64; n * m];
         for i in 0..n {
@@ -373,7 +380,7 @@ mod tests {
         assert!(150 * l > 2 * COLUMNS_PER_CHUNK, "several chunks");
         let x = rand_vec(150 * 2 * 16, 8);
         let t = rand_vec(150 * 3 * 16, 9);
-        let eq = conv_normal_equations(&x, &t, &g);
+        let eq = conv_normal_equations(&x, &t, &g, false);
         let n = k + 1;
         let (mut gram, mut cross) = (vec![0f64; n * n], vec![0f64; n * 3]);
         let mut col = vec![0f32; k * l];
@@ -429,7 +436,7 @@ mod tests {
         let w = rand_vec(4 * 3 * 3 * 2, 2);
         let bias = rand_vec(4, 3);
         let target = forward(&x, &w, Some(&bias), &g);
-        let eq = conv_normal_equations(&x, &target, &g);
+        let eq = conv_normal_equations(&x, &target, &g, false);
         assert_eq!((eq.unknowns, eq.outputs), (19, 4));
         let w0 = vec![0.0; 19 * 4];
         let fit = ridge_solve(eq.clone(), &w0, 0.0).unwrap();

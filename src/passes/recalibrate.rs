@@ -33,6 +33,7 @@ use crate::exec::graph::TrainGraph;
 use crate::exec::op::conv_params;
 use crate::ir::channel_affine::{apply_channel_affine, replace_linear_params};
 use crate::ir::{Graph, Model, Node};
+use crate::kernels::candle::with_f32;
 use crate::kernels::conv::{self, Conv2dParams, ConvGeometry};
 use crate::kernels::least_squares::{conv_normal_equations, ridge_solve};
 use crate::kernels::stats::{channel_moments, Moments};
@@ -251,13 +252,14 @@ impl Pass for Recalibrate {
             let value = node.outputs[0].as_str();
             if let (Some(acts), Some(input)) = (refit_targets.as_deref(), input) {
                 if let Some(original) = acts.outputs.get(value) {
+                    // The target is relu(original) where this graph lost the ReLU after it.
                     let culled = acts.rectified.contains(value) && !rectified_here.contains(value);
-                    let target = if culled { original.relu()? } else { original.clone() };
-                    if target.dims() == y.dims() {
-                        if same_values(&target, y)? {
+                    if original.dims() == y.dims() {
+                        if same_values(original, culled, y)? {
                             return Ok(None); // untouched so far: nothing to refit
                         }
-                        if let Some((w, b, refitted)) = refit(&model.graph, node, input, &target)? {
+                        let fitted = refit(&model.graph, node, input, original, culled)?;
+                        if let Some((w, b, refitted)) = fitted {
                             rewrites.push((node.name.clone(), Rewrite::Weights(w, b)));
                             return Ok(Some(refitted));
                         }
@@ -304,10 +306,17 @@ enum Rewrite {
 type Refitted = (Vec<f32>, Vec<f32>, Tensor);
 
 /// Refit the Conv or Gemm `node` of `graph` by ridge least squares so that its output on `x` is
-/// closest to `target`: its new weight (in the node's own layout), bias and output. `None`
-/// where the node's form is not handled (grouped convolutions, a transposed or scaled Gemm
-/// input, a weight that is not a constant) or the system is degenerate.
-fn refit(graph: &Graph, node: &Node, x: &Tensor, target: &Tensor) -> Result<Option<Refitted>> {
+/// closest to `target` (`relu(target)` when `rectify`): its new weight (in the node's own
+/// layout), bias and output. `None` where the node's form is not handled (grouped
+/// convolutions, a transposed or scaled Gemm input, a weight that is not a constant) or the
+/// system is degenerate.
+fn refit(
+    graph: &Graph,
+    node: &Node,
+    x: &Tensor,
+    target: &Tensor,
+    rectify: bool,
+) -> Result<Option<Refitted>> {
     let Some(weight) = node.input(1).and_then(|w| graph.constant(w)) else { return Ok(None) };
     let w = weight.to_f32();
     let bias = match node.input(2).filter(|b| !b.is_empty()) {
@@ -353,9 +362,7 @@ fn refit(graph: &Graph, node: &Node, x: &Tensor, target: &Tensor) -> Result<Opti
         Some(_) => return Ok(None),
         None => vec![0.0; o],
     };
-    let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-    let ts: Vec<f32> = target.flatten_all()?.to_vec1()?;
-    let eq = conv_normal_equations(&xs, &ts, &g);
+    let eq = with_f32(x, |xs| with_f32(target, |ts| conv_normal_equations(xs, ts, &g, rectify)))??;
     let mut w0 = vec![0f64; (k + 1) * o];
     for c in 0..o {
         for j in 0..k {
@@ -371,7 +378,7 @@ fn refit(graph: &Graph, node: &Node, x: &Tensor, target: &Tensor) -> Result<Opti
         }
     }
     let b_new: Vec<f32> = (0..o).map(|c| fit[k * o + c] as f32).collect();
-    let y = conv::forward(&xs, &w_new, Some(&b_new), &g);
+    let y = with_f32(x, |xs| conv::forward(xs, &w_new, Some(&b_new), &g))?;
     let y = Tensor::from_vec(y, target.dims(), target.device())?;
     let w_layout = match node.op_type.as_str() {
         "Gemm" if weight_in_by_out => transpose(&w_new, o, k),
@@ -380,8 +387,13 @@ fn refit(graph: &Graph, node: &Node, x: &Tensor, target: &Tensor) -> Result<Opti
     Ok(Some((w_layout, b_new, y)))
 }
 
-fn same_values(a: &Tensor, b: &Tensor) -> Result<bool> {
-    Ok(a.flatten_all()?.to_vec1::<f32>()? == b.flatten_all()?.to_vec1::<f32>()?)
+/// Whether `b` equals `a` (`relu(a)` when `rectify`), element for element.
+fn same_values(a: &Tensor, rectify: bool, b: &Tensor) -> Result<bool> {
+    let equal = |a: &[f32], b: &[f32]| {
+        a.len() == b.len()
+            && a.iter().zip(b).all(|(&x, &y)| (if rectify { x.max(0.0) } else { x }) == y)
+    };
+    Ok(with_f32(a, |a| with_f32(b, |b| equal(a, b)))??)
 }
 
 /// The transpose of a row-major `rows x cols` matrix.

@@ -188,9 +188,21 @@ fn forward_matches_a_direct_convolution() {
     }
 }
 
-/// Central differences of `sum(forward(...) * r)` in every coordinate of `v`, the loss in
-/// f64. The convolution is linear in each operand, so a wide step is exact but for rounding.
+/// Central differences of `sum(forward(...) * r)` in every coordinate of operand `which` (0: x,
+/// 1: w, 2: b), the loss in f64. The convolution is linear in each operand, so a wide step is
+/// exact but for rounding.
 fn finite_differences(i: &Inputs, g: &ConvGeometry, which: usize) -> Vec<f64> {
+    let len = [i.x.len(), i.w.len(), i.b.as_ref().map_or(0, Vec::len)][which.min(2)];
+    finite_differences_at(i, g, which, 0..len)
+}
+
+/// [`finite_differences`] at the coordinates `at` only.
+fn finite_differences_at(
+    i: &Inputs,
+    g: &ConvGeometry,
+    which: usize,
+    at: impl IntoIterator<Item = usize>,
+) -> Vec<f64> {
     let loss = |x: &[f32], w: &[f32], b: Option<&[f32]>| -> f64 {
         forward(x, w, b, g).iter().zip(&i.r).map(|(&y, &r)| y as f64 * r as f64).sum()
     };
@@ -200,7 +212,7 @@ fn finite_differences(i: &Inputs, g: &ConvGeometry, which: usize) -> Vec<f64> {
         1 => i.w.clone(),
         _ => i.b.clone().unwrap(),
     };
-    (0..base.len())
+    at.into_iter()
         .map(|k| {
             let at = |d: f32| {
                 let mut v = base.clone();
@@ -347,27 +359,15 @@ fn full_width_gradients_match_finite_differences() {
         let y = forward(&i.x, &i.w, i.b.as_deref(), &g);
         assert_close(&format!("{what} y"), &y, &naive(&i.x, &i.w, i.b.as_deref(), &g), 1e-4);
         let grads = backward(&i.x, &i.w, &i.r, &g, true, case.bias);
-        let loss = |x: &[f32], w: &[f32], b: Option<&[f32]>| -> f64 {
-            forward(x, w, b, &g).iter().zip(&i.r).map(|(&y, &r)| y as f64 * r as f64).sum()
-        };
-        let eps = 0.25f32;
-        let mut operands: Vec<(&str, &[f32], &[f32])> =
-            vec![("dx", &i.x, grads.dx.as_ref().unwrap()), ("dw", &i.w, &grads.dw)];
-        if let (Some(b), Some(db)) = (&i.b, &grads.db) {
-            operands.push(("db", b, db));
+        let mut operands: Vec<(&str, usize, &[f32])> =
+            vec![("dx", i.x.len(), grads.dx.as_ref().unwrap()), ("dw", i.w.len(), &grads.dw)];
+        if let Some(db) = &grads.db {
+            operands.push(("db", db.len(), db));
         }
-        for (which, (name, base, got)) in operands.into_iter().enumerate() {
-            for k in sampled(base.len(), 24) {
-                let at = |d: f32| {
-                    let mut v = base.to_vec();
-                    v[k] += d;
-                    match which {
-                        0 => loss(&v, &i.w, i.b.as_deref()),
-                        1 => loss(&i.x, &v, i.b.as_deref()),
-                        _ => loss(&i.x, &i.w, Some(&v)),
-                    }
-                };
-                let want = (at(eps) - at(-eps)) / (2.0 * eps as f64);
+        for (which, (name, len, got)) in operands.into_iter().enumerate() {
+            let at = sampled(len, 24);
+            let want = finite_differences_at(&i, &g, which, at.iter().copied());
+            for (&k, want) in at.iter().zip(want) {
                 assert!(
                     (got[k] as f64 - want).abs() <= 1e-3 * (1.0 + want.abs()),
                     "{what} {name}[{k}]: {} vs {want}",
