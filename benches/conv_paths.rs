@@ -1,7 +1,8 @@
 //! Per-layer forward timings of the three convolution paths (Winograd F(2x2, 3x3), the direct
-//! AVX-512 kernel, im2col + gemm) on the shipped ResNet's 3x3 stride-1 layers, 32 images
-//! each: the measurement behind the Winograd channel threshold (`MIN_CHANNELS`, 32) in
-//! `src/kernels/conv/winograd.rs`. One core gives steadier figures:
+//! AVX-512 kernel, im2col + gemm) on the 3x3 stride-1 layers of the ResNet-18 at base widths
+//! 16, 32 and 64, 32 images each: the measurement behind the Winograd channel thresholds
+//! (`MIN_CHANNELS`, `MIN_GEMM_CHANNELS`) in `src/kernels/conv/winograd.rs`. One core gives
+//! steadier figures:
 //! `RAYON_NUM_THREADS=1 cargo bench --bench conv_paths`.
 
 use relucompile::data::random_inputs;
@@ -13,7 +14,15 @@ const REPS: usize = 20;
 
 fn main() {
     println!("layer (C x O @ side)  path       us/batch  GFLOP/s (direct-equivalent)");
-    for (c, o, side) in [(16, 16, 28), (32, 32, 14), (64, 64, 7), (128, 128, 4)] {
+    let widths = [16, 32, 64];
+    let layers = widths.iter().flat_map(|&w| [(w, 28), (2 * w, 14), (4 * w, 7), (8 * w, 4)]);
+    let mut seen = vec![];
+    for (c, side) in layers {
+        if seen.contains(&(c, side)) {
+            continue;
+        }
+        seen.push((c, side));
+        let o = c;
         let p = Conv2dParams { pads: [1; 4], ..Conv2dParams::default() };
         let g = ConvGeometry::new(&[IMAGES, c, side, side], &[o, c, 3, 3], p).expect("geometry");
         let x = random_inputs(IMAGES * c * side * side, 1);

@@ -38,6 +38,11 @@ pub fn compare_models(
 
 /// Batch size of the comparison runs: small, since the input sets are small.
 const COMPARE_BATCH: usize = 16;
+/// Input values per comparison batch at most; larger samples run in smaller batches, down to
+/// one. Tract's activations at batch 16 on a 224x224 ResNet-50 are tens of megabytes each,
+/// which glibc maps and unmaps on every run: its lossless compile took 11.6 s (5.1 s of it in
+/// the kernel, clearing pages) at batch 16, 6.9 s at 4 and 6.2 s at 1 (beside a training run).
+const COMPARE_BATCH_VALUES: usize = 16 * 3 * 64 * 64;
 
 /// [`compare_models`] on several input sets, preparing each graph once.
 pub fn compare_models_on(
@@ -48,10 +53,9 @@ pub fn compare_models_on(
 ) -> Result<Vec<Comparison>> {
     // The two graphs are independent: each is optimised and run on its own core (on an
     // ImageNet-shaped ResNet-50 the check is most of a lossless compile).
-    let (ra, rb) = rayon::join(
-        || Runner::new(a, sample, COMPARE_BATCH),
-        || Runner::new(b, sample, COMPARE_BATCH),
-    );
+    let per: usize = sample.iter().product();
+    let batch = (COMPARE_BATCH_VALUES / per.max(1)).clamp(1, COMPARE_BATCH);
+    let (ra, rb) = rayon::join(|| Runner::new(a, sample, batch), || Runner::new(b, sample, batch));
     let (ra, rb) = (ra?, rb?);
     input_sets.iter().map(|inputs| compare_runs(&ra, &rb, sample, inputs)).collect()
 }

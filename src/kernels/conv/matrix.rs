@@ -67,6 +67,12 @@ pub fn matmul<T: GemmScalar>(
     gemm_into(dst, n, a, b, accumulate, alpha, T::ONE, par);
 }
 
+/// `dst = a @ b` where `dst` is `[a.rows, b.cols]` at row stride `ld`: products written
+/// straight into a larger buffer's rows (Winograd's, on CPUs without AVX-512).
+pub fn matmul_strided(dst: &mut [f32], ld: usize, a: MatRef, b: MatRef, par: Parallelism) {
+    gemm_into(dst, ld, a, b, false, 0.0, 1.0, par);
+}
+
 /// `dst -= a @ b` where `dst` is `[a.rows, b.cols]` at row stride `ld` (a block of a larger
 /// row-major matrix): the blocked Cholesky's updates.
 pub fn matmul_sub<T: GemmScalar>(

@@ -27,6 +27,8 @@ mod op;
 mod scratch;
 #[cfg(target_arch = "x86_64")]
 mod winograd;
+#[cfg(target_arch = "x86_64")]
+mod winograd_gemm;
 
 pub use backward::*;
 pub use forward::*;

@@ -1,4 +1,5 @@
-//! Winograd F(2x2, 3x3) for stride-1 3x3 convolutions on CPUs with AVX-512.
+//! Winograd F(2x2, 3x3) for stride-1 3x3 convolutions: AVX-512 code here, and on CPUs without
+//! AVX-512 the same algebra in portable loops with gemm's products ([`super::winograd_gemm`]).
 //!
 //! Why: the 3x3 stride-1 convolutions are nearly all of a ResNet's arithmetic, and Winograd's
 //! minimal filtering computes each 2x2 block of outputs from a 4x4 block of inputs with 16
@@ -28,6 +29,7 @@
 //! magnitudes involved, and are the same bits on every run.
 
 use super::direct::{avx512, tile_widths, Tile, CHANNELS, LANES};
+use super::winograd_gemm::{self as portable, Tiling};
 use super::{matmul, pad_planes, ConvGeometry, MatRef, Padded};
 use ::gemm::Parallelism;
 use rayon::prelude::*;
@@ -52,6 +54,33 @@ const MIN_WEIGHT_GRAD_CHANNELS: usize = 8;
 /// The weight gradient's products, which sum over the tiles, measured the same at 64, 128 and
 /// 256 (489-504 images/s on the fine-tuning benchmark's command).
 const MIN_COLUMNS: usize = 64;
+/// [`MIN_COLUMNS`] where the products run through gemm (AVX2). The 15 layer shapes of
+/// `benches/conv_paths.rs` (widths 16-64, one core, beside two training runs, so noisy) took
+/// in all a median of 213 ms at 128 columns, 222 ms at 256, 215-233 ms at 64, 96 and 512:
+/// wider products amortise gemm's packing of the transformed kernels, narrower ones keep the
+/// transformed tiles in cache.
+const MIN_GEMM_COLUMNS: usize = 128;
+
+/// Which code computes the transforms and products.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kernels {
+    /// AVX-512 transforms, products on the direct kernel's micro-tile.
+    Avx512,
+    /// Portable transforms (built for AVX2 where the CPU has it), products through gemm.
+    Gemm,
+}
+
+impl Kernels {
+    fn here() -> Option<Self> {
+        if avx512() {
+            Some(Kernels::Avx512)
+        } else if portable::avx2_fma() {
+            Some(Kernels::Gemm)
+        } else {
+            None
+        }
+    }
+}
 
 /// A 3x3 stride-1 convolution prepared for Winograd F(2x2, 3x3).
 pub(crate) struct Winograd {
@@ -74,6 +103,7 @@ pub(crate) struct Winograd {
     per_run: usize,
     /// Columns of the products' matrices: `per_run` images' tiles rounded up to whole vectors.
     columns: usize,
+    kernels: Kernels,
 }
 
 /// Floats from one channel's 16 rows of columns to the next channel's: their size plus one
@@ -87,7 +117,7 @@ fn skewed(len: usize) -> usize {
 impl Winograd {
     /// `w` (`[O, C, 3, 3]`) and `bias` over `g`, or `None` when `g` is not a 3x3, stride-1,
     /// undilated, ungrouped convolution of at least [`MIN_CHANNELS`] input channels, or the
-    /// CPU has no AVX-512.
+    /// CPU has neither AVX-512 nor AVX2 with FMA.
     pub(crate) fn new(w: &[f32], bias: Option<&[f32]>, g: &ConvGeometry) -> Option<Self> {
         Self::takes(g).then(|| Self::build(w, bias, g))
     }
@@ -114,12 +144,16 @@ impl Winograd {
             && p.dilation == (1, 1)
             && p.groups == 1
             && g.oh * g.ow > 0
-            && avx512()
+            && Kernels::here().is_some()
     }
 
     fn build(w: &[f32], bias: Option<&[f32]>, g: &ConvGeometry) -> Self {
         let (c, o) = (g.c, g.o);
         assert_eq!(w.len(), o * c * 9, "conv weight length");
+        let bias = bias.map_or_else(|| vec![0.0; o], <[f32]>::to_vec);
+        if Kernels::here() == Some(Kernels::Gemm) {
+            return Self::tiling(g, portable::kernel_transforms(w, o, c), bias);
+        }
         let blocks = o.div_ceil(CHANNELS);
         // The fine-tuner builds this at every step, forward and backward: on all cores (one
         // core: 442-452 images/s on the fine-tuning benchmark's command; all: 483-492).
@@ -136,7 +170,6 @@ impl Winograd {
                 }
             }
         });
-        let bias = bias.map_or_else(|| vec![0.0; o], <[f32]>::to_vec);
         Self::tiling(g, weights, bias)
     }
 
@@ -148,7 +181,12 @@ impl Winograd {
         let (hp, wp) = (2 * th + 2, 2 * tw + 2);
         let pads = [top, left, bottom + hp - Padded::of(g).hp, right + wp - Padded::of(g).wp];
         let padded_g = ConvGeometry { p: super::Conv2dParams { pads, ..g.p }, ..*g };
-        let per_run = MIN_COLUMNS.div_ceil(th * tw);
+        let kernels = Kernels::here().expect("Winograd on a CPU without AVX-512 or AVX2");
+        let min_columns = match kernels {
+            Kernels::Avx512 => MIN_COLUMNS,
+            Kernels::Gemm => MIN_GEMM_COLUMNS,
+        };
+        let per_run = min_columns.div_ceil(th * tw);
         Winograd {
             g: *g,
             padded_g,
@@ -159,8 +197,18 @@ impl Winograd {
             th,
             tw,
             per_run,
-            columns: (per_run * th * tw).next_multiple_of(LANES),
+            // The portable transforms write up to a vector past the last tile.
+            columns: (per_run * th * tw
+                + if kernels == Kernels::Gemm { portable::OVERRUN } else { 0 })
+            .next_multiple_of(LANES),
+            kernels,
         }
+    }
+
+    /// The sizes the portable transforms take.
+    fn portable_tiling(&self) -> Tiling {
+        let (xs, cs) = self.layout();
+        Tiling { th: self.th, tw: self.tw, wp: self.padded.1, xs, cs }
     }
 
     /// Images [`Self::run`] takes at once (the plan serves any batch).
@@ -192,7 +240,15 @@ impl Winograd {
     /// Scratch floats [`Self::run`] needs: one image's padded planes, the transformed tiles and the
     /// products.
     pub(crate) fn scratch_len(&self) -> usize {
-        self.padded_len() + self.tiles_len() + self.products_len()
+        self.padded_len() + self.tiles_len() + self.products_len() + self.work_len()
+    }
+
+    /// The portable input transform's work space.
+    fn work_len(&self) -> usize {
+        match self.kernels {
+            Kernels::Avx512 => 0,
+            Kernels::Gemm => self.portable_tiling().work_len(),
+        }
     }
 
     /// Zero `scratch`'s padding once; [`Self::run`] only writes the planes' interiors.
@@ -206,15 +262,30 @@ impl Winograd {
     pub(crate) fn run(&self, x: &[f32], y: &mut [f32], relu: bool, scratch: &mut [f32]) {
         let (nb, ohw_all) =
             (self.images_of(x, y.len(), "conv output"), self.g.o * self.g.oh * self.g.ow);
-        let (pad, tiles, products) = self.carve(scratch);
+        let (pad, tiles, products, work) = self.carve(scratch);
         for (b, xb) in x.chunks_exact(x.len() / nb.max(1)).enumerate() {
-            self.pad_and_transform(xb, pad, tiles, b);
+            self.pad_and_transform(xb, pad, tiles, work, b);
         }
         let used = nb * self.th * self.tw;
-        self.multiply(tiles, products, used.div_ceil(LANES));
+        match self.kernels {
+            Kernels::Avx512 => self.multiply(tiles, products, used.div_ceil(LANES)),
+            Kernels::Gemm => {
+                let t = self.portable_tiling();
+                portable::multiply(&self.weights, self.g.o, self.g.c, &t, tiles, products, used)
+            }
+        }
         for (b, yb) in y.chunks_exact_mut(ohw_all).enumerate() {
-            // SAFETY: as above.
-            unsafe { self.output_transform(products, yb, b, relu) };
+            match self.kernels {
+                // SAFETY: `Avx512` is chosen only where the CPU has AVX-512F (`Kernels::here`);
+                // the transform checks its slices' bounds before any vector access.
+                Kernels::Avx512 => unsafe { self.output_transform(products, yb, b, relu) },
+                Kernels::Gemm => {
+                    let (t, t0) = (self.portable_tiling(), b * self.th * self.tw);
+                    portable::output_transform(
+                        products, &self.g, &t, &self.bias, yb, t0, relu, work,
+                    )
+                }
+            }
         }
     }
 
@@ -230,21 +301,40 @@ impl Winograd {
         nb
     }
 
-    /// `scratch` as the padded planes, the transformed tiles and the products.
-    fn carve<'s>(&self, scratch: &'s mut [f32]) -> (&'s mut [f32], &'s mut [f32], &'s mut [f32]) {
+    /// `scratch` as the padded planes, the transformed tiles, the products and the portable
+    /// transforms' work space.
+    #[allow(clippy::type_complexity)]
+    fn carve<'s>(
+        &self,
+        scratch: &'s mut [f32],
+    ) -> (&'s mut [f32], &'s mut [f32], &'s mut [f32], &'s mut [f32]) {
         assert!(scratch.len() >= self.scratch_len(), "Winograd scratch");
         let (pad, rest) = scratch.split_at_mut(self.padded_len());
-        let (tiles, products) = rest.split_at_mut(self.tiles_len());
-        (pad, tiles, &mut products[..self.products_len()])
+        let (tiles, rest) = rest.split_at_mut(self.tiles_len());
+        let (products, work) = rest.split_at_mut(self.products_len());
+        (pad, tiles, products, &mut work[..self.work_len()])
     }
 
     /// Image `b`'s input `xb` zero-padded into `pad`, then [`Self::input_transform`]ed.
-    fn pad_and_transform(&self, xb: &[f32], pad: &mut [f32], tiles: &mut [f32], b: usize) {
+    fn pad_and_transform(
+        &self,
+        xb: &[f32],
+        pad: &mut [f32],
+        tiles: &mut [f32],
+        work: &mut [f32],
+        b: usize,
+    ) {
         let planes = self.g.c * self.padded.0 * self.padded.1;
         pad_planes(xb, &self.padded_g, &mut pad[..planes]);
-        // SAFETY: a `Winograd` exists only where the CPU has AVX-512F (`fits`); the transform
-        // checks its slices' bounds before any vector access.
-        unsafe { self.input_transform(pad, tiles, b) };
+        match self.kernels {
+            // SAFETY: `Avx512` is chosen only where the CPU has AVX-512F (`Kernels::here`); the
+            // transform checks its slices' bounds before any vector access.
+            Kernels::Avx512 => unsafe { self.input_transform(pad, tiles, b) },
+            Kernels::Gemm => {
+                let (t, t0) = (self.portable_tiling(), b * self.th * self.tw);
+                portable::input_transform(pad, self.g.c, &t, tiles, t0, work)
+            }
+        }
     }
 
     /// `B^T d B` of every tile of image `b` (its padded planes in `pad`), written to
@@ -306,13 +396,19 @@ impl Winograd {
         let g = &self.g;
         let nb = self.images_of(x, dy.len(), "conv output gradient");
         assert_eq!(du.len(), self.kernel_grad_len(), "kernel gradient length");
-        let (pad, tiles, products) = self.carve(scratch);
+        let (pad, tiles, products, work) = self.carve(scratch);
         let (chw, ohw_all) = (g.c * g.h * g.w, g.o * g.oh * g.ow);
         for (b, (xb, dyb)) in x.chunks_exact(chw).zip(dy.chunks_exact(ohw_all)).enumerate() {
-            self.pad_and_transform(xb, pad, tiles, b);
-            // SAFETY: `fits` checked AVX-512F; the transform checks its slices' bounds before
-            // any vector access.
-            unsafe { self.output_adjoint(dyb, products, b) };
+            self.pad_and_transform(xb, pad, tiles, work, b);
+            match self.kernels {
+                // SAFETY: `Avx512` is chosen only where the CPU has AVX-512F; the transform
+                // checks its slices' bounds before any vector access.
+                Kernels::Avx512 => unsafe { self.output_adjoint(dyb, products, b) },
+                Kernels::Gemm => {
+                    let (t, t0) = (self.portable_tiling(), b * self.th * self.tw);
+                    portable::output_adjoint(dyb, g, &t, products, t0, work)
+                }
+            }
         }
         let (used, (xs, stride)) = (nb * self.th * self.tw, self.layout());
         for (xi, du) in du.chunks_exact_mut(g.o * g.c).enumerate() {
@@ -524,7 +620,7 @@ fn lanes_mask(n: usize) -> u16 {
 
 /// `G g G^T` of a 3x3 kernel `k` (row-major), as 16 values in row-major 4x4 order.
 #[inline(always)]
-fn kernel_transform(k: &[f32; 9]) -> [f32; 16] {
+pub(super) fn kernel_transform(k: &[f32; 9]) -> [f32; 16] {
     // G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]].
     let g = |v: [f32; 3]| -> [f32; 4] {
         [v[0], 0.5 * (v[0] + v[1] + v[2]), 0.5 * (v[0] - v[1] + v[2]), v[2]]
@@ -607,14 +703,8 @@ mod tests {
 
     #[test]
     fn winograd_matches_im2col_and_gemm() {
-        if !avx512() {
-            // Without AVX-512 Winograd must never be chosen (its code would fault).
-            let g = ConvGeometry::new(&[3, 16, 28, 28], &[16, 16, 3, 3], Conv2dParams::default())
-                .unwrap();
-            assert!(Winograd::new(&rand_vec(16 * 16 * 9, 22), None, &g).is_none());
-            eprintln!("note: no AVX-512 here: checked only that Winograd is never chosen");
-            return;
-        }
+        // Whichever kernels this CPU has: AVX-512's, or the portable ones with gemm's products.
+        assert!(Kernels::here().is_some(), "an x86-64 CPU without AVX2: none of these kernels");
         let mut tried = 0;
         for (n, c, o, h, w) in [
             (3, 16, 16, 28, 28),
@@ -669,7 +759,7 @@ mod tests {
             Winograd::new(&w[..wd.iter().product()], None, &g).is_some()
         };
         let d = Conv2dParams::default();
-        assert_eq!(take([16, 32, 3, 3], d), avx512());
+        assert_eq!(take([16, 32, 3, 3], d), Kernels::here().is_some());
         assert!(!take([16, 32, 3, 3], Conv2dParams { stride: (2, 2), ..d }));
         assert!(!take([16, 32, 3, 3], Conv2dParams { dilation: (2, 2), ..d }));
         assert!(!take([16, 16, 3, 3], Conv2dParams { groups: 2, ..d }));
