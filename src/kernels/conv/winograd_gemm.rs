@@ -10,9 +10,11 @@
 //! The layouts are [`super::winograd::Winograd`]'s: transformed tiles at
 //! `tiles[c * cs + xi * xs + t]` and products at `products[o * os + xi * xs + t]`, block
 //! position `xi = 4 * row + column`; here the transformed kernels are `[16][O][C]`, one gemm
-//! operand per block position. Each loop runs along a row of tiles (`t`, consecutive), so every
-//! arithmetic step is a contiguous vector operation; the stride-2 reads of pixel columns go
-//! through an even/odd split of each row first.
+//! operand per block position. The loops run on `[f32; 8]` values along a row of tiles (`t`,
+//! consecutive), a whole vector at a time even at a row's end: up to [`OVERRUN`] columns past
+//! it are written, where a later row, image or the products' slack columns take them. The
+//! input's row transform reads a padded plane as pixel pairs (a row of `2 tw + 2` pixels is
+//! `tw + 1` pairs), so one loop covers a band of pixel rows.
 
 use super::{ConvGeometry, MatRef};
 use ::gemm::Parallelism;
