@@ -13,8 +13,9 @@ pub struct OutputFlags {
 }
 
 impl OutputFlags {
-    /// Whether to draw progress bars: never beside JSON, whose readers want stdout alone.
+    /// Whether to show progress. It goes to stderr, so it shows beside `--json` too: a
+    /// pipeline that reads the report from stdout still sees a long run is alive.
     pub fn progress(&self) -> bool {
-        !self.json && !self.no_progress
+        !self.no_progress
     }
 }

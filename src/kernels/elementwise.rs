@@ -1,38 +1,25 @@
 //! Element-wise kernels of the inference engine and the fused conv epilogue, compiled for AVX2
-//! where the CPU has it: the release build targets baseline x86-64, whose SSE2 loops left the
-//! engine's ReLU and Add at a quarter of the time of its gemms (perf, shipped ResNet).
+//! where the CPU has it ([`built_for`]).
 
 use super::candle::cpu_slice;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
-/// Run `$body` (safe code) compiled with AVX2 enabled when the CPU has it, else as is.
-macro_rules! with_avx2 {
-    ($name:ident ( $($arg:ident : $ty:ty),* ) $body:block) => {{
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            #[target_feature(enable = "avx2")]
-            unsafe fn $name($($arg: $ty),*) $body
-            // SAFETY: the CPU supports AVX2, as just checked; the body is safe code.
-            return unsafe { $name($($arg),*) };
-        }
-        $body
-    }};
-}
-
-/// `v = max(v, 0)`; NaN stays NaN, as ONNX's Relu has it.
-pub fn relu_in_place(v: &mut [f32]) {
-    with_avx2!(relu(v: &mut [f32]) {
+built_for! {
+    ["avx2"]
+    /// `v = max(v, 0)`; NaN stays NaN, as ONNX's Relu has it.
+    pub fn relu_in_place(v: &mut [f32]) {
         for x in v.iter_mut() {
             *x = if *x < 0.0 { 0.0 } else { *x };
         }
-    })
+    }
 }
 
-/// `dst += src`, then a ReLU when `relu`.
-pub fn add_in_place(dst: &mut [f32], src: &[f32], relu: bool) {
-    assert_eq!(dst.len(), src.len(), "add of unequal lengths");
-    with_avx2!(add(dst: &mut [f32], src: &[f32], relu: bool) {
+built_for! {
+    ["avx2"]
+    /// `dst += src`, then a ReLU when `relu`.
+    pub fn add_in_place(dst: &mut [f32], src: &[f32], relu: bool) {
+        assert_eq!(dst.len(), src.len(), "add of unequal lengths");
         if relu {
             for (x, y) in dst.iter_mut().zip(src) {
                 let s = *x + *y;
@@ -43,17 +30,18 @@ pub fn add_in_place(dst: &mut [f32], src: &[f32], relu: bool) {
                 *x += *y;
             }
         }
-    })
+    }
 }
 
-/// `v = v * scale + shift`, then a ReLU when `relu`.
-pub fn affine_in_place(v: &mut [f32], scale: f32, shift: f32, relu: bool) {
-    with_avx2!(affine(v: &mut [f32], scale: f32, shift: f32, relu: bool) {
+built_for! {
+    ["avx2"]
+    /// `v = v * scale + shift`, then a ReLU when `relu`.
+    pub fn affine_in_place(v: &mut [f32], scale: f32, shift: f32, relu: bool) {
         for x in v.iter_mut() {
             let s = *x * scale + shift;
             *x = if relu && s < 0.0 { 0.0 } else { s };
         }
-    })
+    }
 }
 
 /// Floats one parallel task of [`relu`] takes: about 64 KiB, far above rayon's per-task cost.
@@ -99,13 +87,14 @@ impl CustomOp1 for ReluOp {
     }
 }
 
-/// `d = 0` where `y <= 0`.
-fn relu_mask(d: &mut [f32], y: &[f32]) {
-    with_avx2!(mask(d: &mut [f32], y: &[f32]) {
+built_for! {
+    ["avx2"]
+    /// `d = 0` where `y <= 0`.
+    fn relu_mask(d: &mut [f32], y: &[f32]) {
         for (d, y) in d.iter_mut().zip(y) {
             *d = if *y > 0.0 { *d } else { 0.0 };
         }
-    })
+    }
 }
 
 #[cfg(test)]

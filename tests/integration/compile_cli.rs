@@ -142,7 +142,8 @@ fn onnxruntime_and_checker_accept_every_output() {
 }
 
 /// With stderr a pipe (CI, a subprocess), a long compile still shows it is alive: plain
-/// progress lines with the elapsed time and an ETA, no terminal bar.
+/// progress lines with the elapsed time and an ETA, no terminal bar, also when the report goes
+/// to stdout as JSON.
 #[test]
 fn a_piped_budget_compile_prints_progress_lines() {
     let dir = tmpdir();
@@ -157,8 +158,12 @@ fn a_piped_budget_compile_prints_progress_lines() {
         "256",
         "--limit",
         "500",
+        "--json",
     ]);
     assert_eq!(o.code, 0, "{}", o.stderr);
+    let report: serde_json::Value =
+        serde_json::from_str(&o.stdout).expect("stdout is the JSON report");
+    assert!(report["after"].is_object(), "{report}");
     let lines: Vec<&str> = o.stderr.lines().filter(|l| l.contains("ETA")).collect();
     assert!(!lines.is_empty(), "no progress line on a piped stderr:\n{}", o.stderr);
     assert!(lines.iter().all(|l| l.contains("elapsed") && !l.contains('\r')), "{lines:?}");

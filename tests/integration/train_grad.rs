@@ -188,15 +188,9 @@ fn forward_matches_a_direct_convolution() {
     }
 }
 
-/// Central differences of `sum(forward(...) * r)` in every coordinate of operand `which` (0: x,
-/// 1: w, 2: b), the loss in f64. The convolution is linear in each operand, so a wide step is
-/// exact but for rounding.
-fn finite_differences(i: &Inputs, g: &ConvGeometry, which: usize) -> Vec<f64> {
-    let len = [i.x.len(), i.w.len(), i.b.as_ref().map_or(0, Vec::len)][which.min(2)];
-    finite_differences_at(i, g, which, 0..len)
-}
-
-/// [`finite_differences`] at the coordinates `at` only.
+/// Central differences of `sum(forward(...) * r)` in operand `which` (0: x, 1: w, 2: b) at
+/// coordinates `at`, the loss in f64. The convolution is linear in each operand, so a wide step
+/// is exact but for rounding.
 fn finite_differences_at(
     i: &Inputs,
     g: &ConvGeometry,
@@ -228,27 +222,52 @@ fn finite_differences_at(
         .collect()
 }
 
+/// Operands up to this many floats are checked against central differences at every
+/// coordinate; longer ones (the Winograd cases' 11,520-float weights) at [`SAMPLED`] spread
+/// over them, which they also are in full against candle's autodiff: every coordinate of those
+/// took 119 s of the suite's time, two forwards each.
+const FULL_CHECK_MAX: usize = 1024;
+/// Coordinates checked of an operand longer than [`FULL_CHECK_MAX`].
+const SAMPLED: usize = 96;
+
+/// `dx`, `dw` and `db` of `backward` against central differences of `sum(y * r)`: at every
+/// coordinate of an operand no longer than `full_max`, else at `samples` spread over it.
+fn assert_matches_finite_differences(
+    what: &str,
+    i: &Inputs,
+    g: &ConvGeometry,
+    full_max: usize,
+    samples: usize,
+) {
+    let grads = backward(&i.x, &i.w, &i.r, g, true, i.b.is_some());
+    let mut operands: Vec<(&str, &[f32])> =
+        vec![("dx", grads.dx.as_ref().expect("dx")), ("dw", &grads.dw)];
+    match &grads.db {
+        Some(db) => operands.push(("db", db)),
+        None => assert!(i.b.is_none(), "{what}: no db"),
+    }
+    for (which, (name, got)) in operands.into_iter().enumerate() {
+        let len = got.len();
+        let at = if len <= full_max { (0..len).collect() } else { sampled(len, samples) };
+        let want = finite_differences_at(i, g, which, at.iter().copied());
+        for (&k, want) in at.iter().zip(want) {
+            assert!(
+                (got[k] as f64 - want).abs() <= 1e-3 * (1.0 + want.abs()),
+                "{what} {name}[{k}]: {} vs {want}",
+                got[k]
+            );
+        }
+    }
+}
+
 #[test]
 fn gradients_match_finite_differences() {
     let all = [cases(), onnx_only_cases(), batched_cases(), wide_cases(), winograd_cases()];
     for case in all.iter().flatten() {
         let g = case.geometry();
         let i = inputs(case, 21);
-        let grads = backward(&i.x, &i.w, &i.r, &g, true, case.bias);
         let what = format!("{g:?} bias {}", case.bias);
-        assert_close(
-            &format!("{what} dx"),
-            grads.dx.as_ref().unwrap(),
-            &finite_differences(&i, &g, 0),
-            1e-3,
-        );
-        assert_close(&format!("{what} dw"), &grads.dw, &finite_differences(&i, &g, 1), 1e-3);
-        match &grads.db {
-            Some(db) => {
-                assert_close(&format!("{what} db"), db, &finite_differences(&i, &g, 2), 1e-3)
-            }
-            None => assert!(!case.bias),
-        }
+        assert_matches_finite_differences(&what, &i, &g, FULL_CHECK_MAX, SAMPLED);
     }
 }
 
@@ -358,23 +377,8 @@ fn full_width_gradients_match_finite_differences() {
         let what = format!("{g:?} bias {}", case.bias);
         let y = forward(&i.x, &i.w, i.b.as_deref(), &g);
         assert_close(&format!("{what} y"), &y, &naive(&i.x, &i.w, i.b.as_deref(), &g), 1e-4);
+        assert_matches_finite_differences(&what, &i, &g, 0, 24);
         let grads = backward(&i.x, &i.w, &i.r, &g, true, case.bias);
-        let mut operands: Vec<(&str, usize, &[f32])> =
-            vec![("dx", i.x.len(), grads.dx.as_ref().unwrap()), ("dw", i.w.len(), &grads.dw)];
-        if let Some(db) = &grads.db {
-            operands.push(("db", db.len(), db));
-        }
-        for (which, (name, len, got)) in operands.into_iter().enumerate() {
-            let at = sampled(len, 24);
-            let want = finite_differences_at(&i, &g, which, at.iter().copied());
-            for (&k, want) in at.iter().zip(want) {
-                assert!(
-                    (got[k] as f64 - want).abs() <= 1e-3 * (1.0 + want.abs()),
-                    "{what} {name}[{k}]: {} vs {want}",
-                    got[k]
-                );
-            }
-        }
         let x = Var::from_vec(i.x.clone(), case.x_dims.to_vec(), &dev).unwrap();
         let w = Var::from_vec(i.w.clone(), case.w_dims.to_vec(), &dev).unwrap();
         let b = i.b.as_ref().map(|b| Var::from_vec(b.clone(), b.len(), &dev).unwrap());

@@ -67,18 +67,12 @@ pub(super) fn add_row(dst: &mut [f32], src: &[f32]) {
     }
 }
 
-/// [`pad_planes_body`], built for AVX2 where the CPU has it (wider moves for its short rows).
-pub(super) fn pad_planes(x: &[f32], g: &ConvGeometry, pad: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        #[target_feature(enable = "avx2")]
-        unsafe fn avx2(x: &[f32], g: &ConvGeometry, pad: &mut [f32]) {
-            pad_planes_body(x, g, pad)
-        }
-        // SAFETY: the CPU supports AVX2, as just checked; the body is safe code.
-        return unsafe { avx2(x, g, pad) };
+built_for! {
+    ["avx2"]
+    /// [`pad_planes_body`], built for AVX2 where the CPU has it (wider moves for its short rows).
+    pub(super) fn pad_planes(x: &[f32], g: &ConvGeometry, pad: &mut [f32]) {
+        pad_planes_body(x, g, pad)
     }
-    pad_planes_body(x, g, pad)
 }
 
 /// Copy one group of one image, `[C/groups, H, W]`, into the interior of `pad`
@@ -95,18 +89,12 @@ pub(super) fn pad_planes_body(x: &[f32], g: &ConvGeometry, pad: &mut [f32]) {
     }
 }
 
-/// [`im2col_padded_body`], built for AVX2 where the CPU has it (wider moves for its short rows).
-pub(super) fn im2col_padded(pad: &[f32], g: &ConvGeometry, col: &mut [f32], ld: usize) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        #[target_feature(enable = "avx2")]
-        unsafe fn avx2(pad: &[f32], g: &ConvGeometry, col: &mut [f32], ld: usize) {
-            im2col_padded_body(pad, g, col, ld)
-        }
-        // SAFETY: the CPU supports AVX2, as just checked; the body is safe code.
-        return unsafe { avx2(pad, g, col, ld) };
+built_for! {
+    ["avx2"]
+    /// [`im2col_padded_body`], built for AVX2 where the CPU has it (wider moves, short rows).
+    pub(super) fn im2col_padded(pad: &[f32], g: &ConvGeometry, col: &mut [f32], ld: usize) {
+        im2col_padded_body(pad, g, col, ld)
     }
-    im2col_padded_body(pad, g, col, ld)
 }
 
 /// [`im2col`] from planes already padded ([`pad_planes`]): no bounds to test, one short copy
@@ -143,18 +131,12 @@ pub(super) fn im2col_padded_body(pad: &[f32], g: &ConvGeometry, col: &mut [f32],
     }
 }
 
-/// [`col2im_padded_body`], built for AVX2 where the CPU has it (wider moves for its short rows).
-pub(super) fn col2im_padded(col: &[f32], g: &ConvGeometry, pad: &mut [f32], ld: usize) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        #[target_feature(enable = "avx2")]
-        unsafe fn avx2(col: &[f32], g: &ConvGeometry, pad: &mut [f32], ld: usize) {
-            col2im_padded_body(col, g, pad, ld)
-        }
-        // SAFETY: the CPU supports AVX2, as just checked; the body is safe code.
-        return unsafe { avx2(col, g, pad, ld) };
+built_for! {
+    ["avx2"]
+    /// [`col2im_padded_body`], built for AVX2 where the CPU has it (wider moves, short rows).
+    pub(super) fn col2im_padded(col: &[f32], g: &ConvGeometry, pad: &mut [f32], ld: usize) {
+        col2im_padded_body(col, g, pad, ld)
     }
-    col2im_padded_body(col, g, pad, ld)
 }
 
 /// The adjoint of [`im2col_padded`]: adds `col` (rows `ld` apart) onto the padded planes.
