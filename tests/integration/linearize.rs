@@ -131,7 +131,8 @@ fn a_count_budget_is_met_checkpoints_resume_and_bad_budgets_are_usage_errors() {
     let ckpt = dir.path().join("ckpt");
     // Channel masks by the penalty (`auto` takes pixel masks at 5000 ReLUs, 6.1%).
     let ckpt_flag = ["--checkpoint-dir", ckpt.to_str().unwrap(), "--granularity", "channel"];
-    let r = linearize_with(&out, "5000", &ckpt_flag);
+    // One epoch of distillation (the default is 4), then resumed below for a second.
+    let r = linearize_with(&out, "5000", &[&ckpt_flag[..], &["--epochs", "1"]].concat());
     assert_eq!(
         (r["granularity"].as_str(), r["mask_method"].as_str()),
         (Some("channel"), Some("penalty"))
