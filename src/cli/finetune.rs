@@ -136,28 +136,27 @@ pub const FINETUNE_EPOCHS: usize = 1;
 impl TrainFlags {
     /// The options these flags give, with `default_epochs` where `--epochs` is not given.
     pub fn options(&self, default_epochs: usize) -> TrainOptions {
-        let f = self;
         TrainOptions {
             recipe: FinetuneOptions {
-                epochs: f.epochs.unwrap_or(default_epochs),
-                batch: f.batch,
-                lr: f.lr.unwrap_or(default_lr(f.optimizer)),
-                scale_lr_to_run: f.lr.is_none(),
-                weight_decay: f.weight_decay,
-                optimizer: f.optimizer,
-                schedule: f.schedule,
-                batchnorm: !f.no_batchnorm,
-                recalibrate: !f.no_recalibrate,
-                temperature: f.temperature,
-                alpha: f.alpha,
-                seed: f.seed,
-                crop_padding: f.crop_padding,
-                hflip: f.flip,
+                epochs: self.epochs.unwrap_or(default_epochs),
+                batch: self.batch,
+                lr: self.lr.unwrap_or(default_lr(self.optimizer)),
+                scale_lr_to_run: self.lr.is_none(),
+                weight_decay: self.weight_decay,
+                optimizer: self.optimizer,
+                schedule: self.schedule,
+                batchnorm: !self.no_batchnorm,
+                recalibrate: !self.no_recalibrate,
+                temperature: self.temperature,
+                alpha: self.alpha,
+                seed: self.seed,
+                crop_padding: self.crop_padding,
+                hflip: self.flip,
             },
-            train_limit: f.train_limit,
-            checkpoint_dir: f.checkpoint_dir.clone(),
-            resume: f.resume,
-            keep_trained: f.keep_trained,
+            train_limit: self.train_limit,
+            checkpoint_dir: self.checkpoint_dir.clone(),
+            resume: self.resume,
+            keep_trained: self.keep_trained,
         }
     }
 }

@@ -60,7 +60,7 @@ impl<T: std::str::FromStr<Err = String>> std::str::FromStr for Auto<T> {
 }
 
 /// Epochs of distillation after the mask epochs when `--epochs` is not given: on the shipped
-/// ResNet 4 gained 1.03 points over 2 at 2% of the ReLUs and 0.34 at 5%, for 5.5 and 11 more
+/// ResNet 4 gained 1.03 points over 2 at 2% of the ReLUs and 0.34 at 5%, for 3.6 and 10.9 more
 /// minutes on 2 cores (docs/learned-masks.md#longer-distillation).
 const LINEARIZE_EPOCHS: usize = 4;
 

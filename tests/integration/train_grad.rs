@@ -4,7 +4,9 @@
 //! and bias; the weight gradient's bytes do not depend on the thread count.
 
 use candle_core::{Device, Tensor, Var};
-use relucompile::kernels::conv::{backward, conv2d, forward, Conv2dParams, ConvGeometry};
+use relucompile::kernels::conv::{
+    backward, conv2d, forward, Conv2dParams, ConvGeometry, ConvGrads,
+};
 
 /// A deterministic pseudo-random vector in [-1, 1).
 fn rand_vec(len: usize, seed: u64) -> Vec<f32> {
@@ -230,16 +232,16 @@ const FULL_CHECK_MAX: usize = 1024;
 /// Coordinates checked of an operand longer than [`FULL_CHECK_MAX`].
 const SAMPLED: usize = 96;
 
-/// `dx`, `dw` and `db` of `backward` against central differences of `sum(y * r)`: at every
+/// `grads` (`backward` of `i`) against central differences of `sum(y * r)`: at every
 /// coordinate of an operand no longer than `full_max`, else at `samples` spread over it.
 fn assert_matches_finite_differences(
     what: &str,
     i: &Inputs,
     g: &ConvGeometry,
+    grads: &ConvGrads,
     full_max: usize,
     samples: usize,
 ) {
-    let grads = backward(&i.x, &i.w, &i.r, g, true, i.b.is_some());
     let mut operands: Vec<(&str, &[f32])> =
         vec![("dx", grads.dx.as_ref().expect("dx")), ("dw", &grads.dw)];
     match &grads.db {
@@ -267,7 +269,8 @@ fn gradients_match_finite_differences() {
         let g = case.geometry();
         let i = inputs(case, 21);
         let what = format!("{g:?} bias {}", case.bias);
-        assert_matches_finite_differences(&what, &i, &g, FULL_CHECK_MAX, SAMPLED);
+        let grads = backward(&i.x, &i.w, &i.r, &g, true, case.bias);
+        assert_matches_finite_differences(&what, &i, &g, &grads, FULL_CHECK_MAX, SAMPLED);
     }
 }
 
@@ -377,8 +380,8 @@ fn full_width_gradients_match_finite_differences() {
         let what = format!("{g:?} bias {}", case.bias);
         let y = forward(&i.x, &i.w, i.b.as_deref(), &g);
         assert_close(&format!("{what} y"), &y, &naive(&i.x, &i.w, i.b.as_deref(), &g), 1e-4);
-        assert_matches_finite_differences(&what, &i, &g, 0, 24);
         let grads = backward(&i.x, &i.w, &i.r, &g, true, case.bias);
+        assert_matches_finite_differences(&what, &i, &g, &grads, 0, 24);
         let x = Var::from_vec(i.x.clone(), case.x_dims.to_vec(), &dev).unwrap();
         let w = Var::from_vec(i.w.clone(), case.w_dims.to_vec(), &dev).unwrap();
         let b = i.b.as_ref().map(|b| Var::from_vec(b.clone(), b.len(), &dev).unwrap());
