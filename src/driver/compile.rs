@@ -437,15 +437,23 @@ fn rewrite(
         .into());
     }
     let mut model = run.original.clone();
-    let mut ctx = PassContext::new(run.sample.clone());
-    if pipeline.needs_calibration() {
-        let draw = calibration_set(run, opts)?;
-        ctx = PassContext::fitted_on(run.sample.clone(), &draw, &*run.prepared()?).0;
-    }
-    let records = run_pipeline(&mut model, pipeline, &ctx, verify)?;
+    let records = {
+        // Dropped before training: the refit's reference outputs of every layer on the
+        // calibration images are the largest thing a wide network's compile holds.
+        let mut ctx = PassContext::new(run.sample.clone());
+        if pipeline.needs_calibration() {
+            let draw = calibration_set(run, opts)?;
+            ctx = PassContext::fitted_on(run.sample.clone(), &draw, &*run.prepared()?).0;
+        }
+        run_pipeline(&mut model, pipeline, &ctx, verify)?
+    };
     let finetune = match &opts.finetune {
         Some(training) => {
-            let (tuned, report) = finetune_model(&model, run, training, opts.progress)?;
+            // A pipeline that ends refitted (on all the calibration images) is where training
+            // starts: the fine-tuner's own refit would redo it on fewer images.
+            let mut training = training.clone();
+            training.recipe.recalibrate &= !pipeline.ends_refitted();
+            let (tuned, report) = finetune_model(&model, run, &training, opts.progress)?;
             model = tuned;
             Some(report)
         }
@@ -567,6 +575,7 @@ fn choose_from_frontier(path: &Path, budget: &Budget) -> Result<(Candidate, Vec<
             seconds: p.seconds,
             calibration_accuracy: Some(p.accuracy),
             probe_accuracy: None,
+            dominated_by: None,
         })
         .collect();
     let best = points

@@ -471,6 +471,12 @@ impl Pipeline {
         self.steps.iter().any(|(s, _)| !s.pass.lossless)
     }
 
+    /// Whether the last step that changes outputs is the refit to the original.
+    pub fn ends_refitted(&self) -> bool {
+        let last_lossy = self.steps.iter().rev().find(|(s, _)| !s.pass.lossless);
+        last_lossy.is_some_and(|(s, _)| s.pass.name == "recalibrate")
+    }
+
     /// Whether any step needs calibration images.
     pub fn needs_calibration(&self) -> bool {
         self.steps.iter().any(|(s, _)| s.pass.needs != Needs::Nothing)

@@ -9,7 +9,7 @@ pub mod objective;
 pub mod pareto;
 pub mod probe;
 
-use crate::analysis::census::census;
+use crate::analysis::census::{census, Census};
 use crate::analysis::cost::CostModel;
 use crate::analysis::stages::{find_stages, residual_adds};
 use crate::data::Dataset;
@@ -24,6 +24,7 @@ use candidates::{CullSubsets, CHANNEL_THRESHOLDS};
 use objective::{Budget, Cost};
 use rayon::prelude::*;
 use serde::Serialize;
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 #[derive(Debug, Clone, Serialize)]
@@ -41,6 +42,9 @@ pub struct Candidate {
     /// Calibration accuracy after a recovery probe (`--probe-images`), which ranked it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub probe_accuracy: Option<f64>,
+    /// Not scored: this candidate under the budget keeps every ReLU this one keeps, and more.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dominated_by: Option<String>,
 }
 
 impl Candidate {
@@ -52,6 +56,7 @@ impl Candidate {
             seconds: cost.seconds,
             calibration_accuracy: None,
             probe_accuracy: None,
+            dominated_by: None,
         }
     }
 
@@ -95,6 +100,37 @@ fn structural_candidates(base: &Model, ctx: &PassContext, pooling: bool) -> Resu
     Ok(candidates::structural_configs(&stages, residual, &knobs, CullSubsets::All))
 }
 
+/// What a candidate still computes that costs in private inference: its ReLU layers (name
+/// and shape) and its pooling.
+#[derive(Debug, PartialEq)]
+struct KeptUnits {
+    relus: BTreeSet<(String, Vec<usize>)>,
+    pools: Vec<(String, u64)>,
+}
+
+impl KeptUnits {
+    fn of(c: &Census) -> Self {
+        KeptUnits {
+            relus: c.nodes.iter().map(|n| (n.name.clone(), n.shape.clone())).collect(),
+            pools: c.pools.iter().map(|p| (p.name.clone(), p.comparisons)).collect(),
+        }
+    }
+
+    /// Whether `other` keeps every ReLU layer this keeps, and more, at the same shapes and
+    /// with the same pooling: the same network with fewer ReLUs linearised. Only such maximal
+    /// candidates are refitted and scored, since each refit costs a minute on one core at
+    /// width 64 (a 25% budget fits 204 candidates there). Checked against scoring them all on
+    /// the shipped ResNet (1,024 calibration images): at 25% and 10% the 174 and 72 dominated
+    /// candidates' best (88.87%, 82.03%) stayed under the maximal one chosen (91.41%, 83.79%),
+    /// the same choice in 66 and 37 s instead of 217 and 95 s, though 61 and 29 of them
+    /// scored above the candidate that dominated them: it prunes, it does not prove.
+    fn strictly_within(&self, other: &KeptUnits) -> bool {
+        self.pools == other.pools
+            && self.relus.len() < other.relus.len()
+            && self.relus.is_subset(&other.relus)
+    }
+}
+
 /// The configuration meeting `budget` with the best calibration accuracy (ties: the lower
 /// cost). Returns it and every candidate considered.
 pub fn best_under_budget(
@@ -110,18 +146,27 @@ pub fn best_under_budget(
     // candidates that fit, when they are scored.
     let structure_only = PassContext::new(ctx.sample.clone());
     let pooling = budget.objective.values_pooling();
-    let mut considered: Vec<Candidate> = structural_candidates(base, ctx, pooling)?
-        .into_par_iter()
-        .map(|text| {
-            let (m, _) = build_candidate(base, &text, &structure_only)?;
-            Ok(Candidate::new(text, Cost::of(&m, &ctx.sample, cost_model)?))
-        })
-        .collect::<Result<_>>()?;
-    let mut fitting: Vec<(usize, Option<Model>)> = considered
-        .iter()
-        .enumerate()
-        .filter(|(_, c)| budget.fits(&c.cost()))
-        .map(|(ix, _)| (ix, None))
+    let (mut considered, kept): (Vec<Candidate>, Vec<KeptUnits>) =
+        structural_candidates(base, ctx, pooling)?
+            .into_par_iter()
+            .map(|text| {
+                let (m, _) = build_candidate(base, &text, &structure_only)?;
+                let c = census(&m, &ctx.sample)?;
+                Ok((Candidate::new(text, Cost::from_census(&c, cost_model)), KeptUnits::of(&c)))
+            })
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .unzip();
+    let fits: Vec<usize> =
+        (0..considered.len()).filter(|&ix| budget.fits(&considered[ix].cost())).collect();
+    for &ix in &fits {
+        let by = fits.iter().find(|&&other| kept[ix].strictly_within(&kept[other]));
+        considered[ix].dominated_by = by.map(|&other| considered[other].pipeline.clone());
+    }
+    let mut fitting: Vec<(usize, Option<Model>)> = fits
+        .into_iter()
+        .filter(|&ix| considered[ix].dominated_by.is_none())
+        .map(|ix| (ix, None))
         .collect();
     if fitting.is_empty() {
         // Culling and thinning alone cannot get there: add channel thinning, from the least

@@ -98,28 +98,24 @@ fn distillation_lowers_kd_loss_and_raises_accuracy_on_the_subset() {
 fn compile_fine_tunes_with_finetune_epochs() {
     let dir = tmpdir();
     let out = dir.path().join("out.onnx");
-    let report = relucompile_json(&[
-        "models/resnet18w16.onnx",
-        "-o",
-        out.to_str().unwrap(),
-        "--cull",
-        "1,2",
-        "--thin",
-        "bottom",
-        "--limit",
-        "100",
-        "--finetune-epochs",
-        "1",
-        "--finetune-train-limit",
-        "128",
-        "--json",
-    ]);
+    let reduce = |extra: &[&str]| {
+        let mut args = vec!["models/resnet18w16.onnx", "-o", out.to_str().unwrap()];
+        args.extend(["--cull", "1,2", "--thin", "bottom", "--limit", "100"]);
+        args.extend(["--calibration-images", "256", "--json"]);
+        args.extend(extra);
+        relucompile_json(&args)
+    };
+    let report = reduce(&["--finetune-epochs", "1", "--finetune-train-limit", "128"]);
     let ft = &report["finetune"];
     assert_eq!(ft["train_images"], 128);
     assert_eq!(report["after"]["total_relus"], 22912);
     // The gate measures the tuned graph: the same accuracy the fine-tuner reported.
     let gate = report["accuracy"]["after"].as_f64().unwrap();
     assert!((gate - ft["accuracy_after"].as_f64().unwrap()).abs() < 1e-9);
+    // Training started from the pipeline's refit, not from a second refit of its own.
+    assert_eq!(ft["options"]["recalibrate"], false, "{ft}");
+    let refitted = reduce(&[])["accuracy"]["after"].as_f64().unwrap();
+    assert!((refitted - ft["accuracy_before"].as_f64().unwrap()).abs() < 1e-9, "{refitted} {ft}");
     // A lossless pipeline has nothing to fine-tune.
     let o =
         relucompile(&["models/vgg.onnx", "-o", out.to_str().unwrap(), "--finetune-epochs", "1"]);

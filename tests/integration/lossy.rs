@@ -166,6 +166,18 @@ fn relu_budget_meets_the_budget() {
         .filter_map(|c| c["calibration_accuracy"].as_f64())
         .fold(0.0, f64::max);
     assert_eq!(r["budget"]["chosen"]["calibration_accuracy"].as_f64().unwrap(), best);
+    // A candidate that another under the budget contains (every ReLU it keeps, and more) is
+    // not refitted; the one that contains it is, and keeps more ReLUs.
+    let candidates = r["budget"]["candidates"].as_array().unwrap();
+    let by_pipeline = |p: &str| candidates.iter().find(|c| c["pipeline"] == p).unwrap();
+    let dominated: Vec<_> = candidates.iter().filter(|c| c["dominated_by"].is_string()).collect();
+    assert!(dominated.len() > 100, "{} of {} dominated", dominated.len(), candidates.len());
+    for c in dominated {
+        assert!(c["calibration_accuracy"].is_null(), "{c}");
+        let by = by_pipeline(c["dominated_by"].as_str().unwrap());
+        assert!(by["relus"].as_u64().unwrap() > c["relus"].as_u64().unwrap(), "{c} {by}");
+        assert!(by["relus"].as_u64().unwrap() <= budget, "{by}");
+    }
 }
 
 #[test]
