@@ -141,34 +141,6 @@ fn onnxruntime_and_checker_accept_every_output() {
     cross_check(dir.path(), &cases);
 }
 
-/// With stderr a pipe (CI, a subprocess), a long compile still shows it is alive: plain
-/// progress lines with the elapsed time and an ETA, no terminal bar, also when the report goes
-/// to stdout as JSON.
-#[test]
-fn a_piped_budget_compile_prints_progress_lines() {
-    let dir = tmpdir();
-    let out = dir.path().join("vgg.budget.onnx");
-    let o = relucompile(&[
-        "models/vgg.onnx",
-        "-o",
-        out.to_str().unwrap(),
-        "--relu-budget",
-        "25%",
-        "--calibration-images",
-        "256",
-        "--limit",
-        "500",
-        "--json",
-    ]);
-    assert_eq!(o.code, 0, "{}", o.stderr);
-    let report: serde_json::Value =
-        serde_json::from_str(&o.stdout).expect("stdout is the JSON report");
-    assert!(report["after"].is_object(), "{report}");
-    let lines: Vec<&str> = o.stderr.lines().filter(|l| l.contains("ETA")).collect();
-    assert!(!lines.is_empty(), "no progress line on a piped stderr:\n{}", o.stderr);
-    assert!(lines.iter().all(|l| l.contains("elapsed") && !l.contains('\r')), "{lines:?}");
-}
-
 /// An output whose directory does not exist is refused before any work, naming it.
 #[test]
 fn a_missing_output_directory_is_refused_at_once() {

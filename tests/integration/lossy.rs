@@ -141,7 +141,7 @@ fn lossy_goldens_on_shipped_models() {
 fn relu_budget_meets_the_budget() {
     let dir = tmpdir();
     let out = dir.path().join("o.onnx");
-    let r = relucompile_json(&[
+    let o = relucompile(&[
         "models/resnet18w16.onnx",
         "-o",
         out.to_str().unwrap(),
@@ -153,6 +153,14 @@ fn relu_budget_meets_the_budget() {
         "500",
         "--json",
     ]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let r: serde_json::Value = serde_json::from_str(&o.stdout).expect("stdout is the JSON report");
+    // With stderr a pipe (CI, a subprocess) the search (30 refits, some 30 s here) still shows
+    // it is alive: plain lines with the elapsed time and an ETA, no terminal bar, beside the
+    // JSON on stdout. The first comes after 5 s of a bar.
+    let lines: Vec<&str> = o.stderr.lines().filter(|l| l.contains("ETA")).collect();
+    assert!(!lines.is_empty(), "no progress line on a piped stderr:\n{}", o.stderr);
+    assert!(lines.iter().all(|l| l.contains("elapsed") && !l.contains('\r')), "{lines:?}");
     let budget = r["budget"]["relus"].as_u64().unwrap();
     assert_eq!(budget, 108_544 / 4);
     let census = relucompile_json(&["inspect", out.to_str().unwrap(), "--json"]);
