@@ -122,8 +122,9 @@ impl KeptUnits {
     /// width 64 (a 25% budget fits 204 candidates there). Checked against scoring them all on
     /// the shipped ResNet (1,024 calibration images): at 25% and 10% the 174 and 72 dominated
     /// candidates' best (88.87%, 82.03%) stayed under the maximal one chosen (91.41%, 83.79%),
-    /// the same choice in 66 and 37 s instead of 217 and 95 s, though 61 and 29 of them
-    /// scored above the candidate that dominated them: it prunes, it does not prove.
+    /// the same choice in 66 and 37 s instead of 217 and 95 s (beside two one-core training
+    /// runs), though 61 and 29 of them scored above the candidate that dominated them: it
+    /// prunes, it does not prove.
     fn strictly_within(&self, other: &KeptUnits) -> bool {
         self.pools == other.pools
             && self.relus.len() < other.relus.len()
