@@ -102,7 +102,6 @@ fn structural_candidates(base: &Model, ctx: &PassContext, pooling: bool) -> Resu
 
 /// What a candidate still computes that costs in private inference: its ReLU layers (name
 /// and shape) and its pooling.
-#[derive(Debug, PartialEq)]
 struct KeptUnits {
     relus: BTreeSet<(String, Vec<usize>)>,
     pools: Vec<(String, u64)>,
