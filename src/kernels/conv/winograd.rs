@@ -36,13 +36,18 @@ use rayon::prelude::*;
 
 /// Positions of a transformed 4x4 block.
 const BLOCK: usize = 16;
-/// Least input channels to take: the transforms cost per channel and the products gain per
-/// channel pair, so thin layers gain nothing. Measured (one core, 32 images, 3x3 pad 1;
-/// `cargo test --release --lib layer_timings -- --ignored`): 16 channels at 28x28 ran even
-/// with the direct kernel (952 against 980 us), 32 at 14x14 and up faster (763 against 930,
-/// 762 against 1,180 at 64x7x7, 862 against 1,260 at 128x4x4); the evaluator on the shipped
-/// ResNet ran 4,370 images/s taking 8 channels and up, 4,620 taking 32 and up.
+/// Least input channels to take where the products run through gemm (AVX2): the transforms
+/// cost per channel and the products gain per channel pair, so thin layers gain nothing.
+/// Measured on an earlier build (one core, 32 images, 3x3 pad 1): 16 channels at 28x28 ran
+/// even with the direct kernel (952 against 980 us), 32 at 14x14 and up faster (763 against
+/// 930, 762 against 1,180 at 64x7x7, 862 against 1,260 at 128x4x4). Not re-measured on AVX2,
+/// where the alternative is im2col + gemm.
 const MIN_CHANNELS: usize = 32;
+/// [`MIN_CHANNELS`] with the AVX-512 kernels, whose transforms and products now beat the
+/// direct kernel from 16 channels on (Zen 4, `RAYON_NUM_THREADS=1 cargo bench --bench conv_paths`:
+/// 1,297 against 1,451 us at 16x16@28). The evaluator on the shipped ResNet, 2 cores,
+/// alternating with the build that took 32 and up: 3,686 against 3,476 images/s, medians of 4.
+const MIN_CHANNELS_AVX512: usize = 16;
 /// The weight gradient's least input and output channels: lower than the forward's, since
 /// the alternative there is im2col (nine copies of the input) and gemm's packing of it, not the
 /// direct kernel. Taking the ResNet's 16-channel layers: 497 against 522 images/s on the
@@ -116,8 +121,8 @@ fn skewed(len: usize) -> usize {
 
 impl Winograd {
     /// `w` (`[O, C, 3, 3]`) and `bias` over `g`, or `None` when `g` is not a 3x3, stride-1,
-    /// undilated, ungrouped convolution of at least [`MIN_CHANNELS`] input channels, or the
-    /// CPU has neither AVX-512 nor AVX2 with FMA.
+    /// undilated, ungrouped convolution of at least [`MIN_CHANNELS`] input channels
+    /// ([`MIN_CHANNELS_AVX512`] with AVX-512), or the CPU has neither AVX-512 nor AVX2 with FMA.
     pub(crate) fn new(w: &[f32], bias: Option<&[f32]>, g: &ConvGeometry) -> Option<Self> {
         Self::takes(g).then(|| Self::build(w, bias, g))
     }
@@ -134,7 +139,11 @@ impl Winograd {
     }
 
     fn takes(g: &ConvGeometry) -> bool {
-        Self::fits(g) && g.c >= MIN_CHANNELS
+        let least = match Kernels::here() {
+            Some(Kernels::Avx512) => MIN_CHANNELS_AVX512,
+            _ => MIN_CHANNELS,
+        };
+        Self::fits(g) && g.c >= least
     }
 
     fn fits(g: &ConvGeometry) -> bool {
@@ -765,7 +774,12 @@ mod tests {
         assert!(!take([16, 16, 3, 3], Conv2dParams { groups: 2, ..d }));
         assert!(!take([16, 32, 1, 1], d));
         assert!(!take([16, 32, 5, 3], d));
-        let narrow = ConvGeometry::new(&[1, 16, 8, 8], &[16, 16, 3, 3], d).unwrap();
-        assert!(Winograd::new(&w[..16 * 16 * 9], None, &narrow).is_none());
+        // Thin layers: 16 channels only with the AVX-512 kernels, 8 never.
+        let thin = |c: usize| {
+            let g = ConvGeometry::new(&[1, c, 8, 8], &[16, c, 3, 3], d).unwrap();
+            Winograd::new(&w[..16 * c * 9], None, &g).is_some()
+        };
+        assert_eq!(thin(16), Kernels::here() == Some(Kernels::Avx512));
+        assert!(!thin(8));
     }
 }
