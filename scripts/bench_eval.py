@@ -17,7 +17,7 @@ inference is timed on both sides (relucompile's own `seconds`; for onnxruntime t
 batches, after one untimed warm-up batch). Prints the median images/s of each, the ratio of
 relucompile's default engine to onnxruntime at its best batch, and the accuracies, which must
 agree: the script exits 1 when they differ by more than --max-acc-diff. Each side runs in its own
-process (onnxruntime in this script re-invoked with --ort-side), and the table gives each one's
+process (onnxruntime in this script re-invoked with --ort-side), one repetition of each in turn, and the table gives each one's
 peak resident memory (GNU time's maximum RSS; relucompile's is its default engine's run).
 --width N... benchmarks the ResNet-18 of each base width (models/resnet18w<N>.onnx when shipped,
 else one briefly trained under target/bench-models/, see bench_common.py).
@@ -202,22 +202,34 @@ def main():
             print(f"{model}: missing, skipped")
             continue
         name = os.path.relpath(model, ROOT) if model.startswith(ROOT) else os.path.basename(model)
-        speeds, accs, runs_of = {}, {}, {}
-        for engine in ("native", "tract"):
-            runs = bench_relucompile(args.bin, model, engine, args.reps, args.data_dir)
-            runs_of[engine] = runs
+        # The sides alternate, one repetition each in turn, so that a slow spell of this shared
+        # machine falls on both rather than on one side's whole block.
+        runs_of = {engine: [] for engine in ("native", "tract")}
+        ort_runs = {batch: ([], []) for batch in args.ort_batch}
+        ort_acc_norm = {}
+        for _ in range(args.reps):
+            for engine, runs in runs_of.items():
+                runs += bench_relucompile(args.bin, model, engine, 1, args.data_dir)
+            for batch, (ort_speeds, ort_peaks) in ort_runs.items():
+                speed, acc, norm, peak = bench_ort_process(model, batch, 1, args.data_dir)
+                ort_speeds += speed
+                ort_peaks.append(peak)
+                ort_acc_norm[batch] = (acc, norm)
+        speeds, accs = {}, {}
+        for engine, runs in runs_of.items():
+            assert len({r["accuracy"] for r in runs}) == 1, f"{engine} accuracy changed between runs"
             speeds[engine] = statistics.median(r["images_per_second"] for r in runs)
             accs[engine] = runs[0]["accuracy"]
             print(f"{name} relucompile {engine} (batch {runs[0]['batch']}, {runs[0]['threads']} "
                   f"threads): {[round(r['images_per_second']) for r in runs]} images/s", flush=True)
         best = None
-        for batch in args.ort_batch:
-            ort_speeds, ort_acc, norm, ort_peak = bench_ort_process(model, batch, args.reps, args.data_dir)
+        for batch, (ort_speeds, ort_peaks) in ort_runs.items():
             med = statistics.median(ort_speeds)
+            ort_acc, norm = ort_acc_norm[batch]
             print(f"{name} onnxruntime batch {batch}: {[round(s) for s in ort_speeds]} images/s; "
                   f"normalisation scale {norm[0]:.6g} mean {norm[1]} std {norm[2]}", flush=True)
             if best is None or med > best[0]:
-                best = (med, batch, ort_acc, ort_peak)
+                best = (med, batch, ort_acc, statistics.median(ort_peaks))
         o_med, o_batch, o_acc, o_peak = best
         native_peak = statistics.median(r["peak_rss_bytes"] for r in runs_of["native"]) / 1e6
         agree = all(abs(a - o_acc) <= args.max_acc_diff for a in accs.values())
