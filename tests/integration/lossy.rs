@@ -77,6 +77,9 @@ fn unknown_stage_is_named() {
     ]);
     assert_eq!(o.code, 2, "{}", o.stderr);
     assert!(o.stderr.contains("stage 9 does not exist"), "{}", o.stderr);
+    // Refused from the graph alone, before the original's evaluation (which took 35 s and
+    // printed progress lines first).
+    assert!(!o.stderr.contains("images/s"), "evaluated before refusing: {}", o.stderr);
 }
 
 /// One golden per lossy configuration and model: ReLUs per stage exactly, accuracy (on the

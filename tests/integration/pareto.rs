@@ -161,11 +161,14 @@ fn criticality_orders_every_stage() {
 /// max-pool replacement reaches the frontier (pooling is most of this network's PI cost), and
 /// the points match the golden: configurations, ReLUs and estimated costs exactly, accuracy
 /// within 0.3 points (500 test images).
-/// Every point's replay (shown in frontier.md) rebuilds its file byte for byte, with the
-/// recalibration explicit in its --passes.
+/// Every point's replay is shown in frontier.md with the recalibration explicit in its
+/// --passes, and rebuilds its file byte for byte (three of them run here).
 fn assert_points_replay(dir: &std::path::Path, points: &[serde_json::Value]) {
     let md = std::fs::read_to_string(dir.join("frontier.md")).unwrap();
-    for p in points {
+    // Every point's replay is in the table; the cheapest, a middle and the original one are
+    // rebuilt (each is a whole compile with its refit and evaluation).
+    let rebuilt = [0, points.len() / 2, points.len() - 1];
+    for (i, p) in points.iter().enumerate() {
         let file = p["file"].as_str().unwrap();
         let replay: Vec<&str> =
             p["replay"].as_array().unwrap().iter().map(|w| w.as_str().unwrap()).collect();
@@ -173,6 +176,9 @@ fn assert_points_replay(dir: &std::path::Path, points: &[serde_json::Value]) {
             assert!(p["passes"].as_str().unwrap().contains("recalibrate"), "{p}");
         }
         assert!(md.contains(&format!("-o {file}\n")), "{file} has no replay in:\n{md}");
+        if !rebuilt.contains(&i) {
+            continue;
+        }
         let rebuilt = dir.join("replayed.onnx");
         let mut args = replay.clone();
         args.extend_from_slice(&["-o", rebuilt.to_str().unwrap(), "--no-progress"]);
