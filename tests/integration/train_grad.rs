@@ -56,13 +56,15 @@ fn wide_cases() -> Vec<Case> {
         .collect()
 }
 
-/// 3x3 stride-1 convolutions of 32 or more channels, which run Winograd F(2x2, 3x3) forward
-/// and for both gradients (on CPUs with AVX-512), and of 16, for the weight gradient alone: odd and even planes, several small images
-/// to a product, pads 0 and 1. Square planes, for candle's reference.
+/// 3x3 stride-1 convolutions that run Winograd F(2x2, 3x3) forward and for both gradients (32
+/// or more channels; 16 or more with AVX-512), and 16 channels on AVX2, for the weight
+/// gradient alone: odd and even planes, several small images to a product, pads 0 and 1.
+/// Square planes, for candle's reference.
 fn winograd_cases() -> Vec<Case> {
     let mut out = vec![];
     for (n, hw) in [(3, 9), (9, 4)] {
-        // (16, 12): the weight gradient alone (8 or more channels each way).
+        // (16, 12): everything with AVX-512, else the weight gradient alone (8 or more
+        // channels each way).
         for (c, o) in [(32, 40), (48, 32), (16, 12)] {
             for pad in [0, 1] {
                 let p = Conv2dParams { pads: [pad; 4], ..Conv2dParams::default() };
