@@ -52,11 +52,23 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 /// The frontier of [`FRONTIER_FLAGS`] in one uninterrupted process, searched once for every
-/// test here; and how long it took.
+/// test of this test process; and how long it took. Each test process has its own directory
+/// (nextest runs every test in a process of its own, and two searches writing one directory
+/// broke each other); those of processes no longer running are removed.
 fn uninterrupted() -> &'static (PathBuf, Duration) {
     static RUN: OnceLock<(PathBuf, Duration)> = OnceLock::new();
     RUN.get_or_init(|| {
-        let dir = scratch("uninterrupted");
+        let parent = Path::new(env!("CARGO_TARGET_TMPDIR")).join("scale_out");
+        for entry in std::fs::read_dir(&parent).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let pid = name.strip_prefix("uninterrupted-").and_then(|p| p.parse::<u32>().ok());
+            let gone = pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
+            // (`uninterrupted` alone: the one directory of earlier builds.)
+            if gone || name == "uninterrupted" {
+                std::fs::remove_dir_all(entry.path()).ok();
+            }
+        }
+        let dir = scratch(&format!("uninterrupted-{}", std::process::id()));
         let started = Instant::now();
         let o = relucompile(&pareto_args(&dir, &[]));
         assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
