@@ -346,7 +346,9 @@ pub fn compile(opts: &CompileOptions) -> Result<Compilation> {
     let flag_steps = pipeline_steps(opts, None)?;
     let lossy_flags = flag_steps.iter().any(|s| !s.pass.lossless);
     if test_set(&run, lossy_flags || budget.is_some(), opts)?.is_some() {
-        rehearse(&original, &sample, flag_steps)?;
+        if lossy_flags {
+            rehearse(&original, &sample, flag_steps)?;
+        }
         run.original_on_test(opts.progress)?;
     }
     let budget_choice = match &budget {

@@ -1,12 +1,12 @@
 //! 2-D convolution for training and inference on the CPU: the forward (bias fused), the input
 //! gradient and the weight and bias gradients, exposed to candle as a custom op so that
 //! autodiff calls it instead of candle's scalar `conv2d` / `conv_transpose2d`. 3x3 stride-1
-//! convolutions of 16 (AVX-512) or 32 (AVX2) or more channels run Winograd F(2x2, 3x3) ([`winograd`]) for the forward
-//! and both gradients; the other forwards and stride-1 input gradients run the direct AVX-512
-//! kernel ([`direct`]) on planes 7 or more wide; the rest, and the other weight gradients, run
-//! im2col / gemm / col2im. (A direct weight gradient, 3 output channels x 9 taps of vector
-//! accumulators, was built and measured 8% slower on the training benchmark than im2col +
-//! gemm: not kept.)
+//! convolutions of 16 or more input channels (32 on AVX2) run Winograd F(2x2, 3x3)
+//! ([`winograd`]) for the forward and both gradients; the other forwards and stride-1 input
+//! gradients run the direct AVX-512 kernel ([`direct`]) on planes 7 or more wide; the rest,
+//! and the other weight gradients, run im2col / gemm / col2im. (A direct weight gradient, 3
+//! output channels x 9 taps of vector accumulators, was built and measured 8% slower on the
+//! training benchmark than im2col + gemm: not kept.)
 //!
 //! Layouts are candle's and ONNX's: input `[N, C, H, W]`, weight `[O, C/groups, KH, KW]`,
 //! output `[N, O, OH, OW]`, all contiguous row-major.
