@@ -43,7 +43,10 @@ fn frontier_is_non_dominated_repeatable_and_matches_its_files() {
     let fa = pareto(a.path());
     let points = fa["points"].as_array().unwrap();
     assert!(points.len() >= 3, "{fa}");
-    for p in points {
+    // Every point's census is checked; three points' accuracies are measured again (the
+    // cheapest, a middle one, the one with most ReLUs), each an evaluation in its own process.
+    let reevaluated = [0, points.len() / 2, points.len() - 1];
+    for (i, p) in points.iter().enumerate() {
         for q in points {
             let (pr, pa) = (p["relus"].as_u64().unwrap(), p["accuracy"].as_f64().unwrap());
             let (qr, qa) = (q["relus"].as_u64().unwrap(), q["accuracy"].as_f64().unwrap());
@@ -54,6 +57,9 @@ fn frontier_is_non_dominated_repeatable_and_matches_its_files() {
         let file = a.path().join(p["file"].as_str().unwrap());
         let census = relucompile_json(&["inspect", file.to_str().unwrap(), "--json"]);
         assert_eq!(census["total_relus"], p["relus"], "{p}");
+        if !reevaluated.contains(&i) {
+            continue;
+        }
         let eval = relucompile_json(&[
             "eval",
             file.to_str().unwrap(),
