@@ -17,8 +17,9 @@ inference is timed on both sides (relucompile's own `seconds`; for onnxruntime t
 batches, after one untimed warm-up batch). Prints the median images/s of each, the ratio of
 relucompile's default engine to onnxruntime at its best batch, and the accuracies, which must
 agree: the script exits 1 when they differ by more than --max-acc-diff. Each side runs in its own
-process (onnxruntime in this script re-invoked with --ort-side), one repetition of each in turn, and the table gives each one's
-peak resident memory (GNU time's maximum RSS; relucompile's is its default engine's run).
+process (onnxruntime in this script re-invoked with --ort-side), one repetition of each in turn,
+and the table gives each one's peak resident memory (GNU time's maximum RSS; relucompile's is
+its default engine's run).
 --width N... benchmarks the ResNet-18 of each base width (models/resnet18w<N>.onnx when shipped,
 else one briefly trained under target/bench-models/, see bench_common.py).
 """
@@ -214,7 +215,8 @@ def main():
                 speed, acc, norm, peak = bench_ort_process(model, batch, 1, args.data_dir)
                 ort_speeds += speed
                 ort_peaks.append(peak)
-                ort_acc_norm[batch] = (acc, norm)
+                earlier = ort_acc_norm.setdefault(batch, (acc, norm))[0]
+                assert acc == earlier, f"onnxruntime accuracy changed: {earlier} then {acc}"
         speeds, accs = {}, {}
         for engine, runs in runs_of.items():
             assert len({r["accuracy"] for r in runs}) == 1, f"{engine} accuracy changed between runs"

@@ -37,6 +37,12 @@ fn pareto_of(model: &str, dir: &std::path::Path, extra: &[&str]) -> serde_json::
     written
 }
 
+/// The indices of a frontier's cheapest point, a middle one and its last (most ReLUs): the
+/// points a test runs again when running every one would cost a process each.
+fn three_of(points: usize) -> [usize; 3] {
+    [0, points / 2, points - 1]
+}
+
 #[test]
 fn frontier_is_non_dominated_repeatable_and_matches_its_files() {
     let a = tmpdir();
@@ -45,7 +51,7 @@ fn frontier_is_non_dominated_repeatable_and_matches_its_files() {
     assert!(points.len() >= 3, "{fa}");
     // Every point's census is checked; three points' accuracies are measured again (the
     // cheapest, a middle one, the one with most ReLUs), each an evaluation in its own process.
-    let reevaluated = [0, points.len() / 2, points.len() - 1];
+    let reevaluated = three_of(points.len());
     for (i, p) in points.iter().enumerate() {
         for q in points {
             let (pr, pa) = (p["relus"].as_u64().unwrap(), p["accuracy"].as_f64().unwrap());
@@ -173,7 +179,7 @@ fn assert_points_replay(dir: &std::path::Path, points: &[serde_json::Value]) {
     let md = std::fs::read_to_string(dir.join("frontier.md")).unwrap();
     // Every point's replay is in the table; the cheapest, a middle and the original one are
     // rebuilt (each is a whole compile with its refit and evaluation).
-    let rebuilt = [0, points.len() / 2, points.len() - 1];
+    let rebuilt = three_of(points.len());
     for (i, p) in points.iter().enumerate() {
         let file = p["file"].as_str().unwrap();
         let replay: Vec<&str> =

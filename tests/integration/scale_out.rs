@@ -43,9 +43,14 @@ fn pareto_args<'a>(dir: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
     args
 }
 
-/// A directory under cargo's scratch space for this target, emptied first.
+/// Where this file's tests write, under cargo's scratch space for this target.
+fn scratch_root() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("scale_out")
+}
+
+/// A directory under [`scratch_root`], emptied first.
 fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("scale_out").join(name);
+    let dir = scratch_root().join(name);
     std::fs::remove_dir_all(&dir).ok();
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -58,8 +63,7 @@ fn scratch(name: &str) -> PathBuf {
 fn uninterrupted() -> &'static (PathBuf, Duration) {
     static RUN: OnceLock<(PathBuf, Duration)> = OnceLock::new();
     RUN.get_or_init(|| {
-        let parent = Path::new(env!("CARGO_TARGET_TMPDIR")).join("scale_out");
-        for entry in std::fs::read_dir(&parent).into_iter().flatten().flatten() {
+        for entry in std::fs::read_dir(scratch_root()).into_iter().flatten().flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             let pid = name.strip_prefix("uninterrupted-").and_then(|p| p.parse::<u32>().ok());
             let gone = pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
