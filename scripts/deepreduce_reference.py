@@ -26,7 +26,7 @@ time) and writes it as JSON to --out.
     python3 scripts/deepreduce_reference.py                        # the default configurations
     python3 scripts/deepreduce_reference.py 'cull(1,2),thin(bottom)' 'cull(1,2,3)' --epochs 1
     python3 scripts/deepreduce_reference.py --count-only           # ReLU counts only, no training
-    python3 scripts/deepreduce_reference.py ... --resume           # keep what --out holds, run the rest
+    python3 scripts/deepreduce_reference.py ... --resume           # keep every configuration --out holds, run the rest
     python3 scripts/deepreduce_reference.py --width 64 --out docs/deepreduce_reference_w64.json
 
 The JSON is rewritten after every configuration, so a run stopped from outside loses only the
@@ -303,7 +303,9 @@ def main():
         same = all(old.get(k) == report[k] for k in ("recipe", "seed", "train_images", "test_images", "original"))
         if not same:
             sys.exit(f"--resume: {args.out} was made with another recipe, seed or data; not resuming")
-        report["configs"] = [r for r in old["configs"] if r["config"] in configs]
+        # Every configuration measured before is kept, named or not (a run is hours), each
+        # with the command that measured it.
+        report["configs"] = [{**r, "command": r.get("command", old.get("command"))} for r in old["configs"]]
         prior_seconds = old.get("total_seconds", 0.0)
         report["resumed"] = old.get("resumed", 0) + 1
         print(f"resuming from {args.out}: {', '.join(r['config'] for r in report['configs']) or 'nothing'} "
@@ -320,13 +322,15 @@ def main():
         after = float(train.evaluate_torch(student, xte, yte))
         print(f"{c}: test accuracy after KD {100 * after:.2f}% (training {wall:.0f}s)", flush=True)
         report["configs"].append({
-            "config": c, "relus": relus, "relu_fraction": round(relus / orig_relus, 5),
+            "config": c, "command": report["command"], "relus": relus,
+            "relu_fraction": round(relus / orig_relus, 5),
             "relus_per_stage": stages, "accuracy_before_kd": before, "accuracy_after_kd": after,
             "train_seconds": round(wall, 1), "epochs": history})
         report["total_seconds"] = round(prior_seconds + time.time() - t_start, 1)
         write_json(args.out, report)  # after every configuration: a partial run keeps what it measured
     order = {c: i for i, c in enumerate(configs)}
-    report["configs"].sort(key=lambda r: order[r["config"]])
+    # Configurations this command did not name first, as they were; then its own, in its order.
+    report["configs"].sort(key=lambda r: order.get(r["config"], -1))
     report["total_seconds"] = round(prior_seconds + time.time() - t_start, 1)
     write_json(args.out, report)
     print()
