@@ -39,7 +39,7 @@ fn linearize_with(out: &Path, budget: &str, extra: &[&str]) -> serde_json::Value
     args.extend_from_slice(extra);
     // One epoch of distillation after the mask epoch (the default is 4): what these tests
     // check (the budget, the layout, the harness, repeated bytes) is settled by the mask
-    // epoch, and each further epoch cost a fifth of a run.
+    // epoch, and the three more epochs were a fifth of a run (9.9 against 8.1 s).
     if !extra.contains(&"--epochs") {
         args.extend_from_slice(&["--epochs", "1"]);
     }
