@@ -66,9 +66,7 @@ fn uninterrupted() -> &'static (PathBuf, Duration) {
         for entry in std::fs::read_dir(scratch_root()).into_iter().flatten().flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             let pid = name.strip_prefix("uninterrupted-").and_then(|p| p.parse::<u32>().ok());
-            let gone = pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
-            // (`uninterrupted` alone: the one directory of earlier builds.)
-            if gone || name == "uninterrupted" {
+            if pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
                 std::fs::remove_dir_all(entry.path()).ok();
             }
         }
