@@ -232,8 +232,9 @@ fn a_layer_cap_keeps_relus_in_that_many_layers() {
 }
 
 /// The pruning method keeps the budget by construction: pixel masks to the ReLU, channel
-/// masks within one channel, and pixel masks capped to two layers still to the ReLU; each
-/// granularity repeats byte for byte.
+/// masks within one channel, and pixel masks capped to two layers still to the ReLU; pixel
+/// masks repeat byte for byte (channel masks' repeat is the killed `linearize`'s in
+/// scale_out.rs: a second run here cost 12 s of the suite).
 #[test]
 fn pruned_masks_meet_the_budget_by_construction_and_repeat() {
     // 5% of the VGG's 81,792 ReLUs, floored.
@@ -256,9 +257,11 @@ fn pruned_masks_meet_the_budget_by_construction_and_repeat() {
         assert_eq!(r["soft_relus"].as_f64(), Some(after as f64), "{r}");
         let census = relucompile_json(&["inspect", out.to_str().unwrap(), "--json"]);
         assert_eq!(census["total_relus"].as_u64(), Some(after));
-        let again = dir.path().join("again.onnx");
-        linearize_with(&again, "5%", &flags);
-        assert!(std::fs::read(&out).unwrap() == std::fs::read(&again).unwrap(), "{granularity}");
+        if granularity == "pixel" {
+            let again = dir.path().join("again.onnx");
+            linearize_with(&again, "5%", &flags);
+            assert!(std::fs::read(&out).unwrap() == std::fs::read(&again).unwrap(), "repeat");
+        }
     }
     // The defaults (`auto`) at 5%: pixel masks, pruned; capped at 2 layers, the schedule spends
     // the whole budget inside the two, to the ReLU.

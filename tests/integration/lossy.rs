@@ -83,7 +83,8 @@ fn unknown_stage_is_named() {
 }
 
 /// One golden per lossy configuration and model: ReLUs per stage exactly, accuracy (on the
-/// first 1,000 test images) within 0.3 points of the recorded value.
+/// first 500 test images) within two images (0.4 points) of the recorded value, for the
+/// float rounding of other CPUs' kernel paths.
 #[test]
 fn lossy_goldens_on_shipped_models() {
     let configs: &[(&str, &[&str])] = &[
@@ -101,17 +102,17 @@ fn lossy_goldens_on_shipped_models() {
     for (model, flags) in configs {
         let out = dir.path().join("o.onnx");
         let input = format!("models/{model}.onnx");
-        // Refitted on 128 images (of 256 drawn) rather than the default 512: a quarter of the
-        // time, and the goldens pin whatever the refit gives.
+        // Refitted on 64 images (of 128 drawn) rather than the default 512, and scored on 500:
+        // the goldens pin whatever the refit gives, and each compile takes 3 s instead of 5.
         let mut args = vec![
             input.as_str(),
             "-o",
             out.to_str().unwrap(),
             "--json",
             "--limit",
-            "1000",
+            "500",
             "--calibration-images",
-            "256",
+            "128",
         ];
         args.extend_from_slice(flags);
         let r = relucompile_json(&args);
@@ -136,7 +137,7 @@ fn lossy_goldens_on_shipped_models() {
             golden["accuracy_after"].as_f64().unwrap(),
             actual["accuracy_after"].as_f64().unwrap(),
         );
-        assert!((g - a).abs() <= 0.003, "{name}: accuracy {a} vs golden {g}");
+        assert!((g - a).abs() <= 0.004 + 1e-9, "{name}: accuracy {a} vs golden {g}");
     }
 }
 
