@@ -22,7 +22,7 @@ use crate::passes::{
 };
 use crate::search::objective::{Budget, Cost, Objective};
 use crate::search::probe::{ensure_probe_images, probe_set, Prober};
-use crate::search::{best_under_budget, Candidate};
+use crate::search::{best_under_budget, BudgetScoring, Candidate};
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -107,6 +107,9 @@ pub struct CompileOptions {
     /// With a budget: rank the best candidates again after a one-epoch distillation on this
     /// many training images (`crate::search::probe`; 0: by their accuracy after the refit).
     pub probe_images: usize,
+    /// With a budget: also score the candidates that another under the budget dominates
+    /// (keeps all their ReLUs and more), which are skipped by default.
+    pub score_dominated: bool,
 }
 
 impl CompileOptions {
@@ -150,6 +153,7 @@ impl Default for CompileOptions {
             data_options: DataOptions::default(),
             finetune: None,
             probe_images: 0,
+            score_dominated: false,
         }
     }
 }
@@ -574,7 +578,13 @@ fn choose_for_budget(
         progress: opts.progress,
     };
     let prober = (opts.probe_images > 0).then_some(&prober);
-    best_under_budget(&base, budget, cost_model, &ctx, &calib, prober, opts.progress)
+    let scoring = BudgetScoring {
+        calibration: &calib,
+        prober,
+        score_dominated: opts.score_dominated,
+        progress: opts.progress,
+    };
+    best_under_budget(&base, budget, cost_model, &ctx, &scoring)
 }
 
 /// The most accurate point of a written frontier whose cost fits the budget.

@@ -131,6 +131,18 @@ impl KeptUnits {
     }
 }
 
+/// How a budget search scores the candidates that fit.
+pub struct BudgetScoring<'a> {
+    /// The calibration images candidates are ranked on.
+    pub calibration: &'a Dataset,
+    /// Ranks the best few again after a short distillation (`--probe-images`).
+    pub prober: Option<&'a probe::Prober<'a>>,
+    /// Score the candidates another under the budget dominates too (`--score-dominated`):
+    /// the pruning is a measured heuristic, not a proof (see [`KeptUnits::strictly_within`]).
+    pub score_dominated: bool,
+    pub progress: bool,
+}
+
 /// The configuration meeting `budget` with the best calibration accuracy (ties: the lower
 /// cost). Returns it and every candidate considered.
 pub fn best_under_budget(
@@ -138,10 +150,9 @@ pub fn best_under_budget(
     budget: &Budget,
     cost_model: &CostModel,
     ctx: &PassContext,
-    calibration: &Dataset,
-    prober: Option<&probe::Prober>,
-    progress: bool,
+    scoring: &BudgetScoring,
 ) -> Result<(Candidate, Vec<Candidate>)> {
+    let BudgetScoring { calibration, prober, score_dominated, progress } = *scoring;
     // Costing needs the structure only; recalibration (which keeps the cost) is paid for the
     // candidates that fit, when they are scored.
     let structure_only = PassContext::new(ctx.sample.clone());
@@ -159,7 +170,7 @@ pub fn best_under_budget(
             .unzip();
     let fits: Vec<usize> =
         (0..considered.len()).filter(|&ix| budget.fits(&considered[ix].cost())).collect();
-    for &ix in &fits {
+    for &ix in fits.iter().filter(|_| !score_dominated) {
         let by = fits.iter().find(|&&other| kept[ix].strictly_within(&kept[other]));
         considered[ix].dominated_by = by.map(|&other| considered[other].pipeline.clone());
     }

@@ -192,6 +192,54 @@ fn relu_budget_meets_the_budget() {
     }
 }
 
+/// `--score-dominated` refits and scores every candidate under the budget, the dominated ones
+/// included: nothing is skipped, and the choice is at least as accurate on calibration data
+/// as the default search's (the same candidates' scores and more).
+#[test]
+fn score_dominated_scores_every_candidate_under_the_budget() {
+    let dir = tmpdir();
+    let out = dir.path().join("o.onnx");
+    let search = |extra: &[&str]| {
+        let args = [
+            &[
+                "models/vgg.onnx",
+                "-o",
+                out.to_str().unwrap(),
+                "--relu-budget",
+                "10%",
+                "--calibration-images",
+                "64",
+                "--limit",
+                "100",
+                "--json",
+                "--force",
+            ][..],
+            extra,
+        ]
+        .concat();
+        relucompile_json(&args)["budget"].clone()
+    };
+    let fitting = |b: &serde_json::Value| -> Vec<serde_json::Value> {
+        let limit = b["limit"].as_f64().unwrap();
+        let all = b["candidates"].as_array().unwrap();
+        all.iter().filter(|c| c["relus"].as_f64().unwrap() <= limit).cloned().collect()
+    };
+    let pruned = search(&[]);
+    let skipped = fitting(&pruned).iter().filter(|c| c["dominated_by"].is_string()).count();
+    assert!(skipped > 0, "nothing to compare: {pruned}");
+    let all = search(&["--score-dominated"]);
+    let scored = fitting(&all);
+    assert_eq!(scored.len(), fitting(&pruned).len());
+    let accuracy = |c: &serde_json::Value| c["calibration_accuracy"].as_f64();
+    assert!(scored.iter().all(|c| c["dominated_by"].is_null() && accuracy(c).is_some()), "{all}");
+    let best = scored.iter().filter_map(accuracy).fold(0.0, f64::max);
+    assert_eq!(accuracy(&all["chosen"]), Some(best), "{all}");
+    assert!(best >= accuracy(&pruned["chosen"]).unwrap(), "{pruned}\n{all}");
+    // Only with a budget, and not with a frontier to choose from.
+    let o = relucompile(&["models/vgg.onnx", "-o", out.to_str().unwrap(), "--score-dominated"]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+}
+
 #[test]
 fn bytes_budget_picks_the_best_point_under_it_with_pools_replaced() {
     let dir = tmpdir();
