@@ -140,6 +140,7 @@ pub struct BudgetScoring<'a> {
     /// Score the candidates another under the budget dominates too (`--score-dominated`):
     /// the pruning is a measured heuristic, not a proof (see [`KeptUnits::strictly_within`]).
     pub score_dominated: bool,
+    /// A progress bar on stderr (plain lines when it is not a terminal).
     pub progress: bool,
 }
 
@@ -170,9 +171,11 @@ pub fn best_under_budget(
             .unzip();
     let fits: Vec<usize> =
         (0..considered.len()).filter(|&ix| budget.fits(&considered[ix].cost())).collect();
-    for &ix in fits.iter().filter(|_| !score_dominated) {
-        let by = fits.iter().find(|&&other| kept[ix].strictly_within(&kept[other]));
-        considered[ix].dominated_by = by.map(|&other| considered[other].pipeline.clone());
+    if !score_dominated {
+        for &ix in &fits {
+            let by = fits.iter().find(|&&other| kept[ix].strictly_within(&kept[other]));
+            considered[ix].dominated_by = by.map(|&other| considered[other].pipeline.clone());
+        }
     }
     let mut fitting: Vec<(usize, Option<Model>)> = fits
         .into_iter()
