@@ -235,7 +235,7 @@ fn score_dominated_scores_every_candidate_under_the_budget() {
     let best = scored.iter().filter_map(accuracy).fold(0.0, f64::max);
     assert_eq!(accuracy(&all["chosen"]), Some(best), "{all}");
     assert!(best >= accuracy(&pruned["chosen"]).unwrap(), "{pruned}\n{all}");
-    // Only with a budget, and not with a frontier to choose from.
+    // Only with a budget (clap also refuses it beside --frontier; not run here).
     let o = relucompile(&["models/vgg.onnx", "-o", out.to_str().unwrap(), "--score-dominated"]);
     assert_eq!(o.code, 2, "{}", o.stderr);
 }
